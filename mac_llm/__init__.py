@@ -1,0 +1,1 @@
+"""mac_llm: MAC-Attention in real models, and the `mac-attention` command line."""

@@ -1,0 +1,78 @@
+r"""Match: find, per query head, the most similar recent pre-RoPE query.
+
+For the token at position ``t`` the candidates are the tokens ``j ∈ [max(0, t−W), t)``,
+whose pre-RoPE queries sit in ring slots ``j mod W``:
+
+.. math::
+    d_j = \lVert \tilde q_t - \tilde q_j \rVert^2, \qquad
+    j^* = \arg\min_j d_j, \qquad
+    \text{hit} \iff d_{j^*} < 2D(1-\tau)^2 .
+
+Ties go to the most recent ``j`` (the smallest lag: fewer keys to recompute and less RoPE
+drift). Distances use the raw vectors, accumulated in float32 (float64 for float64
+inputs). Matching is on *pre*-RoPE queries because RoPE rotates two identical queries
+apart by their position gap.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import math
+
+import torch
+
+from ._checks import compute_dtype
+from .config import MACConfig
+from .state import LayerState
+
+
+class MatchResult(NamedTuple):
+    """Per (request, query head) outcome of the match stage.
+
+    Attributes:
+        hit: ``[B, Hq]`` bool.
+        matched_pos: ``[B, Hq]`` int64: ``j*``, or ``-1`` when there is no candidate.
+        distance: ``[B, Hq]``: ``d_{j*}``; ``inf`` when there is no candidate.
+    """
+
+    hit: torch.Tensor
+    matched_pos: torch.Tensor
+    distance: torch.Tensor
+
+
+def match(q_pre: torch.Tensor, state: LayerState, positions: torch.Tensor, config: MACConfig) -> MatchResult:
+    """Match each query head against its ring window.
+
+    Args:
+        q_pre: ``[B, Hq, D]`` pre-RoPE queries of the tokens at ``positions``.
+        state: the layer's rings; rows of tokens ``< positions`` must have been written.
+        positions: ``[B]`` int64: the current position ``t`` of each request.
+        config: window ``W`` (must equal the ring size), ``τ`` and ``min_context``.
+
+    Returns:
+        :class:`MatchResult`. Steps at ``t < min_context`` report their nearest candidate
+        but are never hits.
+    """
+    B, Hq, D = q_pre.shape
+    W = state.window
+    dtype = compute_dtype(q_pre.dtype)
+
+    lags = torch.arange(1, W + 1, device=q_pre.device)  # [W], most recent first
+    candidates = positions[:, None] - lags  # [B, W] token positions j = t - lag
+    in_window = candidates >= 0  # rows of tokens before position 0 do not exist
+    slots = torch.remainder(candidates, W)  # [B, W]
+
+    ring = state.ring_q.gather(2, slots[:, None, :, None].expand(B, Hq, W, D))  # [B, Hq, W, D]
+    dist = ((q_pre.to(dtype)[:, :, None, :] - ring.to(dtype)) ** 2).sum(-1)  # [B, Hq, W]
+    dist = dist.masked_fill(~in_window[:, None, :], math.inf)
+
+    best_lag_index = dist.argmin(dim=-1)  # first minimum = smallest lag = most recent j
+    distance = dist.gather(-1, best_lag_index[..., None]).squeeze(-1)  # [B, Hq]
+    matched_pos = candidates.gather(1, best_lag_index)  # [B, Hq]
+    has_candidate = torch.isfinite(distance)
+    matched_pos = torch.where(has_candidate, matched_pos, torch.full_like(matched_pos, -1))
+
+    eligible = (positions >= config.min_context)[:, None]  # [B, 1]
+    hit = has_candidate & eligible & (distance < config.hit_radius_sq(D))
+    return MatchResult(hit, matched_pos, distance)

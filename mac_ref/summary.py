@@ -1,0 +1,239 @@
+r"""Attention summaries and the two log-domain operators ⊕ (merge) and ⊖ (remove).
+
+The *attention summary* of a query ``q`` over the keys ``[a, b)`` is the pair
+
+.. math::
+
+    A(q, [a, b)) = (o, \ell), \qquad
+    \ell = \log \sum_{j=a}^{b-1} e^{s_j}, \qquad
+    o = \sum_{j=a}^{b-1} \frac{e^{s_j}}{e^{\ell}}\, v_j, \qquad
+    s_j = \text{scale}\cdot q \cdot k_j .
+
+``ℓ`` is a natural-log LSE. The empty summary (no keys) is ``(0, −inf)``; it is the
+identity of ⊕ and every function here accepts and returns it without producing NaN.
+
+Precision: arithmetic runs in float32, or in float64 when an input is float64. ``o`` and
+``ℓ`` come back in that compute dtype.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+
+from ._checks import check_same_device, check_tensor, compute_dtype
+
+
+class Summary(NamedTuple):
+    """An attention summary ``(o, lse)``.
+
+    Attributes:
+        o: ``[..., D]`` normalised partial output (softmax-weighted mean of values).
+        lse: ``[...]`` natural-log sum of the exponentiated scores; ``-inf`` when empty.
+    """
+
+    o: torch.Tensor
+    lse: torch.Tensor
+
+
+def empty_summary(shape: tuple[int, ...], head_dim: int, dtype=torch.float32, device=None) -> Summary:
+    """The empty summary ``(0, −inf)`` of shape ``[*shape, head_dim]`` / ``[*shape]``."""
+    o = torch.zeros(*shape, head_dim, dtype=dtype, device=device)
+    lse = torch.full(shape, -math.inf, dtype=dtype, device=device)
+    return Summary(o, lse)
+
+
+def _bounds(x, shape: tuple[int, ...], device) -> torch.Tensor:
+    """An int or integer tensor broadcastable to ``shape`` -> int64 tensor ``[*shape, 1]``."""
+    x = torch.as_tensor(x, device=device)
+    if x.is_floating_point():
+        raise TypeError(f"range bounds must be integers, got {x.dtype}")
+    return torch.broadcast_to(x.to(torch.int64), shape).unsqueeze(-1)
+
+
+def attend(q, k, v, start, end, scale: float | None = None) -> Summary:
+    r"""Attention summary of each query head over the key range ``[start, end)``.
+
+    .. math:: A(q, [a, b)) = \Big(\textstyle\sum_{j=a}^{b-1} \mathrm{softmax}_j\, v_j,\;
+              \log\sum_{j=a}^{b-1} e^{\text{scale}\, q\cdot k_j}\Big)
+
+    Query head ``h`` reads KV head ``h // (Hq // Hkv)`` (grouped-query attention). Keys
+    and values outside every range of a request are never used, so an unwritten (even
+    NaN) cache tail is harmless.
+
+    Args:
+        q: ``[B, Hq, D]`` post-RoPE queries, or ``[B, Hq, L, D]`` for ``L`` queries per head.
+        k: ``[B, Hkv, T, D]`` post-RoPE keys; ``Hkv`` divides ``Hq``.
+        v: ``[B, Hkv, T, D]`` values.
+        start: int or integer tensor broadcastable to ``q.shape[:-1]``: first key (inclusive).
+        end: int or integer tensor broadcastable to ``q.shape[:-1]``: last key (exclusive).
+            Ranges are clipped to ``[0, T)``; an empty range gives ``(0, −inf)``.
+        scale: softmax scale, ``1/sqrt(D)`` by default.
+
+    Returns:
+        ``Summary(o [*q.shape], lse [*q.shape[:-1]])`` in the compute dtype.
+    """
+    check_tensor("k", k, 4, "[B, Hkv, T, D]")
+    check_tensor("v", v, 4, "[B, Hkv, T, D]")
+    check_tensor("q", q)
+    if q.dim() not in (3, 4):
+        raise ValueError(f"q must have shape [B, Hq, D] or [B, Hq, L, D], got {tuple(q.shape)}")
+    check_same_device(q=q, k=k, v=v)
+    single = q.dim() == 3
+    q4 = q.unsqueeze(2) if single else q  # [B, Hq, L, D]
+    B, Hq, L, D = q4.shape
+    if k.shape != v.shape or k.shape[0] != B or k.shape[-1] != D:
+        raise ValueError(
+            f"k and v must both have shape [B={B}, Hkv, T, D={D}], got {tuple(k.shape)} and {tuple(v.shape)}"
+        )
+    Hkv, T = k.shape[1], k.shape[2]
+    if Hq % Hkv != 0:
+        raise ValueError(f"the number of query heads ({Hq}) must be a multiple of the KV heads ({Hkv})")
+    dtype = compute_dtype(q.dtype, k.dtype, v.dtype)
+    scale = 1.0 / math.sqrt(D) if scale is None else scale
+    group = Hq // Hkv
+
+    lo = _bounds(start, q.shape[:-1], q.device)  # [B, Hq(, L), 1]
+    hi = _bounds(end, q.shape[:-1], q.device)
+    if single:
+        lo, hi = lo.unsqueeze(2), hi.unsqueeze(2)  # [B, Hq, 1, 1]
+    pos = torch.arange(T, device=q.device)  # [T]
+    in_range = (pos >= lo) & (pos < hi)  # [B, Hq, L, T]
+
+    qg = q4.to(dtype).reshape(B, Hkv, group, L, D)
+    scores = torch.einsum("bkgld,bktd->bkglt", qg, k.to(dtype)) * scale
+    scores = scores.reshape(B, Hq, L, T).masked_fill(~in_range, -math.inf)
+    lse = torch.logsumexp(scores, dim=-1)  # [B, Hq, L]; -inf where the range is empty
+    lse_safe = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
+    p = torch.exp(scores - lse_safe.unsqueeze(-1))  # [B, Hq, L, T]; exactly 0 outside the range
+
+    # 0 * NaN is NaN: zero the values no range of the request touches
+    used = in_range.flatten(1, 2).any(dim=1)  # [B, T]
+    v_used = v.to(dtype).masked_fill(~used[:, None, :, None], 0.0)
+    o = torch.einsum("bkglt,bktd->bkgld", p.reshape(B, Hkv, group, L, T), v_used).reshape(B, Hq, L, D)
+    if single:
+        return Summary(o.squeeze(2), lse.squeeze(2))
+    return Summary(o, lse)
+
+
+def merge(a: Summary, b: Summary) -> Summary:
+    r"""⊕: the summary over the union of two disjoint key sets seen by the same query.
+
+    .. math::
+        \ell = \operatorname{logaddexp}(\ell_a, \ell_b), \qquad
+        o = e^{\ell_a - \ell} o_a + e^{\ell_b - \ell} o_b
+
+    Commutative, associative, with identity ``(0, −inf)``; ``(0,−inf) ⊕ (0,−inf)`` is
+    ``(0,−inf)``. The weights are taken relative to a *finite* shift so that two empty
+    inputs never meet as ``(−inf) − (−inf)``.
+
+    Args:
+        a, b: summaries with ``o [..., D]`` and ``lse [...]`` of one shape.
+
+    Returns:
+        The merged ``Summary`` in the compute dtype.
+    """
+    o_a, l_a = a
+    o_b, l_b = b
+    check_tensor("a.o", o_a)
+    check_tensor("b.o", o_b)
+    if o_a.shape != o_b.shape or l_a.shape != l_b.shape or o_a.shape[:-1] != l_a.shape:
+        raise ValueError(
+            f"summaries must share o [..., D] and lse [...] shapes, got "
+            f"a=({tuple(o_a.shape)}, {tuple(l_a.shape)}) and b=({tuple(o_b.shape)}, {tuple(l_b.shape)})"
+        )
+    dtype = compute_dtype(o_a.dtype, o_b.dtype, l_a.dtype, l_b.dtype)
+    l_a, l_b = l_a.to(dtype), l_b.to(dtype)
+    shift = torch.maximum(l_a, l_b)
+    shift = torch.where(torch.isfinite(shift), shift, torch.zeros_like(shift))  # finite even when both are empty
+    w_a, w_b = torch.exp(l_a - shift), torch.exp(l_b - shift)  # in [0, 1]
+    total = w_a + w_b
+    lse = shift + torch.log(total)  # log(0) = -inf: empty stays empty
+    inv = torch.where(total > 0, 1.0 / total, torch.zeros_like(total))
+    o = (w_a * inv).unsqueeze(-1) * o_a.to(dtype) + (w_b * inv).unsqueeze(-1) * o_b.to(dtype)
+    return Summary(o, lse)
+
+
+def merge_all(o: torch.Tensor, lse: torch.Tensor) -> Summary:
+    r"""⊕ over a stack of summaries (for example the split-KV partial states of one query).
+
+    .. math:: \ell = \log\sum_i e^{\ell_i}, \qquad o = \sum_i e^{\ell_i - \ell}\, o_i
+
+    Args:
+        o: ``[..., S, D]`` partial outputs.
+        lse: ``[..., S]`` their LSEs; any of them may be ``-inf`` (empty).
+
+    Returns:
+        ``Summary(o [..., D], lse [...])``; ``(0, −inf)`` if every part is empty (or ``S = 0``).
+    """
+    check_tensor("o", o)
+    check_tensor("lse", lse)
+    if o.dim() < 2 or o.shape[:-1] != lse.shape:
+        raise ValueError(f"o must be [..., S, D] and lse [..., S], got {tuple(o.shape)} and {tuple(lse.shape)}")
+    dtype = compute_dtype(o.dtype, lse.dtype)
+    lse = lse.to(dtype)
+    total_lse = torch.logsumexp(lse, dim=-1)  # [...]; -inf when all parts are empty
+    shift = torch.where(torch.isfinite(total_lse), total_lse, torch.zeros_like(total_lse))
+    weights = torch.exp(lse - shift.unsqueeze(-1))  # [..., S]; all 0 when empty
+    merged = (weights.unsqueeze(-1) * o.to(dtype)).sum(dim=-2)  # [..., D]
+    return Summary(merged, total_lse)
+
+
+def removal_epsilon(dtype: torch.dtype) -> float:
+    """Smallest remainder share ``1 − e^δ`` that ⊖ still resolves: 8 ulps of the compute dtype.
+
+    Below it the remainder is indistinguishable from rounding noise and ⊖ returns empty.
+    """
+    return 8 * torch.finfo(compute_dtype(dtype)).eps
+
+
+def remove(total: Summary, part: Summary) -> tuple[Summary, torch.Tensor]:
+    r"""⊖: remove the keys of ``part`` from ``total`` (``part`` ⊆ ``total``, same query).
+
+    With :math:`\delta = \ell_{part} - \ell_{total} \le 0`:
+
+    .. math::
+        \ell = \ell_{total} + \log(-\operatorname{expm1}(\delta)), \qquad
+        o = \frac{o_{total} - e^{\delta} o_{part}}{-\operatorname{expm1}(\delta)}
+
+    The result is ill-conditioned as :math:`e^\delta \to 1` (the part holds nearly all the
+    mass): its error grows like :math:`\varepsilon / (1 - e^\delta)`. Rules (SPEC §3):
+
+    * ``part`` empty: the result is ``total`` unchanged.
+    * remainder share ``−expm1(δ) < removal_epsilon(dtype)``: the result is empty, flagged.
+    * ``δ > 0`` (only possible through rounding, or ``total`` empty): empty, flagged.
+
+    Args:
+        total: ``Summary(o [..., D], lse [...])``.
+        part: a summary of the same shape.
+
+    Returns:
+        ``(remainder, ill_conditioned)`` where ``ill_conditioned [...]`` is a bool mask of
+        the entries that fell under one of the two flagged rules.
+    """
+    o_t, l_t = total
+    o_p, l_p = part
+    check_tensor("total.o", o_t)
+    check_tensor("part.o", o_p)
+    if o_t.shape != o_p.shape or l_t.shape != l_p.shape or o_t.shape[:-1] != l_t.shape:
+        raise ValueError(
+            f"total and part must share o [..., D] and lse [...] shapes, got "
+            f"({tuple(o_t.shape)}, {tuple(l_t.shape)}) and ({tuple(o_p.shape)}, {tuple(l_p.shape)})"
+        )
+    dtype = compute_dtype(o_t.dtype, o_p.dtype, l_t.dtype, l_p.dtype)
+    l_t, l_p = l_t.to(dtype), l_p.to(dtype)
+    part_empty = torch.isneginf(l_p)
+    # δ with finite stand-ins, so that empty inputs never form (−inf) − (−inf)
+    delta = torch.where(part_empty, torch.full_like(l_p, -math.inf), l_p - torch.where(torch.isneginf(l_t), 0.0, l_t))
+    delta = torch.where(torch.isneginf(l_t) & ~part_empty, torch.full_like(l_p, math.inf), delta)
+    share = -torch.expm1(delta)  # remainder mass / total mass: 1 when part is empty
+    ill_conditioned = ~part_empty & ((delta > 0) | (share < removal_epsilon(dtype)))
+
+    keep = ~ill_conditioned
+    safe_share = torch.where(keep, share, torch.ones_like(share))
+    lse = torch.where(keep, l_t + torch.log(safe_share), torch.full_like(l_t, -math.inf))
+    o = (o_t.to(dtype) - torch.exp(delta).unsqueeze(-1) * o_p.to(dtype)) / safe_share.unsqueeze(-1)
+    o = torch.where(keep.unsqueeze(-1), o, torch.zeros_like(o))
+    return Summary(o, lse), ill_conditioned
