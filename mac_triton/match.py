@@ -1,0 +1,147 @@
+r"""Match in Triton: per query head, the nearest recent pre-RoPE query and the hit test.
+
+Twin of :func:`mac_ref.match.match` (same signature, same :class:`MatchResult`):
+``d_j = ‖q̃_t − q̃_j‖²`` over the candidates ``j ∈ [max(0, t−W), t)`` (ring slot
+``j mod W``, lag ``t − j``), ``j* = argmin d_j`` with ties to the smallest lag, hit iff
+``d_{j*} < 2D(1−τ)²`` and ``t ≥ min_context``.
+
+How it maps onto the GPU:
+
+- program ``(b·Hq + h, s)`` scans slots ``[s·L, (s+1)·L)`` of one head's ring in tiles of
+  ``BLOCK_W × D``, distances in float32; the window is split over ``s`` only when
+  ``B·Hq`` alone would leave SMs idle (batch 1);
+- each program folds its best candidate into one int64 per head with ``atomic_min``:
+  ``key = bits(d) << 32 | lag``. Non-negative float32 bit patterns order like the floats,
+  so the smallest key is the smallest distance and, among equal distances, the smallest
+  lag: exactly the reference's tie rule, whatever the order the programs finish in;
+- :func:`decode_key` turns the key back into ``(hit, j*, d)``; the fused decode step does
+  that inside its planning kernel instead of launching :func:`match`'s finalize kernel.
+
+Differences: the sum over ``D`` runs in another order than torch's, so distances agree
+to float32 rounding and two candidates within rounding of each other may swap.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from mac_ref.config import MACConfig
+from mac_ref.match import MatchResult
+from mac_ref.state import LayerState
+
+from ._common import check_kernel_dtype, num_sms
+
+NO_CANDIDATE = 2**63 - 1  # the key of a head with no candidate yet (decodes to distance NaN)
+_NO_CANDIDATE = tl.constexpr(NO_CANDIDATE)
+BLOCK_W = 64
+
+
+@triton.jit
+def _match_kernel(
+    q_ptr, ring_ptr, pos_ptr, key_ptr,
+    stride_qb, stride_qh, stride_rb, stride_rh, stride_rw,
+    Hq, W, slots_per_program,
+    D: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    bh = tl.program_id(0)
+    b = bh // Hq
+    h = bh % Hq
+    t = tl.load(pos_ptr + b).to(tl.int64)
+    cols = tl.arange(0, BLOCK_D)
+    col_mask = cols < D
+    q = tl.load(q_ptr + b * stride_qb + h * stride_qh + cols, mask=col_mask, other=0.0).to(tl.float32)  # [D]
+    ring = ring_ptr + b.to(tl.int64) * stride_rb + h * stride_rh
+    first = tl.program_id(1) * slots_per_program
+    last = tl.minimum(first + slots_per_program, W)
+    best = tl.full([BLOCK_W], _NO_CANDIDATE, tl.int64)
+    for w0 in range(first, last, BLOCK_W):
+        slots = w0 + tl.arange(0, BLOCK_W)  # [BLOCK_W]
+        slot_mask = slots < last
+        rows = tl.load(
+            ring + slots[:, None] * stride_rw + cols[None, :], mask=slot_mask[:, None] & col_mask[None, :], other=0.0
+        ).to(tl.float32)  # [BLOCK_W, D]
+        diff = rows - q[None, :]
+        dist = tl.sum(diff * diff, axis=1)  # [BLOCK_W]
+        lag = ((t - 1 - slots) % W + W) % W + 1  # slot j mod W holds token j = t − lag, lag ∈ [1, W]
+        valid = slot_mask & (t - lag >= 0)
+        key = (dist.to(tl.int32, bitcast=True).to(tl.int64) << 32) | lag
+        best = tl.minimum(best, tl.where(valid, key, _NO_CANDIDATE))
+    tl.atomic_min(key_ptr + bh, tl.min(best, axis=0))
+
+
+@triton.jit
+def decode_key(key, t, min_context, radius_sq):
+    """``(hit, j*, d)`` of a head's match key at position ``t`` (``j* = −1``, ``d = inf``:
+    no candidate)."""
+    lag = key & 0xFFFFFFFF
+    dist = (key >> 32).to(tl.int32).to(tl.float32, bitcast=True)
+    has_candidate = dist < float("inf")  # False for inf and for the NaN of NO_CANDIDATE
+    dist = tl.where(has_candidate, dist, float("inf"))
+    matched = tl.where(has_candidate, t - lag, -1)
+    hit = has_candidate & (t >= min_context) & (dist < radius_sq)
+    return hit, matched, dist
+
+
+@triton.jit
+def _finalize_kernel(key_ptr, pos_ptr, hit_ptr, matched_ptr, dist_ptr, n_heads, Hq, min_context, radius_sq, BLOCK: tl.constexpr):
+    heads = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = heads < n_heads
+    t = tl.load(pos_ptr + heads // Hq, mask=mask, other=0).to(tl.int64)
+    key = tl.load(key_ptr + heads, mask=mask, other=_NO_CANDIDATE)
+    hit, matched, dist = decode_key(key, t, min_context, radius_sq)
+    tl.store(hit_ptr + heads, hit.to(tl.int8), mask=mask)
+    tl.store(matched_ptr + heads, matched, mask=mask)
+    tl.store(dist_ptr + heads, dist, mask=mask)
+
+
+def match_keys(q_pre: torch.Tensor, ring_q: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """Launch the scan: ``[B·Hq]`` int64 keys ``bits(d_{j*}) << 32 | lag`` (see module doc)."""
+    B, Hq, D = q_pre.shape
+    W = ring_q.shape[2]
+    if ring_q.stride(-1) != 1 or q_pre.stride(-1) != 1:
+        raise ValueError("q_pre and state.ring_q must be contiguous in the head dimension")
+    keys = torch.full((B * Hq,), NO_CANDIDATE, dtype=torch.int64, device=q_pre.device)
+    if B * Hq == 0:
+        return keys
+    # split the window only when the heads alone cannot fill the GPU
+    splits = max(1, min(triton.cdiv(W, BLOCK_W), triton.cdiv(2 * num_sms(q_pre.device), B * Hq)))
+    slots_per_program = triton.cdiv(triton.cdiv(W, splits), BLOCK_W) * BLOCK_W
+    splits = triton.cdiv(W, slots_per_program)
+    _match_kernel[(B * Hq, splits)](
+        q_pre, ring_q, positions, keys,
+        q_pre.stride(0), q_pre.stride(1), ring_q.stride(0), ring_q.stride(1), ring_q.stride(2),
+        Hq, W, slots_per_program,
+        D=D, BLOCK_W=BLOCK_W, BLOCK_D=triton.next_power_of_2(D),
+        num_warps=4,
+    )
+    return keys
+
+
+def match(q_pre: torch.Tensor, state: LayerState, positions: torch.Tensor, config: MACConfig) -> MatchResult:
+    """Match each query head against its ring window (see :func:`mac_ref.match.match`).
+
+    Args:
+        q_pre: ``[B, Hq, D]`` pre-RoPE queries (float16 / bfloat16 / float32).
+        state: the layer's rings; ``state.ring_q`` is ``[B, Hq, W, D]``.
+        positions: ``[B]`` int32/int64 current positions ``t``.
+        config: ``τ`` and ``min_context`` (the window is the ring's).
+
+    Returns:
+        :class:`~mac_ref.match.MatchResult`: ``hit [B, Hq]`` bool, ``matched_pos [B, Hq]``
+        int64 (``-1``: no candidate), ``distance [B, Hq]`` float32 (``inf``: no candidate).
+    """
+    check_kernel_dtype("q_pre", q_pre)
+    B, Hq, D = q_pre.shape
+    keys = match_keys(q_pre, state.ring_q, positions)
+    hit = torch.empty(B, Hq, dtype=torch.int8, device=q_pre.device)
+    matched = torch.empty(B, Hq, dtype=torch.int64, device=q_pre.device)
+    dist = torch.empty(B, Hq, dtype=torch.float32, device=q_pre.device)
+    n = B * Hq
+    if n:
+        block = 128
+        _finalize_kernel[(triton.cdiv(n, block),)](
+            keys, positions, hit, matched, dist, n, Hq, config.min_context, config.hit_radius_sq(D), BLOCK=block
+        )
+    return MatchResult(hit.view(torch.bool), matched, dist)
