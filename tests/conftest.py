@@ -14,6 +14,10 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# Test tensors are tiny and `pytest -n 2` already fills both cores: intra-op threads on top
+# only contend (a 130-step stream took 9 s with 2 threads per worker, 0.6 s with 1).
+torch.set_num_threads(1)
+
 import math  # noqa: E402
 
 import pytest  # noqa: E402
