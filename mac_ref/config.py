@@ -19,6 +19,11 @@ class MACConfig:
             own last ``r``; on a hit those ``r`` keys (plus the match lag) are recomputed.
         tau: match threshold ``τ``: hit iff ``‖q̃_t − q̃_j*‖ < (1 − τ)·sqrt(2D)``. Higher is
             stricter; ``τ ≥ 1`` never hits.
+        radius_scale: ``None`` (the paper's rule, the reference behaviour) or one positive
+            factor ``s_h`` per query head: hit iff ``‖q̃_t − q̃_j*‖ < s_h·(1 − τ)·sqrt(2D)``.
+            The paper's radius assumes unit-variance queries; a trained model's heads differ
+            in query and key scale, and ``s_h`` calibrates the radius per head (e.g. from the
+            prompt's key norms, see ``mac_llm.calibrate``). ``τ`` stays the global knob.
         min_context: steps at positions ``t < min_context`` are always misses.
         sinks: ``F``: the first ``F`` keys are left out of every ring row and recomputed with
             the current query at every step.
@@ -31,6 +36,7 @@ class MACConfig:
     window: int = 1024
     band: int = 256
     tau: float = 0.45
+    radius_scale: tuple[float, ...] | None = None
     min_context: int = 0
     sinks: int = 0
     row_update: str = "split"
@@ -52,6 +58,15 @@ class MACConfig:
             raise ValueError(f"MACConfig.sinks must be >= 0, got {self.sinks}")
         if not isinstance(self.tau, (int, float)) or not math.isfinite(self.tau):
             raise ValueError(f"MACConfig.tau must be a finite number, got {self.tau!r}")
+        if self.radius_scale is not None and not (
+            isinstance(self.radius_scale, tuple)
+            and len(self.radius_scale) > 0
+            and all(isinstance(s, (int, float)) and math.isfinite(s) and s > 0 for s in self.radius_scale)
+        ):
+            raise ValueError(
+                f"MACConfig.radius_scale must be None or a non-empty tuple of positive numbers (one per query head), "
+                f"got {self.radius_scale!r}"
+            )
         if self.row_update not in ROW_UPDATES:
             raise ValueError(f"MACConfig.row_update must be one of {ROW_UPDATES}, got {self.row_update!r}")
         if not (isinstance(self.rope_base, (int, float)) and self.rope_base > 0):

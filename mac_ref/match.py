@@ -6,7 +6,9 @@ whose pre-RoPE queries sit in ring slots ``j mod W``:
 .. math::
     d_j = \lVert \tilde q_t - \tilde q_j \rVert^2, \qquad
     j^* = \arg\min_j d_j, \qquad
-    \text{hit} \iff d_{j^*} < 2D(1-\tau)^2 .
+    \text{hit} \iff d_{j^*} < 2D(1-\tau)^2 \, s_h^2 .
+
+``s_h = 1`` is the paper's rule; ``config.radius_scale`` sets one factor per query head.
 
 Ties go to the most recent ``j`` (the smallest lag: fewer keys to recompute and less RoPE
 drift). Distances use the raw vectors, accumulated in float32 (float64 for float64
@@ -73,6 +75,11 @@ def match(q_pre: torch.Tensor, state: LayerState, positions: torch.Tensor, confi
     has_candidate = torch.isfinite(distance)
     matched_pos = torch.where(has_candidate, matched_pos, torch.full_like(matched_pos, -1))
 
+    radius_sq = torch.full((Hq,), config.hit_radius_sq(D), dtype=dtype, device=q_pre.device)  # [Hq]
+    if config.radius_scale is not None:
+        if len(config.radius_scale) != Hq:
+            raise ValueError(f"config.radius_scale must have one factor per query head ({Hq}), got {len(config.radius_scale)}")
+        radius_sq = radius_sq * torch.tensor(config.radius_scale, dtype=dtype, device=q_pre.device) ** 2
     eligible = (positions >= config.min_context)[:, None]  # [B, 1]
-    hit = has_candidate & eligible & (distance < config.hit_radius_sq(D))
+    hit = has_candidate & eligible & (distance < radius_sq)
     return MatchResult(hit, matched_pos, distance)
