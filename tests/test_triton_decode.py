@@ -1,0 +1,126 @@
+"""mac_triton amend + complete, decode_step and full_decode against mac_ref (SPEC §4, §5).
+
+Identical inputs on both sides; outputs and rows within the ``triton`` band of the input
+dtype, LSEs within float32 rounding, hits / j* / keys read equal, rings equal after many
+steps, repeated runs bitwise identical. Caches are NaN past each request's position.
+"""
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import mac_ref
+import mac_triton
+from mac_ref import MACConfig
+from tolerances import assert_close
+from triton_cases import DEVICE, assert_states_close, assert_summary_close, prefilled_step, stream_inputs
+
+pytestmark = pytest.mark.interpreter
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+@given(
+    batch=st.integers(1, 2),
+    kv_heads=st.integers(1, 2),
+    group=st.sampled_from([1, 3, 4]),
+    head_dim=st.sampled_from([16, 64]),
+    window=st.sampled_from([4, 16, 64]),
+    band=st.sampled_from([0, 3, 16, 400]),
+    sinks=st.sampled_from([0, 2]),
+    t_max=st.integers(0, 150),
+    dtype=st.sampled_from(DTYPES),
+    seed=st.integers(0, 2**31),
+)
+@settings(max_examples=10)
+def test_amend_complete_matches_reference(batch, kv_heads, group, head_dim, window, band, sinks, t_max, dtype, seed):
+    """Same state, match result and spans in; (out, C) within the dtype band out."""
+    config = MACConfig(window=window, band=band, tau=0.45, sinks=sinks)
+    gen = torch.Generator().manual_seed(seed)
+    positions = torch.randint(0, t_max + 1, (batch,), generator=gen).tolist()
+    q_pre, q_post, k, v, state, pos = prefilled_step(batch, kv_heads * group, kv_heads, head_dim, dtype, seed, positions, config, reuse=0.9)
+    result = mac_ref.match(q_pre, state, pos, config)
+    spans = mac_ref.step_spans(pos, result, config)
+    scale = config.softmax_scale(head_dim)
+    got_out, got_c = mac_triton.amend_complete(q_post, k, v, state, result, spans, scale)
+    want_out, want_c = mac_ref.amend_complete(q_post, k, v, state, result, spans, scale)
+    assert_summary_close(got_out, want_out, dtype, "out")
+    assert_summary_close(got_c, want_c, dtype, "C")
+
+
+STREAMS = [
+    # (dtype, Hq, Hkv, D, config): GQA ratios 1, 2 and 3, head dims 32 and 64, both row rules
+    (torch.float32, 4, 2, 32, MACConfig(window=16, band=8, tau=0.45)),
+    (torch.bfloat16, 6, 2, 64, MACConfig(window=16, band=8, tau=0.45, sinks=2, row_update="subtract")),
+    (torch.float16, 2, 2, 32, MACConfig(window=8, band=4, tau=0.45, min_context=44)),
+]
+
+
+@pytest.mark.parametrize("dtype, q_heads, kv_heads, head_dim, config", STREAMS)
+def test_decode_stream_matches_reference(dtype, q_heads, kv_heads, head_dim, config):
+    """Prefill, then 10 decode steps of a ragged batch: same decisions, outputs, rows and rings."""
+    q, k, v = stream_inputs(2, q_heads, kv_heads, 52, head_dim, dtype, seed=3, reuse=0.8)
+    prefill = torch.tensor([40, 42], device=DEVICE)
+    want = mac_ref.run_stream(q, k, v, prefill, config)
+    got = mac_ref.run_stream(q, k, v, prefill, config, step_fn=mac_triton.decode_step)
+    assert want.stats.hit.any() and not want.stats.hit.all(), "the stream should mix hits and misses"
+    for name in ("hit", "matched_pos", "keys_read", "context", "ill_conditioned"):
+        assert torch.equal(getattr(got.stats, name), getattr(want.stats, name)), f"stats.{name} differ"
+    assert_close(got.stats.distance, want.stats.distance, "triton_lse", dtype)
+    decoded = ~torch.isnan(want.lse)
+    assert torch.equal(decoded, ~torch.isnan(got.lse))
+    assert_close(got.out[decoded], want.out[decoded], "triton", dtype, msg="out")
+    assert_close(got.lse[decoded], want.lse[decoded], "triton_lse", dtype, msg="lse")
+    assert_states_close(got.state, want.state, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("kv_heads, group", [(1, 1), (2, 3), (1, 8)])
+def test_full_decode_matches_oracle(dtype, kv_heads, group):
+    """Every head a miss: full attention over [0, t+1), ragged positions, against float64."""
+    positions = [0, 37, 300]
+    config = MACConfig(window=8)
+    _, q_post, k, v, _, pos = prefilled_step(3, kv_heads * group, kv_heads, 64, dtype, 5, positions, config)
+    out = torch.full(q_post.shape, math.nan, dtype=dtype, device=DEVICE)
+    out, lse = mac_triton.full_decode(q_post, k, v, pos)
+    want_o, want_lse = mac_ref.full_attention(q_post, k, v, pos + 1)
+    assert out.dtype == dtype and lse.dtype == torch.float32
+    assert_close(out, want_o, "exact", dtype)
+    assert_close(lse, want_lse, "triton_lse", dtype)
+
+
+def test_radius_zero_gives_full_attention():
+    """τ ≥ 1: no hit, and every step's output is full attention (SPEC §5)."""
+    config = MACConfig(window=8, band=4, tau=1.0)
+    q_pre, q_post, k, v, state, pos = prefilled_step(2, 4, 2, 32, torch.float32, 7, [30, 51], config, reuse=1.0)
+    out, lse, stats = mac_triton.decode_step(q_pre, k, v, state, pos, config, q_post=q_post)
+    assert not stats.hit.any()
+    want_o, want_lse = mac_ref.full_attention(q_post, k, v, pos + 1)
+    assert_close(out, want_o, "exact", torch.float32)
+    assert_close(lse, want_lse, "triton_lse", torch.float32)
+
+
+def test_repeated_runs_are_bitwise_identical():
+    config = MACConfig(window=16, band=4, tau=0.45)
+    q_pre, q_post, k, v, state, pos = prefilled_step(2, 4, 2, 32, torch.bfloat16, 11, [40, 63], config, reuse=0.9)
+    runs = []
+    for _ in range(2):
+        s = mac_ref.LayerState(state.ring_q.clone(), state.ring_o.clone(), state.ring_lse.clone(), state.next_pos.clone())
+        out, lse, stats = mac_triton.decode_step(q_pre, k, v, s, pos, config, q_post=q_post)
+        runs.append((out, lse, stats.hit, stats.matched_pos, s.ring_q, s.ring_o, s.ring_lse))
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+    assert runs[0][2].any(), "the step should have hits"
+
+
+def test_bad_inputs_are_refused():
+    config = MACConfig(window=8, band=4)
+    q_pre, q_post, k, v, state, pos = prefilled_step(1, 2, 1, 16, torch.float32, 0, [10], config)
+    with pytest.raises(ValueError, match="do not follow the previous step"):
+        mac_triton.decode_step(q_pre, k, v, state, pos - 1, config)
+    with pytest.raises(TypeError, match="float16, bfloat16 or float32"):
+        s64 = mac_ref.prefill(*(x.double() for x in stream_inputs(1, 2, 1, 11, 16, torch.float32, 0)), 10, config)[2]
+        mac_triton.decode_step(q_pre.double(), k.double(), v.double(), s64, pos, config)
