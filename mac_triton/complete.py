@@ -71,10 +71,10 @@ SOURCE_NONE = 2  # no band: full attention
 
 @triton.jit
 def _plan_kernel(
-    pos_ptr, key_ptr, hit_ptr, matched_ptr, dist_ptr, keys_read_ptr, band_start_ptr,
+    pos_ptr, key_ptr, radius_ptr, hit_ptr, matched_ptr, dist_ptr, keys_read_ptr, band_start_ptr,
     span_band_start_ptr, span_sink_ptr, span_band_end_ptr, span_tail_end_ptr, stride_sb, stride_sh,
     plan_ptr, meta_ptr,
-    NG, Hkv, G, band, sinks, min_context, radius_sq, target_units,
+    NG, Hkv, G, band, sinks, min_context, target_units,
     SOURCE: tl.constexpr, NG_BLOCK: tl.constexpr, G_BLOCK: tl.constexpr, MIN_CHUNK: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     groups = tl.arange(0, NG_BLOCK)[:, None]  # [NG, 1]
@@ -96,6 +96,7 @@ def _plan_kernel(
         start = sink_end_2d + tl.zeros([NG_BLOCK, G_BLOCK], tl.int64)
         if SOURCE == 1:
             key = tl.load(key_ptr + heads, mask=mask, other=_NO_CANDIDATE)
+            radius_sq = tl.load(radius_ptr + (groups % Hkv) * G + lanes, mask=mask, other=0.0)
             hit, matched, dist = decode_key(key, t, min_context, radius_sq)
             matched_end = tl.maximum(matched + 1 - band, 0)  # P = E(j*)
             start = tl.where(hit, tl.maximum(matched_end, sink_end_2d), sink_end_2d)
@@ -299,13 +300,14 @@ def _reduce_kernel(
 
 def attend_spans(
     q_post, k_cache, v_cache, positions, *, source, band=0, sinks=0, spans: Spans | None = None,
-    keys=None, min_context=0, radius_sq=0.0, state: LayerState | None = None, result: MatchResult | None = None,
+    keys=None, min_context=0, radius_sq=None, state: LayerState | None = None, result: MatchResult | None = None,
     q_pre=None, out_dtype=torch.float32, row_out=0, subtract=False, scale=None,
 ):
     """Launch plan → attend → reduce for one step (no validation, no host sync).
 
     ``source`` picks where the band starts come from (:data:`SOURCE_SPANS` with ``spans``,
-    :data:`SOURCE_KEYS` with the match ``keys``, :data:`SOURCE_NONE`: full attention).
+    :data:`SOURCE_KEYS` with the match ``keys`` and the ``[Hq]`` squared radii ``radius_sq``,
+    :data:`SOURCE_NONE`: full attention).
     ``row_out``: 0 no row, 1 return ``C`` (or the subtract row), 2 write ``(q̃_t, R_t)``
     into ``state``'s rings.
 
@@ -329,6 +331,7 @@ def attend_spans(
     meta = torch.empty(2, dtype=torch.int32, device=device)
     part_o = torch.empty(max_units, G, D, dtype=f32, device=device)
     part_lse = torch.empty(max_units, G, dtype=f32, device=device)
+    unused = meta  # stands for the pointers a mode does not read
     res = {}
     if source == SOURCE_SPANS:
         band_start = spans.band_start
@@ -352,9 +355,10 @@ def attend_spans(
         else:
             hit_buf = matched_buf = dist_buf = keys_read_buf  # unused
     _plan_kernel[(1,)](
-        positions, keys if keys is not None else band_start, hit_buf, matched_buf, dist_buf, keys_read_buf, band_start,
+        positions, keys if keys is not None else band_start, radius_sq if radius_sq is not None else unused,
+        hit_buf, matched_buf, dist_buf, keys_read_buf, band_start,
         *span_tensors, stride_sb, stride_sh, plan, meta,
-        NG, Hkv, G, band, sinks, min_context, float(radius_sq), target_units,
+        NG, Hkv, G, band, sinks, min_context, target_units,
         SOURCE=source, NG_BLOCK=triton.next_power_of_2(NG), G_BLOCK=triton.next_power_of_2(G),
         MIN_CHUNK=MIN_CHUNK, BLOCK_N=BLOCK_N,
     )

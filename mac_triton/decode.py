@@ -35,7 +35,7 @@ from mac_ref.state import LayerState
 
 from ._common import check_kernel_dtype
 from .complete import SOURCE_KEYS, SOURCE_NONE, attend_spans, check_attention_inputs
-from .match import match_keys
+from .match import match_keys, radius_sq_per_head
 
 FULL_BAND = 2**30  # a band longer than any context: no row, every key in the "tail"
 
@@ -58,7 +58,8 @@ def mac_step(q_pre, q_post, k_cache, v_cache, state: LayerState, positions, conf
     keys = match_keys(q_pre, state.ring_q, positions)
     return attend_spans(
         q_post, k_cache, v_cache, positions, source=SOURCE_KEYS, band=config.band, sinks=config.sinks, keys=keys,
-        min_context=config.min_context, radius_sq=config.hit_radius_sq(q_pre.shape[-1]), state=state, q_pre=q_pre,
+        min_context=config.min_context, radius_sq=radius_sq_per_head(config, q_pre.shape[1], q_pre.shape[2], q_pre.device),
+        state=state, q_pre=q_pre,
         out_dtype=q_pre.dtype, row_out=2, subtract=config.row_update == "subtract", scale=scale,
     )
 

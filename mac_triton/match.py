@@ -3,7 +3,8 @@ r"""Match in Triton: per query head, the nearest recent pre-RoPE query and the h
 Twin of :func:`mac_ref.match.match` (same signature, same :class:`MatchResult`):
 ``d_j = ‖q̃_t − q̃_j‖²`` over the candidates ``j ∈ [max(0, t−W), t)`` (ring slot
 ``j mod W``, lag ``t − j``), ``j* = argmin d_j`` with ties to the smallest lag, hit iff
-``d_{j*} < 2D(1−τ)²`` and ``t ≥ min_context``.
+``d_{j*} < 2D(1−τ)² s_h²`` (``s_h``: ``config.radius_scale``, 1 by default) and
+``t ≥ min_context``.
 
 How it maps onto the GPU:
 
@@ -85,15 +86,38 @@ def decode_key(key, t, min_context, radius_sq):
 
 
 @triton.jit
-def _finalize_kernel(key_ptr, pos_ptr, hit_ptr, matched_ptr, dist_ptr, n_heads, Hq, min_context, radius_sq, BLOCK: tl.constexpr):
+def _finalize_kernel(key_ptr, pos_ptr, radius_ptr, hit_ptr, matched_ptr, dist_ptr, n_heads, Hq, min_context, BLOCK: tl.constexpr):
     heads = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = heads < n_heads
     t = tl.load(pos_ptr + heads // Hq, mask=mask, other=0).to(tl.int64)
+    radius_sq = tl.load(radius_ptr + heads % Hq, mask=mask, other=0.0)
     key = tl.load(key_ptr + heads, mask=mask, other=_NO_CANDIDATE)
     hit, matched, dist = decode_key(key, t, min_context, radius_sq)
     tl.store(hit_ptr + heads, hit.to(tl.int8), mask=mask)
     tl.store(matched_ptr + heads, matched, mask=mask)
     tl.store(dist_ptr + heads, dist, mask=mask)
+
+
+_RADII: dict = {}
+
+
+def radius_sq_per_head(config: MACConfig, q_heads: int, head_dim: int, device) -> torch.Tensor:
+    """``[Hq]`` float32 squared hit radii ``2D(1−τ)² s_h²``, rounded as ``mac_ref.match`` rounds them.
+
+    Cached per (config, shape, device), so that a step captured in a CUDA graph makes no
+    host-to-device copy."""
+    cache_key = (config.tau, config.radius_scale, q_heads, head_dim, str(device))
+    radius = _RADII.get(cache_key)
+    if radius is None:
+        radius = torch.full((q_heads,), config.hit_radius_sq(head_dim), dtype=torch.float32, device=device)
+        if config.radius_scale is not None:
+            if len(config.radius_scale) != q_heads:
+                raise ValueError(
+                    f"config.radius_scale must have one factor per query head ({q_heads}), got {len(config.radius_scale)}"
+                )
+            radius = radius * torch.tensor(config.radius_scale, dtype=torch.float32, device=device) ** 2
+        _RADII[cache_key] = radius
+    return radius
 
 
 def match_keys(q_pre: torch.Tensor, ring_q: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
@@ -126,7 +150,7 @@ def match(q_pre: torch.Tensor, state: LayerState, positions: torch.Tensor, confi
         q_pre: ``[B, Hq, D]`` pre-RoPE queries (float16 / bfloat16 / float32).
         state: the layer's rings; ``state.ring_q`` is ``[B, Hq, W, D]``.
         positions: ``[B]`` int32/int64 current positions ``t``.
-        config: ``τ`` and ``min_context`` (the window is the ring's).
+        config: ``τ``, ``radius_scale`` and ``min_context`` (the window is the ring's).
 
     Returns:
         :class:`~mac_ref.match.MatchResult`: ``hit [B, Hq]`` bool, ``matched_pos [B, Hq]``
@@ -142,6 +166,7 @@ def match(q_pre: torch.Tensor, state: LayerState, positions: torch.Tensor, confi
     if n:
         block = 128
         _finalize_kernel[(triton.cdiv(n, block),)](
-            keys, positions, hit, matched, dist, n, Hq, config.min_context, config.hit_radius_sq(D), BLOCK=block
+            keys, positions, radius_sq_per_head(config, Hq, D, q_pre.device), hit, matched, dist, n, Hq,
+            config.min_context, BLOCK=block,
         )
     return MatchResult(hit.view(torch.bool), matched, dist)

@@ -14,6 +14,8 @@ same empty-summary rules, same ``removal_epsilon``). Where it differs:
 
 from __future__ import annotations
 
+import math
+
 import torch
 import triton
 import triton.language as tl
@@ -90,7 +92,7 @@ def _rows(name: str, s: Summary) -> tuple[torch.Tensor, torch.Tensor]:
     check_kernel_dtype(f"{name}.lse", lse)
     if o.dim() < 1 or o.shape[:-1] != lse.shape:
         raise ValueError(f"{name} must have o [..., D] and lse [...], got {tuple(o.shape)} and {tuple(lse.shape)}")
-    return o.reshape(-1, o.shape[-1]).contiguous(), lse.reshape(-1).contiguous()
+    return o.reshape(lse.numel(), o.shape[-1]).contiguous(), lse.reshape(-1).contiguous()
 
 
 def _pair(a: Summary, b: Summary, names: tuple[str, str]):
@@ -138,9 +140,9 @@ def merge_all(o: torch.Tensor, lse: torch.Tensor) -> Summary:
     if o.dim() < 2 or o.shape[:-1] != lse.shape:
         raise ValueError(f"o must be [..., S, D] and lse [..., S], got {tuple(o.shape)} and {tuple(lse.shape)}")
     *lead, S, D = o.shape
-    o_in = o.reshape(-1, S, D).contiguous()
-    l_in = lse.reshape(-1, S).contiguous()
-    N = o_in.shape[0]
+    N = math.prod(lead)
+    o_in = o.reshape(N, S, D).contiguous()
+    l_in = lse.reshape(N, S).contiguous()
     o_out = torch.empty(N, D, dtype=torch.float32, device=o.device)
     l_out = torch.empty(N, dtype=torch.float32, device=o.device)
     if N:

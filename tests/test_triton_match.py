@@ -87,3 +87,13 @@ def test_first_token_has_no_candidate():
     state, q, pos = ring_and_queries(1, 2, 16, 8, [0], torch.float32, 0, repeats=0)
     got = mac_triton.match(q, state, pos, MACConfig(window=8))
     assert (got.matched_pos == -1).all() and torch.isinf(got.distance).all() and not got.hit.any()
+
+
+def test_per_head_radius_scale_matches_reference():
+    """``config.radius_scale``: one radius factor per query head, as in mac_ref."""
+    state, q, pos = ring_and_queries(2, 3, 32, 16, [20, 9], torch.float32, 4, repeats=1)
+    config = MACConfig(window=16, band=4, tau=0.45, radius_scale=(1e-3, 1.0, 5.0))
+    got = mac_triton.match(q, state, pos, config)
+    want = mac_ref.match(q, state, pos, config)
+    assert torch.equal(got.hit, want.hit) and torch.equal(got.matched_pos, want.matched_pos)
+    assert not got.hit[:, 0].any() and got.hit[:, 2].all()
