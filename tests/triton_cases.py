@@ -46,6 +46,21 @@ def prefilled_step(batch, q_heads, kv_heads, head_dim, dtype, seed, positions, c
     return q_pre, q_post, k, v, state, positions
 
 
+def random_decode_inputs(batch, q_heads, kv_heads, head_dim, dtype, seed, positions):
+    """Plain normal ``q_post [B, Hq, D]``, ``k, v [B, Hkv, max t + 1, D]`` on :data:`DEVICE`
+    (no prefill: for long contexts), the cache NaN past each request's position."""
+    gen = torch.Generator().manual_seed(seed)
+    length = int(max(positions)) + 1
+    q_post = torch.randn(batch, q_heads, head_dim, generator=gen).to(dtype).to(DEVICE)
+    k = torch.randn(batch, kv_heads, length, head_dim, generator=gen).to(dtype).to(DEVICE)
+    v = torch.randn(batch, kv_heads, length, head_dim, generator=gen).to(dtype).to(DEVICE)
+    positions = torch.tensor(positions, dtype=torch.int64, device=DEVICE)
+    beyond = torch.arange(length, device=DEVICE)[None, :] > positions[:, None]  # [B, T]
+    k = k.masked_fill(beyond[:, None, :, None], float("nan"))
+    v = v.masked_fill(beyond[:, None, :, None], float("nan"))
+    return q_post, k, v, positions
+
+
 def assert_summary_close(actual, expected, dtype, msg=""):
     """``o`` within the ``triton`` band of ``dtype``, LSE within float32 rounding."""
     assert_close(actual.o, expected.o, "triton", dtype, msg=f"{msg} o")
