@@ -67,7 +67,7 @@ TOLERANCES: dict[tuple[str, torch.dtype], Tolerance] = {
     ("row_rules", f64): Tolerance(rtol=1e-10, atol=1e-12, rel_rms=1e-12),
     ("row_rules", f32): Tolerance(rtol=1e-4, atol=1e-5, rel_rms=1e-5),
     ("literal", f64): Tolerance(rtol=0.0, atol=1e-10),
-    ("mac_drift", f32): Tolerance(atol=0.5, rel_rms=0.1),
+    ("mac_drift", f32): Tolerance(atol=0.3, rel_rms=0.2),
     # mac_triton against mac_ref on the same inputs: both compute in float32; the kernels
     # sum in another order and round p to the input dtype before p·V (as FlashAttention)
     ("triton", f32): Tolerance(rtol=1e-5, atol=1e-5, rel_rms=1e-5),
