@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: demo test docs serve clean
+.PHONY: demo test docs serve chromium clean
 
 $(STAMP): pyproject.toml constraints-cpu.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -16,8 +16,22 @@ demo: $(STAMP)
 	$(VENV)/bin/mac-attention synthetic
 
 # pytest exits 5 when it collects nothing (e.g. a GPU-only selection): not a failure here
-test: $(STAMP)
-	$(PY) -m pytest -n 2 -m "not gpu and not slow" $(PYTEST_ARGS) || [ $$? -eq 5 ]
+# then the docs site is built (tutorials executed once, there) and checked in a browser
+test: $(STAMP) chromium
+	$(PY) -m pytest -n 2 -m "not gpu and not slow and not docs" $(PYTEST_ARGS) || [ $$? -eq 5 ]
+	$(MAKE) docs
+	$(PY) -m pytest -p no:xdist -m docs tests/test_docs.py
+
+# the site (offline, strict): figures drawn and tutorials executed by docs/hooks.py
+docs: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict
+
+serve: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs serve
+
+# Debian's headless Chromium for the docs check, installed where missing (CI runs as root)
+chromium:
+	command -v chromium >/dev/null || { apt-get update -q && apt-get install -y -q --no-install-recommends chromium; }
 
 clean:
 	rm -rf $(VENV) site .pytest_cache .hypothesis
