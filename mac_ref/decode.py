@@ -79,7 +79,7 @@ def _check_cache(k_cache, v_cache, batch: int, q_heads: int, head_dim: int) -> N
     if B != batch or D != head_dim:
         raise ValueError(f"k_cache must have shape [B={batch}, Hkv, T, D={head_dim}], got {tuple(k_cache.shape)}")
     if Hkv == 0 or q_heads % Hkv != 0:
-        raise ValueError(f"the number of query heads ({q_heads}) must be a multiple of the KV heads ({Hkv})")
+        raise ValueError(f"the number of query heads of q_pre ({q_heads}) must be a multiple of the KV heads of k_cache ({Hkv})")
 
 
 def check_step_inputs(q_pre, k_cache, v_cache, state: LayerState, positions, config: MACConfig, q_post=None) -> None:

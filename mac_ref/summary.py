@@ -50,7 +50,10 @@ def _bounds(x, shape: tuple[int, ...], device) -> torch.Tensor:
     x = torch.as_tensor(x, device=device)
     if x.is_floating_point():
         raise TypeError(f"range bounds must be integers, got {x.dtype}")
-    return torch.broadcast_to(x.to(torch.int64), shape).unsqueeze(-1)
+    try:
+        return torch.broadcast_to(x.to(torch.int64), shape).unsqueeze(-1)
+    except RuntimeError:
+        raise ValueError(f"range bounds of shape {tuple(x.shape)} do not broadcast to q's leading shape {tuple(shape)}") from None
 
 
 def attend(q, k, v, start, end, scale: float | None = None) -> Summary:
@@ -90,7 +93,7 @@ def attend(q, k, v, start, end, scale: float | None = None) -> Summary:
         )
     Hkv, T = k.shape[1], k.shape[2]
     if Hq % Hkv != 0:
-        raise ValueError(f"the number of query heads ({Hq}) must be a multiple of the KV heads ({Hkv})")
+        raise ValueError(f"the number of query heads of q ({Hq}) must be a multiple of the KV heads of k ({Hkv})")
     dtype = compute_dtype(q.dtype, k.dtype, v.dtype)
     scale = 1.0 / math.sqrt(D) if scale is None else scale
     group = Hq // Hkv
@@ -139,6 +142,9 @@ def merge(a: Summary, b: Summary) -> Summary:
     o_b, l_b = b
     check_tensor("a.o", o_a)
     check_tensor("b.o", o_b)
+    check_tensor("a.lse", l_a)
+    check_tensor("b.lse", l_b)
+    check_same_device(**{"a.o": o_a, "a.lse": l_a, "b.o": o_b, "b.lse": l_b})
     if o_a.shape != o_b.shape or l_a.shape != l_b.shape or o_a.shape[:-1] != l_a.shape:
         raise ValueError(
             f"summaries must share o [..., D] and lse [...] shapes, got "
@@ -170,6 +176,7 @@ def merge_all(o: torch.Tensor, lse: torch.Tensor) -> Summary:
     """
     check_tensor("o", o)
     check_tensor("lse", lse)
+    check_same_device(o=o, lse=lse)
     if o.dim() < 2 or o.shape[:-1] != lse.shape:
         raise ValueError(f"o must be [..., S, D] and lse [..., S], got {tuple(o.shape)} and {tuple(lse.shape)}")
     dtype = compute_dtype(o.dtype, lse.dtype)
@@ -217,6 +224,9 @@ def remove(total: Summary, part: Summary) -> tuple[Summary, torch.Tensor]:
     o_p, l_p = part
     check_tensor("total.o", o_t)
     check_tensor("part.o", o_p)
+    check_tensor("total.lse", l_t)
+    check_tensor("part.lse", l_p)
+    check_same_device(**{"total.o": o_t, "total.lse": l_t, "part.o": o_p, "part.lse": l_p})
     if o_t.shape != o_p.shape or l_t.shape != l_p.shape or o_t.shape[:-1] != l_t.shape:
         raise ValueError(
             f"total and part must share o [..., D] and lse [...] shapes, got "
