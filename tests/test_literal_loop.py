@@ -10,7 +10,7 @@ import math
 
 import pytest
 import torch
-from hypothesis import given
+from hypothesis import event, given
 from hypothesis import strategies as st
 
 from mac_ref import MACConfig, run_stream, synthetic_stream
@@ -95,7 +95,7 @@ def literal_stream(q_pre, k, v, prompt_lengths, config: MACConfig):
     group = Hq // len(k[0])
     W, r, F, tau = config.window, config.band, config.sinks, config.tau
     scale = 1.0 / math.sqrt(D) if config.scale is None else config.scale
-    radius_sq = 2.0 * D * (1.0 - tau) ** 2  # only used when tau < 1
+    scales = config.radius_scale or (1.0,) * Hq  # per-head radius factors s_h
     steps = T - max(prompt_lengths)
 
     def E(t):  # the end of what token t's row covers
@@ -119,6 +119,7 @@ def literal_stream(q_pre, k, v, prompt_lengths, config: MACConfig):
                     d = sum((x - y) ** 2 for x, y in zip(q_pre[b][h][t], q_pre[b][h][j]))
                     if d < best_d:
                         best_j, best_d = j, d
+                radius_sq = 2.0 * D * (1.0 - tau) ** 2 * scales[h] ** 2  # only used when tau < 1
                 hit = best_j >= 0 and t >= config.min_context and tau < 1 and best_d < radius_sq
                 # 2. amend + complete
                 N = E(t)
@@ -189,7 +190,8 @@ def check_against_literal(q_pre, k, v, prompt_lengths, config: MACConfig):
     steps=st.integers(1, 20),
     window=st.integers(1, 10),
     band=st.integers(0, 10),
-    tau=st.sampled_from([0.0, 0.3, 0.45, 0.75, 1.0]),
+    tau=st.one_of(st.sampled_from([0.0, 0.45, 0.75, 1.0]), st.floats(-0.2, 1.2)),
+    radius_scale=st.one_of(st.none(), st.lists(st.floats(0.25, 2.0), min_size=4, max_size=4)),
     sinks=st.integers(0, 3),
     min_context=st.sampled_from([0, 4]),
     row_update=st.sampled_from(["split", "subtract"]),
@@ -197,15 +199,21 @@ def check_against_literal(q_pre, k, v, prompt_lengths, config: MACConfig):
     seed=st.integers(0, 2**31),
 )
 def test_mac_ref_equals_the_literal_recurrence(
-    batch, kv_heads, group, head_dim, prompt_lengths, steps, window, band, tau, sinks, min_context, row_update, noise, seed
+    batch, kv_heads, group, head_dim, prompt_lengths, steps, window, band, tau, radius_scale, sinks, min_context,
+    row_update, noise, seed,
 ):
     prompt_lengths = prompt_lengths[:batch]
     T = max(prompt_lengths) + steps
+    q_heads = kv_heads * group
     q, k, v = synthetic_stream(
-        batch, kv_heads * group, kv_heads, T, head_dim, reuse=0.8, noise=noise, max_lag=8, seed=seed, dtype=torch.float64
+        batch, q_heads, kv_heads, T, head_dim, reuse=0.8, noise=noise, max_lag=8, seed=seed, dtype=torch.float64
     )
-    config = MACConfig(window=window, band=band, tau=tau, sinks=sinks, min_context=min_context, row_update=row_update)
-    check_against_literal(q, k, v, prompt_lengths, config)
+    config = MACConfig(
+        window=window, band=band, tau=tau, sinks=sinks, min_context=min_context, row_update=row_update,
+        radius_scale=None if radius_scale is None else tuple(radius_scale[:q_heads]),
+    )
+    n_hits, n_steps = check_against_literal(q, k, v, prompt_lengths, config)
+    event(f"hit share {round(n_hits / n_steps, 1)}")
 
 
 @pytest.mark.parametrize("row_update", ["split", "subtract"])
@@ -215,3 +223,36 @@ def test_long_stream_with_chained_reuse(row_update):
     config = MACConfig(window=16, band=6, tau=0.45, sinks=2, min_context=3, row_update=row_update)
     n_hits, n_steps = check_against_literal(q, k, v, [10, 4], config)
     assert 0.3 < n_hits / n_steps < 0.95  # hits and misses both exercised
+
+
+@pytest.mark.slow
+@given(
+    batch=st.integers(1, 3),
+    kv_heads=st.integers(1, 3),
+    group=st.sampled_from([1, 2, 3]),
+    head_dim=st.sampled_from([2, 4, 8, 16]),
+    prompt_lengths=st.lists(st.integers(0, 40), min_size=3, max_size=3),
+    steps=st.integers(1, 80),
+    window=st.integers(1, 40),
+    band=st.integers(0, 30),
+    tau=st.floats(-0.5, 1.5),
+    sinks=st.integers(0, 8),
+    min_context=st.integers(0, 20),
+    row_update=st.sampled_from(["split", "subtract"]),
+    noise=st.sampled_from([0.0, 0.02, 0.1]),
+    max_lag=st.integers(1, 40),
+    seed=st.integers(0, 2**31),
+)
+def test_long_fuzz_against_the_literal_recurrence(
+    batch, kv_heads, group, head_dim, prompt_lengths, steps, window, band, tau, sinks, min_context, row_update,
+    noise, max_lag, seed,
+):
+    """Not in CI: ``HYPOTHESIS_PROFILE=slow pytest -m slow tests/test_literal_loop.py``."""
+    prompt_lengths = prompt_lengths[:batch]
+    T = max(prompt_lengths) + steps
+    q, k, v = synthetic_stream(
+        batch, kv_heads * group, kv_heads, T, head_dim, reuse=0.8, noise=noise, max_lag=max_lag, seed=seed,
+        dtype=torch.float64,
+    )
+    config = MACConfig(window=window, band=band, tau=tau, sinks=sinks, min_context=min_context, row_update=row_update)
+    check_against_literal(q, k, v, prompt_lengths, config)
