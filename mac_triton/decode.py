@@ -1,4 +1,4 @@
-r"""The decode step in Triton: match → amend + complete → row update, fused into four
+r"""The decode step in Triton: match → amend + complete → row update, fused into three
 launches with no host synchronisation; and the full-attention decode baseline.
 
 Twin of :func:`mac_ref.decode.decode_step` (same signature, same :class:`StepStats`,
@@ -8,10 +8,11 @@ kernels as follows:
 ===========================  ==============================================================
 mac_ref                      mac_triton
 ===========================  ==============================================================
-``match``                    ``match._match_kernel`` → int64 keys per head (a fill + 1 launch)
-``step_spans``               decoded inside ``complete._plan_kernel`` (with the work plan)
+``match``                    ``match._match_kernel`` → one int64 key per head (1 launch)
+``step_spans``               ``complete._plan``, evaluated inside both kernels below
 ``amend_complete``           ``complete._attend_kernel`` (split-KV partials per unit)
-``update_row`` + ``write``   ``complete._reduce_kernel`` (⊕ partials, cached row, ring write)
+``update_row`` + ``write``   ``complete._reduce_kernel`` (⊕ partials, cached row, ring write,
+                             match report)
 ===========================  ==============================================================
 
 Differences: float32 arithmetic only (float64 inputs are a ``TypeError``); the ring

@@ -16,7 +16,9 @@ How it maps onto the GPU:
   so the smallest key is the smallest distance and, among equal distances, the smallest
   lag: exactly the reference's tie rule, whatever the order the programs finish in;
 - :func:`decode_key` turns the key back into ``(hit, j*, d)``; the fused decode step does
-  that inside its planning kernel instead of launching :func:`match`'s finalize kernel.
+  that inside its attention kernels instead of launching :func:`match`'s finalize kernel.
+  The keys live in a per-device workspace that their consumer resets, so a step needs
+  no fill launch.
 
 Differences: the sum over ``D`` runs in another order than torch's, so distances agree
 to float32 rounding and two candidates within rounding of each other may swap.
@@ -36,7 +38,9 @@ from ._common import check_kernel_dtype, num_sms
 
 NO_CANDIDATE = 2**63 - 1  # the key of a head with no candidate yet (decodes to distance NaN)
 _NO_CANDIDATE = tl.constexpr(NO_CANDIDATE)
-BLOCK_W = 64
+BLOCK_W = 32  # ring slots per tile
+MATCH_WARPS = 4
+PROGRAMS_PER_SM = 8  # the window is split until the scan has about this many programs per SM
 
 
 @triton.jit
@@ -50,6 +54,7 @@ def _match_kernel(
     b = bh // Hq
     h = bh % Hq
     t = tl.load(pos_ptr + b).to(tl.int64)
+    t_slot = (t % W).to(tl.int32)
     cols = tl.arange(0, BLOCK_D)
     col_mask = cols < D
     q = tl.load(q_ptr + b * stride_qb + h * stride_qh + cols, mask=col_mask, other=0.0).to(tl.float32)  # [D]
@@ -65,9 +70,10 @@ def _match_kernel(
         ).to(tl.float32)  # [BLOCK_W, D]
         diff = rows - q[None, :]
         dist = tl.sum(diff * diff, axis=1)  # [BLOCK_W]
-        lag = ((t - 1 - slots) % W + W) % W + 1  # slot j mod W holds token j = t − lag, lag ∈ [1, W]
-        valid = slot_mask & (t - lag >= 0)
-        key = (dist.to(tl.int32, bitcast=True).to(tl.int64) << 32) | lag
+        lag = t_slot - slots  # slot j mod W holds token j = t − lag, lag ∈ [1, W]
+        lag = tl.where(lag <= 0, lag + W, lag)
+        valid = slot_mask & (lag <= t)
+        key = (dist.to(tl.int32, bitcast=True).to(tl.int64) << 32) | lag.to(tl.int64)
         best = tl.minimum(best, tl.where(valid, key, _NO_CANDIDATE))
     tl.atomic_min(key_ptr + bh, tl.min(best, axis=0))
 
@@ -81,7 +87,8 @@ def decode_key(key, t, min_context, radius_sq):
     has_candidate = dist < float("inf")  # False for inf and for the NaN of NO_CANDIDATE
     dist = tl.where(has_candidate, dist, float("inf"))
     matched = tl.where(has_candidate, t - lag, -1)
-    hit = has_candidate & (t >= min_context) & (dist < radius_sq)
+    hit = has_candidate & (dist < radius_sq)
+    hit = tl.where(t >= min_context, hit, False)  # (the interpreter mis-types `&` with a scalar bool)
     return hit, matched, dist
 
 
@@ -96,6 +103,7 @@ def _finalize_kernel(key_ptr, pos_ptr, radius_ptr, hit_ptr, matched_ptr, dist_pt
     tl.store(hit_ptr + heads, hit.to(tl.int8), mask=mask)
     tl.store(matched_ptr + heads, matched, mask=mask)
     tl.store(dist_ptr + heads, dist, mask=mask)
+    tl.store(key_ptr + heads, tl.full([BLOCK], _NO_CANDIDATE, tl.int64), mask=mask)  # leave the workspace clean
 
 
 _RADII: dict = {}
@@ -120,17 +128,34 @@ def radius_sq_per_head(config: MACConfig, q_heads: int, head_dim: int, device) -
     return radius
 
 
+_KEY_WORKSPACES: dict = {}
+
+
+def key_workspace(device, n: int) -> torch.Tensor:
+    """The ``[n]`` int64 match keys of a device, all :data:`NO_CANDIDATE` between steps.
+
+    Kept across steps so that a step needs no fill launch: whoever consumes the keys (the
+    finalize kernel of :func:`match`, the reduce kernel of the decode step) writes
+    :data:`NO_CANDIDATE` back. One step at a time per device and batch shape."""
+    workspace = _KEY_WORKSPACES.get((str(device), n))
+    if workspace is None:
+        workspace = torch.full((n,), NO_CANDIDATE, dtype=torch.int64, device=device)
+        _KEY_WORKSPACES[(str(device), n)] = workspace
+    return workspace
+
+
 def match_keys(q_pre: torch.Tensor, ring_q: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-    """Launch the scan: ``[B·Hq]`` int64 keys ``bits(d_{j*}) << 32 | lag`` (see module doc)."""
+    """Launch the scan: ``[B·Hq]`` int64 keys ``bits(d_{j*}) << 32 | lag`` in the device's
+    :func:`key_workspace` (see the module doc); the caller must consume and reset them."""
     B, Hq, D = q_pre.shape
     W = ring_q.shape[2]
     if ring_q.stride(-1) != 1 or q_pre.stride(-1) != 1:
         raise ValueError("q_pre and state.ring_q must be contiguous in the head dimension")
-    keys = torch.full((B * Hq,), NO_CANDIDATE, dtype=torch.int64, device=q_pre.device)
+    keys = key_workspace(q_pre.device, B * Hq)
     if B * Hq == 0:
         return keys
-    # split the window only when the heads alone cannot fill the GPU
-    splits = max(1, min(triton.cdiv(W, BLOCK_W), triton.cdiv(2 * num_sms(q_pre.device), B * Hq)))
+    # split the window until there are enough programs to keep every SM's loads in flight
+    splits = max(1, min(triton.cdiv(W, BLOCK_W), triton.cdiv(PROGRAMS_PER_SM * num_sms(q_pre.device), B * Hq)))
     slots_per_program = triton.cdiv(triton.cdiv(W, splits), BLOCK_W) * BLOCK_W
     splits = triton.cdiv(W, slots_per_program)
     _match_kernel[(B * Hq, splits)](
@@ -138,7 +163,7 @@ def match_keys(q_pre: torch.Tensor, ring_q: torch.Tensor, positions: torch.Tenso
         q_pre.stride(0), q_pre.stride(1), ring_q.stride(0), ring_q.stride(1), ring_q.stride(2),
         Hq, W, slots_per_program,
         D=D, BLOCK_W=BLOCK_W, BLOCK_D=triton.next_power_of_2(D),
-        num_warps=4,
+        num_warps=MATCH_WARPS,
     )
     return keys
 

@@ -74,7 +74,7 @@ def test_decode_stream_matches_reference(dtype, q_heads, kv_heads, head_dim, con
     assert torch.equal(decoded, ~torch.isnan(got.lse))
     assert_close(got.out[decoded], want.out[decoded], "triton", dtype, msg="out")
     assert_close(got.lse[decoded], want.lse[decoded], "triton_lse", dtype, msg="lse")
-    assert_states_close(got.state, want.state, dtype)
+    assert_states_close(got.state, want.state, dtype, config)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -38,7 +38,7 @@ def test_decode_stream_matches_reference_on_gpu(dtype, q_heads, kv_heads, head_d
     decoded = ~torch.isnan(want.lse)
     assert_close(got.out[decoded], want.out[decoded], "triton", dtype, msg="out")
     assert_close(got.lse[decoded], want.lse[decoded], "triton_lse", dtype, msg="lse")
-    assert_states_close(got.state, want.state, dtype)
+    assert_states_close(got.state, want.state, dtype, config)
 
 
 @pytest.mark.parametrize("dtype, head_dim", [(torch.bfloat16, 128), (torch.float16, 64), (torch.float32, 128)])
