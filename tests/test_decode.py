@@ -4,8 +4,6 @@ The exactness facts of SPEC §5 are asserted against the float64 causal oracle; 
 checks that batching, GQA and ragged prompts change nothing but the layout.
 """
 
-import math
-
 import pytest
 import torch
 from hypothesis import given

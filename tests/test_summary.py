@@ -11,7 +11,17 @@ import torch
 from hypothesis import example, given
 from hypothesis import strategies as st
 
-from mac_ref import Summary, attend, empty_summary, full_attention, merge, merge_all, remove, removal_epsilon
+from mac_ref import (
+    Summary,
+    attend,
+    causal_attention,
+    empty_summary,
+    full_attention,
+    merge,
+    merge_all,
+    remove,
+    removal_epsilon,
+)
 from tolerances import assert_close, removal_atol
 
 f64 = torch.float64
@@ -124,8 +134,6 @@ def test_attend_many_queries_per_head_is_causal_attention(poison):
     v = torch.randn(2, 2, 12, 8, generator=gen, dtype=f64)
     ends = torch.arange(1, 10)
     got = attend(q, poison.beyond(k, [9, 9]), poison.beyond(v, [9, 9]), 0, ends)
-    from mac_ref import causal_attention
-
     o_ref, lse_ref = causal_attention(q, k[:, :, :9], v[:, :, :9])
     assert_summary_close(got, (o_ref, lse_ref))
 
