@@ -13,6 +13,9 @@ Everything the site shows that is not hand-written markdown is made here, at bui
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
+import inspect
 import logging
 import re
 import sys
@@ -23,6 +26,7 @@ from mkdocs.structure.files import File
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "docs" / "scripts"))
+sys.path.insert(0, str(REPO))
 
 import figures  # noqa: E402  (docs/scripts)
 import run_tutorials  # noqa: E402
@@ -34,6 +38,7 @@ RESULTS_URI = "benchmarks/results"
 RESULTS_MARKER = "<!-- benchmark-results -->"
 
 _generated: dict[str, Path] = {}  # site path -> file on disk, filled by on_pre_build
+_results: dict[str, Path] = {}  # the same for benchmarks/results/, markdown included
 
 
 def on_pre_build(config) -> None:
@@ -42,9 +47,12 @@ def on_pre_build(config) -> None:
         _generated[f"figures/{name}"] = path
     for stem, path in run_tutorials.execute_all(log=log.info).items():
         _generated[f"tutorials/{stem}.ipynb"] = path
-    for path in sorted(RESULTS_DIR.glob("*")) if RESULTS_DIR.is_dir() else []:
+    _results.clear()
+    for path in sorted(RESULTS_DIR.rglob("*")) if RESULTS_DIR.is_dir() else []:
         if path.suffix.lower() in {".png", ".svg", ".csv", ".md"} and path.is_file():
-            _generated[f"{RESULTS_URI}/{path.name}"] = path
+            _results[f"{RESULTS_URI}/{path.relative_to(RESULTS_DIR).as_posix()}"] = path
+    # plots and CSVs are copied into the site; markdown tables are included in the page
+    _generated.update({uri: p for uri, p in _results.items() if p.suffix.lower() != ".md"})
 
 
 @event_priority(100)  # before mkdocs-jupyter wraps the notebooks into pages
@@ -60,7 +68,59 @@ def on_files(files, config):
 def on_page_markdown(markdown: str, page, config, files) -> str:
     if RESULTS_MARKER in markdown:
         markdown = markdown.replace(RESULTS_MARKER, results_markdown(page.file.src_uri))
-    return markdown
+    if TOLERANCE_MARKER in markdown:
+        markdown = markdown.replace(TOLERANCE_MARKER, tolerance_table())
+    if CATALOGUE_MARKER in markdown:
+        markdown = markdown.replace(CATALOGUE_MARKER, test_catalogue())
+    return _SOURCE.sub(lambda m: source_listing(m.group(1)), markdown)
+
+
+# <!-- source: mac_ref.summary.merge --> shows that object's current source: pages quote
+# the code by name, so a quote can never drift from the code it explains
+_SOURCE = re.compile(r"<!-- source: ([\w.]+) -->")
+
+
+def source_listing(dotted: str) -> str:
+    module_name, _, attr = dotted.rpartition(".")
+    obj = getattr(importlib.import_module(module_name), attr)
+    obj = getattr(obj, "fn", obj)  # a @triton.jit kernel wraps the Python function
+    path = Path(inspect.getsourcefile(obj)).resolve().relative_to(REPO).as_posix()
+    return f'```py title="{path}"\n{inspect.getsource(obj).rstrip()}\n```'
+
+
+TOLERANCE_MARKER = "<!-- tolerance-table -->"
+CATALOGUE_MARKER = "<!-- test-catalogue -->"
+
+
+def test_catalogue() -> str:
+    """Every test file of ``tests/``: its docstring's first paragraph and its test names."""
+    import ast
+
+    parts = []
+    for path in sorted((REPO / "tests").glob("test_*.py")):
+        tree = ast.parse(path.read_text())
+        doc = (ast.get_docstring(tree) or "").split("\n\n")[0].replace("\n", " ")
+        names = [n.name for n in tree.body if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef)) and n.name.startswith("test_")]
+        names += [
+            f"{c.name}.{n.name}" for c in tree.body if isinstance(c, ast.ClassDef)
+            for n in c.body if isinstance(n, ast.FunctionDef) and n.name.startswith("test_")
+        ]
+        tests = "; ".join(name.removeprefix("test_").replace("_", " ") for name in names)
+        parts.append(f"- **`{path.name}`** — {doc}\n\n    <small>{len(names)} tests: {tests}.</small>\n")
+    return "\n".join(parts)
+
+
+def tolerance_table() -> str:
+    """The test-suite's tolerance table (``tests/tolerances.py``) as a markdown table."""
+    spec = importlib.util.spec_from_file_location("mac_tolerances", REPO / "tests" / "tolerances.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    rows = ["| operation | input dtype | rtol | atol | relative RMS |", "|---|---|---|---|---|"]
+    for (operation, dtype), tol in module.TOLERANCES.items():
+        rms = "–" if tol.rel_rms is None else f"{tol.rel_rms:g}"
+        rows.append(f"| `{operation}` | {str(dtype).removeprefix('torch.')} | {tol.rtol:g} | {tol.atol:g} | {rms} |")
+    return "\n".join(rows)
 
 
 # nbconvert's template adds a MathJax loader (an empty src here) and a Mermaid loader that
@@ -80,26 +140,30 @@ def on_page_content(html: str, page, config, files) -> str:
 
 
 def results_markdown(page_uri: str) -> str:
-    """Markdown for the results in ``benchmarks/results/``, or a note that there are none."""
-    results = {uri: path for uri, path in _generated.items() if uri.startswith(RESULTS_URI + "/")}
+    """Markdown for the results in ``benchmarks/results/``, or a note that there are none.
+
+    Every ``.md`` there is included (``RESULTS.md`` first) with its links pointed at the
+    copied files; images no table mentions follow; CSV files are linked.
+    """
+    results = _results
     if not results:
         return (
             '!!! note "No benchmark results in this checkout"\n'
-            "    `benchmarks/results/` is empty: the plots and tables appear here after a GPU run of the\n"
-            "    benchmark scripts (see above) leaves them there. The site builds without them.\n"
+            "    `benchmarks/results/` holds no plot or table yet: they appear here after a GPU run of\n"
+            "    the benchmark scripts (see above) writes them there. The site builds without them.\n"
         )
     page_dir = Path(page_uri).parent
-    rel = lambda uri: Path(uri).relative_to(page_dir).as_posix() if page_dir != Path(".") else uri  # noqa: E731
+    rel = {p.name: Path(uri).relative_to(page_dir).as_posix() for uri, p in results.items() if uri in _generated}
+    markdowns = sorted((p for p in results.values() if p.suffix.lower() == ".md"), key=lambda p: (p.name != "RESULTS.md", str(p)))
     parts, shown = [], set()
-    for uri, path in results.items():
-        if path.name.lower() == "results.md":
-            text, used = _rewrite_links(path.read_text(), {p.name: rel(u) for u, p in results.items()})
-            parts.append(_demote_headings(text))
-            shown |= used
+    for path in markdowns:
+        text, used = _rewrite_links(path.read_text(), rel)
+        parts.append(f"### `{path.relative_to(RESULTS_DIR).as_posix()}`\n\n" + _demote_headings(text))
+        shown |= used
     for uri, path in results.items():
         if path.suffix.lower() in {".png", ".svg"} and path.name not in shown:
-            parts.append(f"### {path.stem}\n\n![{path.stem}]({rel(uri)})\n")
-    csvs = [f"[`{p.name}`]({rel(u)})" for u, p in results.items() if p.suffix.lower() == ".csv"]
+            parts.append(f"### {path.stem}\n\n![{path.stem}]({rel[path.name]})\n")
+    csvs = [f"[`{p.name}`]({rel[p.name]})" for p in results.values() if p.suffix.lower() == ".csv"]
     if csvs:
         parts.append("Raw measurements (CSV): " + ", ".join(csvs) + ".\n")
     return "\n".join(parts)
@@ -129,5 +193,12 @@ def _rewrite_links(text: str, known: dict[str, str]) -> tuple[str, set[str]]:
 
 
 def _demote_headings(text: str) -> str:
-    """RESULTS.md's headings sit under the page's own ``##`` section."""
-    return re.sub(r"^(#{1,4}) ", lambda m: "#" * min(len(m.group(1)) + 2, 6) + " ", text, flags=re.MULTILINE)
+    """An included file's headings sit under the page's ``###`` (code blocks untouched)."""
+    out, fenced = [], False
+    for line in text.split("\n"):
+        if line.lstrip().startswith("```"):
+            fenced = not fenced
+        elif not fenced and re.match(r"#{1,4} ", line):
+            line = "#" * min(line.index(" ") + 3, 6) + line[line.index(" "):]
+        out.append(line)
+    return "\n".join(out)
