@@ -2,12 +2,12 @@
 
 Runs the acceptance-rule frontiers and the (τ, window, band, sinks) grid in two regimes
 (teacher forcing over prose, free greedy generation), appending one row per run to
-``benchmarks/results/real_model/runs.csv`` (and per-layer rows to ``layers.csv``), so a
+``studies/results/real_model/runs.csv`` (and per-layer rows to ``layers.csv``), so a
 long run can be stopped and resumed: rows already there are skipped. Then
 ``--report`` writes the plots and ``summary.md`` from the CSVs (no model needed).
 
-    python benchmarks/real_model_study.py            # all parts, in priority order
-    python benchmarks/real_model_study.py --report   # plots + markdown tables only
+    python studies/real_model_study.py            # all parts, in priority order
+    python studies/real_model_study.py --report   # plots + markdown tables only
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ import mac_ref
 from mac_llm import study
 from mac_llm.gguf_model import load_model
 
-RESULTS = Path(__file__).parent / "results" / "real_model"
+RESULTS = Path(__file__).parent / "results" / "real_model"  # studies/results/real_model
 DOCS_IMG = Path(__file__).parent.parent / "docs" / "assets" / "real_model"
 RUN_FIELDS = [
     "part", "regime", "rule", "tau", "window", "band", "sinks", "hit_rate", "skipped_head", "skipped_group",
@@ -209,7 +209,7 @@ def report() -> None:
         for rule, tau in (("paper", 0.45), ("paper", 0.75), ("keynorm", 0.0), ("qnorm", 0.85))
     ]
     layer_plot(layers, selection, DOCS_IMG / "layers.png")
-    lines = ["<!-- written by benchmarks/real_model_study.py --report -->"]
+    lines = ["<!-- written by studies/real_model_study.py --report -->"]
     meta_path = RESULTS / "meta.json"
     if meta_path.exists():
         meta = json.loads(meta_path.read_text())
