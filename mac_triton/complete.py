@@ -31,7 +31,8 @@ Precision: scores and the online softmax in float32 (base-2 exponentials inside 
 attend kernel, natural-log LSEs everywhere outside it); bf16/fp16 operands feed the
 tensor cores with float32 accumulation, the probabilities are rounded to the value dtype
 before ``p·V`` (as in FlashAttention); float32 inputs (and everything under the
-interpreter) use IEEE float32 dots. ``BLOCK_N = 64`` keys per tile, ``MIN_CHUNK = 128``.
+interpreter) use IEEE float32 dots. Tiles of ``BLOCK_N = 128`` keys, units of at least
+``MIN_CHUNK = 128`` keys, one 8-warp program per SM with about two units each.
 """
 
 from __future__ import annotations
@@ -59,11 +60,13 @@ from ._common import (
 )
 from .match import _NO_CANDIDATE, decode_key
 
-BLOCK_N = 64
-MIN_CHUNK = 128
-UNITS_PER_PROGRAM = 4
-PROGRAMS_PER_SM = 2
-ATTEND_WARPS = 4
+# launch parameters: the best of benchmarks/tune_decode.py on an H100 (Hq 32, Hkv 8, D 128,
+# bf16, batch 1 and 16, contexts 8K and 128K); see benchmarks/RESULTS.md
+BLOCK_N = 128  # keys per tile
+MIN_CHUNK = 128  # fewest keys per unit
+UNITS_PER_PROGRAM = 2
+PROGRAMS_PER_SM = 1
+ATTEND_WARPS = 8
 ATTEND_STAGES = 3
 LOG2E = 1.4426950408889634
 
