@@ -14,7 +14,7 @@ configuration then clones the KV cache and seeds its rings from the captured pro
 Metrics of a run (:func:`fidelity`): hit rate; KV reads skipped per query head and per KV
 group (a group reads the union of its heads' spans, all ending at ``t+1``: the longest);
 top-1 agreement; ``KL(full ‖ MAC)`` mean and worst step; perplexity change
-``exp(mean NLL_MAC − mean NLL_full) − 1``; relative attention-output error per layer.
+``exp(mean NLL_MAC − mean NLL_full) − 1`` and its standard error; relative attention-output error per layer.
 """
 
 from __future__ import annotations
@@ -159,6 +159,9 @@ def fidelity(full_logits: torch.Tensor, mac_logits: torch.Tensor, targets: torch
         "layer_skipped": (1 - reads.sum(dim=(0, 2, 3)) / full_reads.sum(dim=(0, 2, 3))).tolist(),
     }
     result["ppl_change"] = result["ppl_mac"] / result["ppl_full"] - 1
+    # standard error of the change (delta method on the mean per-token NLL difference)
+    diff = (nll_mac - nll_full).flatten()
+    result["ppl_change_se"] = (result["ppl_change"] + 1) * (diff.std() / math.sqrt(diff.numel())).item() if diff.numel() > 1 else math.nan
     if backend.measure_error:
         err = torch.stack([torch.stack(e) for e in backend.errors], dim=1)  # [S, n_layers, B, Hq]
         result["err_mean"] = err.mean().item()

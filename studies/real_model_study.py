@@ -30,7 +30,7 @@ RESULTS = Path(__file__).parent / "results" / "real_model"  # studies/results/re
 DOCS_IMG = Path(__file__).parent.parent / "docs" / "assets" / "real_model"
 RUN_FIELDS = [
     "part", "regime", "rule", "tau", "window", "band", "sinks", "hit_rate", "skipped_head", "skipped_group",
-    "top1", "kl_mean", "kl_max", "kl_worst_step", "ppl_full", "ppl_mac", "ppl_change", "first_disagreement",
+    "top1", "kl_mean", "kl_max", "kl_worst_step", "ppl_full", "ppl_mac", "ppl_change", "ppl_change_se", "first_disagreement",
     "err_mean", "err_max", "steps", "batch", "seconds",
 ]  # fmt: skip
 LAYER_FIELDS = ["part", "regime", "rule", "tau", "window", "band", "sinks", "layer", "hit", "skipped", "err_mean", "err_max"]
@@ -65,6 +65,10 @@ def read_rows(path: Path) -> list[dict]:
 
 
 def append(path: Path, fields: list[str], rows: list[dict]) -> None:
+    old = read_rows(path)
+    if old and list(old[0]) != fields:  # columns were added since: rewrite under the new header
+        path.unlink()
+        append(path, fields, old)
     new = not path.exists()
     with path.open("a", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
@@ -102,7 +106,7 @@ def run(args) -> None:
     torch.set_num_threads(args.threads)
     model, tokenizer = load_model()
     ids = tokenizer.encode(study.default_prose()).ids
-    steps = max(args.frontier_steps, args.grid_steps)
+    steps = max(args.frontier_steps, args.grid_steps, args.confirm_steps)
     prompt = torch.tensor([ids[s : s + PROMPT_LEN] for s in SEGMENT_STARTS])  # [B, n]
     prose = torch.tensor([ids[s + PROMPT_LEN : s + PROMPT_LEN + steps + 1] for s in SEGMENT_STARTS])  # [B, steps+1]
     capacity = PROMPT_LEN + steps + 1
@@ -126,6 +130,10 @@ def run(args) -> None:
     done = {key(r) for r in read_rows(RESULTS / "runs.csv")}
     b = FRONTIER_BASE
     frontier = [(rule, tau, b["window"], b["band"], b["sinks"]) for rule, taus in FRONTIER_TAUS.items() for tau in taus]
+    if args.confirm:  # longer runs of chosen points: "rule:tau", e.g. keynorm:0
+        points = [(rule, float(tau), b["window"], b["band"], b["sinks"]) for rule, tau in (p.split(":") for p in args.confirm)]
+        run_part(model, regimes, "confirm", points, args.confirm_steps, done)
+        return
     run_part(model, regimes, "frontier", frontier, args.frontier_steps, done)
     if not args.skip_grid:
         slices = [GRID] if args.full_grid else GRID_SLICES
@@ -182,12 +190,17 @@ def layer_plot(layers: list[dict], selection: list[tuple], path: Path) -> None:
     plt.close(fig)
 
 
+def se(r: dict) -> str:
+    value = r.get("ppl_change_se") or ""
+    return f" ± {100 * float(value):.2f}" if value not in ("", "nan") else ""
+
+
 def fmt_row(r: dict) -> str:
     first = int(r["first_disagreement"])
     return (
         f"| {r['rule']} | {float(r['tau']):g} | {r['window']} | {r['band']} | {r['sinks']} | {100 * float(r['hit_rate']):.1f} "
         f"| {100 * float(r['skipped_head']):.1f} | {100 * float(r['skipped_group']):.1f} | {100 * float(r['top1']):.1f} "
-        f"| {float(r['kl_mean']):.4f} | {float(r['kl_max']):.3f} | {100 * float(r['ppl_change']):+.2f} "
+        f"| {float(r['kl_mean']):.4f} | {float(r['kl_max']):.3f} | {100 * float(r['ppl_change']):+.2f}{se(r)} "
         f"| {'none' if first < 0 else first} | {float(r['err_mean']):.3f} |"
     )
 
@@ -220,6 +233,11 @@ def report() -> None:
         if part:
             lines += [f"### Frontier, {regime} ({part[0]['steps']} steps × {part[0]['batch']} requests)", "", HEADER]
             lines += [fmt_row(r) for r in sorted(part, key=lambda r: (r["rule"], float(r["tau"])))] + [""]
+    for regime in ("teacher", "generation"):
+        part = [r for r in rows if r["part"] == "confirm" and r["regime"] == regime]
+        if part:
+            lines += [f"### Longer runs, {regime} ({part[0]['steps']} steps × {part[0]['batch']} requests)", "", HEADER]
+            lines += [fmt_row(r) for r in sorted(part, key=lambda r: (r["rule"], float(r["tau"])))] + [""]
     grid = [r for r in rows if r["part"] == "grid"]
     if grid:
         lines += [f"### Grid, paper rule, teacher forcing ({grid[0]['steps']} steps × {grid[0]['batch']} requests, {len(grid)} of the 96 points)", "", HEADER]
@@ -234,6 +252,8 @@ def main() -> None:
     parser.add_argument("--frontier-steps", type=int, default=24)
     parser.add_argument("--grid-steps", type=int, default=16)
     parser.add_argument("--skip-grid", action="store_true")
+    parser.add_argument("--confirm", nargs="+", metavar="RULE:TAU", help="only run these frontier points, longer")
+    parser.add_argument("--confirm-steps", type=int, default=96)
     parser.add_argument("--full-grid", action="store_true", help="all 96 grid points instead of two slices")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
