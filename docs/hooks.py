@@ -23,6 +23,7 @@ from pathlib import Path
 
 from mkdocs.plugins import event_priority
 from mkdocs.structure.files import File
+from mkdocs.structure.pages import Page
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "docs" / "scripts"))
@@ -63,6 +64,29 @@ def on_files(files, config):
         src_dir = str(path)[: -len(uri)]
         files.append(File(uri, src_dir=src_dir, dest_dir=config.site_dir, use_directory_urls=config.use_directory_urls))
     return files
+
+
+def on_nav(nav, config, files):
+    """The Tutorials section lists every executed tutorial, in file order (none is listed by hand)."""
+    section = next(item for item in nav.items if item.title == "Tutorials")
+    listed = {page.file.src_uri for page in section.children if page.is_page}
+    for uri in sorted(u for u in _generated if u.startswith("tutorials/") and u.endswith(".ipynb")):
+        if uri not in listed:
+            page = Page(None, files.get_file_from_path(uri), config)
+            page.parent = section
+            section.children.append(page)
+    nav.pages[:] = [item for item in _flatten(nav.items)]
+    for previous, current in zip(nav.pages, nav.pages[1:]):  # the footer's previous / next links
+        previous.next_page, current.previous_page = current, previous
+    return nav
+
+
+def _flatten(items):
+    for item in items:
+        if item.is_page:
+            yield item
+        elif item.is_section:
+            yield from _flatten(item.children)
 
 
 def on_page_markdown(markdown: str, page, config, files) -> str:

@@ -165,7 +165,7 @@ while int(state.next_pos[0]) < T:
 
 # %% [markdown]
 # Each bar below is one step: grey keys come from the reused row (never read), orange the
-# band, blue the tail.
+# band (on a miss, the whole prefix $[0, N)$), blue the tail.
 
 # %%
 fig, ax = plt.subplots(figsize=(7, 2.2))

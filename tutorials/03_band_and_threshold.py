@@ -108,13 +108,15 @@ ax.set_title(f"reused summary error (random-walk context, T={T}, D={D})")
 plt.show()
 
 # %% [markdown]
-# Read the heatmap row by row. With **no band** ($r = 0$) the error is large at every gap:
-# the reused row misses the keys right before the boundary, which hold most of the mass. A
-# band of a few keys brings it down by two orders of magnitude, to the floor set by the
-# difference between the two queries (the `noise` of the match). The gap matters less than
-# you might think: the lag keys $[j^*, t)$ are recomputed too (they are part of the band), so
-# a larger gap costs more reads but not more error, until the reused prefix is so old that
-# the current query attends differently to it.
+# Read the heatmap from the bottom row up. At a **short gap** with **no band** ($r = 0$) the
+# error is large: the reused row was computed with the matched query and misses exactly the
+# keys just before the boundary, where the current query puts most of its mass (and where
+# the RoPE phase difference between the two positions matters). A band of 8–16 keys brings
+# it down by two to three orders of magnitude, to the floor set by the difference between
+# the two queries (the match `noise`). At a **long gap** the error is small even without a
+# band: the lag keys $[j^*, t)$ are always recomputed, and here they already hold the mass.
+# A long gap is not free, though: those keys are read at every hit, and the reused prefix
+# was attended by an older query.
 
 # %% [markdown]
 # ## Part 2: hit rate against τ and window
@@ -155,7 +157,7 @@ for t_i in (0, 4, 6, 8):
     ax2.semilogx(windows, hit_rate[t_i], "o-", label=f"τ = {taus[t_i]}")
 ax2.set_xlabel("window W")
 ax2.set_ylabel("hit rate")
-ax2.set_title("diminishing returns in W")
+ax2.set_title("hit rate against the window")
 ax2.legend()
 ax2.grid(True, which="both", alpha=0.3)
 plt.show()
@@ -163,9 +165,11 @@ plt.show()
 # %% [markdown]
 # Two things to see. Along τ, the hit rate falls off a cliff once the radius drops below
 # the typical copy distance (here noise 0.25 per entry: $\approx 0.25\sqrt{D} = 2$, and more for
-# copies of copies). Along $W$, it grows with the share of copies whose source is still
-# in the window: doubling $W$ helps less each time, as in the paper, while the cost of the
-# match scan ($W$ queries per head per step) doubles every time.
+# copies of copies). Along $W$, it grows with the share of copy sources still inside the
+# window. In this stream the sources are spread evenly up to 1024 tokens back, so every
+# doubling up to 1024 helps; in real text most sources are recent and the paper sees the
+# curve flatten past $W \approx 2048$, while the match scan's cost ($W$ queries per head per
+# step) keeps doubling. Exercise 3 shows the plateau.
 #
 # ## Check: the shortcut agrees with the decode loop
 #
@@ -192,7 +196,8 @@ print(f"KV reads skipped {result.stats.skipped_fraction:.1%} of full attention's
 #    How does the band needed to reach the floor move? Relate it to $1/(1 - \text{corr})$.
 # 2. Set the match `noise` in `reuse_error` to 0 (an exact repeat). What error is left at
 #    $r = 0$, and where does it come from? (Hint: RoPE.)
-# 3. Add a curve for `noise=0.05` to Part 2. Which τ now gives a 90 % hit rate at $W = 256$?
+# 3. Regenerate Part 2's stream with `max_lag=128`. Where does the hit rate stop growing
+#    with $W$, and why? Then try `noise=0.05`: which τ now gives the highest hit rate?
 # 4. The paper finds shallow layers accept more matches than deep ones. Model two "layers"
 #    with `reuse=0.95` and `reuse=0.5` and compare their (τ, W) grids.
 # 5. Estimate, with the byte model of the docs' page 1, the window beyond which the match

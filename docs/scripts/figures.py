@@ -266,7 +266,8 @@ def fig_ranges(path: Path) -> None:
 
     def span(ax, y, a, b, color, text, hatch=None):
         ax.add_patch(patches.Rectangle((a, y), b - a, 0.8, facecolor=color, edgecolor="k", hatch=hatch, lw=0.8))
-        ax.text((a + b) / 2, y + 0.4, text, ha="center", va="center", fontsize=8)
+        box = {"facecolor": "white", "edgecolor": "none", "alpha": 0.85, "pad": 1.5} if hatch else None
+        ax.text((a + b) / 2, y + 0.4, text, ha="center", va="center", fontsize=8, bbox=box)
 
     span(ax1, 1.2, 0, P, REUSED_COLOR, "[0, P): never read — inside the reused row R_j*", hatch="//")
     span(ax1, 1.2, P, N, BAND_COLOR, "[P, N): band")
