@@ -23,7 +23,7 @@ demo: $(STAMP)
 test: $(STAMP) chromium
 	$(PY) -m pytest -n 2 -m "not gpu and not slow and not docs" $(PYTEST_ARGS) || [ $$? -eq 5 ]
 	$(MAKE) docs
-	$(PY) -m pytest -p no:xdist -m docs tests/test_docs.py
+	$(PY) -m pytest -n 2 -m docs tests/test_docs.py
 
 # the site (offline, strict): figures drawn and tutorials executed by docs/hooks.py
 docs: $(STAMP)
