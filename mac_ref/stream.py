@@ -43,7 +43,7 @@ def run_stream(q_pre, k, v, prefill_len, config: MACConfig, q_post=None, progres
     Args:
         q_pre: ``[B, Hq, T, D]`` per-token pre-RoPE queries.
         k, v: ``[B, Hkv, T, D]`` per-token post-RoPE keys and values (the whole cache).
-        prefill_len: int or ``[B]`` int64 prompt lengths ``n_b``.
+        prefill_len: int, list of ints or ``[B]`` int64 tensor: prompt lengths ``n_b``.
         config: the MAC configuration.
         q_post: optional ``[B, Hq, T, D]`` post-RoPE queries (default: RoPE of ``q_pre``).
         progress: show a progress bar over the decode steps.
@@ -58,6 +58,8 @@ def run_stream(q_pre, k, v, prefill_len, config: MACConfig, q_post=None, progres
         raise ValueError(f"q_post must have q_pre's shape {tuple(q_pre.shape)}, got {tuple(q_post.shape)}")
     if isinstance(prefill_len, int):
         prefill_len = torch.full((B,), prefill_len, dtype=torch.int64, device=q_pre.device)
+    elif isinstance(prefill_len, (list, tuple)):
+        prefill_len = torch.tensor(prefill_len, dtype=torch.int64, device=q_pre.device)
     n_max = int(prefill_len.max())
     out0, lse0, state = prefill(
         q_pre[:, :, :n_max], k, v, prefill_len, config, None if q_post is None else q_post[:, :, :n_max]
