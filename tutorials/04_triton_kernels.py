@@ -56,9 +56,9 @@ gen = torch.Generator().manual_seed(0)
 
 
 # %%
-def random_summary(rows, dim, empty_share=0.25, lse_shift=0.0):
+def random_summary(rows, dim, empty_share=0.25):
     o = torch.randn(rows, dim, generator=gen)
-    lse = 3 * torch.randn(rows, generator=gen) + lse_shift
+    lse = 3 * torch.randn(rows, generator=gen)
     empty = torch.rand(rows, generator=gen) < empty_share
     return mac_ref.Summary(o.masked_fill(empty[:, None], 0.0).to(device), lse.masked_fill(empty, -float("inf")).to(device))
 
