@@ -155,6 +155,8 @@ def fidelity(full_logits: torch.Tensor, mac_logits: torch.Tensor, targets: torch
         "ppl_full": math.exp(nll_full.mean().item()),
         "ppl_mac": math.exp(nll_mac.mean().item()),
         "first_disagreement": int(disagree_steps[0]) if len(disagree_steps) else -1,
+        # how close full attention's own top two were where MAC first picked another token
+        "flip_margin": _first_flip_margin(full_logits, agree),
         "layer_hit": hit.mean(dim=(0, 2, 3)).tolist(),
         "layer_skipped": (1 - reads.sum(dim=(0, 2, 3)) / full_reads.sum(dim=(0, 2, 3))).tolist(),
     }
@@ -169,6 +171,17 @@ def fidelity(full_logits: torch.Tensor, mac_logits: torch.Tensor, targets: torch
         result["layer_err_mean"] = err.mean(dim=(0, 2, 3)).tolist()
         result["layer_err_max"] = err.amax(dim=(0, 2, 3)).tolist()
     return result
+
+
+def _first_flip_margin(full_logits: torch.Tensor, agree: torch.Tensor) -> float:
+    """Smallest top-1 − top-2 logit gap of full attention at each request's first disagreement (nan: none)."""
+    margins = []
+    for b in range(agree.shape[0]):
+        flips = (~agree[b]).nonzero()
+        if len(flips):
+            top2 = full_logits[b, int(flips[0])].topk(2).values
+            margins.append((top2[0] - top2[1]).item())
+    return min(margins) if margins else math.nan
 
 
 def full_block_logits(model: LlamaModel, prefilled: Prefilled, tokens: torch.Tensor) -> torch.Tensor:

@@ -30,7 +30,7 @@ RESULTS = Path(__file__).parent / "results" / "real_model"  # studies/results/re
 DOCS_IMG = Path(__file__).parent.parent / "docs" / "assets" / "real_model"
 RUN_FIELDS = [
     "part", "regime", "rule", "tau", "window", "band", "sinks", "hit_rate", "skipped_head", "skipped_group",
-    "top1", "kl_mean", "kl_max", "kl_worst_step", "ppl_full", "ppl_mac", "ppl_change", "ppl_change_se", "first_disagreement",
+    "top1", "kl_mean", "kl_max", "kl_worst_step", "ppl_full", "ppl_mac", "ppl_change", "ppl_change_se", "first_disagreement", "flip_margin",
     "err_mean", "err_max", "steps", "batch", "seconds",
 ]  # fmt: skip
 LAYER_FIELDS = ["part", "regime", "rule", "tau", "window", "band", "sinks", "layer", "hit", "skipped", "err_mean", "err_max"]
