@@ -11,16 +11,17 @@ in a CUDA graph and costs few launches):
 
 1. **plan** (a ``@triton.jit`` helper that every program evaluates identically from the
    positions and the match keys): per GQA group ``(b, h_kv)`` the union of its heads'
-   spans, ``[0, S)`` sinks, ``[min_h P_h, N)`` band, ``[N, t+1)`` tail, is cut into
-   *units* of ``chunk`` keys; ``chunk`` is chosen from the total keys of the whole batch
-   so that there are about ``UNITS_PER_PROGRAM`` units per program. Work is therefore
-   split by span length: a long miss span becomes many units, a hit's short band one or
-   two, whatever the longest head is.
-2. **attend** (a persistent grid of ``PROGRAMS_PER_SM`` programs per SM): each unit
-   loads its ``chunk`` keys and values once for all ``g`` query heads of the group (one
-   ``tl.dot`` of ``[g, D] × [D, BLOCK_N]``) and keeps a flash-decoding partial state per
-   head; band units mask keys below each head's own band start. Partial states go to a
-   workspace.
+   spans, ``[0, S)`` sinks, ``[min_h P_h, N)`` band, ``[N, t+1)`` tail. The segments of
+   the whole batch are laid end to end and split evenly over the programs (stream-K
+   style): program ``p`` takes keys ``[p·chunk, (p+1)·chunk)`` of the concatenation, and
+   each piece of a segment it takes is a *unit* with its own partial state. Work is
+   therefore split by span length: a long miss span is shared by many programs, a hit's
+   short band is one piece of one program, whatever the longest head is, and no program
+   gets more than ``chunk`` keys.
+2. **attend** (one program per SM): each unit loads its keys and values once for all
+   ``g`` query heads of the group (one ``tl.dot`` of ``[g, D] × [D, BLOCK_N]``) and keeps
+   a flash-decoding partial state per head; band units mask keys below each head's own
+   band start. Partial states go to a workspace.
 3. **reduce** (one program per query head): ⊕ of the head's band units into ``C`` (with
    the cached row ``R_{j*}`` on a hit), ⊕ of its sink and tail units into ``out``, and,
    in the decode step, the match report (hit, ``j*``, distance, keys read) and the ring
@@ -32,7 +33,8 @@ attend kernel, natural-log LSEs everywhere outside it); bf16/fp16 operands feed 
 tensor cores with float32 accumulation, the probabilities are rounded to the value dtype
 before ``p·V`` (as in FlashAttention); float32 inputs (and everything under the
 interpreter) use IEEE float32 dots. Tiles of ``BLOCK_N = 128`` keys, units of at least
-``MIN_CHUNK = 128`` keys, one 8-warp program per SM with about two units each.
+``MIN_CHUNK = 128`` keys per program, one 8-warp program per SM; tiles of at most
+32 KB (64 keys for float32 heads of 128).
 """
 
 from __future__ import annotations
@@ -62,10 +64,10 @@ from .match import _NO_CANDIDATE, decode_key
 
 # launch parameters: the best of benchmarks/tune_decode.py on an H100 (Hq 32, Hkv 8, D 128,
 # bf16, batch 1 and 16, contexts 8K and 128K); see benchmarks/RESULTS.md
-BLOCK_N = 128  # keys per tile
-MIN_CHUNK = 128  # fewest keys per unit
-UNITS_PER_PROGRAM = 2
+BLOCK_N = 128  # keys per tile (fewer where a tile would pass 32 KB)
+MIN_CHUNK = 128  # fewest keys per program
 PROGRAMS_PER_SM = 1
+PLAN_FIELDS = 6  # per group, as the reduce kernel reads it: first unit, sink units, band units, units, S, t + 1
 ATTEND_WARPS = 8
 ATTEND_STAGES = 3
 LOG2E = 1.4426950408889634
@@ -111,15 +113,19 @@ def _band_starts(
 @triton.jit
 def _plan(
     pos_ptr, key_ptr, radius_ptr, span_start_ptr, span_sink_ptr, span_band_end_ptr, span_tail_end_ptr, stride_sb, stride_sh,
-    NG, Hkv, G, band, sinks, min_context, target_units,
-    SOURCE: tl.constexpr, NG_BLOCK: tl.constexpr, G_BLOCK: tl.constexpr, MIN_CHUNK: tl.constexpr, BLOCK_N: tl.constexpr,
+    NG, Hkv, G, band, sinks, min_context, n_split,
+    SOURCE: tl.constexpr, NG_BLOCK: tl.constexpr, G_BLOCK: tl.constexpr, MIN_CHUNK: tl.constexpr,
 ):
     """The step's work plan, computed identically by every program (no plan launch).
 
     Per GQA group ``(b, h_kv)``: sinks ``[0, S)``, band ``[lo, N)`` with ``lo`` the
-    smallest band start of its heads, tail ``[N, t+1)``; each cut into units of ``chunk``
-    keys, ``chunk`` chosen from the batch's total keys. Returns ``[NG_BLOCK]`` vectors
-    (first unit, sink units, band units, units, S, lo, N, t+1), ``chunk`` and the unit count.
+    smallest band start of its heads, tail ``[N, t+1)``. The segments of all groups are
+    laid end to end and program ``p`` of ``n_split`` takes keys ``[p·chunk, (p+1)·chunk)``
+    of that concatenation (stream-K style: every program gets the same number of keys,
+    whatever the spans' lengths); each piece of a segment a program takes is one *unit*
+    with its own partial state. Returns ``[NG_BLOCK]`` vectors (first unit, sink units,
+    band units, units, S, lo, N, t+1, offset in the concatenation), ``chunk`` and the
+    total number of keys.
     """
     groups = tl.arange(0, NG_BLOCK)
     valid = groups < NG
@@ -138,15 +144,23 @@ def _plan(
     sink_len = tl.where(valid, sink_end, 0)
     band_len = tl.where(valid, band_end - band_lo, 0)
     tail_len = tl.where(valid, tail_end - band_end, 0)
-    total = tl.sum(sink_len + band_len + tail_len, axis=0)
-    chunk = tl.maximum(tl.cdiv(total, target_units), MIN_CHUNK)
-    chunk = tl.cdiv(chunk, BLOCK_N) * BLOCK_N
-    n_sink = tl.cdiv(sink_len, chunk)
-    n_band = tl.cdiv(band_len, chunk)
-    n_units = n_sink + n_band + tl.cdiv(tail_len, chunk)
+    group_len = sink_len + band_len + tail_len
+    offset = tl.cumsum(group_len, axis=0) - group_len  # where each group starts in the concatenation
+    total = tl.sum(group_len, axis=0)
+    chunk = tl.maximum(tl.cdiv(total, n_split), MIN_CHUNK)  # keys per program
+    n_sink = _pieces(offset, sink_len, chunk)
+    n_band = _pieces(offset + sink_len, band_len, chunk)
+    n_units = n_sink + n_band + _pieces(offset + sink_len + band_len, tail_len, chunk)
     first = tl.cumsum(n_units, axis=0) - n_units
-    first = tl.where(valid, first, 2**40)  # no unit maps to a padding group
-    return first, n_sink, n_band, n_units, sink_end, band_lo, band_end, tail_end, chunk, tl.sum(n_units, axis=0)
+    offset = tl.where(valid, offset, 2**60)  # no program maps to a padding group
+    return first, n_sink, n_band, n_units, sink_end, band_lo, band_end, tail_end, offset, chunk, total
+
+
+@triton.jit
+def _pieces(start, length, chunk):
+    """Units of a segment at ``[start, start + length)`` of the concatenation: the number of
+    program ranges ``[p·chunk, (p+1)·chunk)`` it meets."""
+    return tl.where(length > 0, (start + length - 1) // chunk - start // chunk + 1, 0)
 
 
 @triton.jit
@@ -157,125 +171,163 @@ def _pick(values, groups, grp):
 
 @triton.jit
 def _attend_kernel(
-    q_ptr, k_ptr, v_ptr, part_o_ptr, part_lse_ptr,
+    q_ptr, k_ptr, v_ptr, part_o_ptr, part_lse_ptr, plan_ptr,
     pos_ptr, key_ptr, radius_ptr, span_start_ptr, span_sink_ptr, span_band_end_ptr, span_tail_end_ptr, stride_sb, stride_sh,
     stride_qb, stride_qh, stride_kb, stride_kh, stride_kt, stride_vb, stride_vh, stride_vt,
-    NG, Hkv, G, band, sinks, min_context, target_units, scale_log2,
+    NG, Hkv, G, band, sinks, min_context, n_split, scale_log2,
     SOURCE: tl.constexpr, NG_BLOCK: tl.constexpr, G_BLOCK: tl.constexpr, MIN_CHUNK: tl.constexpr,
     D: tl.constexpr, BLOCK_D: tl.constexpr, G_PAD: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr,
 ):
-    first, n_sink, n_band, n_units, sink_end, band_lo, band_end, tail_end, chunk, total_units = _plan(
+    first, n_sink, n_band, n_units, sink_end, band_lo, band_end, tail_end, offset, chunk, total = _plan(
         pos_ptr, key_ptr, radius_ptr, span_start_ptr, span_sink_ptr, span_band_end_ptr, span_tail_end_ptr, stride_sb, stride_sh,
-        NG, Hkv, G, band, sinks, min_context, target_units, SOURCE, NG_BLOCK, G_BLOCK, MIN_CHUNK, BLOCK_N,
+        NG, Hkv, G, band, sinks, min_context, n_split, SOURCE, NG_BLOCK, G_BLOCK, MIN_CHUNK,
     )
     groups = tl.arange(0, NG_BLOCK)
     lanes = tl.arange(0, G_PAD)
     lane_mask = lanes < G
-    cols = tl.arange(0, BLOCK_D)
-    col_mask = cols < D
     Hq = Hkv * G
-    for unit in range(tl.program_id(0), total_units, tl.num_programs(0)):
-        grp = tl.sum((first <= unit).to(tl.int32), axis=0) - 1  # the last group starting at or before unit
-        local = unit - _pick(first, groups, grp)
-        g_sink = _pick(n_sink, groups, grp)
-        g_band = _pick(n_band, groups, grp)
+    pid = tl.program_id(0)
+    if pid == 0:  # the reduce kernel reads the plan: the match keys are reset before it ends
+        row = plan_ptr + groups * PLAN_FIELDS
+        in_plan = groups < NG
+        tl.store(row + 0, first, mask=in_plan)
+        tl.store(row + 1, n_sink, mask=in_plan)
+        tl.store(row + 2, n_band, mask=in_plan)
+        tl.store(row + 3, n_units, mask=in_plan)
+        tl.store(row + 4, sink_end, mask=in_plan)
+        tl.store(row + 5, tail_end, mask=in_plan)
+    range_lo = pid * chunk  # this program's keys [range_lo, range_hi) of the concatenation
+    range_hi = tl.minimum(range_lo + chunk, total)
+    grp = tl.sum((offset <= range_lo).to(tl.int32), axis=0) - 1  # the group holding range_lo
+    grp_start = _pick(offset, groups, grp)
+    while (grp < NG) & (grp_start < range_hi):
+        g_first = _pick(first, groups, grp)
         g_sink_end = _pick(sink_end, groups, grp)
         g_band_lo = _pick(band_lo, groups, grp)
         g_band_end = _pick(band_end, groups, grp)
         g_tail_end = _pick(tail_end, groups, grp)
-        in_sink = local < g_sink
-        in_band = (local >= g_sink) & (local < g_sink + g_band)
-        seg_lo = tl.where(in_sink, 0, tl.where(in_band, g_band_lo, g_band_end))
-        seg_hi = tl.where(in_sink, g_sink_end, tl.where(in_band, g_band_end, g_tail_end))
-        seg_index = tl.where(in_sink, local, tl.where(in_band, local - g_sink, local - g_sink - g_band))
-        lo = (seg_lo + seg_index * chunk).to(tl.int32)
-        hi = tl.minimum(lo + chunk, seg_hi).to(tl.int32)
-
         b = grp // Hkv
         kvh = grp % Hkv
         heads = kvh * G + lanes  # [G_PAD] query heads of the group
-        q = tl.load(
-            q_ptr + b * stride_qb + heads[:, None] * stride_qh + cols[None, :],
-            mask=lane_mask[:, None] & col_mask[None, :], other=0.0,
-        )  # [G_PAD, D]
-        if UPCAST:
-            q = q.to(tl.float32)
-        # each head's own first key: its band start inside band units, the unit start elsewhere
+        # each head's own band start (band units mask the keys before it)
         head_start = _band_starts(
             b, heads, lane_mask, g_sink_end, g_tail_end, key_ptr, radius_ptr, span_start_ptr,
             stride_sb, stride_sh, Hq, band, min_context, SOURCE,
         )
-        head_lo = tl.where(in_band, tl.maximum(head_start, lo), lo).to(tl.int32)  # [G_PAD]
+        seg_offset = grp_start
+        units_before = g_first
+        for seg in tl.static_range(3):  # sinks, band, tail
+            if seg == 0:
+                seg_lo, seg_hi = 0, g_sink_end
+            elif seg == 1:
+                seg_lo, seg_hi = g_band_lo, g_band_end
+            else:
+                seg_lo, seg_hi = g_band_end, g_tail_end
+            seg_len = seg_hi - seg_lo
+            piece_lo = tl.maximum(seg_offset, range_lo)
+            piece_hi = tl.minimum(seg_offset + seg_len, range_hi)
+            if piece_lo < piece_hi:
+                unit = units_before + pid - seg_offset // chunk
+                lo = (seg_lo + piece_lo - seg_offset).to(tl.int32)
+                hi = (seg_lo + piece_hi - seg_offset).to(tl.int32)
+                if seg == 1:
+                    head_lo = tl.maximum(head_start, lo).to(tl.int32)
+                else:
+                    head_lo = lo + tl.zeros([G_PAD], tl.int32)
+                _attend_unit(
+                    q_ptr, k_ptr, v_ptr, part_o_ptr, part_lse_ptr, b, kvh, heads, lane_mask, head_lo, lo, hi, unit, G,
+                    stride_qb, stride_qh, stride_kb, stride_kh, stride_kt, stride_vb, stride_vh, stride_vt, scale_log2,
+                    D, BLOCK_D, G_PAD, BLOCK_N, UPCAST,
+                )
+            units_before += _pieces(seg_offset, seg_len, chunk)
+            seg_offset += seg_len
+        grp += 1
+        grp_start = seg_offset
 
-        k_base = k_ptr + b.to(tl.int64) * stride_kb + kvh * stride_kh
-        v_base = v_ptr + b.to(tl.int64) * stride_vb + kvh * stride_vh
-        m = tl.full([G_PAD], float("-inf"), tl.float32)  # running max, base 2
-        den = tl.zeros([G_PAD], tl.float32)
-        acc = tl.zeros([G_PAD, BLOCK_D], tl.float32)
-        for n0 in range(lo, hi, BLOCK_N):
-            keys = n0 + tl.arange(0, BLOCK_N)
-            key_mask = keys < hi
-            kv_offs = keys[:, None].to(tl.int64)
-            k = tl.load(k_base + kv_offs * stride_kt + cols[None, :], mask=key_mask[:, None] & col_mask[None, :], other=0.0)
-            v = tl.load(v_base + kv_offs * stride_vt + cols[None, :], mask=key_mask[:, None] & col_mask[None, :], other=0.0)
-            if UPCAST:
-                k = k.to(tl.float32)
-                v = v.to(tl.float32)
-                s = tl.dot(q, tl.trans(k), input_precision="ieee")
-            else:
-                s = tl.dot(q, tl.trans(k))
-            s = s * scale_log2  # [G_PAD, BLOCK_N] base-2 scores
-            valid = key_mask[None, :] & (keys[None, :] >= head_lo[:, None])
-            s = tl.where(valid, s, float("-inf"))
-            m_new = tl.maximum(m, tl.max(s, axis=1))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            alpha = tl.exp2(m - m_safe)
-            p = tl.exp2(s - m_safe[:, None])
-            den = den * alpha + tl.sum(p, axis=1)
-            if UPCAST:
-                pv = tl.dot(p, v, input_precision="ieee")
-            else:
-                pv = tl.dot(p.to(v.dtype), v)
-            acc = acc * alpha[:, None] + pv
-            m = m_new
-        m_safe = tl.where(m == float("-inf"), 0.0, m)
-        inv = tl.where(den > 0, 1.0 / den, 0.0)
-        lse = (m_safe + tl.log2(den)) * 0.6931471805599453  # natural log; −inf when no key was valid
-        part = (unit * G + lanes).to(tl.int64)
-        tl.store(part_lse_ptr + part, lse, mask=lane_mask)
-        tl.store(part_o_ptr + part[:, None] * D + cols[None, :], acc * inv[:, None], mask=lane_mask[:, None] & col_mask[None, :])
+
+@triton.jit
+def _attend_unit(
+    q_ptr, k_ptr, v_ptr, part_o_ptr, part_lse_ptr, b, kvh, heads, lane_mask, head_lo, lo, hi, unit, G,
+    stride_qb, stride_qh, stride_kb, stride_kh, stride_kt, stride_vb, stride_vh, stride_vt, scale_log2,
+    D: tl.constexpr, BLOCK_D: tl.constexpr, G_PAD: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr,
+):
+    """Flash-decoding partial states of the group's heads over keys ``[lo, hi)`` (head ``i``
+    from ``head_lo[i]``), stored as unit ``unit``: K/V tiles loaded once for all heads."""
+    lanes = tl.arange(0, G_PAD)
+    cols = tl.arange(0, BLOCK_D)
+    col_mask = cols < D
+    q = tl.load(
+        q_ptr + b * stride_qb + heads[:, None] * stride_qh + cols[None, :],
+        mask=lane_mask[:, None] & col_mask[None, :], other=0.0,
+    )  # [G_PAD, D]
+    if UPCAST:
+        q = q.to(tl.float32)
+    k_base = k_ptr + b.to(tl.int64) * stride_kb + kvh * stride_kh
+    v_base = v_ptr + b.to(tl.int64) * stride_vb + kvh * stride_vh
+    m = tl.full([G_PAD], float("-inf"), tl.float32)  # running max, base 2
+    den = tl.zeros([G_PAD], tl.float32)
+    acc = tl.zeros([G_PAD, BLOCK_D], tl.float32)
+    for n0 in range(lo, hi, BLOCK_N):
+        keys = n0 + tl.arange(0, BLOCK_N)
+        key_mask = keys < hi
+        kv_offs = keys[:, None].to(tl.int64)
+        k = tl.load(k_base + kv_offs * stride_kt + cols[None, :], mask=key_mask[:, None] & col_mask[None, :], other=0.0)
+        v = tl.load(v_base + kv_offs * stride_vt + cols[None, :], mask=key_mask[:, None] & col_mask[None, :], other=0.0)
+        if UPCAST:
+            k = k.to(tl.float32)
+            v = v.to(tl.float32)
+            s = tl.dot(q, tl.trans(k), input_precision="ieee")
+        else:
+            s = tl.dot(q, tl.trans(k))
+        s = s * scale_log2  # [G_PAD, BLOCK_N] base-2 scores
+        valid = key_mask[None, :] & (keys[None, :] >= head_lo[:, None])
+        s = tl.where(valid, s, float("-inf"))
+        m_new = tl.maximum(m, tl.max(s, axis=1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m - m_safe)
+        p = tl.exp2(s - m_safe[:, None])
+        den = den * alpha + tl.sum(p, axis=1)
+        if UPCAST:
+            pv = tl.dot(p, v, input_precision="ieee")
+        else:
+            pv = tl.dot(p.to(v.dtype), v)
+        acc = acc * alpha[:, None] + pv
+        m = m_new
+    m_safe = tl.where(m == float("-inf"), 0.0, m)
+    inv = tl.where(den > 0, 1.0 / den, 0.0)
+    lse = (m_safe + tl.log2(den)) * 0.6931471805599453  # natural log; −inf when no key was valid
+    part = (unit * G + lanes).to(tl.int64)
+    tl.store(part_lse_ptr + part, lse, mask=lane_mask)
+    tl.store(part_o_ptr + part[:, None] * D + cols[None, :], acc * inv[:, None], mask=lane_mask[:, None] & col_mask[None, :])
 
 
 @triton.jit
 def _reduce_kernel(
-    part_o_ptr, part_lse_ptr,
-    pos_ptr, key_ptr, radius_ptr, span_start_ptr, span_sink_ptr, span_band_end_ptr, span_tail_end_ptr, stride_sb, stride_sh,
+    part_o_ptr, part_lse_ptr, plan_ptr, key_ptr, radius_ptr,
     hit_ptr, matched_ptr, dist_ptr, keys_read_ptr,
     ring_q_ptr, ring_o_ptr, ring_lse_ptr, q_pre_ptr, out_ptr, lse_ptr, c_o_ptr, c_lse_ptr, ill_ptr,
     stride_rqb, stride_rqh, stride_rqw, stride_rob, stride_roh, stride_row, stride_rlb, stride_rlh,
     stride_qb, stride_qh, stride_mb, stride_mh,
-    NG, Hkv, G, band, sinks, min_context, target_units, W, eps,
-    SOURCE: tl.constexpr, NG_BLOCK: tl.constexpr, G_BLOCK: tl.constexpr, MIN_CHUNK: tl.constexpr, BLOCK_N: tl.constexpr,
-    D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_U: tl.constexpr, ROW_OUT: tl.constexpr, SUBTRACT: tl.constexpr,
+    Hkv, G, band, min_context, W, eps,
+    SOURCE: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_U: tl.constexpr, ROW_OUT: tl.constexpr,
+    SUBTRACT: tl.constexpr,
 ):
-    """One query head: ⊕ of its units, the cached row, the outputs; ROW_OUT: 0 no row,
+    """One query head: ⊕ of its units (where: the plan the attend kernel stored), the cached
+    row, the outputs; ROW_OUT: 0 no row,
     1 row to ``c_o``/``c_lse``, 2 row and ``q̃_t`` into the ring. With SOURCE == 1 it also
     reports the match (hit, j*, distance, keys read) and resets the head's match key."""
-    first, n_sink, n_band, n_units, sink_end, band_lo, band_end, tail_end, chunk, total_units = _plan(
-        pos_ptr, key_ptr, radius_ptr, span_start_ptr, span_sink_ptr, span_band_end_ptr, span_tail_end_ptr, stride_sb, stride_sh,
-        NG, Hkv, G, band, sinks, min_context, target_units, SOURCE, NG_BLOCK, G_BLOCK, MIN_CHUNK, BLOCK_N,
-    )
     Hq = Hkv * G
     bh = tl.program_id(0)
     b = bh // Hq
     h = bh % Hq
     lane = h % G
-    grp = b * Hkv + h // G
-    groups = tl.arange(0, NG_BLOCK)
-    g_first = _pick(first, groups, grp)
-    g_sink = _pick(n_sink, groups, grp)
-    g_band = _pick(n_band, groups, grp)
-    g_units = _pick(n_units, groups, grp)
+    row = plan_ptr + (b * Hkv + h // G) * PLAN_FIELDS  # the group's plan, stored by the attend kernel
+    g_first = tl.load(row + 0)
+    g_sink = tl.load(row + 1)
+    g_band = tl.load(row + 2)
+    g_units = tl.load(row + 3)
+    g_sink_end = tl.load(row + 4)
+    t = tl.load(row + 5) - 1
     cols = tl.arange(0, BLOCK_D)
     col_mask = cols < D
 
@@ -298,11 +350,9 @@ def _reduce_kernel(
     rest_o, rest_lse = online_finish(m_rest, den_rest, acc_rest)  # sinks ⊕ tail
 
     if SOURCE != 2:  # C = R_{j*} ⊕ band on a hit
-        t = _pick(tail_end, groups, grp) - 1
         if SOURCE == 1:
             key = tl.load(key_ptr + bh)
             hit, matched, dist = decode_key(key, t, min_context, tl.load(radius_ptr + h))
-            g_sink_end = _pick(sink_end, groups, grp)
             start = tl.where(hit, tl.maximum(tl.maximum(matched + 1 - band, 0), g_sink_end), g_sink_end)
             tl.store(hit_ptr + bh, hit.to(tl.int8))
             tl.store(matched_ptr + bh, matched)
@@ -337,7 +387,7 @@ def _reduce_kernel(
             tl.store(c_o_ptr + bh.to(tl.int64) * D + cols, row_o, mask=col_mask)
             tl.store(c_lse_ptr + bh, row_lse)
         else:
-            slot = (_pick(tail_end, groups, grp) - 1) % W
+            slot = t % W
             q_pre = tl.load(q_pre_ptr + b * stride_qb + h * stride_qh + cols, mask=col_mask)
             tl.store(ring_q_ptr + b.to(tl.int64) * stride_rqb + h * stride_rqh + slot * stride_rqw + cols, q_pre, mask=col_mask)
             tl.store(ring_o_ptr + b.to(tl.int64) * stride_rob + h * stride_roh + slot * stride_row + cols, row_o, mask=col_mask)
@@ -367,15 +417,17 @@ def attend_spans(
     NG = B * Hkv
     device = q_post.device
     scale = 1.0 / math.sqrt(D) if scale is None else scale
-    n_programs = num_sms(device) * PROGRAMS_PER_SM
-    target_units = n_programs * UNITS_PER_PROGRAM
-    max_units = target_units + 3 * NG  # Σ ceil(len/chunk) ≤ Σ len/chunk + #segments
+    n_split = num_sms(device) * PROGRAMS_PER_SM
+    max_units = n_split + 3 * NG  # each segment adds at most one piece to the programs' ranges
+    # tiles of at most 32 KB (float32 K/V or wide heads get fewer keys per tile)
+    block_n = max(16, min(BLOCK_N, 32768 // (triton.next_power_of_2(D) * k_cache.element_size())))
     i64, f32 = torch.int64, torch.float32
 
     out = torch.empty(B, Hq, D, dtype=out_dtype, device=device)
     lse = torch.empty(B, Hq, dtype=f32, device=device)
     part_o = torch.empty(max_units, G, D, dtype=f32, device=device)
     part_lse = torch.empty(max_units, G, dtype=f32, device=device)
+    plan = torch.empty(NG, PLAN_FIELDS, dtype=i64, device=device)
     unused = lse  # stands for the pointers a mode does not read
     res = {"out": out, "lse": lse}
     if source == SOURCE_SPANS:
@@ -403,13 +455,12 @@ def attend_spans(
     )
     plan_meta = dict(
         SOURCE=source, NG_BLOCK=triton.next_power_of_2(NG), G_BLOCK=triton.next_power_of_2(G), MIN_CHUNK=MIN_CHUNK,
-        BLOCK_N=BLOCK_N,
     )
-    _attend_kernel[(n_programs,)](
-        q_post, k_cache, v_cache, part_o, part_lse, *plan_args,
+    _attend_kernel[(n_split,)](
+        q_post, k_cache, v_cache, part_o, part_lse, plan, *plan_args,
         q_post.stride(0), q_post.stride(1), *k_cache.stride()[:3], *v_cache.stride()[:3],
-        NG, Hkv, G, band, sinks, min_context, target_units, scale * LOG2E,
-        D=D, BLOCK_D=triton.next_power_of_2(D), G_PAD=max(16, triton.next_power_of_2(G)),
+        NG, Hkv, G, band, sinks, min_context, n_split, scale * LOG2E,
+        D=D, BLOCK_D=triton.next_power_of_2(D), G_PAD=max(16, triton.next_power_of_2(G)), BLOCK_N=block_n,
         UPCAST=upcast_dots(k_cache.dtype), num_warps=ATTEND_WARPS, num_stages=ATTEND_STAGES, **plan_meta,
     )
 
@@ -429,15 +480,15 @@ def attend_spans(
     res["ill_conditioned"] = ill.view(torch.bool)
     q_ring_src = q_pre if q_pre is not None else q_post
     _reduce_kernel[(B * Hq,)](
-        part_o, part_lse, *plan_args,
+        part_o, part_lse, plan, plan_args[1], plan_args[2],
         hit_buf, matched_buf, dist_buf, keys_read_buf,
         ring_q, ring_o, ring_lse, q_ring_src, out, lse, row_o, row_lse, ill,
         *ring_q.stride()[:3], *ring_o.stride()[:3], *ring_lse.stride()[:2],
         q_ring_src.stride(0), q_ring_src.stride(1), hit_buf.stride(0) if hit_buf.dim() == 2 else 0,
         hit_buf.stride(1) if hit_buf.dim() == 2 else 0,
-        NG, Hkv, G, band, sinks, min_context, target_units, W, removal_epsilon(torch.float32),
-        D=D, BLOCK_D=triton.next_power_of_2(D), BLOCK_U=16, ROW_OUT=row_out, SUBTRACT=subtract,
-        num_warps=4, **plan_meta,
+        Hkv, G, band, min_context, W, removal_epsilon(torch.float32),
+        SOURCE=source, D=D, BLOCK_D=triton.next_power_of_2(D), BLOCK_U=16, ROW_OUT=row_out, SUBTRACT=subtract,
+        num_warps=4,
     )
     return res
 
