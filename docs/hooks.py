@@ -29,7 +29,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "docs" / "scripts"))
 sys.path.insert(0, str(REPO))
 
+# mkdocs restores sys.path after loading a hook: import the helpers now
 import figures  # noqa: E402  (docs/scripts)
+import griffe_rst  # noqa: E402
 import run_tutorials  # noqa: E402
 
 log = logging.getLogger("mkdocs.hooks.mac")
@@ -96,7 +98,25 @@ def on_page_markdown(markdown: str, page, config, files) -> str:
         markdown = markdown.replace(TOLERANCE_MARKER, tolerance_table())
     if CATALOGUE_MARKER in markdown:
         markdown = markdown.replace(CATALOGUE_MARKER, test_catalogue())
+    markdown = _DOCSTRING.sub(lambda m: docstring_markdown(m.group(1)), markdown)
     return _SOURCE.sub(lambda m: source_listing(m.group(1)), markdown)
+
+
+# <!-- docstring: mac_triton.decode --> inserts that module's docstring, so a page can show
+# a fact the code documents (the kernel map) without a second copy that could drift
+_DOCSTRING = re.compile(r"<!-- docstring: ([\w.]+) -->")
+
+
+def docstring_markdown(module_name: str) -> str:
+    text = inspect.cleandoc(importlib.import_module(module_name).__doc__ or "")
+    text = griffe_rst.convert_simple_tables(griffe_rst.convert_math_blocks(text))
+    text = re.sub(r":(?:mod|class|func|meth|attr|obj):`~?([\w.]+)`", r"`\1`", text)
+    title, _, body = text.partition("\n\n")  # the summary paragraph is the box's title
+    title = " ".join(title.split())
+    path = module_name.replace(".", "/") + ".py"
+    return f'!!! quote "`{module_name}` ({path}): {title}"\n\n' + "\n".join(
+        "    " + line if line.strip() else "" for line in body.strip().split("\n")
+    )
 
 
 # <!-- source: mac_ref.summary.merge --> shows that object's current source: pages quote

@@ -106,8 +106,8 @@ print("max |Δ distance| =", (ref_match.distance - tri_match.distance).abs().max
 # ## The whole decode step, along a stream
 #
 # `run_stream` takes the step function as an argument: the same prefill, the same state,
-# the reference step or the fused Triton step (four launches per step: match, plan,
-# attend, reduce + ring write). The two must make the same decisions (hit, $j^*$) and agree
+# the reference step or the fused Triton step (a few kernel launches per step: the match
+# scan, then split-KV attention, then the reduction that also writes the ring). The two must make the same decisions (hit, $j^*$) and agree
 # on the outputs to float32 rounding.
 
 # %%
@@ -216,5 +216,5 @@ plt.show()
 # 4. On a GPU: lower the hit rate by planting hits in only half of the heads. How does the
 #    MAC step's time move between the all-hit and the full-attention curves, and why does the
 #    GQA grouping of the misses matter?
-# 5. Read `mac_triton/complete.py`'s plan kernel: how is the chunk size chosen, and what would
+# 5. Read the planning code of `mac_triton/complete.py`: how is the chunk size chosen, and what would
 #    happen to a batch with one miss at 64K and fifteen hits if it were fixed instead?

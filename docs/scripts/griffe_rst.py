@@ -4,6 +4,7 @@ The library's docstrings are Google style with a few reStructuredText constructs
 well in ``help()`` and in editors. Before mkdocstrings renders them this extension turns
 
 * ``.. math::`` blocks (and ``.. math:: formula`` one-liners) into ``$$ … $$`` blocks,
+* reST "simple tables" (columns under ``=====  =====`` borders) into Markdown tables,
 * ``:math:`x``` into ``$x$``,
 * ``:mod:`` / ``:class:`` / ``:func:`` / ``:meth:`` / ``:attr:`` roles into links to the API
   page of the object (``~`` shows the last name only), or into plain code when the name is
@@ -48,6 +49,43 @@ def convert_math_blocks(text: str) -> str:
     return "\n".join(out)
 
 
+_BORDER = re.compile(r"^[ \t]*=+(?: +=+)+[ \t]*$")
+
+
+def convert_simple_tables(text: str) -> str:
+    """reST simple tables (border, header, border, rows, border) -> Markdown tables."""
+    lines = text.split("\n")
+    out, i = [], 0
+    while i < len(lines):
+        borders = [j for j in range(i, min(len(lines), i + 200)) if _BORDER.match(lines[j])][:3]
+        if not borders or borders[0] != i or len(borders) < 3:
+            out.append(lines[i])
+            i += 1
+            continue
+        top, mid, bottom = borders
+        starts = [m.start() for m in re.finditer(r"=+", lines[top])]
+
+        def cells(line: str) -> list[str]:
+            bounds = starts[1:] + [None]
+            return [line[a:b].strip().replace("|", "\\|") for a, b in zip(starts, bounds)]
+
+        header = [" ".join(col) for col in zip(*(cells(line) for line in lines[top + 1 : mid]))]
+        out += ["", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        rows: list[list[str]] = []
+        for line in lines[mid + 1 : bottom]:
+            if not line.strip():
+                continue
+            row = cells(line)
+            if rows and not row[0]:  # a blank first column continues the row above
+                rows[-1] = [f"{a} {b}".strip() for a, b in zip(rows[-1], row)]
+            else:
+                rows.append(row)
+        out += ["| " + " | ".join(row) + " |" for row in rows]
+        out.append("")
+        i = bottom + 1
+    return "\n".join(out)
+
+
 class RstToMarkdown(griffe.Extension):
     """Rewrite docstrings of every object of a loaded package (see the module docstring)."""
 
@@ -57,7 +95,7 @@ class RstToMarkdown(griffe.Extension):
                 obj.docstring.value = self._convert(obj.docstring.value, obj, pkg)
 
     def _convert(self, text: str, obj: griffe.Object, pkg: griffe.Module) -> str:
-        text = convert_math_blocks(text)
+        text = convert_simple_tables(convert_math_blocks(text))
         text = _MATH_ROLE.sub(lambda m: f"${m.group(1)}$", text)
         return _ROLE.sub(lambda m: self._link(m, obj, pkg), text)
 
