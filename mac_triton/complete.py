@@ -68,6 +68,7 @@ BLOCK_N = 128  # keys per tile (fewer where a tile would pass 32 KB)
 MIN_CHUNK = 128  # fewest keys per program
 PROGRAMS_PER_SM = 1
 PLAN_FIELDS = 6  # per group, as the reduce kernel reads it: first unit, sink units, band units, units, S, t + 1
+_PLAN_FIELDS = tl.constexpr(PLAN_FIELDS)
 ATTEND_WARPS = 8
 ATTEND_STAGES = 3
 LOG2E = 1.4426950408889634
@@ -188,7 +189,7 @@ def _attend_kernel(
     Hq = Hkv * G
     pid = tl.program_id(0)
     if pid == 0:  # the reduce kernel reads the plan: the match keys are reset before it ends
-        row = plan_ptr + groups * PLAN_FIELDS
+        row = plan_ptr + groups * _PLAN_FIELDS
         in_plan = groups < NG
         tl.store(row + 0, first, mask=in_plan)
         tl.store(row + 1, n_sink, mask=in_plan)
@@ -321,7 +322,7 @@ def _reduce_kernel(
     b = bh // Hq
     h = bh % Hq
     lane = h % G
-    row = plan_ptr + (b * Hkv + h // G) * PLAN_FIELDS  # the group's plan, stored by the attend kernel
+    row = plan_ptr + (b * Hkv + h // G) * _PLAN_FIELDS  # the group's plan, stored by the attend kernel
     g_first = tl.load(row + 0)
     g_sink = tl.load(row + 1)
     g_band = tl.load(row + 2)
