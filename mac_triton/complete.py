@@ -52,7 +52,6 @@ from mac_ref.summary import Summary, removal_epsilon
 
 from ._common import (
     check_kernel_dtype,
-    interpreting,
     merge_weights,
     num_sms,
     online_finish,
@@ -73,7 +72,7 @@ ATTEND_WARPS = 8
 ATTEND_STAGES = 3
 LOG2E = 1.4426950408889634
 
-# where the plan kernel takes each head's band start from
+# where the plan takes each head's band start from
 SOURCE_SPANS = 0  # a Spans tuple (mac_ref.amend.step_spans)
 SOURCE_KEYS = 1  # the match keys: the fused decode step
 SOURCE_NONE = 2  # no band: full attention

@@ -30,7 +30,6 @@ import torch
 
 from mac_ref.config import MACConfig
 from mac_ref.decode import StepStats, check_step_inputs
-from mac_ref.match import MatchResult
 from mac_ref.rope import apply_rope
 from mac_ref.state import LayerState
 
