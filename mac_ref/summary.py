@@ -121,6 +121,21 @@ def attend(q, k, v, start, end, scale: float | None = None) -> Summary:
     return Summary(o, lse)
 
 
+def _check_pair(name_a: str, a: Summary, name_b: str, b: Summary) -> torch.dtype:
+    """Check two summaries of one shape and device; return their compute dtype."""
+    (o_a, l_a), (o_b, l_b) = a, b
+    named = {f"{name_a}.o": o_a, f"{name_a}.lse": l_a, f"{name_b}.o": o_b, f"{name_b}.lse": l_b}
+    for name, x in named.items():
+        check_tensor(name, x)
+    check_same_device(**named)
+    if o_a.shape != o_b.shape or l_a.shape != l_b.shape or o_a.shape[:-1] != l_a.shape:
+        raise ValueError(
+            f"{name_a} and {name_b} must share o [..., D] and lse [...] shapes, got "
+            f"{name_a}=({tuple(o_a.shape)}, {tuple(l_a.shape)}) and {name_b}=({tuple(o_b.shape)}, {tuple(l_b.shape)})"
+        )
+    return compute_dtype(o_a.dtype, o_b.dtype, l_a.dtype, l_b.dtype)
+
+
 def merge(a: Summary, b: Summary) -> Summary:
     r"""⊕: the summary over the union of two disjoint key sets seen by the same query.
 
@@ -138,19 +153,9 @@ def merge(a: Summary, b: Summary) -> Summary:
     Returns:
         The merged ``Summary`` in the compute dtype.
     """
+    dtype = _check_pair("a", a, "b", b)
     o_a, l_a = a
     o_b, l_b = b
-    check_tensor("a.o", o_a)
-    check_tensor("b.o", o_b)
-    check_tensor("a.lse", l_a)
-    check_tensor("b.lse", l_b)
-    check_same_device(**{"a.o": o_a, "a.lse": l_a, "b.o": o_b, "b.lse": l_b})
-    if o_a.shape != o_b.shape or l_a.shape != l_b.shape or o_a.shape[:-1] != l_a.shape:
-        raise ValueError(
-            f"summaries must share o [..., D] and lse [...] shapes, got "
-            f"a=({tuple(o_a.shape)}, {tuple(l_a.shape)}) and b=({tuple(o_b.shape)}, {tuple(l_b.shape)})"
-        )
-    dtype = compute_dtype(o_a.dtype, o_b.dtype, l_a.dtype, l_b.dtype)
     l_a, l_b = l_a.to(dtype), l_b.to(dtype)
     shift = torch.maximum(l_a, l_b)
     shift = torch.where(torch.isfinite(shift), shift, torch.zeros_like(shift))  # finite even when both are empty
@@ -220,19 +225,9 @@ def remove(total: Summary, part: Summary) -> tuple[Summary, torch.Tensor]:
         ``(remainder, ill_conditioned)`` where ``ill_conditioned [...]`` is a bool mask of
         the entries that fell under one of the two flagged rules.
     """
+    dtype = _check_pair("total", total, "part", part)
     o_t, l_t = total
     o_p, l_p = part
-    check_tensor("total.o", o_t)
-    check_tensor("part.o", o_p)
-    check_tensor("total.lse", l_t)
-    check_tensor("part.lse", l_p)
-    check_same_device(**{"total.o": o_t, "total.lse": l_t, "part.o": o_p, "part.lse": l_p})
-    if o_t.shape != o_p.shape or l_t.shape != l_p.shape or o_t.shape[:-1] != l_t.shape:
-        raise ValueError(
-            f"total and part must share o [..., D] and lse [...] shapes, got "
-            f"({tuple(o_t.shape)}, {tuple(l_t.shape)}) and ({tuple(o_p.shape)}, {tuple(l_p.shape)})"
-        )
-    dtype = compute_dtype(o_t.dtype, o_p.dtype, l_t.dtype, l_p.dtype)
     l_t, l_p = l_t.to(dtype), l_p.to(dtype)
     part_empty = torch.isneginf(l_p)
     # δ with finite stand-ins, so that empty inputs never form (−inf) − (−inf)
