@@ -31,9 +31,10 @@ from .calibrate import RULES
 from .cli import InvalidOption
 from .gguf_model import ModelNotInstalledError, load_model
 
-# The best point of the fidelity study (docs/real_model.md): see there before changing.
-DEFAULTS = mac_ref.MACConfig(window=1024, band=64, tau=0.0, sinks=4)
-DEFAULT_RULE = "keynorm"
+# The best point of the fidelity study (docs/real_model.md, "Longer runs"): the paper's rule
+# with a short window (small lags), the paper's band and 4 sinks; see there before changing.
+DEFAULTS = mac_ref.MACConfig(window=256, band=256, tau=0.6, sinks=4)
+DEFAULT_RULE = "paper"
 DEFAULT_PROMPT_TOKENS = 2048
 DEFAULT_NEW_TOKENS = 64
 
@@ -50,7 +51,10 @@ def add_demo_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--backend", choices=("ref", "triton"), default="ref", help="decode step: mac_ref or mac_triton")
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (auto: cuda when available)")
     parser.add_argument("--prompt-file", type=Path, help="text file to use as the prompt (default: Python's pydoc topics)")
-    parser.add_argument("--prompt-tokens", type=positive_int, default=DEFAULT_PROMPT_TOKENS, help="prompt length in tokens (the file is cut to it)")
+    parser.add_argument(
+        "--prompt-tokens", type=positive_int, default=DEFAULT_PROMPT_TOKENS,
+        help="at most this many prompt tokens (cut at the last paragraph that ends a sentence)",
+    )  # fmt: skip
     parser.add_argument("-n", "--new-tokens", type=positive_int, default=DEFAULT_NEW_TOKENS, help="tokens N to decode")
     parser.add_argument("--plot", type=Path, default=Path("mac_demo_layers.png"), help="where to save the per-layer plot")
     parser.add_argument("--threads", type=positive_int, help="CPU threads for torch (default: torch's choice)")
@@ -90,7 +94,12 @@ def prompt_tokens(tokenizer, args, context_length: int) -> list[int]:
         text = args.prompt_file.read_text(encoding="utf-8", errors="replace")
     else:
         text = study.default_prose()
-    ids = tokenizer.encode(text).ids[: args.prompt_tokens]
+    encoding = tokenizer.encode(text)
+    ids, offsets = encoding.ids[: args.prompt_tokens], encoding.offsets[: args.prompt_tokens]
+    # end on a finished paragraph (not mid-sentence or mid-grammar-rule), if one ends in the second half
+    paragraph_end = text.rfind(".\n\n", 0, offsets[-1][1]) + 3 if ids else 0
+    if ids and paragraph_end > offsets[len(ids) // 2][0]:
+        ids = [i for i, (_, end) in zip(ids, offsets) if end <= paragraph_end]
     if len(ids) < 2:
         raise DemoError("the prompt has fewer than 2 tokens")
     if len(ids) + args.new_tokens > context_length:

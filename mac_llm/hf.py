@@ -3,7 +3,7 @@
 Switch an existing model to MAC-Attention decoding in a few lines::
 
     from mac_llm.hf import enable_mac_attention
-    mac = enable_mac_attention(model, mac_ref.MACConfig(window=1024, band=64, tau=0.0, sinks=4), rule="keynorm")
+    mac = enable_mac_attention(model, mac_ref.MACConfig(window=256, band=256, tau=0.6, sinks=4))
     out = model.generate(input_ids, max_new_tokens=64, do_sample=False)
     print(mac.layer_stats().hit_rate)
 
