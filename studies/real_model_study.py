@@ -130,8 +130,12 @@ def run(args) -> None:
     done = {key(r) for r in read_rows(RESULTS / "runs.csv")}
     b = FRONTIER_BASE
     frontier = [(rule, tau, b["window"], b["band"], b["sinks"]) for rule, taus in FRONTIER_TAUS.items() for tau in taus]
-    if args.confirm:  # longer runs of chosen points: "rule:tau", e.g. keynorm:0
-        points = [(rule, float(tau), b["window"], b["band"], b["sinks"]) for rule, tau in (p.split(":") for p in args.confirm)]
+    if args.confirm:  # longer runs of chosen points: "rule:tau[:window:band:sinks]", e.g. keynorm:0:256:64:4
+        points = []
+        for point in args.confirm:
+            rule, tau, *rest = point.split(":")
+            window, band, sinks = map(int, rest) if rest else (b["window"], b["band"], b["sinks"])
+            points.append((rule, float(tau), window, band, sinks))
         run_part(model, regimes, "confirm", points, args.confirm_steps, done)
         return
     run_part(model, regimes, "frontier", frontier, args.frontier_steps, done)
@@ -195,18 +199,23 @@ def se(r: dict) -> str:
     return f" ± {100 * float(value):.2f}" if value not in ("", "nan") else ""
 
 
+def margin(r: dict) -> str:
+    value = r.get("flip_margin") or ""
+    return f" ({float(value):.3f})" if value not in ("", "nan") else ""
+
+
 def fmt_row(r: dict) -> str:
     first = int(r["first_disagreement"])
     return (
         f"| {r['rule']} | {float(r['tau']):g} | {r['window']} | {r['band']} | {r['sinks']} | {100 * float(r['hit_rate']):.1f} "
         f"| {100 * float(r['skipped_head']):.1f} | {100 * float(r['skipped_group']):.1f} | {100 * float(r['top1']):.1f} "
         f"| {float(r['kl_mean']):.4f} | {float(r['kl_max']):.3f} | {100 * float(r['ppl_change']):+.2f}{se(r)} "
-        f"| {'none' if first < 0 else first} | {float(r['err_mean']):.3f} |"
+        f"| {'none' if first < 0 else first}{margin(r)} | {float(r['err_mean']):.3f} |"
     )
 
 
 HEADER = (
-    "| rule | τ | W | r | F | hit % | skipped/head % | skipped/group % | top-1 % | KL mean | KL worst | Δppl % | first flip | attn err |\n"
+    "| rule | τ | W | r | F | hit % | skipped/head % | skipped/group % | top-1 % | KL mean | KL worst | Δppl % | first flip (margin) | attn err |\n"
     "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
 )
 
@@ -252,7 +261,7 @@ def main() -> None:
     parser.add_argument("--frontier-steps", type=int, default=24)
     parser.add_argument("--grid-steps", type=int, default=16)
     parser.add_argument("--skip-grid", action="store_true")
-    parser.add_argument("--confirm", nargs="+", metavar="RULE:TAU", help="only run these frontier points, longer")
+    parser.add_argument("--confirm", nargs="+", metavar="RULE:TAU[:W:R:F]", help="only run these frontier points, longer")
     parser.add_argument("--confirm-steps", type=int, default=96)
     parser.add_argument("--full-grid", action="store_true", help="all 96 grid points instead of two slices")
     parser.add_argument("--threads", type=int, default=1)
