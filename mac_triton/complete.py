@@ -32,14 +32,19 @@ Precision: scores and the online softmax in float32 (base-2 exponentials inside 
 attend kernel, natural-log LSEs everywhere outside it); bf16/fp16 operands feed the
 tensor cores with float32 accumulation, the probabilities are rounded to the value dtype
 before ``p·V`` (as in FlashAttention); float32 inputs (and everything under the
-interpreter) use IEEE float32 dots. Tiles of ``BLOCK_N = 128`` keys, units of at least
-``MIN_CHUNK = 128`` keys per program, one 8-warp program per SM; tiles of at most
+interpreter) use IEEE float32 dots.
+
+Launch parameters (:func:`attend_launch`): with many GQA groups (batch 16) tiles of 128
+keys, at least 128 keys per program, one 8-warp program per SM; with few groups (batch
+1: a group's keys are spread over many programs, whose latency then dominates) tiles of
+64 keys, at least 64 keys per program, two 4-warp programs per SM. Tiles are capped at
 32 KB (64 keys for float32 heads of 128).
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -61,15 +66,33 @@ from ._common import (
 )
 from .match import _NO_CANDIDATE, decode_key
 
-# launch parameters: the best of benchmarks/tune_decode.py on an H100 (Hq 32, Hkv 8, D 128,
-# bf16, batch 1 and 16, contexts 8K and 128K); see benchmarks/RESULTS.md
-BLOCK_N = 128  # keys per tile (fewer where a tile would pass 32 KB)
-MIN_CHUNK = 128  # fewest keys per program
-PROGRAMS_PER_SM = 1
+
+
+@dataclass(frozen=True)
+class AttendLaunch:
+    """Launch parameters of the attend kernel."""
+
+    block_n: int  # keys per tile (fewer where a tile would pass 32 KB)
+    min_chunk: int  # fewest keys per program
+    programs_per_sm: int
+    warps: int
+    stages: int
+
+
+# the best of benchmarks/tune_decode.py on an H200 (Hq 32, Hkv 8, D 128, bf16; full decodes
+# and all-hit MAC steps at batch 1 and 16, contexts 8K and 128K); see benchmarks/RESULTS.md
+WIDE = AttendLaunch(block_n=128, min_chunk=128, programs_per_sm=1, warps=8, stages=3)
+NARROW = AttendLaunch(block_n=64, min_chunk=64, programs_per_sm=2, warps=4, stages=3)
+NARROW_MAX_GROUPS = 32  # GQA groups (B·Hkv) up to which NARROW is used (measured: 4 and 8 vs 64 and 128)
+
+
+def attend_launch(groups: int) -> AttendLaunch:
+    """The launch parameters for a step of ``groups = B·Hkv`` GQA groups."""
+    return NARROW if groups <= NARROW_MAX_GROUPS else WIDE
+
+
 PLAN_FIELDS = 6  # per group, as the reduce kernel reads it: first unit, sink units, band units, units, S, t + 1
 _PLAN_FIELDS = tl.constexpr(PLAN_FIELDS)
-ATTEND_WARPS = 8
-ATTEND_STAGES = 3
 LOG2E = 1.4426950408889634
 
 # where the plan takes each head's band start from
@@ -380,9 +403,10 @@ def _reduce_kernel(
             c_out, c_rest, row_lse, ill = remove_weights(out_lse, rest_lse, eps)
             row_o = c_out * out_o - c_rest * rest_o
             tl.store(ill_ptr + bh, ill.to(tl.int8))
-        else:  # R_t = C
+        else:  # R_t = C, never ill-conditioned
             row_o = c_o
             row_lse = c_lse
+            tl.store(ill_ptr + bh, tl.zeros((), tl.int8))
         if ROW_OUT == 1:
             tl.store(c_o_ptr + bh.to(tl.int64) * D + cols, row_o, mask=col_mask)
             tl.store(c_lse_ptr + bh, row_lse)
@@ -417,10 +441,11 @@ def attend_spans(
     NG = B * Hkv
     device = q_post.device
     scale = 1.0 / math.sqrt(D) if scale is None else scale
-    n_split = num_sms(device) * PROGRAMS_PER_SM
+    launch = attend_launch(NG)
+    n_split = num_sms(device) * launch.programs_per_sm
     max_units = n_split + 3 * NG  # each segment adds at most one piece to the programs' ranges
     # tiles of at most 32 KB (float32 K/V or wide heads get fewer keys per tile)
-    block_n = max(16, min(BLOCK_N, 32768 // (triton.next_power_of_2(D) * k_cache.element_size())))
+    block_n = max(16, min(launch.block_n, 32768 // (triton.next_power_of_2(D) * k_cache.element_size())))
     i64, f32 = torch.int64, torch.float32
 
     out = torch.empty(B, Hq, D, dtype=out_dtype, device=device)
@@ -454,14 +479,14 @@ def attend_spans(
         *span_tensors, stride_sb, stride_sh,
     )
     plan_meta = dict(
-        SOURCE=source, NG_BLOCK=triton.next_power_of_2(NG), G_BLOCK=triton.next_power_of_2(G), MIN_CHUNK=MIN_CHUNK,
+        SOURCE=source, NG_BLOCK=triton.next_power_of_2(NG), G_BLOCK=triton.next_power_of_2(G), MIN_CHUNK=launch.min_chunk,
     )
     _attend_kernel[(n_split,)](
         q_post, k_cache, v_cache, part_o, part_lse, plan, *plan_args,
         q_post.stride(0), q_post.stride(1), *k_cache.stride()[:3], *v_cache.stride()[:3],
         NG, Hkv, G, band, sinks, min_context, n_split, scale * LOG2E,
         D=D, BLOCK_D=triton.next_power_of_2(D), G_PAD=max(16, triton.next_power_of_2(G)), BLOCK_N=block_n,
-        UPCAST=upcast_dots(k_cache.dtype), num_warps=ATTEND_WARPS, num_stages=ATTEND_STAGES, **plan_meta,
+        UPCAST=upcast_dots(k_cache.dtype), num_warps=launch.warps, num_stages=launch.stages, **plan_meta,
     )
 
     if source != SOURCE_NONE:
@@ -474,10 +499,11 @@ def attend_spans(
         W = 1
     row_o = torch.empty(B, Hq, D, dtype=f32, device=device) if row_out == 1 else out
     row_lse = torch.empty(B, Hq, dtype=f32, device=device) if row_out == 1 else lse
-    ill = torch.zeros(B, Hq, dtype=torch.int8, device=device)
+    ill = torch.empty(B, Hq, dtype=torch.int8, device=device) if row_out != 0 else lse  # written with the row
     if row_out == 1:
         res.update(row_o=row_o, row_lse=row_lse)
-    res["ill_conditioned"] = ill.view(torch.bool)
+    if row_out != 0:
+        res["ill_conditioned"] = ill.view(torch.bool)
     q_ring_src = q_pre if q_pre is not None else q_post
     _reduce_kernel[(B * Hq,)](
         part_o, part_lse, plan, plan_args[1], plan_args[2],

@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 
 import mac_ref
 import mac_triton
+from mac_triton import complete
 from mac_ref import MACConfig
 from tolerances import assert_close
 from triton_cases import DEVICE, assert_states_close, assert_summary_close, prefilled_step, stream_inputs
@@ -57,9 +58,15 @@ STREAMS = [
 ]
 
 
+LAUNCHES = {"wide": complete.WIDE, "narrow": complete.NARROW}
+
+
+@pytest.mark.parametrize("launch", LAUNCHES)
 @pytest.mark.parametrize("dtype, q_heads, kv_heads, head_dim, config", STREAMS)
-def test_decode_stream_matches_reference(dtype, q_heads, kv_heads, head_dim, config):
-    """Prefill, then 10 decode steps of a ragged batch: same decisions, outputs, rows and rings."""
+def test_decode_stream_matches_reference(dtype, q_heads, kv_heads, head_dim, config, launch, monkeypatch):
+    """Prefill, then 10 decode steps of a ragged batch: same decisions, outputs, rows and rings,
+    with each of the attend kernel's launch settings."""
+    monkeypatch.setattr(complete, "attend_launch", lambda groups: LAUNCHES[launch])
     q, k, v = stream_inputs(2, q_heads, kv_heads, 52, head_dim, dtype, seed=3, reuse=0.8)
     prefill = torch.tensor([40, 42], device=DEVICE)
     want = mac_ref.run_stream(q, k, v, prefill, config)

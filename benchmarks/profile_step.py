@@ -1,0 +1,118 @@
+"""Where the time of one decode step goes, kernel by kernel, on a CUDA GPU.
+
+For a few benchmark points (same shapes and planted hits as ``bench_decode.py``) it
+times the whole step as a CUDA-graph replay and each kernel of it with the torch
+profiler (device time of eager launches, median over repeats). The difference between
+the replay and the sum of the kernels is what the step spends between kernels (launch
+and dependency gaps). Prints a table and writes ``profile.csv`` into ``--out``.
+
+    python benchmarks/profile_step.py [--out benchmarks/results]
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import math
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+import triton.testing
+from torch.profiler import ProfilerActivity, profile
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import mac_triton  # noqa: E402
+from bench_decode import DTYPE, HEAD_DIM, Q_HEADS, planted_state  # noqa: E402
+from mac_ref import MACConfig  # noqa: E402
+
+# (label, Hkv, batch, context, hit rate or None for the full decode)
+POINTS = [
+    ("full b1 8K", 8, 1, 8192, None),
+    ("MAC 100% b1 8K", 8, 1, 8192, 1.0),
+    ("MAC 100% b1 128K", 8, 1, 131072, 1.0),
+    ("MAC 0% b1 8K", 8, 1, 8192, 0.0),
+    ("full b16 8K", 8, 16, 8192, None),
+    ("MAC 100% b16 8K", 8, 16, 8192, 1.0),
+    ("MAC 0% b16 8K", 8, 16, 8192, 0.0),
+]
+REPEATS = 20
+
+
+def kernel_times(fn) -> dict[str, float]:
+    """Median device µs per kernel name over ``REPEATS`` eager calls of ``fn``."""
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(REPEATS):
+            fn()
+        torch.cuda.synchronize()
+    times: dict[str, list[float]] = {}
+    for event in prof.events():
+        if event.device_type == torch.autograd.DeviceType.CUDA:
+            times.setdefault(event.name, []).append(event.device_time)
+    return {name: statistics.median(ts) * len(ts) / REPEATS for name, ts in times.items()}  # per step
+
+
+def short(name: str) -> str:
+    for key in ("_match_kernel", "_attend_kernel", "_reduce_kernel"):
+        if key in name:
+            return key.strip("_")
+    return "copy (ring restore)" if "elementwise" in name or "copy" in name.lower() else name[:40]
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("this script needs a CUDA GPU")
+    device = torch.device("cuda")
+    config = MACConfig(window=1024, band=256, tau=0.45)
+    scale = 1.0 / math.sqrt(HEAD_DIM)
+    rows = []
+    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}")
+    for label, hkv, batch, ctx, rate in POINTS:
+        gen = torch.Generator(device=device).manual_seed(ctx + batch)
+        t = ctx - 1
+        positions = torch.full((batch,), t, dtype=torch.int64, device=device)
+        k = torch.randn(batch, hkv, ctx, HEAD_DIM, generator=gen, device=device, dtype=DTYPE)
+        v = torch.randn(batch, hkv, ctx, HEAD_DIM, generator=gen, device=device, dtype=DTYPE)
+        q_pre = torch.randn(batch, Q_HEADS, HEAD_DIM, generator=gen, device=device).to(DTYPE)
+        q_post = torch.randn(batch, Q_HEADS, HEAD_DIM, generator=gen, device=device).to(DTYPE)
+        if rate is None:
+            def step():
+                return mac_triton.full_decode(q_post, k, v, positions, scale)
+        else:
+            state, _ = planted_state(q_pre, batch, config.window, t, rate, gen)
+            slot = t % config.window
+            saved = state.ring_q[:, :, slot].clone()
+
+            def step():
+                res = mac_triton.mac_step(q_pre, q_post, k, v, state, positions, config, scale)
+                state.ring_q[:, :, slot] = saved  # as in bench_decode.py
+                return res
+        torch.cuda.synchronize()
+        replay = 1e3 * triton.testing.do_bench_cudagraph(step, rep=100, return_mode="median")
+        kernels = {short(name): us for name, us in kernel_times(step).items()}
+        total = sum(kernels.values())
+        print(f"{label:18s} replay {replay:7.1f} µs = kernels {total:7.1f} + between {replay - total:5.1f}: "
+              + ", ".join(f"{n} {us:.1f}" for n, us in kernels.items()))
+        for name, us in kernels.items():
+            rows.append(dict(point=label, kernel=name, us=round(us, 2), replay_us=round(replay, 2)))
+        rows.append(dict(point=label, kernel="between kernels", us=round(replay - total, 2), replay_us=round(replay, 2)))
+        del k, v
+        torch.cuda.empty_cache()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "profile.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+if __name__ == "__main__":
+    main()
