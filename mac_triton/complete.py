@@ -12,12 +12,16 @@ in a CUDA graph and costs few launches):
 1. **plan** (a ``@triton.jit`` helper that every program evaluates identically from the
    positions and the match keys): per GQA group ``(b, h_kv)`` the union of its heads'
    spans, ``[0, S)`` sinks, ``[min_h P_h, N)`` band, ``[N, t+1)`` tail. The segments of
-   the whole batch are laid end to end and split evenly over the programs (stream-K
-   style): program ``p`` takes keys ``[p·chunk, (p+1)·chunk)`` of the concatenation, and
-   each piece of a segment it takes is a *unit* with its own partial state. Work is
-   therefore split by span length: a long miss span is shared by many programs, a hit's
-   short band is one piece of one program, whatever the longest head is, and no program
-   gets more than ``chunk`` keys.
+   the whole batch are laid end to end, each weighing its keys plus a fixed ``unit_cost``
+   (a unit's latency: loads of the plan, the query and the first tile, the partial
+   state's store, in key-equivalents), and the concatenation is split evenly over the
+   programs (stream-K style): program ``p`` takes ``[p·chunk, (p+1)·chunk)`` of it, and
+   each piece of a segment's keys it takes is a *unit* with its own partial state. Work
+   is therefore split by span length: a long miss span is shared by many programs, a
+   hit's short band is one piece of one program, whatever the longest head is; and a
+   program that gets many short hit segments gets fewer keys (without the fixed cost, the
+   programs holding the hits of a 95 % step at batch 16 took 1.8× longer than those
+   holding the misses: ``benchmarks/RESULTS.md``).
 2. **attend** (one program per SM): each unit loads its keys and values once for all
    ``g`` query heads of the group (one ``tl.dot`` of ``[g, D] × [D, BLOCK_N]``) and keeps
    a flash-decoding partial state per head; band units mask keys below each head's own
@@ -34,11 +38,12 @@ tensor cores with float32 accumulation, the probabilities are rounded to the val
 before ``p·V`` (as in FlashAttention); float32 inputs (and everything under the
 interpreter) use IEEE float32 dots.
 
-Launch parameters (:func:`attend_launch`): with many GQA groups (batch 16) tiles of 128
-keys, at least 128 keys per program, one 8-warp program per SM; with few groups (batch
-1: a group's keys are spread over many programs, whose latency then dominates) tiles of
-64 keys, at least 64 keys per program, two 4-warp programs per SM. Tiles are capped at
-32 KB (64 keys for float32 heads of 128).
+Launch parameters (:func:`launch_for`): with many GQA groups (batch 16) tiles of 128
+keys, at least 128 keys per program, one 8-warp program per SM, 16 partial states per
+reduce iteration; with few groups (batch 1: a group's keys are spread over many programs,
+whose latency then dominates) tiles of 64 keys, at least 64 keys per program, two 4-warp
+programs per SM, 64 partial states per reduce iteration. Tiles are capped at 32 KB (64
+keys for float32 heads of 128).
 """
 
 from __future__ import annotations
@@ -69,24 +74,27 @@ from .match import _NO_CANDIDATE, decode_key
 
 
 @dataclass(frozen=True)
-class AttendLaunch:
-    """Launch parameters of the attend kernel."""
+class Launch:
+    """Launch parameters of the attend and reduce kernels."""
 
     block_n: int  # keys per tile (fewer where a tile would pass 32 KB)
     min_chunk: int  # fewest keys per program
+    unit_cost: int  # a unit's fixed cost in keys when the work is split (see _plan)
     programs_per_sm: int
     warps: int
     stages: int
+    reduce_units: int  # partial states the reduce kernel merges per iteration
 
 
 # the best of benchmarks/tune_decode.py on an H200 (Hq 32, Hkv 8, D 128, bf16; full decodes
 # and all-hit MAC steps at batch 1 and 16, contexts 8K and 128K); see benchmarks/RESULTS.md
-WIDE = AttendLaunch(block_n=128, min_chunk=128, programs_per_sm=1, warps=8, stages=3)
-NARROW = AttendLaunch(block_n=64, min_chunk=64, programs_per_sm=2, warps=4, stages=3)
+# (a group's miss span is split into hundreds of units at batch 1, a handful at batch 16)
+WIDE = Launch(block_n=128, min_chunk=128, unit_cost=512, programs_per_sm=1, warps=8, stages=3, reduce_units=16)
+NARROW = Launch(block_n=64, min_chunk=64, unit_cost=256, programs_per_sm=2, warps=4, stages=3, reduce_units=64)
 NARROW_MAX_GROUPS = 32  # GQA groups (B·Hkv) up to which NARROW is used (measured: 4 and 8 vs 64 and 128)
 
 
-def attend_launch(groups: int) -> AttendLaunch:
+def launch_for(groups: int) -> Launch:
     """The launch parameters for a step of ``groups = B·Hkv`` GQA groups."""
     return NARROW if groups <= NARROW_MAX_GROUPS else WIDE
 
@@ -138,17 +146,19 @@ def _plan(
     pos_ptr, key_ptr, radius_ptr, span_start_ptr, span_sink_ptr, span_band_end_ptr, span_tail_end_ptr, stride_sb, stride_sh,
     NG, Hkv, G, band, sinks, min_context, n_split,
     SOURCE: tl.constexpr, NG_BLOCK: tl.constexpr, G_BLOCK: tl.constexpr, MIN_CHUNK: tl.constexpr,
+    UNIT_COST: tl.constexpr,
 ):
     """The step's work plan, computed identically by every program (no plan launch).
 
     Per GQA group ``(b, h_kv)``: sinks ``[0, S)``, band ``[lo, N)`` with ``lo`` the
     smallest band start of its heads, tail ``[N, t+1)``. The segments of all groups are
-    laid end to end and program ``p`` of ``n_split`` takes keys ``[p·chunk, (p+1)·chunk)``
-    of that concatenation (stream-K style: every program gets the same number of keys,
-    whatever the spans' lengths); each piece of a segment a program takes is one *unit*
-    with its own partial state. Returns ``[NG_BLOCK]`` vectors (first unit, sink units,
-    band units, units, S, lo, N, t+1, offset in the concatenation), ``chunk`` and the
-    total number of keys.
+    laid end to end, each costing ``UNIT_COST`` (a unit's fixed latency, in keys) plus its
+    keys, and program ``p`` of ``n_split`` takes the cost range ``[p·chunk, (p+1)·chunk)``
+    of that concatenation (stream-K style: every program gets the same cost, whatever the
+    spans' lengths; many short hit segments weigh more than their keys). Each piece of a
+    segment's keys that a program takes is one *unit* with its own partial state. Returns
+    ``[NG_BLOCK]`` vectors (first unit, sink units, band units, units, S, lo, N, t+1,
+    offset in the concatenation), ``chunk`` and the total cost.
     """
     groups = tl.arange(0, NG_BLOCK)
     valid = groups < NG
@@ -167,16 +177,30 @@ def _plan(
     sink_len = tl.where(valid, sink_end, 0)
     band_len = tl.where(valid, band_end - band_lo, 0)
     tail_len = tl.where(valid, tail_end - band_end, 0)
-    group_len = sink_len + band_len + tail_len
-    offset = tl.cumsum(group_len, axis=0) - group_len  # where each group starts in the concatenation
-    total = tl.sum(group_len, axis=0)
-    chunk = tl.maximum(tl.cdiv(total, n_split), MIN_CHUNK)  # keys per program
-    n_sink = _pieces(offset, sink_len, chunk)
-    n_band = _pieces(offset + sink_len, band_len, chunk)
-    n_units = n_sink + n_band + _pieces(offset + sink_len + band_len, tail_len, chunk)
+    group_cost = _cost(sink_len, UNIT_COST) + _cost(band_len, UNIT_COST) + _cost(tail_len, UNIT_COST)
+    offset = tl.cumsum(group_cost, axis=0) - group_cost  # where each group starts in the concatenation
+    total = tl.sum(group_cost, axis=0)
+    chunk = tl.maximum(tl.cdiv(total, n_split), MIN_CHUNK)  # cost per program
+    band_at = offset + _cost(sink_len, UNIT_COST)
+    tail_at = band_at + _cost(band_len, UNIT_COST)
+    n_sink = _pieces(_keys_at(offset, sink_len, UNIT_COST), sink_len, chunk)
+    n_band = _pieces(_keys_at(band_at, band_len, UNIT_COST), band_len, chunk)
+    n_units = n_sink + n_band + _pieces(_keys_at(tail_at, tail_len, UNIT_COST), tail_len, chunk)
     first = tl.cumsum(n_units, axis=0) - n_units
     offset = tl.where(valid, offset, 2**60)  # no program maps to a padding group
     return first, n_sink, n_band, n_units, sink_end, band_lo, band_end, tail_end, offset, chunk, total
+
+
+@triton.jit
+def _cost(length, UNIT_COST: tl.constexpr):
+    """Cost of a segment of ``length`` keys in the concatenation (an empty one costs nothing)."""
+    return tl.where(length > 0, length + UNIT_COST, 0)
+
+
+@triton.jit
+def _keys_at(at, length, UNIT_COST: tl.constexpr):
+    """Where the keys of a segment placed at ``at`` start: after its fixed cost."""
+    return at + tl.where(length > 0, UNIT_COST, 0)
 
 
 @triton.jit
@@ -199,11 +223,12 @@ def _attend_kernel(
     stride_qb, stride_qh, stride_kb, stride_kh, stride_kt, stride_vb, stride_vh, stride_vt,
     NG, Hkv, G, band, sinks, min_context, n_split, scale_log2,
     SOURCE: tl.constexpr, NG_BLOCK: tl.constexpr, G_BLOCK: tl.constexpr, MIN_CHUNK: tl.constexpr,
+    UNIT_COST: tl.constexpr,
     D: tl.constexpr, BLOCK_D: tl.constexpr, G_PAD: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr,
 ):
     first, n_sink, n_band, n_units, sink_end, band_lo, band_end, tail_end, offset, chunk, total = _plan(
         pos_ptr, key_ptr, radius_ptr, span_start_ptr, span_sink_ptr, span_band_end_ptr, span_tail_end_ptr, stride_sb, stride_sh,
-        NG, Hkv, G, band, sinks, min_context, n_split, SOURCE, NG_BLOCK, G_BLOCK, MIN_CHUNK,
+        NG, Hkv, G, band, sinks, min_context, n_split, SOURCE, NG_BLOCK, G_BLOCK, MIN_CHUNK, UNIT_COST,
     )
     groups = tl.arange(0, NG_BLOCK)
     lanes = tl.arange(0, G_PAD)
@@ -219,7 +244,7 @@ def _attend_kernel(
         tl.store(row + 3, n_units, mask=in_plan)
         tl.store(row + 4, sink_end, mask=in_plan)
         tl.store(row + 5, tail_end, mask=in_plan)
-    range_lo = pid * chunk  # this program's keys [range_lo, range_hi) of the concatenation
+    range_lo = pid * chunk  # this program's share [range_lo, range_hi) of the concatenation
     range_hi = tl.minimum(range_lo + chunk, total)
     grp = tl.sum((offset <= range_lo).to(tl.int32), axis=0) - 1  # the group holding range_lo
     grp_start = _pick(offset, groups, grp)
@@ -247,12 +272,13 @@ def _attend_kernel(
             else:
                 seg_lo, seg_hi = g_band_end, g_tail_end
             seg_len = seg_hi - seg_lo
-            piece_lo = tl.maximum(seg_offset, range_lo)
-            piece_hi = tl.minimum(seg_offset + seg_len, range_hi)
+            keys_at = _keys_at(seg_offset, seg_len, UNIT_COST)  # the segment's keys in the concatenation
+            piece_lo = tl.maximum(keys_at, range_lo)
+            piece_hi = tl.minimum(keys_at + seg_len, range_hi)
             if piece_lo < piece_hi:
-                unit = units_before + pid - seg_offset // chunk
-                lo = (seg_lo + piece_lo - seg_offset).to(tl.int32)
-                hi = (seg_lo + piece_hi - seg_offset).to(tl.int32)
+                unit = units_before + pid - keys_at // chunk
+                lo = (seg_lo + piece_lo - keys_at).to(tl.int32)
+                hi = (seg_lo + piece_hi - keys_at).to(tl.int32)
                 if seg == 1:
                     head_lo = tl.maximum(head_start, lo).to(tl.int32)
                 else:
@@ -262,8 +288,8 @@ def _attend_kernel(
                     stride_qb, stride_qh, stride_kb, stride_kh, stride_kt, stride_vb, stride_vh, stride_vt, scale_log2,
                     D, BLOCK_D, G_PAD, BLOCK_N, UPCAST,
                 )
-            units_before += _pieces(seg_offset, seg_len, chunk)
-            seg_offset += seg_len
+            units_before += _pieces(keys_at, seg_len, chunk)
+            seg_offset += _cost(seg_len, UNIT_COST)
         grp += 1
         grp_start = seg_offset
 
@@ -441,7 +467,7 @@ def attend_spans(
     NG = B * Hkv
     device = q_post.device
     scale = 1.0 / math.sqrt(D) if scale is None else scale
-    launch = attend_launch(NG)
+    launch = launch_for(NG)
     n_split = num_sms(device) * launch.programs_per_sm
     max_units = n_split + 3 * NG  # each segment adds at most one piece to the programs' ranges
     # tiles of at most 32 KB (float32 K/V or wide heads get fewer keys per tile)
@@ -480,6 +506,7 @@ def attend_spans(
     )
     plan_meta = dict(
         SOURCE=source, NG_BLOCK=triton.next_power_of_2(NG), G_BLOCK=triton.next_power_of_2(G), MIN_CHUNK=launch.min_chunk,
+        UNIT_COST=launch.unit_cost,
     )
     _attend_kernel[(n_split,)](
         q_post, k_cache, v_cache, part_o, part_lse, plan, *plan_args,
@@ -513,7 +540,7 @@ def attend_spans(
         q_ring_src.stride(0), q_ring_src.stride(1), hit_buf.stride(0) if hit_buf.dim() == 2 else 0,
         hit_buf.stride(1) if hit_buf.dim() == 2 else 0,
         Hkv, G, band, min_context, W, removal_epsilon(torch.float32),
-        SOURCE=source, D=D, BLOCK_D=triton.next_power_of_2(D), BLOCK_U=16, ROW_OUT=row_out, SUBTRACT=subtract,
+        SOURCE=source, D=D, BLOCK_D=triton.next_power_of_2(D), BLOCK_U=launch.reduce_units, ROW_OUT=row_out, SUBTRACT=subtract,
         num_warps=4,
     )
     return res

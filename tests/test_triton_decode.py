@@ -5,6 +5,8 @@ dtype, LSEs within float32 rounding, hits / j* / keys read equal, rings equal af
 steps, repeated runs bitwise identical. Caches are NaN past each request's position.
 """
 
+import dataclasses
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -58,7 +60,12 @@ STREAMS = [
 ]
 
 
-LAUNCHES = {"wide": complete.WIDE, "narrow": complete.NARROW}
+LAUNCHES = {
+    "wide": complete.WIDE,
+    "narrow": complete.NARROW,
+    "split-by-keys": dataclasses.replace(complete.NARROW, unit_cost=0),
+    "costly-units": dataclasses.replace(complete.NARROW, unit_cost=4096),  # ranges that hold no keys
+}
 
 
 @pytest.mark.parametrize("launch", LAUNCHES)
@@ -66,7 +73,7 @@ LAUNCHES = {"wide": complete.WIDE, "narrow": complete.NARROW}
 def test_decode_stream_matches_reference(dtype, q_heads, kv_heads, head_dim, config, launch, monkeypatch):
     """Prefill, then 10 decode steps of a ragged batch: same decisions, outputs, rows and rings,
     with each of the attend kernel's launch settings."""
-    monkeypatch.setattr(complete, "attend_launch", lambda groups: LAUNCHES[launch])
+    monkeypatch.setattr(complete, "launch_for", lambda groups: LAUNCHES[launch])
     q, k, v = stream_inputs(2, q_heads, kv_heads, 52, head_dim, dtype, seed=3, reuse=0.8)
     prefill = torch.tensor([40, 42], device=DEVICE)
     want = mac_ref.run_stream(q, k, v, prefill, config)
