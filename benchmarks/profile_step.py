@@ -7,6 +7,9 @@ the replay and the sum of the kernels is what the step spends between kernels (l
 and dependency gaps). Prints a table and writes ``profile.csv`` into ``--out``.
 
     python benchmarks/profile_step.py [--out benchmarks/results]
+    ncu --section SpeedOfLight python benchmarks/profile_step.py --ncu "MAC 100% b16 8K"
+
+``--ncu LABEL`` only runs that point's step a few times, eagerly, for Nsight Compute.
 """
 
 from __future__ import annotations
@@ -67,6 +70,7 @@ def short(name: str) -> str:
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
+    parser.add_argument("--ncu", metavar="LABEL", choices=[p[0] for p in POINTS], help="only run this point's step (under ncu)")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         sys.exit("this script needs a CUDA GPU")
@@ -75,7 +79,7 @@ def main():
     scale = 1.0 / math.sqrt(HEAD_DIM)
     rows = []
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}")
-    for label, hkv, batch, ctx, rate in POINTS:
+    for label, hkv, batch, ctx, rate in POINTS if args.ncu is None else [p for p in POINTS if p[0] == args.ncu]:
         gen = torch.Generator(device=device).manual_seed(ctx + batch)
         t = ctx - 1
         positions = torch.full((batch,), t, dtype=torch.int64, device=device)
@@ -96,6 +100,11 @@ def main():
                 state.ring_q[:, :, slot] = saved  # as in bench_decode.py
                 return res
         torch.cuda.synchronize()
+        if args.ncu:
+            for _ in range(3):
+                step()
+            torch.cuda.synchronize()
+            return
         replay = 1e3 * triton.testing.do_bench_cudagraph(step, rep=100, return_mode="median")
         kernels = {short(name): us for name, us in kernel_times(step).items()}
         total = sum(kernels.values())
