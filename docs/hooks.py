@@ -5,8 +5,10 @@ Everything the site shows that is not hand-written markdown is made here, at bui
 * the figures of the concept pages (``docs/scripts/figures.py``), cached in ``build/docs/figures``;
 * the tutorials, executed once into notebooks (``docs/scripts/run_tutorials.py``) that
   mkdocs-jupyter renders without executing them again;
-* the benchmarks page's results, copied from ``benchmarks/results/`` when a GPU run left
-  some there (the page says so when there are none, so the build never depends on a GPU);
+* the benchmarks page's results: ``benchmarks/RESULTS.md`` and the plots and CSV files of
+  the latest GPU run at the top of ``benchmarks/results/`` (older runs in its subfolders
+  stay in the repository); the page says so when there are none, so the build never
+  depends on a GPU;
 * notebook pages lose the CDN scripts (MathJax, Mermaid) that nbconvert's template adds:
   the site typesets math with its vendored KaTeX and works offline.
 """
@@ -37,6 +39,7 @@ import run_tutorials  # noqa: E402
 log = logging.getLogger("mkdocs.hooks.mac")
 
 RESULTS_DIR = REPO / "benchmarks" / "results"
+RESULTS_MD = REPO / "benchmarks" / "RESULTS.md"
 RESULTS_URI = "benchmarks/results"
 RESULTS_MARKER = "<!-- benchmark-results -->"
 
@@ -51,9 +54,9 @@ def on_pre_build(config) -> None:
     for stem, path in run_tutorials.execute_all(log=log.info).items():
         _generated[f"tutorials/{stem}.ipynb"] = path
     _results.clear()
-    for path in sorted(RESULTS_DIR.rglob("*")) if RESULTS_DIR.is_dir() else []:
+    for path in sorted(RESULTS_DIR.glob("*")) if RESULTS_DIR.is_dir() else []:
         if path.suffix.lower() in {".png", ".svg", ".csv", ".md"} and path.is_file():
-            _results[f"{RESULTS_URI}/{path.relative_to(RESULTS_DIR).as_posix()}"] = path
+            _results[f"{RESULTS_URI}/{path.name}"] = path
     # plots and CSVs are copied into the site; markdown tables are included in the page
     _generated.update({uri: p for uri, p in _results.items() if p.suffix.lower() != ".md"})
 
@@ -184,10 +187,10 @@ def on_page_content(html: str, page, config, files) -> str:
 
 
 def results_markdown(page_uri: str) -> str:
-    """Markdown for the results in ``benchmarks/results/``, or a note that there are none.
+    """Markdown for the benchmark results, or a note that there are none.
 
-    Every ``.md`` there is included (``RESULTS.md`` first) with its links pointed at the
-    copied files; images no table mentions follow; CSV files are linked.
+    ``benchmarks/RESULTS.md`` (or, without it, the ``.md`` tables of the latest run) with its
+    links pointed at the copied files; images it does not show follow; CSV files are linked.
     """
     results = _results
     if not results:
@@ -197,17 +200,17 @@ def results_markdown(page_uri: str) -> str:
             "    the benchmark scripts (see above) writes them there. The site builds without them.\n"
         )
     page_dir = Path(page_uri).parent
-    rel = {p.name: Path(uri).relative_to(page_dir).as_posix() for uri, p in results.items() if uri in _generated}
-    markdowns = sorted((p for p in results.values() if p.suffix.lower() == ".md"), key=lambda p: (p.name != "RESULTS.md", str(p)))
+    copied = {path.resolve(): Path(uri).relative_to(page_dir).as_posix() for uri, path in results.items() if uri in _generated}
+    markdowns = [RESULTS_MD] if RESULTS_MD.is_file() else [p for p in results.values() if p.suffix.lower() == ".md"]
     parts, shown = [], set()
     for path in markdowns:
-        text, used = _rewrite_links(path.read_text(), rel)
-        parts.append(f"### `{path.relative_to(RESULTS_DIR).as_posix()}`\n\n" + _demote_headings(text))
+        text, used = _rewrite_links(path.read_text(), path.parent, copied)
+        parts.append(f"### `{path.relative_to(REPO / 'benchmarks').as_posix()}`\n\n" + _demote_headings(text))
         shown |= used
     for uri, path in results.items():
-        if path.suffix.lower() in {".png", ".svg"} and path.name not in shown:
-            parts.append(f"### {path.stem}\n\n![{path.stem}]({rel[path.name]})\n")
-    csvs = [f"[`{p.name}`]({rel[p.name]})" for p in results.values() if p.suffix.lower() == ".csv"]
+        if path.suffix.lower() in {".png", ".svg"} and path.resolve() not in shown:
+            parts.append(f"### {path.stem}\n\n![{path.stem}]({copied[path.resolve()]})\n")
+    csvs = [f"[`{p.name}`]({copied[p.resolve()]})" for p in results.values() if p.suffix.lower() == ".csv"]
     if csvs:
         parts.append("Raw measurements (CSV): " + ", ".join(csvs) + ".\n")
     return "\n".join(parts)
@@ -216,10 +219,11 @@ def results_markdown(page_uri: str) -> str:
 _LINK = re.compile(r"(!?)\[([^\]]*)\]\(([^)\s]+)\)")
 
 
-def _rewrite_links(text: str, known: dict[str, str]) -> tuple[str, set[str]]:
-    """Point links at copied result files; links elsewhere in the repo become plain code.
+def _rewrite_links(text: str, base: Path, copied: dict[Path, str]) -> tuple[str, set[Path]]:
+    """Point links (relative to ``base``) at copied result files; links elsewhere in the repo
+    become plain code.
 
-    Returns the text and the names of the result files it references.
+    Returns the text and the files it references.
     """
     used = set()
 
@@ -227,10 +231,10 @@ def _rewrite_links(text: str, known: dict[str, str]) -> tuple[str, set[str]]:
         bang, label, target = m.groups()
         if re.match(r"[a-z]+://", target) or target.startswith("#"):
             return m.group(0)
-        name = Path(target).name
-        if name in known:
-            used.add(name)
-            return f"{bang}[{label}]({known[name]})"
+        path = (base / target).resolve()
+        if path in copied:
+            used.add(path)
+            return f"{bang}[{label}]({copied[path]})"
         return f"{label} (`{target}`)"
 
     return _LINK.sub(fix, text), used
