@@ -102,20 +102,25 @@ def attend(q, k, v, start, end, scale: float | None = None) -> Summary:
     hi = _bounds(end, q.shape[:-1], q.device)
     if single:
         lo, hi = lo.unsqueeze(2), hi.unsqueeze(2)  # [B, Hq, 1, 1]
-    pos = torch.arange(T, device=q.device)  # [T]
-    in_range = (pos >= lo) & (pos < hi)  # [B, Hq, L, T]
+    # only the keys some range reads, [min start, max end): a band or tail need not scan the cache
+    first, last = max(int(lo.min()), 0) if lo.numel() else 0, min(int(hi.max()), T) if hi.numel() else 0
+    first = min(first, last)
+    n_keys = last - first
+    k, v = k[:, :, first:last], v[:, :, first:last]
+    pos = torch.arange(first, last, device=q.device)  # [T'] key positions
+    in_range = (pos >= lo) & (pos < hi)  # [B, Hq, L, T']
 
     qg = q4.to(dtype).reshape(B, Hkv, group, L, D)
     scores = torch.einsum("bkgld,bktd->bkglt", qg, k.to(dtype)) * scale
-    scores = scores.reshape(B, Hq, L, T).masked_fill(~in_range, -math.inf)
+    scores = scores.reshape(B, Hq, L, n_keys).masked_fill(~in_range, -math.inf)
     lse = torch.logsumexp(scores, dim=-1)  # [B, Hq, L]; -inf where the range is empty
     lse_safe = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
-    p = torch.exp(scores - lse_safe.unsqueeze(-1))  # [B, Hq, L, T]; exactly 0 outside the range
+    p = torch.exp(scores - lse_safe.unsqueeze(-1))  # [B, Hq, L, T']; exactly 0 outside the range
 
     # 0 * NaN is NaN: zero the values no range of the request touches
-    used = in_range.flatten(1, 2).any(dim=1)  # [B, T]
+    used = in_range.flatten(1, 2).any(dim=1)  # [B, T']
     v_used = v.to(dtype).masked_fill(~used[:, None, :, None], 0.0)
-    o = torch.einsum("bkglt,bktd->bkgld", p.reshape(B, Hkv, group, L, T), v_used).reshape(B, Hq, L, D)
+    o = torch.einsum("bkglt,bktd->bkgld", p.reshape(B, Hkv, group, L, n_keys), v_used).reshape(B, Hq, L, D)
     if single:
         return Summary(o.squeeze(2), lse.squeeze(2))
     return Summary(o, lse)
