@@ -14,7 +14,9 @@ configuration then clones the KV cache and seeds its rings from the captured pro
 Metrics of a run (:func:`fidelity`): hit rate; KV reads skipped per query head and per KV
 group (a group reads the union of its heads' spans, all ending at ``t+1``: the longest);
 top-1 agreement; ``KL(full ‖ MAC)`` mean and worst step; perplexity change
-``exp(mean NLL_MAC − mean NLL_full) − 1`` and its standard error; relative attention-output error per layer.
+``exp(mean NLL_MAC − mean NLL_full) − 1`` and its standard error; how far MAC moves full
+attention's top-2 logit gap (median and 99th percentile) and the share of near-ties (gap
+below :data:`NEAR_TIE`); relative attention-output error per layer.
 """
 
 from __future__ import annotations
@@ -29,6 +31,9 @@ import mac_ref
 
 from .attention import FullAttention, MACAttention, causal_block_attention
 from .gguf_model import KVCache, LlamaModel
+
+FIDELITY_CHUNK = 64  # steps per float64 pass in fidelity()
+NEAR_TIE = 0.05  # a top-2 logit gap below this is a near-tie (float32 rounding moves logits by ~5e-5)
 
 
 def default_prose() -> str:
@@ -69,12 +74,25 @@ class Prefilled:
         return self.cache.length
 
 
-def prefill(model: LlamaModel, prompt: torch.Tensor, capacity: int, keep: int = 1024) -> Prefilled:
-    """Run the prompt ``[B, n]`` with full attention into a cache of ``capacity`` positions."""
-    capture = PromptCapture(keep)
-    cache = model.new_cache(prompt.shape[0], capacity)
-    logits = model(prompt, cache, capture)
-    return Prefilled(cache, logits[:, -1], capture.queries)
+def prefill(model: LlamaModel, prompt: torch.Tensor, capacity: int, keep: int = 1024, requests_per_pass: int | None = None) -> Prefilled:
+    """Run the prompt ``[B, n]`` with full attention into a cache of ``capacity`` positions.
+
+    ``requests_per_pass`` runs the requests a few at a time (the same result, less memory:
+    a causal pass over ``n`` tokens holds ``[B, Hq, n, n]`` scores); ``None``: all at once.
+    """
+    B = prompt.shape[0]
+    if requests_per_pass is None or requests_per_pass >= B:
+        capture = PromptCapture(keep)
+        cache = model.new_cache(B, capacity)
+        logits = model(prompt, cache, capture)
+        return Prefilled(cache, logits[:, -1], capture.queries)
+    parts = [prefill(model, prompt[lo : lo + requests_per_pass], capacity, keep) for lo in range(0, B, requests_per_pass)]
+    cache = model.new_cache(B, capacity)
+    cache.k = [torch.cat([p.cache.k[layer] for p in parts]) for layer in range(model.config.n_layers)]
+    cache.v = [torch.cat([p.cache.v[layer] for p in parts]) for layer in range(model.config.n_layers)]
+    cache.length = prompt.shape[1]
+    queries = {layer: tuple(torch.cat(qs) for qs in zip(*(p.queries[layer] for p in parts))) for layer in parts[0].queries}
+    return Prefilled(cache, torch.cat([p.last_logits for p in parts]), queries)
 
 
 def mac_continuation(model: LlamaModel, prefilled: Prefilled, config: mac_ref.MACConfig, rule: str = "paper", **kwargs):
@@ -127,12 +145,21 @@ def fidelity(full_logits: torch.Tensor, mac_logits: torch.Tensor, targets: torch
         A flat dict of scalars (see the module docstring) plus per-layer lists
         ``layer_hit``, ``layer_skipped``, ``layer_err_mean``, ``layer_err_max``.
     """
-    log_p = F.log_softmax(full_logits.double(), -1)
-    log_q = F.log_softmax(mac_logits.double(), -1)
-    kl = (log_p.exp() * (log_p - log_q)).sum(-1)  # [B, N]
-    nll_full = -log_p.gather(-1, targets[..., None]).squeeze(-1)  # [B, N]
-    nll_mac = -log_q.gather(-1, targets[..., None]).squeeze(-1)
+    kl, nll_full, nll_mac = [], [], []
+    for lo in range(0, full_logits.shape[1], FIDELITY_CHUNK):  # float64 in chunks of steps: long runs fit in memory
+        log_p = F.log_softmax(full_logits[:, lo : lo + FIDELITY_CHUNK].double(), -1)
+        log_q = F.log_softmax(mac_logits[:, lo : lo + FIDELITY_CHUNK].double(), -1)
+        tgt = targets[:, lo : lo + FIDELITY_CHUNK, None]
+        kl.append((log_p.exp() * (log_p - log_q)).sum(-1))
+        nll_full.append(-log_p.gather(-1, tgt).squeeze(-1))
+        nll_mac.append(-log_q.gather(-1, tgt).squeeze(-1))
+    kl, nll_full, nll_mac = torch.cat(kl, 1), torch.cat(nll_full, 1), torch.cat(nll_mac, 1)  # [B, N]
     agree = full_logits.argmax(-1) == mac_logits.argmax(-1)  # [B, N]
+    # the greedy decision's margin: full attention's top-2 gap, and how far MAC moves it
+    top2 = full_logits.topk(2, dim=-1)  # [B, N, 2]
+    full_gap = top2.values[..., 0] - top2.values[..., 1]
+    mac_pair = mac_logits.gather(-1, top2.indices)
+    gap_err = ((mac_pair[..., 0] - mac_pair[..., 1]) - full_gap).abs().flatten().double()
     disagree_steps = (~agree).any(dim=0).nonzero()
     worst = int(kl.max(dim=0).values.argmax())
 
@@ -157,6 +184,10 @@ def fidelity(full_logits: torch.Tensor, mac_logits: torch.Tensor, targets: torch
         "first_disagreement": int(disagree_steps[0]) if len(disagree_steps) else -1,
         # how close full attention's own top two were where MAC first picked another token
         "flip_margin": _first_flip_margin(full_logits, agree),
+        # a greedy token flips where MAC moves the top-2 gap by more than the gap itself
+        "gap_err_median": gap_err.median().item(),
+        "gap_err_p99": gap_err.quantile(0.99).item(),
+        "near_ties": (full_gap < NEAR_TIE).double().mean().item(),
         "layer_hit": hit.mean(dim=(0, 2, 3)).tolist(),
         "layer_skipped": (1 - reads.sum(dim=(0, 2, 3)) / full_reads.sum(dim=(0, 2, 3))).tolist(),
     }
