@@ -69,6 +69,17 @@ def timed_us(fn, rep_ms: int) -> tuple[float, str]:
         return 1e3 * triton.testing.do_bench(fn, rep=rep_ms, return_mode="median"), "eager"
 
 
+def step_inputs(hkv, batch, ctx, gen):
+    """Random inputs of one decode step at position ``t = ctx − 1``: ``(positions, k, v, q_pre, q_post)``."""
+    device = gen.device
+    positions = torch.full((batch,), ctx - 1, dtype=torch.int64, device=device)
+    k = torch.randn(batch, hkv, ctx, HEAD_DIM, generator=gen, device=device, dtype=DTYPE)
+    v = torch.randn(batch, hkv, ctx, HEAD_DIM, generator=gen, device=device, dtype=DTYPE)
+    q_pre = torch.randn(batch, Q_HEADS, HEAD_DIM, generator=gen, device=device).to(DTYPE)
+    q_post = torch.randn(batch, Q_HEADS, HEAD_DIM, generator=gen, device=device).to(DTYPE)
+    return positions, k, v, q_pre, q_post
+
+
 def planted_state(q_pre, batch, window, t, hit_rate, gen) -> tuple[LayerState, int]:
     """Rings with exact hits for all but a contiguous block of (request, head) indices."""
     device = q_pre.device
@@ -130,11 +141,7 @@ def run_config(hkv, batch, ctx, window, hit_rates, rep_ms, bandwidth, providers_
     device = torch.device("cuda")
     gen = torch.Generator(device=device).manual_seed(1234 + ctx + batch + hkv + window)
     t = ctx - 1
-    positions = torch.full((batch,), t, dtype=torch.int64, device=device)
-    k = torch.randn(batch, hkv, ctx, HEAD_DIM, generator=gen, device=device, dtype=DTYPE)
-    v = torch.randn(batch, hkv, ctx, HEAD_DIM, generator=gen, device=device, dtype=DTYPE)
-    q_pre = torch.randn(batch, Q_HEADS, HEAD_DIM, generator=gen, device=device).to(DTYPE)
-    q_post = torch.randn(batch, Q_HEADS, HEAD_DIM, generator=gen, device=device).to(DTYPE)
+    positions, k, v, q_pre, q_post = step_inputs(hkv, batch, ctx, gen)
     scale = 1.0 / math.sqrt(HEAD_DIM)
     kv_bytes = 2 * batch * hkv * ctx * HEAD_DIM * k.element_size()
     floor_us = 1e6 * kv_bytes / bandwidth

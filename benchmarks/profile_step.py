@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import mac_triton  # noqa: E402
-from bench_decode import DTYPE, HEAD_DIM, Q_HEADS, planted_state  # noqa: E402
+from bench_decode import HEAD_DIM, planted_state, step_inputs  # noqa: E402
 from mac_ref import MACConfig  # noqa: E402
 
 # (label, Hkv, batch, context, hit rate or None for the full decode)
@@ -82,11 +82,7 @@ def main():
     for label, hkv, batch, ctx, rate in POINTS if args.ncu is None else [p for p in POINTS if p[0] == args.ncu]:
         gen = torch.Generator(device=device).manual_seed(ctx + batch)
         t = ctx - 1
-        positions = torch.full((batch,), t, dtype=torch.int64, device=device)
-        k = torch.randn(batch, hkv, ctx, HEAD_DIM, generator=gen, device=device, dtype=DTYPE)
-        v = torch.randn(batch, hkv, ctx, HEAD_DIM, generator=gen, device=device, dtype=DTYPE)
-        q_pre = torch.randn(batch, Q_HEADS, HEAD_DIM, generator=gen, device=device).to(DTYPE)
-        q_post = torch.randn(batch, Q_HEADS, HEAD_DIM, generator=gen, device=device).to(DTYPE)
+        positions, k, v, q_pre, q_post = step_inputs(hkv, batch, ctx, gen)
         if rate is None:
             def step():
                 return mac_triton.full_decode(q_post, k, v, positions, scale)

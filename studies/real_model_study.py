@@ -205,6 +205,35 @@ def frontier_plot(rows: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
+def long_plot(rows: list[dict], path: Path) -> None:
+    """The long-context points: KV reads skipped (per head and per group) against Δppl ± SE."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for ax, regime in zip(axes, ("teacher", "generation")):
+        part = [r for r in rows if r["part"] == "long" and r["regime"] == regime]
+        for r in part:
+            y, err = 100 * float(r["ppl_change"]), 100 * float(r["ppl_change_se"])
+            label = f"{r['rule']} τ={float(r['tau']):g} W={r['window']} F={r['sinks']}"
+            line = ax.errorbar(100 * float(r["skipped_head"]), y, yerr=err, fmt="o", capsize=3, label=label)
+            ax.errorbar(100 * float(r["skipped_group"]), y, yerr=err, fmt="o", mfc="none", capsize=3, color=line[0].get_color())
+        ax.axhline(1.0, color="grey", lw=0.8, ls="--")
+        ax.axhline(0.0, color="grey", lw=0.5)
+        ax.axvline(60, color="grey", lw=0.8, ls=":")
+        ax.set_xlabel("KV reads skipped (%): filled per query head, open per KV group")
+        ax.set_ylabel("perplexity change (%), ± 1 SE")
+        steps = part[0]["steps"] if part else "?"
+        ax.set_title(f"{'teacher forcing' if regime == 'teacher' else 'free generation'}, 4K prompts ({steps} steps × 8)")
+        if part:
+            ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def layer_plot(layers: list[dict], selection: list[tuple], path: Path) -> None:
     import matplotlib
 
@@ -237,13 +266,32 @@ def margin(r: dict) -> str:
     return f" ({float(value):.3f})" if value not in ("", "nan") else ""
 
 
+def config_cells(r: dict) -> str:
+    return f"| {r['rule']} | {float(r['tau']):g} | {r['window']} | {r['band']} | {r['sinks']} "
+
+
 def fmt_row(r: dict) -> str:
     first = int(r["first_disagreement"])
     return (
-        f"| {r['rule']} | {float(r['tau']):g} | {r['window']} | {r['band']} | {r['sinks']} | {100 * float(r['hit_rate']):.1f} "
+        f"{config_cells(r)}| {100 * float(r['hit_rate']):.1f} "
         f"| {100 * float(r['skipped_head']):.1f} | {100 * float(r['skipped_group']):.1f} | {100 * float(r['top1']):.1f} "
         f"| {float(r['kl_mean']):.4f} | {float(r['kl_max']):.3f} | {100 * float(r['ppl_change']):+.2f}{se(r)} "
         f"| {'none' if first < 0 else first}{margin(r)} | {float(r['err_mean']):.3f} |"
+    )
+
+
+MARGIN_HEADER = (
+    "| rule | τ | W | r | F | near-ties (full gap < 0.05) % | margin error median | margin error p99 | top-1 % | first flip (margin) |\n"
+    "|---|---|---|---|---|---|---|---|---|---|"
+)
+
+
+def fmt_margin(r: dict) -> str:
+    first = int(r["first_disagreement"])
+    return (
+        f"{config_cells(r)}| {100 * float(r['near_ties']):.1f} "
+        f"| {float(r['gap_err_median']):.3f} | {float(r['gap_err_p99']):.3f} | {100 * float(r['top1']):.1f} "
+        f"| {'none' if first < 0 else first}{margin(r)} |"
     )
 
 
@@ -280,6 +328,15 @@ def report() -> None:
         if part:
             lines += [f"### Longer runs, {regime} ({part[0]['steps']} steps × {part[0]['batch']} requests)", "", HEADER]
             lines += [fmt_row(r) for r in sorted(part, key=lambda r: (r["rule"], float(r["tau"])))] + [""]
+    for regime in ("teacher", "generation"):
+        part = [r for r in rows if r["part"] == "long" and r["regime"] == regime]
+        if part:
+            lines += [f"### Long context, {regime} ({part[0]['prompt_len']}-token prompts, {part[0]['steps']} steps × {part[0]['batch']} requests)", "", HEADER]
+            lines += [fmt_row(r) for r in sorted(part, key=lambda r: (r["rule"], int(r["window"]), float(r["tau"])))] + [""]
+            lines += [f"#### Greedy margins, {regime}", "", MARGIN_HEADER]
+            lines += [fmt_margin(r) for r in sorted(part, key=lambda r: (r["rule"], int(r["window"]), float(r["tau"])))] + [""]
+    if any(r["part"] == "long" for r in rows):
+        long_plot(rows, DOCS_IMG / "long_frontier.png")
     grid = [r for r in rows if r["part"] == "grid"]
     if grid:
         lines += [f"### Grid, paper rule, teacher forcing ({grid[0]['steps']} steps × {grid[0]['batch']} requests, {len(grid)} of the 96 points)", "", HEADER]
