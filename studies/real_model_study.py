@@ -8,6 +8,7 @@ long run can be stopped and resumed: rows already there are skipped. Then
 
     python studies/real_model_study.py            # frontier and grid at 1K context, in priority order
     python studies/real_model_study.py --long     # the long-context part (4K prompts, more tokens)
+    python studies/real_model_study.py --noise-floor  # what float32 rounding alone does to greedy text
     python studies/real_model_study.py --report   # plots + markdown tables only
 """
 
@@ -114,13 +115,18 @@ def run_part(model, regimes, part: str, configs, steps, done: set) -> None:
             done.add(key(base))
 
 
-def run_long(model, ids: list[int], done: set) -> None:
-    """The long-context part: ``LONG["segments"]`` prompts of 4K tokens spread over the prose."""
+def long_segments(ids: list[int]) -> tuple[list[int], torch.Tensor, torch.Tensor]:
+    """Starts, prompts ``[S, 4096]`` and the prose after them ``[S, steps + 1]`` of the long part."""
     n, steps = LONG["prompt_len"], max(LONG["teacher_steps"], LONG["generation_steps"])
     span = n + steps + 1
     starts = [i * (len(ids) - span) // (LONG["segments"] - 1) for i in range(LONG["segments"])]
-    prompt = torch.tensor([ids[s : s + n] for s in starts])
-    prose = torch.tensor([ids[s + n : s + span] for s in starts])
+    return starts, torch.tensor([ids[s : s + n] for s in starts]), torch.tensor([ids[s + n : s + span] for s in starts])
+
+
+def run_long(model, ids: list[int], done: set) -> None:
+    """The long-context part: ``LONG["segments"]`` prompts of 4K tokens spread over the prose."""
+    starts, prompt, prose = long_segments(ids)
+    span = prompt.shape[1] + prose.shape[1]
     print(f"long part: prefill of {tuple(prompt.shape)} tokens (segments at {starts}) ...", flush=True)
     prefilled = study.prefill(model, prompt, span, keep=max(p[2] for p in LONG_POINTS), requests_per_pass=1)
     full_prose = study.full_block_logits(model, prefilled, prose[:, : LONG["teacher_steps"]])
@@ -130,6 +136,41 @@ def run_long(model, ids: list[int], done: set) -> None:
     regimes = {"teacher": (prefilled, prose, full_prose), "generation": (prefilled, gen_tokens, full_gen)}
     steps = {"teacher": LONG["teacher_steps"], "generation": gen_steps}
     run_part(model, regimes, "long", LONG_POINTS, steps, done)
+
+
+def run_noise_floor(model, ids: list[int]) -> None:
+    """Full attention in float32 against float64 on the long part's prompts, greedy.
+
+    What rounding alone does to the greedy text: where the two first differ, the largest
+    logit difference before that, and how often full attention's top-2 gap is small.
+    Writes ``noise_floor.json``.
+    """
+    import copy
+
+    _, prompt, _ = long_segments(ids)
+    n, steps = prompt.shape[1], LONG["generation_steps"]
+    runs = {}
+    for name, m in (("float32", model), ("float64", copy.deepcopy(model).double())):
+        prefilled = study.prefill(m, prompt, n + steps + 1, keep=1, requests_per_pass=1)
+        runs[name] = study.greedy_decode(m, prefilled.cache, study.FullAttention(), prefilled.last_logits, steps, progress=True, desc=name)
+    (t32, l32), (t64, l64) = runs["float32"], runs["float64"]
+    top2 = l32.topk(2, dim=-1).values
+    gap = top2[..., 0] - top2[..., 1]  # [B, steps]
+    per_request = []
+    for b in range(prompt.shape[0]):
+        differ = (t32[b] != t64[b]).nonzero()
+        first = int(differ[0]) if len(differ) else steps
+        per_request.append(dict(first_difference=first if first < steps else None,
+                                max_logit_diff=(l32[b, :first] - l64[b, :first]).abs().max().item()))  # fmt: skip
+    result = dict(
+        requests=prompt.shape[0], steps=steps, per_request=per_request,
+        max_logit_diff=max(r["max_logit_diff"] for r in per_request),
+        greedy_differences=sum(r["first_difference"] is not None for r in per_request),
+        share_gap_below_0_05=(gap < 0.05).double().mean().item(), share_gap_below_0_01=(gap < 0.01).double().mean().item(),
+        min_gap=gap.min().item(),
+    )  # fmt: skip
+    (RESULTS / "noise_floor.json").write_text(json.dumps(result, indent=1))
+    print(json.dumps({k: v for k, v in result.items() if k != "per_request"}))
 
 
 def keep_large_blocks_mapped() -> None:
@@ -154,6 +195,9 @@ def run(args) -> None:
     ids = tokenizer.encode(study.default_prose()).ids
     if args.long:
         run_long(model, ids, {key(r) for r in read_rows(RESULTS / "runs.csv")})
+        return
+    if args.noise_floor:
+        run_noise_floor(model, ids)
         return
     steps = max(args.frontier_steps, args.grid_steps, args.confirm_steps)
     prompt = torch.tensor([ids[s : s + PROMPT_LEN] for s in SEGMENT_STARTS])  # [B, n]
@@ -371,6 +415,7 @@ def main() -> None:
     parser.add_argument("--confirm-steps", type=int, default=96)
     parser.add_argument("--full-grid", action="store_true", help="all 96 grid points instead of two slices")
     parser.add_argument("--long", action="store_true", help="only the long-context part (4K prompts, LONG_POINTS)")
+    parser.add_argument("--noise-floor", action="store_true", help="only full attention in float32 against float64 (greedy)")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     if not args.report:
