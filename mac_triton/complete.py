@@ -72,7 +72,6 @@ from ._common import (
 from .match import _NO_CANDIDATE, decode_key
 
 
-
 @dataclass(frozen=True)
 class Launch:
     """Launch parameters of the attend and reduce kernels."""
