@@ -94,7 +94,8 @@ def planted_state(q_pre, batch, window, t, hit_rate, gen) -> tuple[LayerState, i
     slot = (t - LAG) % window
     near = (q_pre.float() + 0.01 * torch.randn(q_pre.shape, generator=gen, device=device)).to(DTYPE)
     ring_q[:, :, slot] = torch.where(hit_mask[..., None], near, ring_q[:, :, slot])
-    state = LayerState(ring_q, ring_o, ring_lse, torch.full((batch,), t, dtype=torch.int64, device=device))
+    ring_depth = torch.zeros(batch, Q_HEADS, window, dtype=torch.int32, device=device)  # exact rows
+    state = LayerState(ring_q, ring_o, ring_lse, ring_depth, torch.full((batch,), t, dtype=torch.int64, device=device))
     return state, n_hit
 
 

@@ -25,6 +25,11 @@ class MACConfig:
             in query and key scale, and ``s_h`` calibrates the radius per head (e.g. from the
             prompt's key norms, see ``mac_llm.calibrate``). ``τ`` stays the global knob.
         min_context: steps at positions ``t < min_context`` are always misses.
+        max_chain: ``None`` (the paper: reuse chains of any length) or the longest reuse
+            chain ``K``: a row built by a hit on a row of depth ``d`` has depth ``d + 1``
+            (prefill rows and misses: 0), and rows of depth ``≥ K`` are not match
+            candidates. A hit inherits its row's far prefix, which may itself be inherited,
+            so errors chain until a miss; ``K`` bounds how far (see the real-model study).
         sinks: ``F``: the first ``F`` keys are left out of every ring row and recomputed with
             the current query at every step.
         row_update: ``"split"`` (the row is the band part of this step's attention, no
@@ -38,6 +43,7 @@ class MACConfig:
     tau: float = 0.45
     radius_scale: tuple[float, ...] | None = None
     min_context: int = 0
+    max_chain: int | None = None
     sinks: int = 0
     row_update: str = "split"
     rope_base: float = 10000.0
@@ -56,6 +62,8 @@ class MACConfig:
             raise ValueError(f"MACConfig.min_context must be >= 0, got {self.min_context}")
         if self.sinks < 0:
             raise ValueError(f"MACConfig.sinks must be >= 0, got {self.sinks}")
+        if self.max_chain is not None and (isinstance(self.max_chain, bool) or not isinstance(self.max_chain, int) or self.max_chain < 1):
+            raise ValueError(f"MACConfig.max_chain must be None or an int >= 1, got {self.max_chain!r}")
         if not isinstance(self.tau, (int, float)) or not math.isfinite(self.tau):
             raise ValueError(f"MACConfig.tau must be a finite number, got {self.tau!r}")
         if self.radius_scale is not None and not (

@@ -7,7 +7,8 @@ One step for the token at position ``t`` (its own key/value already in the cache
    ``A(q_t, [S, N))`` on a miss.
 3. **Complete** (:mod:`mac_ref.complete`): ``out = A(q_t, [0, S)) ⊕ C ⊕ A(q_t, [N, t+1))``.
 4. **Row update**: ``R_t = C`` (``split``) or ``R_t = out ⊖ (A(sinks) ⊕ A(tail))``
-   (``subtract``), written with ``q̃_t`` into slot ``t mod W``.
+   (``subtract``), written with ``q̃_t`` and its chain depth (``depth(j*) + 1`` on a hit,
+   0 on a miss) into slot ``t mod W``.
 
 Prefill is plain causal attention and seeds the rows of the last ``W`` prompt tokens
 exactly: ``R_t = A(q_t, [S(t), E(t)))``.
@@ -44,6 +45,8 @@ class StepStats:
         context: ``[B]`` int64 keys a full-attention step reads per head, ``t + 1``.
         ill_conditioned: ``[B, Hq]`` bool: the ``subtract`` rule's removal was flagged
             (always ``False`` under ``split``).
+        chain_depth: ``[B, Hq]`` int64 reuse-chain depth of the row the step wrote
+            (0 on a miss).
     """
 
     hit: torch.Tensor
@@ -52,6 +55,7 @@ class StepStats:
     keys_read: torch.Tensor
     context: torch.Tensor
     ill_conditioned: torch.Tensor
+    chain_depth: torch.Tensor
 
     @property
     def hit_rate(self) -> float:
@@ -99,10 +103,18 @@ def check_step_inputs(q_pre, k_cache, v_cache, state: LayerState, positions, con
         if q_post.shape != q_pre.shape:
             raise ValueError(f"q_post must have q_pre's shape {tuple(q_pre.shape)}, got {tuple(q_post.shape)}")
     check_int_tensor("positions", positions, (B,))
-    check_same_device(q_pre=q_pre, k_cache=k_cache, v_cache=v_cache, positions=positions, ring_q=state.ring_q, q_post=q_post)
+    check_same_device(
+        q_pre=q_pre, k_cache=k_cache, v_cache=v_cache, positions=positions, ring_q=state.ring_q, ring_depth=state.ring_depth,
+        q_post=q_post,
+    )
     if tuple(state.ring_q.shape) != (B, Hq, config.window, D):
         raise ValueError(
             f"state.ring_q must have shape [B={B}, Hq={Hq}, W={config.window}, D={D}], got {tuple(state.ring_q.shape)}"
+        )
+    if tuple(state.ring_depth.shape) != (B, Hq, config.window) or state.ring_depth.dtype != torch.int32:
+        raise ValueError(
+            f"state.ring_depth must be int32 of shape [B={B}, Hq={Hq}, W={config.window}], "
+            f"got {state.ring_depth.dtype} {tuple(state.ring_depth.shape)}"
         )
     capacity = k_cache.shape[2]
     if bool((positions >= capacity).any()) or bool((positions < 0).any()):
@@ -153,7 +165,8 @@ def decode_step(q_pre, k_cache, v_cache, state: LayerState, positions, config: M
     spans = step_spans(positions, result, config)
     out, cached = amend_complete(q_post, k_cache, v_cache, state, result, spans, scale)
     row, ill_conditioned = update_row(out, cached, q_post, k_cache, v_cache, spans, config, scale)
-    state.write(positions, q_pre, row)
+    depth = torch.where(result.hit, state.depths(result.matched_pos.clamp(min=0)).to(torch.int64) + 1, 0)  # [B, Hq]
+    state.write(positions, q_pre, row, depth)
     state.next_pos = positions + 1
 
     stats = StepStats(
@@ -163,6 +176,7 @@ def decode_step(q_pre, k_cache, v_cache, state: LayerState, positions, config: M
         keys_read=spans.keys_read(),
         context=positions + 1,
         ill_conditioned=ill_conditioned,
+        chain_depth=depth,
     )
     return out.o.to(q_pre.dtype), out.lse, stats
 

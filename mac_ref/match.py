@@ -9,6 +9,7 @@ whose pre-RoPE queries sit in ring slots ``j mod W``:
     \text{hit} \iff d_{j^*} < 2D(1-\tau)^2 \, s_h^2 .
 
 ``s_h = 1`` is the paper's rule; ``config.radius_scale`` sets one factor per query head.
+With ``config.max_chain = K`` rows of reuse-chain depth ``≥ K`` are not candidates.
 
 Ties go to the most recent ``j`` (the smallest lag: fewer keys to recompute and less RoPE
 drift). Distances use the raw vectors, accumulated in float32 (float64 for float64
@@ -50,7 +51,8 @@ def match(q_pre: torch.Tensor, state: LayerState, positions: torch.Tensor, confi
         q_pre: ``[B, Hq, D]`` pre-RoPE queries of the tokens at ``positions``.
         state: the layer's rings; rows of tokens ``< positions`` must have been written.
         positions: ``[B]`` int64: the current position ``t`` of each request.
-        config: window ``W`` (must equal the ring size), ``τ`` and ``min_context``.
+        config: window ``W`` (must equal the ring size), ``τ``, ``radius_scale``,
+            ``min_context`` and ``max_chain``.
 
     Returns:
         :class:`MatchResult`. Steps at ``t < min_context`` report their nearest candidate
@@ -68,6 +70,9 @@ def match(q_pre: torch.Tensor, state: LayerState, positions: torch.Tensor, confi
     ring = state.ring_q.gather(2, slots[:, None, :, None].expand(B, Hq, W, D))  # [B, Hq, W, D]
     dist = ((q_pre.to(dtype)[:, :, None, :] - ring.to(dtype)) ** 2).sum(-1)  # [B, Hq, W]
     dist = dist.masked_fill(~in_window[:, None, :], math.inf)
+    if config.max_chain is not None:  # rows at the end of a long reuse chain are not candidates
+        depth = state.ring_depth.gather(2, slots[:, None, :].expand(B, Hq, W))  # [B, Hq, W]
+        dist = dist.masked_fill(depth >= config.max_chain, math.inf)
 
     best_lag_index = dist.argmin(dim=-1)  # first minimum = smallest lag = most recent j
     distance = dist.gather(-1, best_lag_index[..., None]).squeeze(-1)  # [B, Hq]

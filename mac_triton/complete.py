@@ -353,8 +353,8 @@ def _attend_unit(
 def _reduce_kernel(
     part_o_ptr, part_lse_ptr, plan_ptr, key_ptr, radius_ptr,
     hit_ptr, matched_ptr, dist_ptr, keys_read_ptr,
-    ring_q_ptr, ring_o_ptr, ring_lse_ptr, q_pre_ptr, out_ptr, lse_ptr, c_o_ptr, c_lse_ptr, ill_ptr,
-    stride_rqb, stride_rqh, stride_rqw, stride_rob, stride_roh, stride_row, stride_rlb, stride_rlh,
+    ring_q_ptr, ring_o_ptr, ring_lse_ptr, ring_depth_ptr, depth_out_ptr, q_pre_ptr, out_ptr, lse_ptr, c_o_ptr, c_lse_ptr, ill_ptr,
+    stride_rqb, stride_rqh, stride_rqw, stride_rob, stride_roh, stride_row, stride_rlb, stride_rlh, stride_rdb, stride_rdh,
     stride_qb, stride_qh, stride_mb, stride_mh,
     Hkv, G, band, min_context, W, eps,
     SOURCE: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_U: tl.constexpr, ROW_OUT: tl.constexpr,
@@ -362,8 +362,9 @@ def _reduce_kernel(
 ):
     """One query head: ⊕ of its units (where: the plan the attend kernel stored), the cached
     row, the outputs; ROW_OUT: 0 no row,
-    1 row to ``c_o``/``c_lse``, 2 row and ``q̃_t`` into the ring. With SOURCE == 1 it also
-    reports the match (hit, j*, distance, keys read) and resets the head's match key."""
+    1 row to ``c_o``/``c_lse``, 2 row, ``q̃_t`` and the row's chain depth into the ring. With
+    SOURCE == 1 it also reports the match (hit, j*, distance, keys read) and resets the
+    head's match key."""
     Hq = Hkv * G
     bh = tl.program_id(0)
     b = bh // Hq
@@ -415,6 +416,8 @@ def _reduce_kernel(
         reused_o = tl.load(ring_o_ptr + b.to(tl.int64) * stride_rob + h * stride_roh + slot * stride_row + cols, mask=col_mask, other=0.0)
         reused_lse = tl.where(hit, reused_lse, float("-inf"))
         reused_o = tl.where(hit, reused_o, 0.0)
+        if ROW_OUT == 2:  # the new row's chain depth: one link more than the reused row's, 0 after a miss
+            depth = tl.where(hit, tl.load(ring_depth_ptr + b * stride_rdb + h * stride_rdh + slot) + 1, 0)
         w_r, w_c, c_lse = merge_weights(reused_lse, c_lse)
         c_o = w_r * reused_o + w_c * c_o
 
@@ -441,6 +444,8 @@ def _reduce_kernel(
             tl.store(ring_q_ptr + b.to(tl.int64) * stride_rqb + h * stride_rqh + slot * stride_rqw + cols, q_pre, mask=col_mask)
             tl.store(ring_o_ptr + b.to(tl.int64) * stride_rob + h * stride_roh + slot * stride_row + cols, row_o, mask=col_mask)
             tl.store(ring_lse_ptr + b * stride_rlb + h * stride_rlh + slot, row_lse)
+            tl.store(ring_depth_ptr + b * stride_rdb + h * stride_rdh + slot, depth)
+            tl.store(depth_out_ptr + bh, depth.to(tl.int64))
 
 
 def attend_spans(
@@ -458,7 +463,7 @@ def attend_spans(
     Returns:
         dict with ``out [B, Hq, D]`` (``out_dtype``), ``lse [B, Hq]`` float32 and, as they
         apply, ``row_o``, ``row_lse``, ``hit``, ``matched_pos``, ``distance``,
-        ``keys_read``, ``ill_conditioned``.
+        ``keys_read``, ``ill_conditioned``, ``chain_depth``.
     """
     B, Hq, D = q_post.shape
     Hkv = k_cache.shape[1]
@@ -516,12 +521,13 @@ def attend_spans(
     )
 
     if source != SOURCE_NONE:
-        ring_q, ring_o, ring_lse = state.ring_q, state.ring_o, state.ring_lse
+        ring_q, ring_o, ring_lse, ring_depth = state.ring_q, state.ring_o, state.ring_lse, state.ring_depth
         W = state.window
-        if row_out == 2 and (ring_q.stride(-1) != 1 or ring_o.stride(-1) != 1):
-            raise ValueError("state rings must be contiguous in the head dimension")
+        if row_out == 2 and (ring_q.stride(-1) != 1 or ring_o.stride(-1) != 1 or ring_depth.stride(-1) != 1):
+            raise ValueError("state rings must be contiguous in their last dimension")
     else:
         ring_q, ring_o, ring_lse = out.view(B, Hq, 1, D), out.view(B, Hq, 1, D), lse.view(B, Hq, 1)  # unused
+        ring_depth = lse.view(B, Hq, 1)
         W = 1
     row_o = torch.empty(B, Hq, D, dtype=f32, device=device) if row_out == 1 else out
     row_lse = torch.empty(B, Hq, dtype=f32, device=device) if row_out == 1 else lse
@@ -530,12 +536,15 @@ def attend_spans(
         res.update(row_o=row_o, row_lse=row_lse)
     if row_out != 0:
         res["ill_conditioned"] = ill.view(torch.bool)
+    depth_out = torch.empty(B, Hq, dtype=i64, device=device) if row_out == 2 else lse  # written with the ring row
+    if row_out == 2:
+        res["chain_depth"] = depth_out
     q_ring_src = q_pre if q_pre is not None else q_post
     _reduce_kernel[(B * Hq,)](
         part_o, part_lse, plan, plan_args[1], plan_args[2],
         hit_buf, matched_buf, dist_buf, keys_read_buf,
-        ring_q, ring_o, ring_lse, q_ring_src, out, lse, row_o, row_lse, ill,
-        *ring_q.stride()[:3], *ring_o.stride()[:3], *ring_lse.stride()[:2],
+        ring_q, ring_o, ring_lse, ring_depth, depth_out, q_ring_src, out, lse, row_o, row_lse, ill,
+        *ring_q.stride()[:3], *ring_o.stride()[:3], *ring_lse.stride()[:2], *ring_depth.stride()[:2],
         q_ring_src.stride(0), q_ring_src.stride(1), hit_buf.stride(0) if hit_buf.dim() == 2 else 0,
         hit_buf.stride(1) if hit_buf.dim() == 2 else 0,
         Hkv, G, band, min_context, W, removal_epsilon(torch.float32),

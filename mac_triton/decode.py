@@ -53,9 +53,9 @@ def mac_step(q_pre, q_post, k_cache, v_cache, state: LayerState, positions, conf
 
     Returns:
         dict with ``out`` (``q_pre``'s dtype), ``lse``, ``hit``, ``matched_pos``,
-        ``distance``, ``keys_read`` and ``ill_conditioned``.
+        ``distance``, ``keys_read``, ``ill_conditioned`` and ``chain_depth``.
     """
-    keys = match_keys(q_pre, state.ring_q, positions)
+    keys = match_keys(q_pre, state.ring_q, positions, state.ring_depth, config.max_chain)
     return attend_spans(
         q_post, k_cache, v_cache, positions, source=SOURCE_KEYS, band=config.band, sinks=config.sinks, keys=keys,
         min_context=config.min_context, radius_sq=radius_sq_per_head(config, q_pre.shape[1], q_pre.shape[2], q_pre.device),
@@ -103,6 +103,7 @@ def decode_step(q_pre, k_cache, v_cache, state: LayerState, positions, config: M
         keys_read=res["keys_read"],
         context=positions + 1,
         ill_conditioned=res["ill_conditioned"],
+        chain_depth=res["chain_depth"],
     )
     return res["out"], res["lse"], stats
 

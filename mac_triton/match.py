@@ -4,7 +4,8 @@ Twin of :func:`mac_ref.match.match` (same signature, same :class:`MatchResult`):
 ``d_j = ‖q̃_t − q̃_j‖²`` over the candidates ``j ∈ [max(0, t−W), t)`` (ring slot
 ``j mod W``, lag ``t − j``), ``j* = argmin d_j`` with ties to the smallest lag, hit iff
 ``d_{j*} < 2D(1−τ)² s_h²`` (``s_h``: ``config.radius_scale``, 1 by default) and
-``t ≥ min_context``.
+``t ≥ min_context``; with ``config.max_chain = K`` rows of chain depth ``≥ K`` are no
+candidates (the scan then also reads the ring's int32 depths).
 
 How it maps onto the GPU:
 
@@ -48,10 +49,10 @@ PROGRAMS_PER_SM = 4  # the window is split until the scan has about this many pr
 
 @triton.jit
 def _match_kernel(
-    q_ptr, ring_ptr, pos_ptr, key_ptr,
-    stride_qb, stride_qh, stride_rb, stride_rh, stride_rw,
-    Hq, W, slots_per_program,
-    D: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_D: tl.constexpr,
+    q_ptr, ring_ptr, depth_ptr, pos_ptr, key_ptr,
+    stride_qb, stride_qh, stride_rb, stride_rh, stride_rw, stride_db, stride_dh,
+    Hq, W, slots_per_program, max_chain,
+    D: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_D: tl.constexpr, BOUNDED: tl.constexpr,
 ):
     bh = tl.program_id(0)
     b = bh // Hq
@@ -76,6 +77,9 @@ def _match_kernel(
         lag = t_slot - slots  # slot j mod W holds token j = t − lag, lag ∈ [1, W]
         lag = tl.where(lag <= 0, lag + W, lag)
         valid = slot_mask & (lag <= t)
+        if BOUNDED:  # rows at the end of a reuse chain of max_chain links are no candidates
+            depth = tl.load(depth_ptr + b * stride_db + h * stride_dh + slots, mask=slot_mask, other=0)
+            valid = valid & (depth < max_chain)
         key = (dist.to(tl.int32, bitcast=True).to(tl.int64) << 32) | lag.to(tl.int64)
         best = tl.minimum(best, tl.where(valid, key, _NO_CANDIDATE))
     tl.atomic_min(key_ptr + bh, tl.min(best, axis=0))
@@ -147,9 +151,13 @@ def key_workspace(device, n: int) -> torch.Tensor:
     return workspace
 
 
-def match_keys(q_pre: torch.Tensor, ring_q: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+def match_keys(
+    q_pre: torch.Tensor, ring_q: torch.Tensor, positions: torch.Tensor, ring_depth: torch.Tensor | None = None,
+    max_chain: int | None = None,
+) -> torch.Tensor:
     """Launch the scan: ``[B·Hq]`` int64 keys ``bits(d_{j*}) << 32 | lag`` in the device's
-    :func:`key_workspace` (see the module doc); the caller must consume and reset them."""
+    :func:`key_workspace` (see the module doc); the caller must consume and reset them.
+    With ``max_chain``, rows whose ``ring_depth [B, Hq, W]`` is ``≥ max_chain`` are skipped."""
     B, Hq, D = q_pre.shape
     W = ring_q.shape[2]
     if ring_q.stride(-1) != 1 or q_pre.stride(-1) != 1:
@@ -161,11 +169,16 @@ def match_keys(q_pre: torch.Tensor, ring_q: torch.Tensor, positions: torch.Tenso
     splits = max(1, min(triton.cdiv(W, BLOCK_W), triton.cdiv(PROGRAMS_PER_SM * num_sms(q_pre.device), B * Hq)))
     slots_per_program = triton.cdiv(triton.cdiv(W, splits), BLOCK_W) * BLOCK_W
     splits = triton.cdiv(W, slots_per_program)
+    bounded = max_chain is not None
+    depth = ring_depth if bounded else positions  # (unread without a bound)
+    if bounded and depth.stride(-1) != 1:
+        raise ValueError("state.ring_depth must be contiguous in the window dimension")
     _match_kernel[(B * Hq, splits)](
-        q_pre, ring_q, positions, keys,
+        q_pre, ring_q, depth, positions, keys,
         q_pre.stride(0), q_pre.stride(1), ring_q.stride(0), ring_q.stride(1), ring_q.stride(2),
-        Hq, W, slots_per_program,
-        D=D, BLOCK_W=BLOCK_W, BLOCK_D=triton.next_power_of_2(D),
+        depth.stride(0) if bounded else 0, depth.stride(1) if bounded else 0,
+        Hq, W, slots_per_program, max_chain or 0,
+        D=D, BLOCK_W=BLOCK_W, BLOCK_D=triton.next_power_of_2(D), BOUNDED=bounded,
         num_warps=MATCH_WARPS,
     )
     return keys
@@ -178,7 +191,7 @@ def match(q_pre: torch.Tensor, state: LayerState, positions: torch.Tensor, confi
         q_pre: ``[B, Hq, D]`` pre-RoPE queries (float16 / bfloat16 / float32).
         state: the layer's rings; ``state.ring_q`` is ``[B, Hq, W, D]``.
         positions: ``[B]`` int32/int64 current positions ``t``.
-        config: ``τ``, ``radius_scale`` and ``min_context`` (the window is the ring's).
+        config: ``τ``, ``radius_scale``, ``min_context`` and ``max_chain`` (the window is the ring's).
 
     Returns:
         :class:`~mac_ref.match.MatchResult`: ``hit [B, Hq]`` bool, ``matched_pos [B, Hq]``
@@ -186,7 +199,7 @@ def match(q_pre: torch.Tensor, state: LayerState, positions: torch.Tensor, confi
     """
     check_kernel_dtype("q_pre", q_pre)
     B, Hq, D = q_pre.shape
-    keys = match_keys(q_pre, state.ring_q, positions)
+    keys = match_keys(q_pre, state.ring_q, positions, state.ring_depth, config.max_chain)
     hit = torch.empty(B, Hq, dtype=torch.int8, device=q_pre.device)
     matched = torch.empty(B, Hq, dtype=torch.int64, device=q_pre.device)
     dist = torch.empty(B, Hq, dtype=torch.float32, device=q_pre.device)

@@ -291,3 +291,31 @@ def test_explicit_post_rope_queries_are_used():
     assert_close(result.out, o_ref, "exact")
     default = run_stream(q, k, v, 5, config)
     assert not torch.allclose(default.out[:, :, 5:], result.out[:, :, 5:])
+
+
+@pytest.mark.parametrize("max_chain", [1, 3])
+def test_reuse_chains_are_bounded_by_max_chain(max_chain):
+    """``max_chain = K``: no row is more than ``K`` reuse links deep, a hit's depth is its
+    row's plus one, a miss resets to 0; a bound longer than any chain changes nothing."""
+    q, k, v = synthetic_stream(1, 4, 2, 300, 16, reuse=0.95, noise=0.02, max_lag=4, seed=3, dtype=f64)
+    base = MACConfig(window=32, band=8, tau=0.45)
+    free = run_stream(q, k, v, 40, base)
+    assert free.stats.chain_depth.max() > 3 * max_chain  # without a bound, chains grow long
+    bounded = run_stream(q, k, v, 40, MACConfig(window=32, band=8, tau=0.45, max_chain=max_chain))
+    s = bounded.stats
+    assert 0 < s.chain_depth.max() <= max_chain
+    assert torch.equal(s.chain_depth == 0, ~s.hit)
+    depth = {}  # (head, position) -> depth of its row; prefill rows are exact
+    for step in range(s.hit.shape[0]):
+        for h in range(4):
+            j = int(s.matched_pos[step, 0, h])
+            want = depth.get((h, j), 0) + 1 if s.hit[step, 0, h] else 0
+            assert int(s.chain_depth[step, 0, h]) == want
+            depth[(h, 40 + step)] = want
+    assert s.hit_rate > 0.5  # the bound still leaves most steps hits
+    unbounded = run_stream(q, k, v, 40, MACConfig(window=32, band=8, tau=0.45, max_chain=10**6))
+    assert torch.equal(unbounded.out, free.out) and torch.equal(unbounded.stats.hit, free.stats.hit)
+    # every miss is exact
+    exact, _ = oracle(q, k, v, base)
+    miss = ~s.hit[:, 0]  # [S, Hq]
+    assert_close(bounded.out[0, :, 40:].transpose(0, 1)[miss], exact[0, :, 40:].transpose(0, 1)[miss], "exact")

@@ -4,6 +4,7 @@ A wrong call must fail loudly at the boundary instead of producing a silent NaN 
 answer. Device mismatches are faked with the ``meta`` device (no GPU needed).
 """
 
+import dataclasses
 import math
 
 import pytest
@@ -80,6 +81,7 @@ STEP_CASES = [
     ("positions device", dict(positions=lambda a: meta(a["positions"])), ValueError, "one device.*positions on meta"),
     ("q_post device", dict(q_post=lambda a: meta(a["q_pre"])), ValueError, "one device.*q_post on meta"),
     ("window of the state", dict(config=lambda a: MACConfig(window=8, band=2)), ValueError, r"state.ring_q must have shape \[B=2, Hq=4, W=8, D=8\]"),
+    ("ring_depth dtype", dict(state=lambda a: dataclasses.replace(a["state"], ring_depth=a["state"].ring_depth.long())), ValueError, "state.ring_depth must be int32"),
     ("radius_scale length", dict(config=lambda a: MACConfig(window=4, band=2, radius_scale=(1.0, 1.0))), ValueError, "config.radius_scale must have one factor per query head"),
 ]
 
@@ -118,6 +120,9 @@ CONFIG_CASES = [
     (dict(radius_scale=(1.0, 0.0)), ValueError, "MACConfig.radius_scale must be None or a non-empty tuple"),
     (dict(radius_scale=[1.0]), ValueError, "MACConfig.radius_scale"),
     (dict(radius_scale=()), ValueError, "MACConfig.radius_scale"),
+    (dict(max_chain=0), ValueError, "MACConfig.max_chain must be None or an int >= 1"),
+    (dict(max_chain=2.0), ValueError, "MACConfig.max_chain must be None or an int >= 1"),
+    (dict(max_chain=True), ValueError, "MACConfig.max_chain must be None or an int >= 1"),
 ]
 
 

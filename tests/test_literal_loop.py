@@ -2,8 +2,9 @@
 
 :func:`literal_stream` uses Python floats and loops only: no tensors, no ``mac_ref``
 internals. It follows the spec line by line (match with most-recent tie-break and
-``min_context``, amend, complete, sinks, both row rules, exact prefill seeding), so a
-disagreement points at one side or the other rather than at a shared helper.
+``min_context`` and ``max_chain``, amend, complete, sinks, both row rules, exact prefill
+seeding, chain depths), so a disagreement points at one side or the other rather than
+at a shared helper.
 """
 
 import math
@@ -87,7 +88,7 @@ def literal_remove(total, part):
 def literal_stream(q_pre, k, v, prompt_lengths, config: MACConfig):
     """Prefill then decode, one (request, query head) at a time, with nested lists of floats.
 
-    Returns ``{(b, h, t): dict(o, lse, hit, matched_pos, distance, keys_read, ill)}`` for every
+    Returns ``{(b, h, t): dict(o, lse, hit, matched_pos, distance, keys_read, ill, depth)}`` for every
     decoded position, ``{(b, h, t): (o, lse)}`` for prefill positions, and the final rows
     ``{(b, h, j): (o, lse)}`` of the last ``W`` tokens.
     """
@@ -108,14 +109,19 @@ def literal_stream(q_pre, k, v, prompt_lengths, config: MACConfig):
             keys, values = k[b][h // group], v[b][h // group]
             q_post = [literal_rope(q_pre[b][h][t], t, config.rope_base) for t in range(T)]
             rows = {}  # token j -> its row R_j
+            depth = {}  # token j -> reuse links behind R_j (0: exact)
             for t in range(n):
                 prefilled[(b, h, t)] = literal_attend(q_post[t], keys, values, 0, t + 1, scale)
                 if t >= n - W:
                     rows[t] = literal_attend(q_post[t], keys, values, min(F, E(t)), E(t), scale)
+                    depth[t] = 0
             for t in range(n, n + steps):
-                # 1. match: nearest of the last W queries, ties to the most recent
+                # 1. match: nearest of the last W queries, ties to the most recent; rows at the
+                #    end of a reuse chain of max_chain links are no candidates
                 best_j, best_d = -1, math.inf
                 for j in range(t - 1, max(0, t - W) - 1, -1):
+                    if config.max_chain is not None and depth[j] >= config.max_chain:
+                        continue
                     d = sum((x - y) ** 2 for x, y in zip(q_pre[b][h][t], q_pre[b][h][j]))
                     if d < best_d:
                         best_j, best_d = j, d
@@ -138,9 +144,10 @@ def literal_stream(q_pre, k, v, prompt_lengths, config: MACConfig):
                     rows[t], ill = cached, False
                 else:
                     rows[t], ill = literal_remove(out, literal_merge(sinks, tail))
+                depth[t] = depth[best_j] + 1 if hit else 0
                 decoded[(b, h, t)] = dict(
                     o=out[0], lse=out[1], hit=hit, matched_pos=best_j, distance=best_d,
-                    keys_read=S + (N - band_start) + (t + 1 - N), ill=ill,
+                    keys_read=S + (N - band_start) + (t + 1 - N), ill=ill, depth=depth[t],
                 )
             last = n + steps
             for j in range(max(0, last - W), last):
@@ -171,6 +178,7 @@ def check_against_literal(q_pre, k, v, prompt_lengths, config: MACConfig):
         assert int(stats.keys_read[s, b, h]) == want["keys_read"], where
         assert int(stats.context[s, b]) == t + 1, where
         assert bool(stats.ill_conditioned[s, b, h]) == want["ill"], where
+        assert int(stats.chain_depth[s, b, h]) == want["depth"], where
         assert close(result.lse[b, h, t].item(), want["lse"]), where
         assert all(close(x, y) for x, y in zip(result.out[b, h, t].tolist(), want["o"])), where
         n_hits += want["hit"]
@@ -194,13 +202,14 @@ def check_against_literal(q_pre, k, v, prompt_lengths, config: MACConfig):
     radius_scale=st.one_of(st.none(), st.lists(st.floats(0.25, 2.0), min_size=4, max_size=4)),
     sinks=st.integers(0, 3),
     min_context=st.sampled_from([0, 4]),
+    max_chain=st.sampled_from([None, 1, 3]),
     row_update=st.sampled_from(["split", "subtract"]),
     noise=st.sampled_from([0.0, 0.05]),  # 0: exact repeats, so distance ties
     seed=st.integers(0, 2**31),
 )
 def test_mac_ref_equals_the_literal_recurrence(
     batch, kv_heads, group, head_dim, prompt_lengths, steps, window, band, tau, radius_scale, sinks, min_context,
-    row_update, noise, seed,
+    max_chain, row_update, noise, seed,
 ):
     prompt_lengths = prompt_lengths[:batch]
     T = max(prompt_lengths) + steps
@@ -209,18 +218,19 @@ def test_mac_ref_equals_the_literal_recurrence(
         batch, q_heads, kv_heads, T, head_dim, reuse=0.8, noise=noise, max_lag=8, seed=seed, dtype=torch.float64
     )
     config = MACConfig(
-        window=window, band=band, tau=tau, sinks=sinks, min_context=min_context, row_update=row_update,
-        radius_scale=None if radius_scale is None else tuple(radius_scale[:q_heads]),
+        window=window, band=band, tau=tau, sinks=sinks, min_context=min_context, max_chain=max_chain,
+        row_update=row_update, radius_scale=None if radius_scale is None else tuple(radius_scale[:q_heads]),
     )
     n_hits, n_steps = check_against_literal(q, k, v, prompt_lengths, config)
     event(f"hit share {round(n_hits / n_steps, 1)}")
 
 
+@pytest.mark.parametrize("max_chain", [None, 2])
 @pytest.mark.parametrize("row_update", ["split", "subtract"])
-def test_long_stream_with_chained_reuse(row_update):
+def test_long_stream_with_chained_reuse(row_update, max_chain):
     """120 steps with sinks, ragged prompts and many hits: chained rows agree to 1e-10."""
     q, k, v = synthetic_stream(2, 4, 2, 130, 8, reuse=0.8, noise=0.05, max_lag=12, seed=7, dtype=torch.float64)
-    config = MACConfig(window=16, band=6, tau=0.45, sinks=2, min_context=3, row_update=row_update)
+    config = MACConfig(window=16, band=6, tau=0.45, sinks=2, min_context=3, max_chain=max_chain, row_update=row_update)
     n_hits, n_steps = check_against_literal(q, k, v, [10, 4], config)
     assert 0.3 < n_hits / n_steps < 0.95  # hits and misses both exercised
 

@@ -230,7 +230,7 @@ def _lockstep(records: list):
     import mac_triton
 
     def step(q_pre, k_cache, v_cache, state, positions, config, q_post=None):
-        twin = mac_ref.LayerState(state.ring_q.clone(), state.ring_o.clone(), state.ring_lse.clone(), state.next_pos.clone())
+        twin = state.clone()
         want = mac_ref.decode_step(q_pre, k_cache, v_cache, twin, positions, config, q_post=q_post)
         got = mac_triton.decode_step(q_pre, k_cache, v_cache, state, positions, config, q_post=q_post)
         slot = int(positions[0]) % config.window  # the row this step wrote (one request)

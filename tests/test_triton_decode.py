@@ -53,10 +53,11 @@ def test_amend_complete_matches_reference(batch, kv_heads, group, head_dim, wind
 
 
 STREAMS = [
-    # (dtype, Hq, Hkv, D, config): GQA ratios 1, 2 and 3, head dims 32 and 64, both row rules
+    # (dtype, Hq, Hkv, D, config): GQA ratios 1, 2, 3 and 4, head dims 32 and 64, both row rules, a bounded chain
     (torch.float32, 4, 2, 32, MACConfig(window=16, band=8, tau=0.45)),
     (torch.bfloat16, 6, 2, 64, MACConfig(window=16, band=8, tau=0.45, sinks=2, row_update="subtract")),
     (torch.float16, 2, 2, 32, MACConfig(window=8, band=4, tau=0.45, min_context=44)),
+    (torch.float32, 4, 1, 32, MACConfig(window=16, band=8, tau=0.45, max_chain=2)),
 ]
 
 
@@ -79,9 +80,11 @@ def test_decode_stream_matches_reference(dtype, q_heads, kv_heads, head_dim, con
     want = mac_ref.run_stream(q, k, v, prefill, config)
     got = mac_ref.run_stream(q, k, v, prefill, config, step_fn=mac_triton.decode_step)
     assert want.stats.hit.any() and not want.stats.hit.all(), "the stream should mix hits and misses"
-    for name in ("hit", "matched_pos", "keys_read", "context", "ill_conditioned"):
+    for name in ("hit", "matched_pos", "keys_read", "context", "ill_conditioned", "chain_depth"):
         assert torch.equal(getattr(got.stats, name), getattr(want.stats, name)), f"stats.{name} differ"
     assert_close(got.stats.distance, want.stats.distance, "triton_lse", dtype)
+    if config.max_chain is not None:
+        assert 0 < want.stats.chain_depth.max() <= config.max_chain
     decoded = ~torch.isnan(want.lse)
     assert torch.equal(decoded, ~torch.isnan(got.lse))
     assert_close(got.out[decoded], want.out[decoded], "triton", dtype, msg="out")
@@ -119,7 +122,7 @@ def test_repeated_runs_are_bitwise_identical():
     q_pre, q_post, k, v, state, pos = prefilled_step(2, 4, 2, 32, torch.bfloat16, 11, [40, 63], config, reuse=0.9)
     runs = []
     for _ in range(2):
-        s = mac_ref.LayerState(state.ring_q.clone(), state.ring_o.clone(), state.ring_lse.clone(), state.next_pos.clone())
+        s = state.clone()
         out, lse, stats = mac_triton.decode_step(q_pre, k, v, s, pos, config, q_post=q_post)
         runs.append((out, lse, stats.hit, stats.matched_pos, s.ring_q, s.ring_o, s.ring_lse))
     for a, b in zip(*runs):

@@ -18,7 +18,7 @@ pytestmark = pytest.mark.gpu
 
 CASES = [
     (torch.bfloat16, 32, 8, 128, MACConfig(window=1024, band=256, tau=0.45)),
-    (torch.float16, 32, 4, 64, MACConfig(window=512, band=128, tau=0.45, sinks=4)),
+    (torch.float16, 32, 4, 64, MACConfig(window=512, band=128, tau=0.45, sinks=4, max_chain=4)),
     (torch.float32, 16, 16, 128, MACConfig(window=1024, band=256, tau=0.45, row_update="subtract")),
 ]
 
@@ -33,7 +33,7 @@ def test_decode_stream_matches_reference_on_gpu(dtype, q_heads, kv_heads, head_d
     want = mac_ref.run_stream(q, k, v, prefill, config)
     got = mac_ref.run_stream(q, k, v, prefill, config, step_fn=mac_triton.decode_step)
     assert 0.2 < want.stats.hit_rate < 0.95
-    for name in ("hit", "matched_pos", "keys_read", "context", "ill_conditioned"):
+    for name in ("hit", "matched_pos", "keys_read", "context", "ill_conditioned", "chain_depth"):
         assert torch.equal(getattr(got.stats, name), getattr(want.stats, name)), f"stats.{name} differ"
     decoded = ~torch.isnan(want.lse)
     assert_close(got.out[decoded], want.out[decoded], "triton", dtype, msg="out")
@@ -59,7 +59,7 @@ def test_step_is_deterministic_and_graph_capturable():
     scale = config.softmax_scale(128)
 
     def fresh():
-        return mac_ref.LayerState(state.ring_q.clone(), state.ring_o.clone(), state.ring_lse.clone(), state.next_pos.clone())
+        return state.clone()
 
     runs = []
     for _ in range(3):

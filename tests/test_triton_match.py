@@ -97,3 +97,20 @@ def test_per_head_radius_scale_matches_reference():
     want = mac_ref.match(q, state, pos, config)
     assert torch.equal(got.hit, want.hit) and torch.equal(got.matched_pos, want.matched_pos)
     assert not got.hit[:, 0].any() and got.hit[:, 2].all()
+
+
+def test_max_chain_skips_deep_rows_as_in_reference():
+    """``config.max_chain``: rows of chain depth ``≥ K`` are no candidates; the planted copy
+    at a deep row is passed over for the next nearest row."""
+    state, q, pos = ring_and_queries(2, 3, 32, 16, [20, 9], torch.float32, 4, repeats=1)
+    gen = torch.Generator().manual_seed(5)
+    state.ring_depth.copy_(torch.randint(0, 4, state.ring_depth.shape, generator=gen, dtype=torch.int32))
+    free = mac_ref.match(q, state, pos, MACConfig(window=16, band=4, tau=0.45))
+    for K in (1, 2, 3):
+        config = MACConfig(window=16, band=4, tau=0.45, max_chain=K)
+        got = mac_triton.match(q, state, pos, config)
+        want = mac_ref.match(q, state, pos, config)
+        assert torch.equal(got.hit, want.hit) and torch.equal(got.matched_pos, want.matched_pos)
+        found = want.matched_pos >= 0
+        assert (state.depths(want.matched_pos.clamp(min=0))[found] < K).all()
+    assert not torch.equal(mac_ref.match(q, state, pos, MACConfig(window=16, band=4, tau=0.45, max_chain=1)).matched_pos, free.matched_pos)

@@ -68,9 +68,10 @@ def assert_summary_close(actual, expected, dtype, msg=""):
 
 
 def assert_states_close(actual, expected, dtype, config: MACConfig, msg=""):
-    """Rings after the same steps: queries bitwise, rows in the ``triton`` band (the
-    ``triton_subtract`` band under the subtract rule)."""
+    """Rings after the same steps: queries and chain depths bitwise, rows in the ``triton``
+    band (the ``triton_subtract`` band under the subtract rule)."""
     assert torch.equal(actual.ring_q, expected.ring_q), f"{msg} ring_q differs"
+    assert torch.equal(actual.ring_depth, expected.ring_depth), f"{msg} ring_depth differs"
     assert torch.equal(actual.next_pos, expected.next_pos), f"{msg} next_pos differs"
     operation = "triton_subtract" if config.row_update == "subtract" else "triton"
     assert_close(actual.ring_o, expected.ring_o, operation, dtype, msg=f"{msg} ring_o")

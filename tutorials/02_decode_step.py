@@ -133,12 +133,16 @@ print("relative error of C  :", ((C.o - exact_C.o).norm() / exact_C.o.norm()).it
 #
 # Token $t$ writes $(\tilde q_t, R_t)$ into slot $t \bmod W$, evicting token $t - W$. With the
 # `split` rule $R_t = C$; with `subtract`, $R_t = \text{out} \ominus \text{tail}$. Same row.
+# The slot also keeps the row's *chain depth*: how many reuses lie behind it (the matched
+# row's depth plus one on a hit, 0 on a miss), which `MACConfig.max_chain` can bound.
 
 # %%
 row_split, _ = update_row(out, C, q_post, k, v, spans, config, scale)
 row_subtract, flagged = update_row(out, C, q_post, k, v, spans, mac_ref.MACConfig(window=8, band=4, row_update="subtract"), scale)
 print("split vs subtract: max |Δo| =", (row_split.o - row_subtract.o).abs().max().item(), " flagged:", flagged.item())
-state.write(positions, q_t, row_split)
+depth = torch.where(result.hit, state.depths(result.matched_pos.clamp(min=0)) + 1, 0)
+print("chain depth of the new row:", depth.tolist())
+state.write(positions, q_t, row_split, depth)
 state.next_pos = positions + 1
 show_ring(state, t + 1)
 
