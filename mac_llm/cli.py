@@ -28,6 +28,10 @@ def add_mac_options(parser: argparse.ArgumentParser, defaults: mac_ref.MACConfig
     parser.add_argument("--window", type=positive_int, default=defaults.window, help="ring size / match window W")
     parser.add_argument("--band", type=int, default=defaults.band, help="band r recomputed on a hit")
     parser.add_argument("--sinks", type=int, default=defaults.sinks, help="sink keys F recomputed at every step")
+    parser.add_argument(
+        "--max-chain", type=positive_int, default=defaults.max_chain,
+        help="longest reuse chain K: rows reused K times over are no match candidates (default: unbounded, the paper)",
+    )  # fmt: skip
 
 
 class InvalidOption(ValueError):
@@ -36,7 +40,9 @@ class InvalidOption(ValueError):
 
 def config_from(args: argparse.Namespace, **extra) -> mac_ref.MACConfig:
     try:
-        return mac_ref.MACConfig(window=args.window, band=args.band, tau=args.tau, sinks=args.sinks, **extra)
+        return mac_ref.MACConfig(
+            window=args.window, band=args.band, tau=args.tau, sinks=args.sinks, max_chain=args.max_chain, **extra
+        )
     except (TypeError, ValueError) as err:
         raise InvalidOption(str(err)) from None
 
@@ -51,7 +57,7 @@ def run_synthetic(args: argparse.Namespace) -> int:
         f"synthetic stream: batch {args.batch}, {args.q_heads} query / {args.kv_heads} KV heads, D={args.head_dim}, "
         f"prefill {args.prefill} + {args.steps} decode steps, reuse {args.reuse:.0%}"
     )
-    print(f"config: window {config.window}, band {config.band}, tau {config.tau}, sinks {config.sinks}")
+    print(f"config: window {config.window}, band {config.band}, tau {config.tau}, sinks {config.sinks}, max chain {config.max_chain}")
     start = time.perf_counter()
     result = mac_ref.run_stream(q_pre, k, v, args.prefill, config, progress=True)
     elapsed = time.perf_counter() - start

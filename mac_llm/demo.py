@@ -145,7 +145,8 @@ def run_demo(args: argparse.Namespace) -> int:
     ids = prompt_tokens(tokenizer, args, model.config.context_length)
     n, N = len(ids), args.new_tokens
     print(f"prompt: {n} tokens; decoding {N} tokens with full attention and with MAC-Attention on {device}")
-    print(f"MAC: rule {args.rule}, tau {config.tau:g}, window {config.window}, band {config.band}, sinks {config.sinks}, backend {args.backend}")
+    chain = f", max chain {config.max_chain}" if config.max_chain else ""
+    print(f"MAC: rule {args.rule}, tau {config.tau:g}, window {config.window}, band {config.band}, sinks {config.sinks}{chain}, backend {args.backend}")
 
     start = time.perf_counter()
     prefilled = study.prefill(model, torch.tensor([ids], device=device), n + N, keep=config.window)
@@ -185,7 +186,8 @@ def run_demo(args: argparse.Namespace) -> int:
     print()
     print("full attention :", repr(tokenizer.decode(full_tokens[0].tolist())[:300]))
     print("MAC-Attention  :", repr(tokenizer.decode(mac_tokens[0].tolist())[:300]))
-    title = f"SmolLM2-135M, MAC rule {args.rule} τ={config.tau:g} W={config.window} r={config.band} F={config.sinks}: {free['hit_rate']:.0%} hits"
+    chain = f" K={config.max_chain}" if config.max_chain else ""
+    title = f"SmolLM2-135M, MAC rule {args.rule} τ={config.tau:g} W={config.window} r={config.band} F={config.sinks}{chain}: {free['hit_rate']:.0%} hits"
     layer_plot(free["layer_hit"], free["layer_skipped"], args.plot, title)
     print(f"\nsaved {args.plot}; wall time {time.perf_counter() - wall:.0f} s")
     return 0

@@ -32,18 +32,19 @@ from mac_llm.gguf_model import load_model
 RESULTS = Path(__file__).parent / "results" / "real_model"  # studies/results/real_model
 DOCS_IMG = Path(__file__).parent.parent / "docs" / "assets" / "real_model"
 RUN_FIELDS = [
-    "part", "regime", "rule", "tau", "window", "band", "sinks", "prompt_len", "hit_rate", "skipped_head", "skipped_group",
+    "part", "regime", "rule", "tau", "window", "band", "sinks", "max_chain", "prompt_len", "hit_rate", "skipped_head", "skipped_group",
     "top1", "kl_mean", "kl_max", "kl_worst_step", "ppl_full", "ppl_mac", "ppl_change", "ppl_change_se", "first_disagreement", "flip_margin",
     "gap_err_median", "gap_err_p99", "near_ties",
     "err_mean", "err_max", "steps", "batch", "seconds",
 ]  # fmt: skip
-LAYER_FIELDS = ["part", "regime", "rule", "tau", "window", "band", "sinks", "layer", "hit", "skipped", "err_mean", "err_max"]
+LAYER_FIELDS = ["part", "regime", "rule", "tau", "window", "band", "sinks", "max_chain", "layer", "hit", "skipped", "err_mean", "err_max"]
 # The long-context part: 4K-token prompts (the model reads 8K), where a hit's band and lag are a
 # smaller share of the reads, and enough scored tokens to resolve a 1 % perplexity change.
 LONG = dict(prompt_len=4096, segments=8, teacher_steps=640, generation_steps=128)
-LONG_POINTS = [  # rule, τ, W, r, F
-    ("paper", 0.45, 256, 256, 4), ("paper", 0.5, 256, 256, 4), ("paper", 0.6, 256, 256, 4),
-    ("paper", 0.45, 1024, 256, 0), ("keynorm", -0.5, 256, 256, 4),
+LONG_POINTS = [  # rule, τ, W, r, F[, max_chain K], in the order they run
+    ("paper", 0.45, 256, 256, 4), ("paper", 0.45, 256, 256, 4, 2), ("paper", 0.6, 256, 256, 4),
+    ("paper", 0.45, 1024, 256, 0), ("paper", 0.5, 256, 256, 4, 2), ("paper", 0.45, 256, 256, 4, 4),
+    ("paper", 0.5, 256, 256, 4), ("keynorm", -0.5, 256, 256, 4),
 ]
 
 PROMPT_LEN = 1024
@@ -65,7 +66,7 @@ GRID_SLICES = [
 
 
 def key(row) -> tuple:
-    return tuple(str(row[k]) for k in ("part", "regime", "rule", "tau", "window", "band", "sinks"))
+    return tuple(str(row.get(k) or "") for k in ("part", "regime", "rule", "tau", "window", "band", "sinks", "max_chain"))
 
 
 def read_rows(path: Path) -> list[dict]:
@@ -92,16 +93,20 @@ def run_part(model, regimes, part: str, configs, steps, done: set) -> None:
     """One row per (configuration, regime); ``steps``: an int, or a dict per regime."""
     from tqdm.auto import tqdm
 
-    for rule, tau, window, band, sinks in tqdm(configs, desc=part, unit="cfg"):
+    for rule, tau, window, band, sinks, *chain in tqdm(configs, desc=part, unit="cfg"):
+        max_chain = chain[0] if chain else None  # (rule, τ, W, r, F[, K])
         for regime, (prefilled, tokens, full_logits) in regimes.items():
-            base = dict(part=part, regime=regime, rule=rule, tau=tau, window=window, band=band, sinks=sinks)
+            base = dict(part=part, regime=regime, rule=rule, tau=tau, window=window, band=band, sinks=sinks, max_chain=max_chain or "")
             if key(base) in done:
                 continue
             n = steps[regime] if isinstance(steps, dict) else steps
-            config = mac_ref.MACConfig(window=window, band=band, tau=tau, sinks=sinks, rope_base=model.config.rope_base)
+            config = mac_ref.MACConfig(
+                window=window, band=band, tau=tau, sinks=sinks, max_chain=max_chain, rope_base=model.config.rope_base
+            )
             backend, cache = study.mac_continuation(model, prefilled, config, rule, measure_error=True)
             start = time.perf_counter()
-            mac_logits = study.forced_decode(model, cache, backend, tokens[:, :n], progress=True, desc=f"{rule} τ={tau:g} {regime}")
+            label = f"{rule} τ={tau:g}" + (f" K={max_chain}" if max_chain else "")
+            mac_logits = study.forced_decode(model, cache, backend, tokens[:, :n], progress=True, desc=f"{label} {regime}")
             seconds = time.perf_counter() - start
             r = study.fidelity(full_logits[:, :n], mac_logits, tokens[:, 1 : n + 1], backend)
             row = {**base, **r, "prompt_len": prefilled.prompt_len, "steps": n, "batch": tokens.shape[0], "seconds": seconds}
@@ -277,7 +282,7 @@ def long_plot(rows: list[dict], path: Path) -> None:
         part = [r for r in rows if r["part"] == "long" and r["regime"] == regime]
         for r in part:
             y, err = 100 * float(r["ppl_change"]), 100 * float(r["ppl_change_se"])
-            label = f"{r['rule']} τ={float(r['tau']):g} W={r['window']} F={r['sinks']}"
+            label = f"{r['rule']} τ={float(r['tau']):g} W={r['window']} F={r['sinks']}" + (f" K={r['max_chain']}" if r.get("max_chain") else "")
             line = ax.errorbar(100 * float(r["skipped_head"]), y, yerr=err, fmt="o", capsize=3, label=label)
             ax.errorbar(100 * float(r["skipped_group"]), y, yerr=err, fmt="o", mfc="none", capsize=3, color=line[0].get_color())
         ax.axhline(1.0, color="grey", lw=0.8, ls="--")
@@ -327,7 +332,7 @@ def margin(r: dict) -> str:
 
 
 def config_cells(r: dict) -> str:
-    return f"| {r['rule']} | {float(r['tau']):g} | {r['window']} | {r['band']} | {r['sinks']} "
+    return f"| {r['rule']} | {float(r['tau']):g} | {r['window']} | {r['band']} | {r['sinks']} | {r.get('max_chain') or '–'} "
 
 
 def fmt_row(r: dict) -> str:
@@ -341,8 +346,8 @@ def fmt_row(r: dict) -> str:
 
 
 MARGIN_HEADER = (
-    "| rule | τ | W | r | F | near-ties (full gap < 0.05) % | margin error median | margin error p99 | top-1 % | first flip (margin) |\n"
-    "|---|---|---|---|---|---|---|---|---|---|"
+    "| rule | τ | W | r | F | K | near-ties (full gap < 0.05) % | margin error median | margin error p99 | top-1 % | first flip (margin) |\n"
+    "|---|---|---|---|---|---|---|---|---|---|---|"
 )
 
 
@@ -356,8 +361,8 @@ def fmt_margin(r: dict) -> str:
 
 
 HEADER = (
-    "| rule | τ | W | r | F | hit % | skipped/head % | skipped/group % | top-1 % | KL mean | KL worst | Δppl % | first flip (margin) | attn err |\n"
-    "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
+    "| rule | τ | W | r | F | K | hit % | skipped/head % | skipped/group % | top-1 % | KL mean | KL worst | Δppl % | first flip (margin) | attn err |\n"
+    "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
 )
 
 
@@ -392,9 +397,9 @@ def report() -> None:
         part = [r for r in rows if r["part"] == "long" and r["regime"] == regime]
         if part:
             lines += [f"### Long context, {regime} ({part[0]['prompt_len']}-token prompts, {part[0]['steps']} steps × {part[0]['batch']} requests)", "", HEADER]
-            lines += [fmt_row(r) for r in sorted(part, key=lambda r: (r["rule"], int(r["window"]), float(r["tau"])))] + [""]
+            lines += [fmt_row(r) for r in sorted(part, key=lambda r: (r["rule"], int(r["window"]), float(r["tau"]), int(r.get("max_chain") or 0)))] + [""]
             lines += [f"#### Greedy margins, {regime}", "", MARGIN_HEADER]
-            lines += [fmt_margin(r) for r in sorted(part, key=lambda r: (r["rule"], int(r["window"]), float(r["tau"])))] + [""]
+            lines += [fmt_margin(r) for r in sorted(part, key=lambda r: (r["rule"], int(r["window"]), float(r["tau"]), int(r.get("max_chain") or 0)))] + [""]
     if any(r["part"] == "long" for r in rows):
         long_plot(rows, DOCS_IMG / "long_frontier.png")
     grid = [r for r in rows if r["part"] == "grid"]
