@@ -16,7 +16,8 @@ group (a group reads the union of its heads' spans, all ending at ``t+1``: the l
 top-1 agreement; ``KL(full ‖ MAC)`` mean and worst step; perplexity change
 ``exp(mean NLL_MAC − mean NLL_full) − 1`` and its standard error; how far MAC moves full
 attention's top-2 logit gap (median and 99th percentile) and the share of near-ties (gap
-below :data:`NEAR_TIE`); relative attention-output error per layer.
+below :data:`NEAR_TIE`); the reuse-chain depth of hits (mean and largest: a hit's row reuses
+a row that may itself be a reuse); relative attention-output error per layer.
 """
 
 from __future__ import annotations
@@ -188,6 +189,9 @@ def fidelity(full_logits: torch.Tensor, mac_logits: torch.Tensor, targets: torch
         "gap_err_median": gap_err.median().item(),
         "gap_err_p99": gap_err.quantile(0.99).item(),
         "near_ties": (full_gap < NEAR_TIE).double().mean().item(),
+        # how deep reuse chains grow (a hit's row reuses a row that may itself be a reuse)
+        "chain_mean": stats.chain_depth[stats.hit].double().mean().item() if stats.hit.any() else 0.0,
+        "chain_max": int(stats.chain_depth.max()),
         "layer_hit": hit.mean(dim=(0, 2, 3)).tolist(),
         "layer_skipped": (1 - reads.sum(dim=(0, 2, 3)) / full_reads.sum(dim=(0, 2, 3))).tolist(),
     }

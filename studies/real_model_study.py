@@ -34,7 +34,7 @@ DOCS_IMG = Path(__file__).parent.parent / "docs" / "assets" / "real_model"
 RUN_FIELDS = [
     "part", "regime", "rule", "tau", "window", "band", "sinks", "max_chain", "prompt_len", "hit_rate", "skipped_head", "skipped_group",
     "top1", "kl_mean", "kl_max", "kl_worst_step", "ppl_full", "ppl_mac", "ppl_change", "ppl_change_se", "first_disagreement", "flip_margin",
-    "gap_err_median", "gap_err_p99", "near_ties",
+    "gap_err_median", "gap_err_p99", "near_ties", "chain_mean", "chain_max",
     "err_mean", "err_max", "steps", "batch", "seconds",
 ]  # fmt: skip
 LAYER_FIELDS = ["part", "regime", "rule", "tau", "window", "band", "sinks", "max_chain", "layer", "hit", "skipped", "err_mean", "err_max"]

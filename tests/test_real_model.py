@@ -163,6 +163,10 @@ def test_default_point_hits_on_real_text_and_stats_agree(model_and_tokenizer, pr
     top1 = (full.argmax(-1) == mac.argmax(-1)).double().mean().item()
     assert r["top1"] == pytest.approx(top1)
     assert r["kl_mean"] >= 0 and r["kl_max"] >= r["kl_mean"]
+    # reuse chains: depth 0 exactly on misses, and the reported mean is over hits
+    assert torch.equal(stats.chain_depth == 0, ~hit)
+    assert r["chain_mean"] == pytest.approx(stats.chain_depth[hit].double().mean().item())
+    assert 1 <= r["chain_mean"] <= r["chain_max"] == int(stats.chain_depth.max())
 
 
 def test_demo_prompt_errors(model_and_tokenizer, tmp_path):

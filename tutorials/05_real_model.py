@@ -158,6 +158,7 @@ for ax, regime in zip(axes, ("teacher", "generation")):
     for r in (r for r in long_runs if r["regime"] == regime):
         y, err = 100 * float(r["ppl_change"]), 100 * float(r["ppl_change_se"])
         label = f"{r['rule']} τ={float(r['tau']):g} W={r['window']} F={r['sinks']}"
+        label += f" K={r['max_chain']}" if r.get("max_chain") else ""  # K: the max_chain bound
         ax.errorbar(100 * float(r["skipped_head"]), y, yerr=err, fmt="o", capsize=3, label=label)
     ax.axhline(1, color="grey", ls="--")
     ax.axvline(60, color="grey", ls=":")
