@@ -346,8 +346,8 @@ def fmt_row(r: dict) -> str:
 
 
 MARGIN_HEADER = (
-    "| rule | τ | W | r | F | K | near-ties (full gap < 0.05) % | margin error median | margin error p99 | top-1 % | first flip (margin) |\n"
-    "|---|---|---|---|---|---|---|---|---|---|---|"
+    "| rule | τ | W | r | F | K | near-ties (full gap < 0.05) % | margin error median | margin error p99 | top-1 % | first flip (margin) | chain depth mean / max |\n"
+    "|---|---|---|---|---|---|---|---|---|---|---|---|"
 )
 
 
@@ -356,8 +356,13 @@ def fmt_margin(r: dict) -> str:
     return (
         f"{config_cells(r)}| {100 * float(r['near_ties']):.1f} "
         f"| {float(r['gap_err_median']):.3f} | {float(r['gap_err_p99']):.3f} | {100 * float(r['top1']):.1f} "
-        f"| {'none' if first < 0 else first}{margin(r)} |"
+        f"| {'none' if first < 0 else first}{margin(r)} | {chains(r)} |"
     )
+
+
+def chains(r: dict) -> str:
+    mean, largest = r.get("chain_mean") or "", r.get("chain_max") or ""
+    return f"{float(mean):.2f} / {largest}" if mean else "–"
 
 
 HEADER = (
@@ -398,7 +403,7 @@ def report() -> None:
         if part:
             lines += [f"### Long context, {regime} ({part[0]['prompt_len']}-token prompts, {part[0]['steps']} steps × {part[0]['batch']} requests)", "", HEADER]
             lines += [fmt_row(r) for r in sorted(part, key=lambda r: (r["rule"], int(r["window"]), float(r["tau"]), int(r.get("max_chain") or 0)))] + [""]
-            lines += [f"#### Greedy margins, {regime}", "", MARGIN_HEADER]
+            lines += [f"#### Greedy margins and reuse chains, {regime}", "", MARGIN_HEADER]
             lines += [fmt_margin(r) for r in sorted(part, key=lambda r: (r["rule"], int(r["window"]), float(r["tau"]), int(r.get("max_chain") or 0)))] + [""]
     if any(r["part"] == "long" for r in rows):
         long_plot(rows, DOCS_IMG / "long_frontier.png")
