@@ -9,6 +9,7 @@ Everything the site shows that is not hand-written markdown is made here, at bui
   the latest GPU run at the top of ``benchmarks/results/`` (older runs in its subfolders
   stay in the repository); the page says so when there are none, so the build never
   depends on a GPU;
+* the real-model page's tables, from the fidelity study's summary (``studies/results/real_model/summary.md``);
 * notebook pages lose the CDN scripts (MathJax, Mermaid) that nbconvert's template adds:
   the site typesets math with its vendored KaTeX and works offline.
 """
@@ -101,6 +102,7 @@ def on_page_markdown(markdown: str, page, config, files) -> str:
         markdown = markdown.replace(TOLERANCE_MARKER, tolerance_table())
     if CATALOGUE_MARKER in markdown:
         markdown = markdown.replace(CATALOGUE_MARKER, test_catalogue())
+    markdown = _STUDY.sub(lambda m: study_sections(m.group(1)), markdown)
     markdown = _DOCSTRING.sub(lambda m: docstring_markdown(m.group(1)), markdown)
     return _SOURCE.sub(lambda m: source_listing(m.group(1)), markdown)
 
@@ -137,6 +139,22 @@ def source_listing(dotted: str) -> str:
 
 TOLERANCE_MARKER = "<!-- tolerance-table -->"
 CATALOGUE_MARKER = "<!-- test-catalogue -->"
+
+# <!-- study: Long context --> includes the sections of the fidelity study's summary
+# (written from its CSV files by `studies/real_model_study.py --report`) whose titles start
+# so: the page's tables are the study's, never a copy
+STUDY_SUMMARY = REPO / "studies" / "results" / "real_model" / "summary.md"
+_STUDY = re.compile(r"<!-- study: ([^>]+?) -->")
+
+
+def study_sections(prefix: str) -> str:
+    """The ``### {prefix}…`` sections of the study summary (their ``####`` parts included), one level down."""
+    text = STUDY_SUMMARY.read_text(encoding="utf-8") if STUDY_SUMMARY.exists() else ""
+    sections = re.split(r"(?m)^(?=### )", text)
+    chosen = [part for part in sections if part.startswith(f"### {prefix}")]
+    if not chosen:
+        raise ValueError(f"{STUDY_SUMMARY.name} has no section starting with {prefix!r}: run the study's --report")
+    return "\n".join(re.sub(r"(?m)^(#{3,4}) ", r"#\1 ", part) for part in chosen)
 
 
 def test_catalogue() -> str:

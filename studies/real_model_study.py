@@ -271,20 +271,31 @@ def frontier_plot(rows: list[dict], path: Path) -> None:
 
 
 def long_plot(rows: list[dict], path: Path) -> None:
-    """The long-context points: KV reads skipped (per head and per group) against Δppl ± SE."""
+    """The long-context points: KV reads skipped (per head and per group) against Δppl ± SE.
+
+    One line per setting (rule, W, F, max_chain) through its thresholds, each point marked with τ.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.4))
     for ax, regime in zip(axes, ("teacher", "generation")):
         part = [r for r in rows if r["part"] == "long" and r["regime"] == regime]
+        series: dict[tuple, list[dict]] = {}
         for r in part:
-            y, err = 100 * float(r["ppl_change"]), 100 * float(r["ppl_change_se"])
-            label = f"{r['rule']} τ={float(r['tau']):g} W={r['window']} F={r['sinks']}" + (f" K={r['max_chain']}" if r.get("max_chain") else "")
-            line = ax.errorbar(100 * float(r["skipped_head"]), y, yerr=err, fmt="o", capsize=3, label=label)
-            ax.errorbar(100 * float(r["skipped_group"]), y, yerr=err, fmt="o", mfc="none", capsize=3, color=line[0].get_color())
+            series.setdefault((r["rule"], r["window"], r["sinks"], r.get("max_chain") or ""), []).append(r)
+        for (rule, window, sinks, chain), points in sorted(series.items(), key=lambda kv: int(kv[0][3] or 0)):
+            points.sort(key=lambda r: float(r["skipped_head"]))
+            y = [100 * float(r["ppl_change"]) for r in points]
+            err = [100 * float(r["ppl_change_se"]) for r in points]
+            label = f"{rule} W={window} F={sinks}, " + (f"max_chain {chain}" if chain else "chains unbounded")
+            head = ax.errorbar([100 * float(r["skipped_head"]) for r in points], y, yerr=err, fmt="o-", capsize=3, label=label)
+            color = head[0].get_color()
+            ax.errorbar([100 * float(r["skipped_group"]) for r in points], y, yerr=err, fmt="o--", mfc="none", capsize=3, color=color, alpha=0.6)
+            for r, yy in zip(points, y):
+                ax.annotate(f"τ={float(r['tau']):g}", (100 * float(r["skipped_head"]), yy), xytext=(4, 4), textcoords="offset points", fontsize=7, color=color)
         ax.axhline(1.0, color="grey", lw=0.8, ls="--")
         ax.axhline(0.0, color="grey", lw=0.5)
         ax.axvline(60, color="grey", lw=0.8, ls=":")
@@ -293,7 +304,7 @@ def long_plot(rows: list[dict], path: Path) -> None:
         steps = part[0]["steps"] if part else "?"
         ax.set_title(f"{'teacher forcing' if regime == 'teacher' else 'free generation'}, 4K prompts ({steps} steps × 8)")
         if part:
-            ax.legend(fontsize=7)
+            ax.legend(fontsize=7, loc="upper left")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -407,6 +418,17 @@ def report() -> None:
             lines += [fmt_margin(r) for r in sorted(part, key=lambda r: (r["rule"], int(r["window"]), float(r["tau"]), int(r.get("max_chain") or 0)))] + [""]
     if any(r["part"] == "long" for r in rows):
         long_plot(rows, DOCS_IMG / "long_frontier.png")
+    noise_path = RESULTS / "noise_floor.json"
+    if noise_path.exists():
+        n = json.loads(noise_path.read_text())
+        firsts = [r["first_difference"] for r in n["per_request"] if r["first_difference"] is not None]
+        lines += [
+            f"### Rounding alone: full attention in float32 against float64 ({n['requests']} long prompts, {n['steps']} greedy tokens each)", "",
+            "| greedy texts that differ | first difference at | largest logit difference before it | top-2 gap < 0.05 | < 0.01 | smallest gap |",
+            "|---|---|---|---|---|---|",
+            f"| {n['greedy_differences']} of {n['requests']} | {', '.join(map(str, firsts)) or '–'} | {n['max_logit_diff']:.1e} "
+            f"| {100 * n['share_gap_below_0_05']:.1f} % | {100 * n['share_gap_below_0_01']:.1f} % | {n['min_gap']:.4f} |", "",
+        ]  # fmt: skip
     grid = [r for r in rows if r["part"] == "grid"]
     if grid:
         lines += [f"### Grid, paper rule, teacher forcing ({grid[0]['steps']} steps × {grid[0]['batch']} requests, {len(grid)} of the 96 points)", "", HEADER]
