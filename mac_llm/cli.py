@@ -22,6 +22,11 @@ def positive_int(text: str) -> int:
     return value
 
 
+def chain_bound(text: str) -> int | None:
+    """``--max-chain``: a positive integer, or ``none`` for unbounded chains (the paper's rule)."""
+    return None if text.lower() == "none" else positive_int(text)
+
+
 def add_mac_options(parser: argparse.ArgumentParser, defaults: mac_ref.MACConfig) -> None:
     """The MAC knobs shared by every subcommand."""
     parser.add_argument("--tau", type=float, default=defaults.tau, help="match threshold τ (higher is stricter)")
@@ -29,8 +34,8 @@ def add_mac_options(parser: argparse.ArgumentParser, defaults: mac_ref.MACConfig
     parser.add_argument("--band", type=int, default=defaults.band, help="band r recomputed on a hit")
     parser.add_argument("--sinks", type=int, default=defaults.sinks, help="sink keys F recomputed at every step")
     parser.add_argument(
-        "--max-chain", type=positive_int, default=defaults.max_chain,
-        help="longest reuse chain K: rows reused K times over are no match candidates (default: unbounded, the paper)",
+        "--max-chain", type=chain_bound, default=defaults.max_chain, metavar="K",
+        help=f"longest reuse chain: rows reused K times over are no match candidates; 'none': unbounded, the paper's rule (default: {defaults.max_chain})",
     )  # fmt: skip
 
 

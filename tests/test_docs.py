@@ -103,6 +103,18 @@ def test_images_exist_and_concept_pages_have_figures(site):
         assert re.search(r'<img\b[^>]*src="[^"]*figures/', page_html(site, page)), f"{page} has no generated figure"
 
 
+def test_real_model_page_shows_the_study_tables(site):
+    """The page's tables are included from the study's summary, rows and all, and none is left as a marker."""
+    text = page_html(site, "real_model")
+    assert "<!-- study:" not in text
+    summary = (REPO / "studies" / "results" / "real_model" / "summary.md").read_text(encoding="utf-8")
+    for title in re.findall(r"(?m)^### ((?:Long context|Rounding alone)[^(\n]*)", summary):
+        assert html.escape(title.strip(), quote=False) in text, f"the page lacks the study section {title!r}"
+    first_long_row = re.search(r"(?m)^### Long context.*\n\n.*\n.*\n(\| .*)$", summary).group(1)
+    cells = [c.strip() for c in first_long_row.strip("|").split("|")]
+    assert all(html.escape(c, quote=False) in text for c in cells), "a long-context row is missing from the page"
+
+
 def _snippets(page: Path) -> list[str]:
     """The ```python blocks of a page: all runnable (quoted library code is ```py, by the hooks)."""
     return re.findall(r"^```python\n(.*?)^```", page.read_text(encoding="utf-8"), flags=re.S | re.M)

