@@ -31,10 +31,10 @@ from .calibrate import RULES
 from .cli import InvalidOption
 from .gguf_model import ModelNotInstalledError, load_model
 
-# The best point of the fidelity study (docs/real_model.md, long context): the paper's
-# threshold 0.45 with a short window (small lags), the paper's band, 4 sinks, and only
-# exact rows reused (max_chain 1: no reuse of a reuse); see there before changing.
-DEFAULTS = mac_ref.MACConfig(window=256, band=256, tau=0.45, sinks=4, max_chain=1)
+# The best point of the fidelity study (docs/real_model.md, long context): τ = 0.5 with a
+# short window (small lags), the paper's band, 4 sinks, and only exact rows reused
+# (max_chain 1: no reuse of a reuse); see there before changing.
+DEFAULTS = mac_ref.MACConfig(window=256, band=256, tau=0.5, sinks=4, max_chain=1)
 DEFAULT_RULE = "paper"
 DEFAULT_PROMPT_TOKENS = 2048
 DEFAULT_NEW_TOKENS = 64

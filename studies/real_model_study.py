@@ -44,7 +44,7 @@ LONG = dict(prompt_len=4096, segments=8, teacher_steps=640, generation_steps=128
 LONG_POINTS = [  # rule, τ, W, r, F[, max_chain K], in the order they run
     ("paper", 0.45, 256, 256, 4), ("paper", 0.45, 256, 256, 4, 2), ("paper", 0.6, 256, 256, 4),
     ("paper", 0.45, 256, 256, 4, 1), ("paper", 0.6, 256, 256, 4, 2), ("paper", 0.5, 256, 256, 4),
-    ("paper", 0.6, 256, 256, 4, 1),
+    ("paper", 0.5, 256, 256, 4, 1),
 ]
 
 PROMPT_LEN = 1024

@@ -131,7 +131,7 @@ def test_tau_one_gives_full_attention_logits(model_and_tokenizer, prose_ids):
 
 @pytest.mark.parametrize("rule", ["paper", "keynorm"])
 def test_default_point_hits_on_real_text_and_stats_agree(model_and_tokenizer, prose_ids, rule):
-    """At the demo's defaults (τ 0.45, exact rows only) hits happen, and every reported number follows from the hit masks."""
+    """At the demo's defaults (τ 0.5, exact rows only) hits happen, and every reported number follows from the hit masks."""
     from mac_llm import demo
 
     model, _ = model_and_tokenizer
