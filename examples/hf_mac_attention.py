@@ -19,7 +19,7 @@ with torch.no_grad():
     full = model.generate(prompt, max_new_tokens=32, do_sample=False)
 
 # the three lines that matter: pick a configuration, switch, generate as usual
-config = mac_ref.MACConfig(window=256, band=256, tau=0.6, sinks=4)  # the demo's defaults
+config = mac_ref.MACConfig(window=256, band=256, tau=0.5, sinks=4, max_chain=1)  # the demo's defaults
 mac = enable_mac_attention(model, config)
 with torch.no_grad():
     out = model.generate(prompt, max_new_tokens=32, do_sample=False)

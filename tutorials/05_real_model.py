@@ -173,8 +173,9 @@ plt.show()
 #
 # ## Exercises
 #
-# 1. Run `mac-attention demo --rule paper --tau 0.45` and then with the defaults: compare
-#    the greedy texts and the per-layer hit plots.
+# 1. Run `mac-attention demo --max-chain none` (the paper's unbounded reuse chains) and
+#    then with the defaults (`max_chain` 1): compare the greedy texts, the KL and the
+#    per-layer hit plots. Then try `--tau 0.45` with both.
 # 2. Replace the prose with your own text (`--prompt-file`). Does a text with more
 #    repetition (code, a list) give more hits?
 # 3. Write a rule of your own in `mac_llm/calibrate.py` (e.g. a high quantile of key norms
