@@ -103,6 +103,17 @@ def test_images_exist_and_concept_pages_have_figures(site):
         assert re.search(r'<img\b[^>]*src="[^"]*figures/', page_html(site, page)), f"{page} has no generated figure"
 
 
+def test_every_concept_page_is_in_the_sidebar(site):
+    """Each numbered page of mkdocs.yml's nav is a link of the sidebar (none swallowed as a section's index)."""
+    titles = re.findall(r"(?m)^\s+- (\d\. [^:]+): \S+\.md\s*$", (REPO / "mkdocs.yml").read_text(encoding="utf-8"))
+    assert len(titles) >= 9
+    sidebar = page_html(site, "summaries")
+    for title in titles:
+        assert re.search(r'class="md-nav__link[^"]*">\s*<span class="md-ellipsis">\s*' + re.escape(html.escape(title, quote=False)), sidebar), (
+            f"{title!r} is not a sidebar link"
+        )
+
+
 def test_real_model_page_shows_the_study_tables(site):
     """The page's tables are included from the study's summary, rows and all, and none is left as a marker."""
     text = page_html(site, "real_model")
