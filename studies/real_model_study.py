@@ -413,12 +413,15 @@ def report() -> None:
             lines += [f"### Longer runs, {regime} ({part[0]['steps']} steps × {part[0]['batch']} requests)", "", HEADER]
             lines += [fmt_row(r) for r in sorted(part, key=lambda r: (r["rule"], float(r["tau"])))] + [""]
     for regime in ("teacher", "generation"):
-        part = [r for r in rows if r["part"] == "long" and r["regime"] == regime]
+        part = sorted(
+            (r for r in rows if r["part"] == "long" and r["regime"] == regime),
+            key=lambda r: (r["rule"], int(r["window"]), float(r["tau"]), int(r.get("max_chain") or 0)),
+        )
         if part:
             lines += [f"### Long context, {regime} ({part[0]['prompt_len']}-token prompts, {part[0]['steps']} steps × {part[0]['batch']} requests)", "", HEADER]
-            lines += [fmt_row(r) for r in sorted(part, key=lambda r: (r["rule"], int(r["window"]), float(r["tau"]), int(r.get("max_chain") or 0)))] + [""]
+            lines += [fmt_row(r) for r in part] + [""]
             lines += [f"#### Greedy margins and reuse chains, {regime}", "", MARGIN_HEADER]
-            lines += [fmt_margin(r) for r in sorted(part, key=lambda r: (r["rule"], int(r["window"]), float(r["tau"]), int(r.get("max_chain") or 0)))] + [""]
+            lines += [fmt_margin(r) for r in part] + [""]
     if any(r["part"] == "long" for r in rows):
         long_plot(rows, DOCS_IMG / "long_frontier.png")
     noise_path = RESULTS / "noise_floor.json"
