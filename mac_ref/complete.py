@@ -4,19 +4,23 @@ r"""Complete: the step's output from ``C``, the sinks and the tail.
     \text{out} = A(q_t, [0, S)) \oplus C \oplus A(q_t, [N, t+1))
 
 with ``N = E(t)`` and ``S = min(F, N)`` (no sinks when ``F = 0``). On a miss ``C`` is
-``A(q_t, [S, N))`` and ``out`` is exactly full attention.
+``A(q_t, [S, N))`` and ``out`` is exactly full attention. The sinks ⊕ tail part is kept
+beside ``out``: the ``subtract`` row rule removes it again (spec: [row update][spec-row-update]).
 """
 
 from __future__ import annotations
 
-from .match import MatchResult
-from .amend import Spans, amend
-from .state import LayerState
-from .summary import Summary, attend, merge
+from mac_core.state import LayerState
+from mac_core.step import Completion, MatchResult, Spans, Summary
+
+from .amend import amend_row
+from .summary import attend, merge
 
 
-def complete(q_post, k_cache, v_cache, cached: Summary, spans: Spans, scale: float) -> Summary:
+def complete_output(q_post, k_cache, v_cache, cached: Summary, spans: Spans, scale: float) -> Completion:
     """Merge ``cached`` (= ``C``) with the sinks and the tail, both computed with ``q_post``.
+
+    A stage of :func:`mac_ref.decode.decode_step`, which validates the arguments.
 
     Args:
         q_post: ``[B, Hq, D]`` post-RoPE queries.
@@ -26,20 +30,18 @@ def complete(q_post, k_cache, v_cache, cached: Summary, spans: Spans, scale: flo
         scale: softmax scale.
 
     Returns:
-        ``Summary(o [B, Hq, D], lse [B, Hq])`` over ``[0, tail_end)``.
+        :class:`~mac_core.step.Completion`: ``out`` over ``[0, tail_end)``, ``cached`` and
+        ``rest = sinks ⊕ tail``, each ``Summary([B, Hq, D], [B, Hq])``.
     """
     sinks = attend(q_post, k_cache, v_cache, 0, spans.sink_end, scale)
     tail = attend(q_post, k_cache, v_cache, spans.band_end, spans.tail_end, scale)
-    return merge(merge(sinks, cached), tail)
+    return Completion(out=merge(merge(sinks, cached), tail), cached=cached, rest=merge(sinks, tail))
 
 
-def amend_complete(
-    q_post, k_cache, v_cache, state: LayerState, result: MatchResult, spans: Spans, scale: float
-) -> tuple[Summary, Summary]:
-    """Amend then complete: returns ``(out, C)``; ``C`` is the ``split`` rule's new row.
+def amend_complete(q_post, k_cache, v_cache, state: LayerState, result: MatchResult, spans: Spans, scale: float) -> Completion:
+    """Amend then complete: the critical path of a decode step for given decisions.
 
-    This is the critical path of a decode step; ``mac_triton`` fuses it into one kernel
-    with this signature.
+    ``mac_triton.amend_complete`` fuses it into one split-KV pass with this signature.
     """
-    cached = amend(q_post, k_cache, v_cache, state, result, spans, scale)
-    return complete(q_post, k_cache, v_cache, cached, spans, scale), cached
+    cached = amend_row(q_post, k_cache, v_cache, state, result, spans, scale)
+    return complete_output(q_post, k_cache, v_cache, cached, spans, scale)

@@ -1,4 +1,4 @@
-r"""Match: find, per query head, the most similar recent pre-RoPE query.
+r"""Match: find, per query head, the most similar recent pre-RoPE query, and apply the distance test.
 
 For the token at position ``t`` the candidates are the tokens ``j ∈ [max(0, t−W), t)``,
 whose pre-RoPE queries sit in ring slots ``j mod W``:
@@ -6,46 +6,35 @@ whose pre-RoPE queries sit in ring slots ``j mod W``:
 .. math::
     d_j = \lVert \tilde q_t - \tilde q_j \rVert^2, \qquad
     j^* = \arg\min_j d_j, \qquad
-    \text{hit} \iff d_{j^*} < 2D(1-\tau)^2 \, s_h^2 .
+    \text{candidate} \iff d_{j^*} < 2D(1-\tau)^2 \, s_h^2 .
 
 ``s_h = 1`` is the paper's rule; ``config.radius_scale`` sets one factor per query head.
-With ``config.max_chain = K`` rows of reuse-chain depth ``≥ K`` are not candidates.
+With ``config.max_chain = K`` rows of reuse-chain depth ``≥ K`` are not candidates. The
+acceptance rule (:mod:`mac_ref.accept`) takes the candidates from here; the paper's rule
+accepts them all.
 
 Ties go to the most recent ``j`` (the smallest lag: fewer keys to recompute and less RoPE
 drift). Distances use the raw vectors, accumulated in float32 (float64 for float64
 inputs). Matching is on *pre*-RoPE queries because RoPE rotates two identical queries
-apart by their position gap.
+apart by their position gap. Spec: [match][spec-match].
 """
 
 from __future__ import annotations
-
-from typing import NamedTuple
 
 import math
 
 import torch
 
-from ._checks import compute_dtype
-from .config import MACConfig
-from .state import LayerState
+from mac_core.config import MACConfig
+from mac_core.numerics import compute_dtype
+from mac_core.state import LayerState
+from mac_core.step import MatchResult
 
 
-class MatchResult(NamedTuple):
-    """Per (request, query head) outcome of the match stage.
-
-    Attributes:
-        hit: ``[B, Hq]`` bool.
-        matched_pos: ``[B, Hq]`` int64: ``j*``, or ``-1`` when there is no candidate.
-        distance: ``[B, Hq]``: ``d_{j*}``; ``inf`` when there is no candidate.
-    """
-
-    hit: torch.Tensor
-    matched_pos: torch.Tensor
-    distance: torch.Tensor
-
-
-def match(q_pre: torch.Tensor, state: LayerState, positions: torch.Tensor, config: MACConfig) -> MatchResult:
+def find_match(q_pre: torch.Tensor, state: LayerState, positions: torch.Tensor, config: MACConfig) -> MatchResult:
     """Match each query head against its ring window.
+
+    A stage of :func:`mac_ref.decode.decode_step`, which validates the arguments.
 
     Args:
         q_pre: ``[B, Hq, D]`` pre-RoPE queries of the tokens at ``positions``.
@@ -55,8 +44,8 @@ def match(q_pre: torch.Tensor, state: LayerState, positions: torch.Tensor, confi
             ``min_context`` and ``max_chain``.
 
     Returns:
-        :class:`MatchResult`. Steps at ``t < min_context`` report their nearest candidate
-        but are never hits.
+        :class:`~mac_core.step.MatchResult`; ``hit`` holds the distance test. Steps at
+        ``t < min_context`` report their nearest candidate but never pass.
     """
     B, Hq, D = q_pre.shape
     W = state.window
@@ -80,11 +69,7 @@ def match(q_pre: torch.Tensor, state: LayerState, positions: torch.Tensor, confi
     has_candidate = torch.isfinite(distance)
     matched_pos = torch.where(has_candidate, matched_pos, torch.full_like(matched_pos, -1))
 
-    radius_sq = torch.full((Hq,), config.hit_radius_sq(D), dtype=dtype, device=q_pre.device)  # [Hq]
-    if config.radius_scale is not None:
-        if len(config.radius_scale) != Hq:
-            raise ValueError(f"config.radius_scale must have one factor per query head ({Hq}), got {len(config.radius_scale)}")
-        radius_sq = radius_sq * torch.tensor(config.radius_scale, dtype=dtype, device=q_pre.device) ** 2
+    radius_sq = torch.tensor(config.radius_sq_per_head(Hq, D), dtype=dtype, device=q_pre.device)  # [Hq]
     eligible = (positions >= config.min_context)[:, None]  # [B, 1]
     hit = has_candidate & eligible & (distance < radius_sq)
     return MatchResult(hit, matched_pos, distance)

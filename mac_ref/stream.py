@@ -10,10 +10,12 @@ from dataclasses import dataclass
 
 import torch
 
-from ._checks import check_tensor
-from .config import MACConfig
-from .decode import StepStats, decode_step, prefill
-from .state import LayerState
+from mac_core.checks import check_tensor
+from mac_core.config import MACConfig
+from mac_core.state import LayerState
+from mac_core.step import StepStats
+
+from .decode import decode_step, prefill
 
 
 @dataclass

@@ -10,7 +10,8 @@ The *attention summary* of a query ``q`` over the keys ``[a, b)`` is the pair
     s_j = \text{scale}\cdot q \cdot k_j .
 
 ``ℓ`` is a natural-log LSE. The empty summary (no keys) is ``(0, −inf)``; it is the
-identity of ⊕ and every function here accepts and returns it without producing NaN.
+identity of ⊕ and every function here accepts and returns it without producing NaN
+(spec: [summaries][spec-summaries], [⊕ merge][spec-merge], [⊖ remove][spec-remove]).
 
 Precision: arithmetic runs in float32, or in float64 when an input is float64. ``o`` and
 ``ℓ`` come back in that compute dtype.
@@ -19,30 +20,14 @@ Precision: arithmetic runs in float32, or in float64 when an input is float64. `
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
 
 import torch
 
-from ._checks import check_same_device, check_tensor, compute_dtype
+from mac_core.checks import check_same_device, check_tensor
+from mac_core.numerics import compute_dtype, removal_epsilon
+from mac_core.step import Summary, empty_summary
 
-
-class Summary(NamedTuple):
-    """An attention summary ``(o, lse)``.
-
-    Attributes:
-        o: ``[..., D]`` normalised partial output (softmax-weighted mean of values).
-        lse: ``[...]`` natural-log sum of the exponentiated scores; ``-inf`` when empty.
-    """
-
-    o: torch.Tensor
-    lse: torch.Tensor
-
-
-def empty_summary(shape: tuple[int, ...], head_dim: int, dtype=torch.float32, device=None) -> Summary:
-    """The empty summary ``(0, −inf)`` of shape ``[*shape, head_dim]`` / ``[*shape]``."""
-    o = torch.zeros(*shape, head_dim, dtype=dtype, device=device)
-    lse = torch.full(shape, -math.inf, dtype=dtype, device=device)
-    return Summary(o, lse)
+__all__ = ["Summary", "empty_summary", "attend", "merge", "merge_all", "remove", "removal_epsilon"]
 
 
 def _bounds(x, shape: tuple[int, ...], device) -> torch.Tensor:
@@ -198,14 +183,6 @@ def merge_all(o: torch.Tensor, lse: torch.Tensor) -> Summary:
     return Summary(merged, total_lse)
 
 
-def removal_epsilon(dtype: torch.dtype) -> float:
-    """Smallest remainder share ``1 − e^δ`` that ⊖ still resolves: 8 ulps of the compute dtype.
-
-    Below it the remainder is indistinguishable from rounding noise and ⊖ returns empty.
-    """
-    return 8 * torch.finfo(compute_dtype(dtype)).eps
-
-
 def remove(total: Summary, part: Summary) -> tuple[Summary, torch.Tensor]:
     r"""⊖: remove the keys of ``part`` from ``total`` (``part`` ⊆ ``total``, same query).
 
@@ -216,7 +193,8 @@ def remove(total: Summary, part: Summary) -> tuple[Summary, torch.Tensor]:
         o = \frac{o_{total} - e^{\delta} o_{part}}{-\operatorname{expm1}(\delta)}
 
     The result is ill-conditioned as :math:`e^\delta \to 1` (the part holds nearly all the
-    mass): its error grows like :math:`\varepsilon / (1 - e^\delta)`. Rules (SPEC §3):
+    mass): its error grows like :math:`\varepsilon / (1 - e^\delta)`. Rules (spec:
+    [⊖ remove][spec-remove]):
 
     * ``part`` empty: the result is ``total`` unchanged.
     * remainder share ``−expm1(δ) < removal_epsilon(dtype)``: the result is empty, flagged.

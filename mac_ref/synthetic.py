@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from .rope import apply_rope
+from mac_core.rope import apply_rope
 
 
 def synthetic_stream(

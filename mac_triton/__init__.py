@@ -1,17 +1,30 @@
 """mac_triton: the Triton fast path of MAC-Attention, twin of :mod:`mac_ref` stage by stage.
 
-Same signatures and the same state layout (:class:`mac_ref.state.LayerState`); set
-``TRITON_INTERPRET=1`` before importing to run the kernels on a CPU.
+Same signatures, the same contract (:mod:`mac_core`: configuration, state layout, result
+types, validation) and no import of the reference's algorithm; set ``TRITON_INTERPRET=1``
+before importing to run the kernels on a CPU. One file per concern:
 
 - :mod:`mac_triton.summary`  ⊕ ``merge``, ``merge_all``, ⊖ ``remove`` over batches
-- :mod:`mac_triton.match`    ring scan, argmin (ties to the most recent), hit flag
-- :mod:`mac_triton.complete` ``amend_complete``: split-KV decode attention + cached row
-- :mod:`mac_triton.decode`   ``decode_step`` (fused step, ring write) and ``full_decode``
+- :mod:`mac_triton.match`    ring scan, argmin (ties to the most recent), the distance test
+- :mod:`mac_triton.plan`     the in-kernel work plan: union spans per GQA group, stream-K split
+- :mod:`mac_triton.attend`   the attend kernel: split-KV partial states per unit
+- :mod:`mac_triton.accept`   the acceptance rule, per head
+- :mod:`mac_triton.reduce`   the reduce kernel: ⊕ of the partials, cached row, ring write, report
+- :mod:`mac_triton.complete` ``amend_complete``: attend + reduce for given decisions
+- :mod:`mac_triton.decode`   ``decode_step``, ``mac_step`` (graph-capturable), ``full_decode``
+- :mod:`mac_triton.launch`   launch settings (tiles, warps, programs per SM), passed to the launchers
+- :mod:`mac_triton.numerics` the log-domain helpers the kernels share, the accepted dtypes
 """
 
+from mac_core import MACConfig
+
 from .complete import amend_complete
-from .decode import decode_step, full_decode, mac_step
-from .match import match
+from .decode import DecodeWorkspace, decode_step, full_decode, mac_step
+from .launch import MATCH, NARROW, WIDE, Launch, MatchLaunch, launch_for
+from .match import find_match
 from .summary import merge, merge_all, remove
 
-__all__ = ["merge", "merge_all", "remove", "match", "amend_complete", "decode_step", "full_decode", "mac_step"]
+__all__ = [
+    "MACConfig", "merge", "merge_all", "remove", "find_match", "amend_complete", "decode_step", "full_decode",
+    "mac_step", "DecodeWorkspace", "Launch", "MatchLaunch", "WIDE", "NARROW", "MATCH", "launch_for",
+]  # fmt: skip

@@ -1,46 +1,80 @@
 r"""The decode step in Triton: match → amend + complete → row update, fused into three
 launches with no host synchronisation; and the full-attention decode baseline.
 
-Twin of :func:`mac_ref.decode.decode_step` (same signature, same :class:`StepStats`,
-same validation through :func:`mac_ref.decode.check_step_inputs`). The stages map onto
-kernels as follows:
+Twin of :func:`mac_ref.decode.decode_step` (same signature, same
+:class:`~mac_core.step.StepStats`, the same validation: :func:`mac_core.checks.check_step_inputs`).
+The stages map onto kernels as follows:
 
 ===========================  ==============================================================
 mac_ref                      mac_triton
 ===========================  ==============================================================
-``match``                    ``match._match_kernel`` → one int64 key per head (1 launch)
-``step_spans``               ``complete._plan``, evaluated inside both kernels below
-``amend_complete``           ``complete._attend_kernel`` (split-KV partials per unit)
-``update_row`` + ``write``   ``complete._reduce_kernel`` (⊕ partials, cached row, ring write,
-                             match report)
+``find_match``               ``match._match_kernel`` → one int64 key per head (1 launch)
+``step_spans``               ``plan.plan_units``, evaluated inside both kernels below
+``amend_complete``           ``attend._attend_kernel`` (split-KV partials per unit)
+``accept``, ``update_row``,  ``reduce._reduce_kernel`` (⊕ partials, the rule, the cached row,
+``LayerState.write``         the ring write, the match report)
 ===========================  ==============================================================
 
 Differences: float32 arithmetic only (float64 inputs are a ``TypeError``); the ring
-write happens inside the reduce kernel rather than through ``LayerState.write``;
-``subtract`` rows use the sinks ⊕ tail partials of this same pass (the reference
-recomputes them), so they agree to rounding. :func:`mac_step` is the part a CUDA graph
-can capture (validation and ``state.next_pos`` stay outside).
+write happens inside the reduce kernel rather than through ``LayerState.write``. A step's
+match keys live in a :class:`DecodeWorkspace` that the caller owns: :func:`mac_step` is
+the part a CUDA graph can capture (validation and ``state.next_pos`` stay outside), with
+one workspace per captured step.
 """
 
 from __future__ import annotations
 
-import math
+from dataclasses import dataclass
 
 import torch
 
-from mac_ref.config import MACConfig
-from mac_ref.decode import StepStats, check_step_inputs
-from mac_ref.rope import apply_rope
-from mac_ref.state import LayerState
+from mac_core.checks import check_attention_inputs, check_step_inputs
+from mac_core.config import MACConfig
+from mac_core.rope import apply_rope
+from mac_core.state import LayerState
+from mac_core.step import StepStats
 
-from ._common import check_kernel_dtype
-from .complete import SOURCE_KEYS, SOURCE_NONE, attend_spans, check_attention_inputs
-from .match import match_keys, radius_sq_per_head
+from .attend import launch_attend
+from .launch import MATCH, Launch, MatchLaunch, launch_for
+from .match import match_keys, new_keys, radius_sq_per_head
+from .numerics import LIMITS
+from .reduce import launch_reduce
 
 FULL_BAND = 2**30  # a band longer than any context: no row, every key in the "tail"
 
 
-def mac_step(q_pre, q_post, k_cache, v_cache, state: LayerState, positions, config: MACConfig, scale: float) -> dict:
+@dataclass
+class DecodeWorkspace:
+    """What a decode step keeps on the device between steps, owned by its caller.
+
+    Attributes:
+        keys: ``[B·Hq]`` int64 match keys, all ``NO_CANDIDATE`` between steps (the reduce
+            kernel resets them), so a step needs no fill launch.
+        radius_sq: ``[Hq]`` float32 squared hit radii of ``config`` (no host-to-device copy
+            inside a captured step).
+        config: the configuration the radii were made for.
+    """
+
+    keys: torch.Tensor
+    radius_sq: torch.Tensor
+    config: MACConfig
+
+    @classmethod
+    def new(cls, config: MACConfig, batch: int, q_heads: int, head_dim: int, device) -> "DecodeWorkspace":
+        return cls(new_keys(device, batch * q_heads), radius_sq_per_head(config, q_heads, head_dim, device), config)
+
+    def check(self, config: MACConfig, batch: int, q_heads: int, device) -> None:
+        if self.config != config or self.keys.shape != (batch * q_heads,) or self.keys.device != torch.device(device):
+            raise ValueError(
+                f"workspace was made for B·Hq = {self.keys.shape[0]} on {self.keys.device} with {self.config}; "
+                f"the step has B·Hq = {batch * q_heads} on {device} with {config}: make one with DecodeWorkspace.new"
+            )
+
+
+def mac_step(
+    q_pre, q_post, k_cache, v_cache, state: LayerState, positions, config: MACConfig, scale: float,
+    workspace: DecodeWorkspace, launch: Launch | None = None, match_launch: MatchLaunch = MATCH,
+):
     """The kernels of one decode step, without checks (graph-capturable); writes the rings.
 
     Args:
@@ -50,65 +84,65 @@ def mac_step(q_pre, q_post, k_cache, v_cache, state: LayerState, positions, conf
         positions: ``[B]`` int64 positions ``t``.
         config: the MAC configuration.
         scale: softmax scale.
-
-    Returns:
-        dict with ``out`` (``q_pre``'s dtype), ``lse``, ``hit``, ``matched_pos``,
-        ``distance``, ``keys_read``, ``ill_conditioned`` and ``chain_depth``.
-    """
-    keys = match_keys(q_pre, state.ring_q, positions, state.ring_depth, config.max_chain)
-    return attend_spans(
-        q_post, k_cache, v_cache, positions, source=SOURCE_KEYS, band=config.band, sinks=config.sinks, keys=keys,
-        min_context=config.min_context, radius_sq=radius_sq_per_head(config, q_pre.shape[1], q_pre.shape[2], q_pre.device),
-        state=state, q_pre=q_pre,
-        out_dtype=q_pre.dtype, row_out=2, subtract=config.row_update == "subtract", scale=scale,
-    )
-
-
-def decode_step(q_pre, k_cache, v_cache, state: LayerState, positions, config: MACConfig, q_post=None):
-    """One MAC-Attention decode step for a batch of requests (updates ``state`` in place).
-
-    Same contract as :func:`mac_ref.decode.decode_step`.
-
-    Args:
-        q_pre: ``[B, Hq, D]`` pre-RoPE queries (float16 / bfloat16 / float32).
-        k_cache, v_cache: ``[B, Hkv, T, D]`` post-RoPE keys and values.
-        state: the layer's rings (``ring_q`` in the queries' dtype, rows float32).
-        positions: ``[B]`` int64, must equal ``state.next_pos``.
-        config: the MAC configuration (``row_update`` ``"split"`` or ``"subtract"``).
-        q_post: ``[B, Hq, D]`` post-RoPE queries; by default RoPE of ``q_pre``.
+        workspace: the step's :class:`DecodeWorkspace` (its keys are left clean).
+        launch: attend and reduce launch settings (default: :func:`mac_triton.launch.launch_for`).
+        match_launch: the match scan's launch settings.
 
     Returns:
         ``(out [B, Hq, D] in q_pre's dtype, lse [B, Hq] float32, StepStats)``.
     """
-    check_step_inputs(q_pre, k_cache, v_cache, state, positions, config, q_post)
-    check_kernel_dtype("q_pre", q_pre)
-    if state.ring_q.dtype != q_pre.dtype:
-        raise TypeError(f"state.ring_q must have q_pre's dtype {q_pre.dtype}, got {state.ring_q.dtype}")
-    if state.ring_o.dtype != torch.float32 or state.ring_lse.dtype != torch.float32:
-        raise TypeError(
-            f"state.ring_o and state.ring_lse must be float32 for mac_triton, got {state.ring_o.dtype} and {state.ring_lse.dtype}"
-        )
+    B, Hq, D = q_pre.shape
+    Hkv = k_cache.shape[1]
+    launch = launch or launch_for(B * Hkv)
+    keys = match_keys(q_pre, state.ring_q, positions, workspace.keys, state.ring_depth, config.max_chain, match_launch)
+    partials = launch_attend(
+        q_post, k_cache, v_cache, positions, launch, scale, band_source="match", band=config.band, sinks=config.sinks,
+        keys=keys, radius_sq=workspace.radius_sq, min_context=config.min_context,
+    )
+    res = launch_reduce(
+        partials, launch, band_source="match", row_out="ring", out_dtype=q_pre.dtype, batch=B, q_heads=Hq, kv_heads=Hkv,
+        head_dim=D, band=config.band, min_context=config.min_context, keys=keys, radius_sq=workspace.radius_sq,
+        state=state, q_pre=q_pre, subtract=config.row_update == "subtract", rule=config.rule.name,
+    )
+    stats = StepStats(
+        hit=res.hit, matched_pos=res.matched_pos, distance=res.distance, keys_read=res.keys_read, context=positions + 1,
+        ill_conditioned=res.ill_conditioned, chain_depth=res.chain_depth,
+    )
+    return res.out, res.lse, stats
+
+
+def decode_step(q_pre, k_cache, v_cache, state: LayerState, positions, config: MACConfig, q_post=None, *, launch: Launch | None = None):
+    """One MAC-Attention decode step for a batch of requests (updates ``state`` in place).
+
+    Same contract as :func:`mac_ref.decode.decode_step`, for float16 / bfloat16 / float32
+    inputs, float32 rows and inputs contiguous in the head dimension. Each call makes its
+    own :class:`DecodeWorkspace`; a loop that replays steps uses :func:`mac_step`.
+
+    Args:
+        q_pre: ``[B, Hq, D]`` pre-RoPE queries.
+        k_cache, v_cache: ``[B, Hkv, T, D]`` post-RoPE keys and values.
+        state: the layer's rings (``ring_q`` in the queries' dtype, rows float32).
+        positions: ``[B]`` int64, must equal ``state.next_pos``.
+        config: the MAC configuration.
+        q_post: ``[B, Hq, D]`` post-RoPE queries; by default RoPE of ``q_pre``.
+        launch: attend and reduce launch settings (default: :func:`mac_triton.launch.launch_for`).
+
+    Returns:
+        ``(out [B, Hq, D] in q_pre's dtype, lse [B, Hq] float32, StepStats)``.
+    """
+    check_step_inputs(q_pre, k_cache, v_cache, state, positions, config, q_post, LIMITS)
     positions = positions.to(torch.int64)
-    scale = config.softmax_scale(q_pre.shape[-1])
+    B, Hq, D = q_pre.shape
+    scale = config.softmax_scale(D)
     if q_post is None:
         q_post = apply_rope(q_pre, positions[:, None], config.rope_base)
-    check_attention_inputs(q_post, k_cache, v_cache)
-
-    res = mac_step(q_pre, q_post, k_cache, v_cache, state, positions, config, scale)
-    state.next_pos = positions + 1
-    stats = StepStats(
-        hit=res["hit"],
-        matched_pos=res["matched_pos"],
-        distance=res["distance"],
-        keys_read=res["keys_read"],
-        context=positions + 1,
-        ill_conditioned=res["ill_conditioned"],
-        chain_depth=res["chain_depth"],
-    )
-    return res["out"], res["lse"], stats
+    workspace = DecodeWorkspace.new(config, B, Hq, D, q_pre.device)
+    result = mac_step(q_pre, q_post, k_cache, v_cache, state, positions, config, scale, workspace, launch)
+    state.advance(positions)
+    return result
 
 
-def full_decode(q_post, k_cache, v_cache, positions, scale: float | None = None):
+def full_decode(q_post, k_cache, v_cache, positions, scale: float | None = None, *, launch: Launch | None = None):
     """Full-attention decode over keys ``[0, t+1)`` with the same kernels (every head a miss).
 
     The baseline MAC-Attention is measured against, and the path a miss takes.
@@ -118,20 +152,21 @@ def full_decode(q_post, k_cache, v_cache, positions, scale: float | None = None)
         k_cache, v_cache: ``[B, Hkv, T, D]``.
         positions: ``[B]`` int32/int64 positions ``t`` (``t < T``).
         scale: softmax scale, ``1/sqrt(D)`` by default.
+        launch: attend and reduce launch settings (default: :func:`mac_triton.launch.launch_for`).
 
     Returns:
         ``(out [B, Hq, D] in q_post's dtype, lse [B, Hq] float32)``.
     """
-    check_attention_inputs(q_post, k_cache, v_cache)
+    check_attention_inputs(q_post, k_cache, v_cache, positions, LIMITS)
+    return full_decode_kernels(q_post, k_cache, v_cache, positions, scale, launch)
+
+
+def full_decode_kernels(q_post, k_cache, v_cache, positions, scale: float | None = None, launch: Launch | None = None):
+    """:func:`full_decode` without checks (graph-capturable)."""
     B, Hq, D = q_post.shape
-    if k_cache.dim() != 4 or k_cache.shape != v_cache.shape or k_cache.shape[0] != B or k_cache.shape[-1] != D:
-        raise ValueError(f"k_cache and v_cache must be [B={B}, Hkv, T, D={D}], got {tuple(k_cache.shape)} and {tuple(v_cache.shape)}")
-    if Hq % k_cache.shape[1] != 0:
-        raise ValueError(f"the number of query heads ({Hq}) must be a multiple of the KV heads ({k_cache.shape[1]})")
-    if positions.shape != (B,) or positions.dtype not in (torch.int32, torch.int64):
-        raise ValueError(f"positions must be a [B={B}] int32/int64 tensor, got {tuple(positions.shape)} {positions.dtype}")
-    scale = 1.0 / math.sqrt(D) if scale is None else scale
-    res = attend_spans(
-        q_post, k_cache, v_cache, positions, source=SOURCE_NONE, band=FULL_BAND, out_dtype=q_post.dtype, scale=scale
-    )
-    return res["out"], res["lse"]
+    Hkv = k_cache.shape[1]
+    scale = D**-0.5 if scale is None else scale
+    launch = launch or launch_for(B * Hkv)
+    partials = launch_attend(q_post, k_cache, v_cache, positions, launch, scale, band_source="full", band=FULL_BAND)
+    res = launch_reduce(partials, launch, band_source="full", row_out="none", out_dtype=q_post.dtype, batch=B, q_heads=Hq, kv_heads=Hkv, head_dim=D)
+    return res.out, res.lse

@@ -1,6 +1,6 @@
-r"""Match in Triton: per query head, the nearest recent pre-RoPE query and the hit test.
+r"""Match in Triton: per query head, the nearest recent pre-RoPE query and the distance test.
 
-Twin of :func:`mac_ref.match.match` (same signature, same :class:`MatchResult`):
+Twin of :func:`mac_ref.match.find_match` (same signature, same :class:`~mac_core.step.MatchResult`):
 ``d_j = ‖q̃_t − q̃_j‖²`` over the candidates ``j ∈ [max(0, t−W), t)`` (ring slot
 ``j mod W``, lag ``t − j``), ``j* = argmin d_j`` with ties to the smallest lag, hit iff
 ``d_{j*} < 2D(1−τ)² s_h²`` (``s_h``: ``config.radius_scale``, 1 by default) and
@@ -16,10 +16,10 @@ How it maps onto the GPU:
   ``key = bits(d) << 32 | lag``. Non-negative float32 bit patterns order like the floats,
   so the smallest key is the smallest distance and, among equal distances, the smallest
   lag: exactly the reference's tie rule, whatever the order the programs finish in;
-- :func:`decode_key` turns the key back into ``(hit, j*, d)``; the fused decode step does
-  that inside its attention kernels instead of launching :func:`match`'s finalize kernel.
-  The keys live in a per-device workspace that their consumer resets, so a step needs
-  no fill launch.
+- :func:`decode_key` turns the key back into ``(candidate, j*, d)``; the fused decode step
+  does that inside its attention kernels instead of launching :func:`find_match`'s
+  finalize kernel. The keys live in a workspace of the step's (``mac_triton.decode.
+  DecodeWorkspace``) that their consumer resets, so a step needs no fill launch.
 
 Differences: the sum over ``D`` runs in another order than torch's, so distances agree
 to float32 rounding and two candidates within rounding of each other may swap.
@@ -31,20 +31,15 @@ import torch
 import triton
 import triton.language as tl
 
-from mac_ref.config import MACConfig
-from mac_ref.match import MatchResult
-from mac_ref.state import LayerState
+from mac_core.config import MACConfig
+from mac_core.state import LayerState
+from mac_core.step import MatchResult
 
-from ._common import check_kernel_dtype, num_sms
+from .launch import MATCH, MatchLaunch, num_sms
+from .numerics import LIMITS
 
 NO_CANDIDATE = 2**63 - 1  # the key of a head with no candidate yet (decodes to distance NaN)
-_NO_CANDIDATE = tl.constexpr(NO_CANDIDATE)
-# launch parameters: benchmarks/tune_decode.py on an H100 (ring 1024, Hq 32, D 128, bf16):
-# 48.4 µs for the 134 MB of rings at batch 16 (the sweep spanned 48.0 … 61.9 µs) and
-# 4.5 µs at batch 1 (4.5 … 6.7 µs)
-BLOCK_W = 64  # ring slots per tile
-MATCH_WARPS = 2
-PROGRAMS_PER_SM = 4  # the window is split until the scan has about this many programs per SM
+_NO_CANDIDATE: tl.constexpr = tl.constexpr(NO_CANDIDATE)
 
 
 @triton.jit
@@ -87,8 +82,8 @@ def _match_kernel(
 
 @triton.jit
 def decode_key(key, t, min_context, radius_sq):
-    """``(hit, j*, d)`` of a head's match key at position ``t`` (``j* = −1``, ``d = inf``:
-    no candidate)."""
+    """``(candidate, j*, d)`` of a head's match key at position ``t``: the distance test
+    ``d < radius_sq`` at ``t ≥ min_context`` (``j* = −1``, ``d = inf``: no candidate)."""
     lag = key & 0xFFFFFFFF
     dist = (key >> 32).to(tl.int32).to(tl.float32, bitcast=True)
     has_candidate = dist < float("inf")  # False for inf and for the NaN of NO_CANDIDATE
@@ -113,79 +108,49 @@ def _finalize_kernel(key_ptr, pos_ptr, radius_ptr, hit_ptr, matched_ptr, dist_pt
     tl.store(key_ptr + heads, tl.full([BLOCK], _NO_CANDIDATE, tl.int64), mask=mask)  # leave the workspace clean
 
 
-_RADII: dict = {}
-
-
 def radius_sq_per_head(config: MACConfig, q_heads: int, head_dim: int, device) -> torch.Tensor:
-    """``[Hq]`` float32 squared hit radii ``2D(1−τ)² s_h²``, rounded as ``mac_ref.match`` rounds them.
-
-    Cached per (config, shape, device), so that a step captured in a CUDA graph makes no
-    host-to-device copy."""
-    cache_key = (config.tau, config.radius_scale, q_heads, head_dim, str(device))
-    radius = _RADII.get(cache_key)
-    if radius is None:
-        radius = torch.full((q_heads,), config.hit_radius_sq(head_dim), dtype=torch.float32, device=device)
-        if config.radius_scale is not None:
-            if len(config.radius_scale) != q_heads:
-                raise ValueError(
-                    f"config.radius_scale must have one factor per query head ({q_heads}), got {len(config.radius_scale)}"
-                )
-            radius = radius * torch.tensor(config.radius_scale, dtype=torch.float32, device=device) ** 2
-        _RADII[cache_key] = radius
-    return radius
+    """``[Hq]`` float32 squared radii ``2D(1−τ)² s_h²``, rounded as ``mac_ref.match`` rounds them."""
+    return torch.tensor(config.radius_sq_per_head(q_heads, head_dim), dtype=torch.float32, device=device)
 
 
-_KEY_WORKSPACES: dict = {}
-
-
-def key_workspace(device, n: int) -> torch.Tensor:
-    """The ``[n]`` int64 match keys of a device, all :data:`NO_CANDIDATE` between steps.
-
-    Kept across steps so that a step needs no fill launch: whoever consumes the keys (the
-    finalize kernel of :func:`match`, the reduce kernel of the decode step) writes
-    :data:`NO_CANDIDATE` back. One step at a time per device and batch shape."""
-    workspace = _KEY_WORKSPACES.get((str(device), n))
-    if workspace is None:
-        workspace = torch.full((n,), NO_CANDIDATE, dtype=torch.int64, device=device)
-        _KEY_WORKSPACES[(str(device), n)] = workspace
-    return workspace
+def new_keys(device, n: int) -> torch.Tensor:
+    """``[n]`` int64 match keys, all :data:`NO_CANDIDATE`: the state a consumer leaves them in."""
+    return torch.full((n,), NO_CANDIDATE, dtype=torch.int64, device=device)
 
 
 def match_keys(
-    q_pre: torch.Tensor, ring_q: torch.Tensor, positions: torch.Tensor, ring_depth: torch.Tensor | None = None,
-    max_chain: int | None = None,
+    q_pre: torch.Tensor, ring_q: torch.Tensor, positions: torch.Tensor, keys: torch.Tensor,
+    ring_depth: torch.Tensor | None = None, max_chain: int | None = None, launch: MatchLaunch = MATCH,
 ) -> torch.Tensor:
-    """Launch the scan: ``[B·Hq]`` int64 keys ``bits(d_{j*}) << 32 | lag`` in the device's
-    :func:`key_workspace` (see the module doc); the caller must consume and reset them.
-    With ``max_chain``, rows whose ``ring_depth [B, Hq, W]`` is ``≥ max_chain`` are skipped."""
+    """Launch the scan (no validation, no host sync): fold ``bits(d_{j*}) << 32 | lag`` into
+    the ``[B·Hq]`` int64 ``keys`` (all :data:`NO_CANDIDATE` on entry; see the module doc),
+    which the caller must consume and reset. With ``max_chain``, rows whose
+    ``ring_depth [B, Hq, W]`` is ``≥ max_chain`` are skipped. Returns ``keys``."""
     B, Hq, D = q_pre.shape
     W = ring_q.shape[2]
-    if ring_q.stride(-1) != 1 or q_pre.stride(-1) != 1:
-        raise ValueError("q_pre and state.ring_q must be contiguous in the head dimension")
-    keys = key_workspace(q_pre.device, B * Hq)
     if B * Hq == 0:
         return keys
     # split the window until there are enough programs to keep every SM's loads in flight
-    splits = max(1, min(triton.cdiv(W, BLOCK_W), triton.cdiv(PROGRAMS_PER_SM * num_sms(q_pre.device), B * Hq)))
-    slots_per_program = triton.cdiv(triton.cdiv(W, splits), BLOCK_W) * BLOCK_W
+    splits = max(1, min(triton.cdiv(W, launch.block_w), triton.cdiv(launch.programs_per_sm * num_sms(q_pre.device), B * Hq)))
+    slots_per_program = triton.cdiv(triton.cdiv(W, splits), launch.block_w) * launch.block_w
     splits = triton.cdiv(W, slots_per_program)
     bounded = max_chain is not None
-    depth = ring_depth if bounded else positions  # (unread without a bound)
-    if bounded and depth.stride(-1) != 1:
-        raise ValueError("state.ring_depth must be contiguous in the window dimension")
+    depth = ring_depth if bounded else None
     _match_kernel[(B * Hq, splits)](
         q_pre, ring_q, depth, positions, keys,
         q_pre.stride(0), q_pre.stride(1), ring_q.stride(0), ring_q.stride(1), ring_q.stride(2),
         depth.stride(0) if bounded else 0, depth.stride(1) if bounded else 0,
         Hq, W, slots_per_program, max_chain or 0,
-        D=D, BLOCK_W=BLOCK_W, BLOCK_D=triton.next_power_of_2(D), BOUNDED=bounded,
-        num_warps=MATCH_WARPS,
+        D=D, BLOCK_W=launch.block_w, BLOCK_D=triton.next_power_of_2(D), BOUNDED=bounded,
+        num_warps=launch.warps,
     )
     return keys
 
 
-def match(q_pre: torch.Tensor, state: LayerState, positions: torch.Tensor, config: MACConfig) -> MatchResult:
-    """Match each query head against its ring window (see :func:`mac_ref.match.match`).
+def find_match(
+    q_pre: torch.Tensor, state: LayerState, positions: torch.Tensor, config: MACConfig, launch: MatchLaunch = MATCH
+) -> MatchResult:
+    """Match each query head against its ring window (see :func:`mac_ref.match.find_match`).
 
     Args:
         q_pre: ``[B, Hq, D]`` pre-RoPE queries (float16 / bfloat16 / float32).
@@ -194,12 +159,14 @@ def match(q_pre: torch.Tensor, state: LayerState, positions: torch.Tensor, confi
         config: ``τ``, ``radius_scale``, ``min_context`` and ``max_chain`` (the window is the ring's).
 
     Returns:
-        :class:`~mac_ref.match.MatchResult`: ``hit [B, Hq]`` bool, ``matched_pos [B, Hq]``
-        int64 (``-1``: no candidate), ``distance [B, Hq]`` float32 (``inf``: no candidate).
+        :class:`~mac_core.step.MatchResult`: ``hit [B, Hq]`` bool (the distance test),
+        ``matched_pos [B, Hq]`` int64 (``-1``: no candidate), ``distance [B, Hq]`` float32
+        (``inf``: no candidate).
     """
-    check_kernel_dtype("q_pre", q_pre)
+    LIMITS.check_dtype("q_pre", q_pre)
+    LIMITS.check_dtype("state.ring_q", state.ring_q)
     B, Hq, D = q_pre.shape
-    keys = match_keys(q_pre, state.ring_q, positions, state.ring_depth, config.max_chain)
+    keys = match_keys(q_pre, state.ring_q, positions, new_keys(q_pre.device, B * Hq), state.ring_depth, config.max_chain, launch)
     hit = torch.empty(B, Hq, dtype=torch.int8, device=q_pre.device)
     matched = torch.empty(B, Hq, dtype=torch.int64, device=q_pre.device)
     dist = torch.empty(B, Hq, dtype=torch.float32, device=q_pre.device)

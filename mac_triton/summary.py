@@ -20,9 +20,10 @@ import torch
 import triton
 import triton.language as tl
 
-from mac_ref.summary import Summary, removal_epsilon
+from mac_core.numerics import removal_epsilon
+from mac_core.step import Summary
 
-from ._common import check_kernel_dtype, merge_weights, online_finish, online_merge, remove_weights
+from .numerics import LIMITS, merge_weights, online_finish, online_merge, remove_weights
 
 BLOCK_N = 16
 BLOCK_S = 16
@@ -88,8 +89,8 @@ def _remove_kernel(
 def _rows(name: str, s: Summary) -> tuple[torch.Tensor, torch.Tensor]:
     """A summary as contiguous ``o [N, D]`` and ``lse [N]``, checked."""
     o, lse = s
-    check_kernel_dtype(f"{name}.o", o)
-    check_kernel_dtype(f"{name}.lse", lse)
+    LIMITS.check_dtype(f"{name}.o", o)
+    LIMITS.check_dtype(f"{name}.lse", lse)
     if o.dim() < 1 or o.shape[:-1] != lse.shape:
         raise ValueError(f"{name} must have o [..., D] and lse [...], got {tuple(o.shape)} and {tuple(lse.shape)}")
     return o.reshape(lse.numel(), o.shape[-1]).contiguous(), lse.reshape(-1).contiguous()
@@ -135,8 +136,8 @@ def merge_all(o: torch.Tensor, lse: torch.Tensor) -> Summary:
     Returns:
         ``Summary(o [..., D], lse [...])`` in float32; ``(0, −inf)`` when every part is empty.
     """
-    check_kernel_dtype("o", o)
-    check_kernel_dtype("lse", lse)
+    LIMITS.check_dtype("o", o)
+    LIMITS.check_dtype("lse", lse)
     if o.dim() < 2 or o.shape[:-1] != lse.shape:
         raise ValueError(f"o must be [..., S, D] and lse [..., S], got {tuple(o.shape)} and {tuple(lse.shape)}")
     *lead, S, D = o.shape

@@ -1,6 +1,6 @@
 """Stage 3: the decode step and whole streams, prefill, sinks, batches, GQA and step statistics.
 
-The exactness facts of SPEC §5 are asserted against the float64 causal oracle; the rest
+The exactness facts of the spec (docs/spec.md#spec-exactness) are asserted against the float64 causal oracle; the rest
 checks that batching, GQA and ragged prompts change nothing but the layout.
 """
 

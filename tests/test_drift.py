@@ -1,6 +1,6 @@
 """Drift of MAC-Attention from full attention along a 2,000-step correlated stream.
 
-Hits reuse rows built on earlier reused rows, so errors chain until the next miss (SPEC §4).
+Hits reuse rows built on earlier reused rows, so errors chain until the next miss (docs/spec.md#spec-chains).
 This test measures the error along the stream (per block of 250 steps) and along the reuse
 chain (by chain depth: 0 for a miss, ``depth(j*) + 1`` for a hit) and asserts that
 

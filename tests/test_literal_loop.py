@@ -1,4 +1,4 @@
-"""The recurrence of SPEC §4, written again as literally as possible, against ``mac_ref``.
+"""The decode recurrence of the spec (docs/spec.md#spec-decode-step), written again as literally as possible, against ``mac_ref``.
 
 :func:`literal_stream` uses Python floats and loops only: no tensors, no ``mac_ref``
 internals. It follows the spec line by line (match with most-recent tie-break and
@@ -68,7 +68,7 @@ REMOVAL_EPSILON = 8 * 2.0**-52
 
 
 def literal_remove(total, part):
-    """⊖ and its flag: ``(remainder, ill_conditioned)`` (SPEC §3)."""
+    """⊖ and its flag: ``(remainder, ill_conditioned)`` (docs/spec.md#spec-remove)."""
     (o_t, l_t), (o_p, l_p) = total, part
     empty = ([0.0] * len(o_t), NEG_INF)
     if l_p == NEG_INF:

@@ -1,4 +1,4 @@
-"""Stage 2: match, the nearest recent pre-RoPE query and the hit test (SPEC §4.1)."""
+"""Stage 2: match, the nearest recent pre-RoPE query and the distance test (docs/spec.md#spec-match)."""
 
 import math
 
@@ -7,7 +7,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from mac_ref import MACConfig, match, new_state, run_stream
+from mac_ref import MACConfig, find_match, new_state, run_stream
 
 f64 = torch.float64
 
@@ -53,7 +53,7 @@ def test_ties_go_to_the_most_recent_candidate(window, t, copies, offset, seed):
     for j in tied:
         history[:, :, j] = nearby
     state = ring_with_history(history, torch.tensor([t]), config)
-    result = match(q_now, state, torch.tensor([t]), config)
+    result = find_match(q_now, state, torch.tensor([t]), config)
     if not tied:
         assert (result.matched_pos == -1).all() and torch.isinf(result.distance).all() and not result.hit.any()
         return
@@ -100,7 +100,7 @@ def test_before_the_window_fills_empty_slots_are_no_candidates(t):
     history = far_apart_queries(2, 2, 2, t + 1, 4)
     history[:, :, t] = 0.0  # distance 0 to every unwritten slot
     state = ring_with_history(history, torch.tensor([t, t]), config)
-    result = match(history[:, :, t], state, torch.tensor([t, t]), config)
+    result = find_match(history[:, :, t], state, torch.tensor([t, t]), config)
     if t == 0:
         assert (result.matched_pos == -1).all() and torch.isinf(result.distance).all() and not result.hit.any()
     else:
@@ -119,7 +119,7 @@ def test_threshold_is_strict(dtype):
     history = base.clone()
     history[:, :, 1:] += 100.0  # only token 0 is near
     state = ring_with_history(history, torch.tensor([4]), config)
-    result = match(base[:, :, 0] + step, state, torch.tensor([4]), config)
+    result = find_match(base[:, :, 0] + step, state, torch.tensor([4]), config)
     assert result.matched_pos.tolist() == [[0, 0, 0]]
     assert result.distance[0, 0].item() == 4.0
     assert result.hit.tolist() == [[False, True, False]]
@@ -133,7 +133,7 @@ def test_hit_follows_the_radius_for_any_tau(tau, spread, seed):
     positions = torch.tensor([9, 3])
     state = ring_with_history(history, positions, config)
     q_now = history[torch.arange(2), :, positions]
-    result = match(q_now, state, positions, config)
+    result = find_match(q_now, state, positions, config)
     radius = (1.0 - tau) * math.sqrt(2 * 8)
     expected_hit = (result.distance.sqrt() < radius) if tau < 1 else torch.zeros_like(result.hit)
     assert torch.equal(result.hit, expected_hit)
@@ -144,7 +144,7 @@ def test_tau_at_least_one_never_hits(tau):
     config = MACConfig(window=4, band=2, tau=tau)
     history = torch.ones(1, 2, 5, 8, dtype=f64)  # every candidate at distance 0
     state = ring_with_history(history, torch.tensor([4]), config)
-    result = match(history[:, :, 4], state, torch.tensor([4]), config)
+    result = find_match(history[:, :, 4], state, torch.tensor([4]), config)
     assert (result.distance == 0).all() and not result.hit.any()
     assert (result.matched_pos == 3).all()
 
@@ -154,7 +154,7 @@ def test_min_context_forbids_early_hits_but_reports_the_candidate():
     history = torch.ones(2, 2, 8, 8, dtype=f64)
     positions = torch.tensor([4, 5])
     state = ring_with_history(history, positions, config)
-    result = match(history[:, :, 0], state, positions, config)
+    result = find_match(history[:, :, 0], state, positions, config)
     assert result.hit.tolist() == [[False, False], [True, True]]
     assert result.matched_pos.tolist() == [[3, 3], [4, 4]]
 
@@ -168,7 +168,7 @@ def test_heads_and_requests_match_independently():
     for (b, h), j in plan.items():
         history[b, h, int(positions[b])] = history[b, h, j]
     state = ring_with_history(history, positions, config)
-    result = match(history[torch.arange(2), :, positions], state, positions, config)
+    result = find_match(history[torch.arange(2), :, positions], state, positions, config)
     for b in range(2):
         for h in range(4):
             assert bool(result.hit[b, h]) == ((b, h) in plan)

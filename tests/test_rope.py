@@ -1,4 +1,4 @@
-"""Stage 0: rotary embedding, rotate-half layout (SPEC §2)."""
+"""Stage 0: rotary embedding, rotate-half layout (docs/spec.md#spec-conventions)."""
 
 import math
 

@@ -1,4 +1,5 @@
-"""Stage 1: attention summaries, ``attend``, ⊕ ``merge``, ``merge_all`` and ⊖ ``remove`` (SPEC §2–3).
+"""Stage 1: attention summaries, ``attend``, ⊕ ``merge``, ``merge_all`` and ⊖ ``remove`` (docs/spec.md#spec-summaries,
+#spec-merge, #spec-remove).
 
 Hypothesis draws the structure (lengths, head counts, the removed share) and a seed; a
 seeded ``torch.Generator`` draws the values. The reference is direct float64 arithmetic.

@@ -1,4 +1,5 @@
-"""mac_triton amend + complete, decode_step and full_decode against mac_ref (SPEC §4, §5).
+"""mac_triton amend + complete, decode_step and full_decode against mac_ref
+(docs/spec.md#spec-decode-step, #spec-exactness).
 
 Identical inputs on both sides; outputs and rows within the ``triton`` band of the input
 dtype, LSEs within float32 rounding, hits / j* / keys read equal, rings equal after many
@@ -6,6 +7,7 @@ steps, repeated runs bitwise identical. Caches are NaN past each request's posit
 """
 
 import dataclasses
+import functools
 
 import pytest
 import torch
@@ -14,7 +16,6 @@ from hypothesis import strategies as st
 
 import mac_ref
 import mac_triton
-from mac_triton import complete
 from mac_ref import MACConfig
 from tolerances import assert_close
 from triton_cases import DEVICE, assert_states_close, assert_summary_close, prefilled_step, stream_inputs
@@ -38,18 +39,18 @@ DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 )
 @settings(max_examples=10)
 def test_amend_complete_matches_reference(batch, kv_heads, group, head_dim, window, band, sinks, t_max, dtype, seed):
-    """Same state, match result and spans in; (out, C) within the dtype band out."""
+    """Same state, match result and spans in; out, C and sinks ⊕ tail within the dtype band out."""
     config = MACConfig(window=window, band=band, tau=0.45, sinks=sinks)
     gen = torch.Generator().manual_seed(seed)
     positions = torch.randint(0, t_max + 1, (batch,), generator=gen).tolist()
     q_pre, q_post, k, v, state, pos = prefilled_step(batch, kv_heads * group, kv_heads, head_dim, dtype, seed, positions, config, reuse=0.9)
-    result = mac_ref.match(q_pre, state, pos, config)
+    result = mac_ref.find_match(q_pre, state, pos, config)
     spans = mac_ref.step_spans(pos, result, config)
     scale = config.softmax_scale(head_dim)
-    got_out, got_c = mac_triton.amend_complete(q_post, k, v, state, result, spans, scale)
-    want_out, want_c = mac_ref.amend_complete(q_post, k, v, state, result, spans, scale)
-    assert_summary_close(got_out, want_out, dtype, "out")
-    assert_summary_close(got_c, want_c, dtype, "C")
+    got = mac_triton.amend_complete(q_post, k, v, state, result, spans, scale)
+    want = mac_ref.amend_complete(q_post, k, v, state, result, spans, scale)
+    for name in ("out", "cached", "rest"):
+        assert_summary_close(getattr(got, name), getattr(want, name), dtype, name)
 
 
 STREAMS = [
@@ -62,23 +63,22 @@ STREAMS = [
 
 
 LAUNCHES = {
-    "wide": complete.WIDE,
-    "narrow": complete.NARROW,
-    "split-by-keys": dataclasses.replace(complete.NARROW, unit_cost=0),
-    "costly-units": dataclasses.replace(complete.NARROW, unit_cost=4096),  # ranges that hold no keys
+    "wide": mac_triton.WIDE,
+    "narrow": mac_triton.NARROW,
+    "split-by-keys": dataclasses.replace(mac_triton.NARROW, unit_cost=0),
+    "costly-units": dataclasses.replace(mac_triton.NARROW, unit_cost=4096),  # ranges that hold no keys
 }
 
 
 @pytest.mark.parametrize("launch", LAUNCHES)
 @pytest.mark.parametrize("dtype, q_heads, kv_heads, head_dim, config", STREAMS)
-def test_decode_stream_matches_reference(dtype, q_heads, kv_heads, head_dim, config, launch, monkeypatch):
+def test_decode_stream_matches_reference(dtype, q_heads, kv_heads, head_dim, config, launch):
     """Prefill, then 10 decode steps of a ragged batch: same decisions, outputs, rows and rings,
     with each of the attend kernel's launch settings."""
-    monkeypatch.setattr(complete, "launch_for", lambda groups: LAUNCHES[launch])
     q, k, v = stream_inputs(2, q_heads, kv_heads, 52, head_dim, dtype, seed=3, reuse=0.8)
     prefill = torch.tensor([40, 42], device=DEVICE)
     want = mac_ref.run_stream(q, k, v, prefill, config)
-    got = mac_ref.run_stream(q, k, v, prefill, config, step_fn=mac_triton.decode_step)
+    got = mac_ref.run_stream(q, k, v, prefill, config, step_fn=functools.partial(mac_triton.decode_step, launch=LAUNCHES[launch]))
     assert want.stats.hit.any() and not want.stats.hit.all(), "the stream should mix hits and misses"
     for name in ("hit", "matched_pos", "keys_read", "context", "ill_conditioned", "chain_depth"):
         assert torch.equal(getattr(got.stats, name), getattr(want.stats, name)), f"stats.{name} differ"
@@ -107,7 +107,7 @@ def test_full_decode_matches_oracle(dtype, kv_heads, group):
 
 
 def test_radius_zero_gives_full_attention():
-    """τ ≥ 1: no hit, and every step's output is full attention (SPEC §5)."""
+    """τ ≥ 1: no hit, and every step's output is full attention (spec: exactness facts)."""
     config = MACConfig(window=8, band=4, tau=1.0)
     q_pre, q_post, k, v, state, pos = prefilled_step(2, 4, 2, 32, torch.float32, 7, [30, 51], config, reuse=1.0)
     out, lse, stats = mac_triton.decode_step(q_pre, k, v, state, pos, config, q_post=q_post)
@@ -138,3 +138,35 @@ def test_bad_inputs_are_refused():
     with pytest.raises(TypeError, match="float16, bfloat16 or float32"):
         s64 = mac_ref.prefill(*(x.double() for x in stream_inputs(1, 2, 1, 11, 16, torch.float32, 0)), 10, config)[2]
         mac_triton.decode_step(q_pre.double(), k.double(), v.double(), s64, pos, config)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_decode_stream_with_exact_ties_and_a_match_at_position_zero(dtype):
+    """The fused step's tie rule and its ``j = 0`` candidate, along a stream.
+
+    ``t < W`` with a prefill of 3 tokens, so every earlier token, position 0 included, is a
+    candidate. Step 3 repeats query 0 exactly (its only copy: ``j* = 0``); step 5 repeats
+    query 1, which steps 2 and 4 already repeated exactly (a three-way tie at distance 0:
+    the most recent, ``j* = 4``, must win); the other queries are far apart.
+    """
+    gen = torch.Generator().manual_seed(0)
+    B, Hq, Hkv, D, T = 1, 2, 1, 32, 9
+    config = MACConfig(window=16, band=2, tau=0.45)
+    q = 20.0 * torch.randn(B, Hq, T, D, generator=gen)  # far apart: no hit but the planted ones
+    q[:, :, 3] = q[:, :, 0]
+    q[:, :, 2] = q[:, :, 1]
+    q[:, :, 4] = q[:, :, 1]
+    q[:, :, 5] = q[:, :, 1]
+    k = mac_ref.apply_rope(torch.randn(B, Hkv, T, D, generator=gen), torch.arange(T))
+    v = torch.randn(B, Hkv, T, D, generator=gen)
+    q, k, v = q.to(dtype).to(DEVICE), k.to(dtype).to(DEVICE), v.to(dtype).to(DEVICE)
+    want = mac_ref.run_stream(q, k, v, 3, config)
+    got = mac_ref.run_stream(q, k, v, 3, config, step_fn=mac_triton.decode_step)
+    steps = {int(t): s for s, t in enumerate(range(3, T))}
+    assert (want.stats.matched_pos[steps[3]] == 0).all() and want.stats.hit[steps[3]].all(), "step 3 matches position 0"
+    assert (want.stats.matched_pos[steps[5]] == 4).all() and want.stats.hit[steps[5]].all(), "the tie goes to the most recent"
+    for name in ("hit", "matched_pos", "keys_read", "chain_depth"):
+        assert torch.equal(getattr(got.stats, name), getattr(want.stats, name)), f"stats.{name} differ"
+    decoded = ~torch.isnan(want.lse)
+    assert_close(got.out[decoded], want.out[decoded], "triton", dtype, msg="out")
+    assert_states_close(got.state, want.state, dtype, config)

@@ -61,11 +61,12 @@ def test_step_is_deterministic_and_graph_capturable():
     def fresh():
         return state.clone()
 
+    workspace = mac_triton.DecodeWorkspace.new(config, 4, 32, 128, q_pre.device)
     runs = []
     for _ in range(3):
         s = fresh()
-        res = mac_triton.mac_step(q_pre, q_post, k, v, s, pos, config, scale)
-        runs.append((res["out"], res["lse"], res["hit"], s.ring_o, s.ring_lse, s.ring_q))
+        out, lse, stats = mac_triton.mac_step(q_pre, q_post, k, v, s, pos, config, scale, workspace)
+        runs.append((out, lse, stats.hit, s.ring_o, s.ring_lse, s.ring_q))
     for other in runs[1:]:
         for a, b in zip(runs[0], other):
             assert torch.equal(a, b)
@@ -73,10 +74,10 @@ def test_step_is_deterministic_and_graph_capturable():
 
     s = fresh()
     graph = torch.cuda.CUDAGraph()
-    mac_triton.mac_step(q_pre, q_post, k, v, fresh(), pos, config, scale)  # warm up (compile) outside capture
+    mac_triton.mac_step(q_pre, q_post, k, v, fresh(), pos, config, scale, workspace)  # warm up (compile) outside capture
     with torch.cuda.graph(graph):
-        res = mac_triton.mac_step(q_pre, q_post, k, v, s, pos, config, scale)
+        out, lse, stats = mac_triton.mac_step(q_pre, q_post, k, v, s, pos, config, scale, workspace)
     graph.replay()
     torch.cuda.synchronize()
-    for a, b in zip((res["out"], res["lse"], res["hit"], s.ring_o, s.ring_lse, s.ring_q), runs[0]):
+    for a, b in zip((out, lse, stats.hit, s.ring_o, s.ring_lse, s.ring_q), runs[0]):
         assert torch.equal(a, b)

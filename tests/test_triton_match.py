@@ -1,4 +1,4 @@
-"""mac_triton match against mac_ref on identical rings (SPEC §4.1): hits, j*, distances."""
+"""mac_triton match against mac_ref on identical rings (docs/spec.md#spec-match): hits, j*, distances."""
 
 import pytest
 import torch
@@ -66,8 +66,8 @@ def test_match_matches_reference(batch, q_heads, head_dim, window, t_max, repeat
     state, q, pos = ring_and_queries(batch, q_heads, head_dim, window, positions, dtype, seed, repeats)
     # τ chosen so that the planted copies hit and random rows do not
     config = MACConfig(window=window, band=4, tau=0.45)
-    got = mac_triton.match(q, state, pos, config)
-    want = mac_ref.match(q, state, pos, config)
+    got = mac_triton.find_match(q, state, pos, config)
+    want = mac_ref.find_match(q, state, pos, config)
     assert got.hit.dtype == torch.bool and got.matched_pos.dtype == torch.int64
     assert_same_match(got, want, q, state, pos, dtype)
 
@@ -77,15 +77,15 @@ def test_no_hits_when_radius_is_zero_or_context_is_short(tau, min_context):
     """τ ≥ 1 (radius 0) and t < min_context never hit, even on exact repeats; j* still reported."""
     state, q, pos = ring_and_queries(2, 2, 16, 32, [40, 7], torch.float32, 0, repeats=2)
     config = MACConfig(window=32, band=4, tau=tau, min_context=min_context)
-    got = mac_triton.match(q, state, pos, config)
-    want = mac_ref.match(q, state, pos, config)
+    got = mac_triton.find_match(q, state, pos, config)
+    want = mac_ref.find_match(q, state, pos, config)
     assert not got.hit.any()
     assert torch.equal(got.matched_pos, want.matched_pos)
 
 
 def test_first_token_has_no_candidate():
     state, q, pos = ring_and_queries(1, 2, 16, 8, [0], torch.float32, 0, repeats=0)
-    got = mac_triton.match(q, state, pos, MACConfig(window=8))
+    got = mac_triton.find_match(q, state, pos, MACConfig(window=8))
     assert (got.matched_pos == -1).all() and torch.isinf(got.distance).all() and not got.hit.any()
 
 
@@ -93,8 +93,8 @@ def test_per_head_radius_scale_matches_reference():
     """``config.radius_scale``: one radius factor per query head, as in mac_ref."""
     state, q, pos = ring_and_queries(2, 3, 32, 16, [20, 9], torch.float32, 4, repeats=1)
     config = MACConfig(window=16, band=4, tau=0.45, radius_scale=(1e-3, 1.0, 5.0))
-    got = mac_triton.match(q, state, pos, config)
-    want = mac_ref.match(q, state, pos, config)
+    got = mac_triton.find_match(q, state, pos, config)
+    want = mac_ref.find_match(q, state, pos, config)
     assert torch.equal(got.hit, want.hit) and torch.equal(got.matched_pos, want.matched_pos)
     assert not got.hit[:, 0].any() and got.hit[:, 2].all()
 
@@ -105,12 +105,12 @@ def test_max_chain_skips_deep_rows_as_in_reference():
     state, q, pos = ring_and_queries(2, 3, 32, 16, [20, 9], torch.float32, 4, repeats=1)
     gen = torch.Generator().manual_seed(5)
     state.ring_depth.copy_(torch.randint(0, 4, state.ring_depth.shape, generator=gen, dtype=torch.int32))
-    free = mac_ref.match(q, state, pos, MACConfig(window=16, band=4, tau=0.45))
+    free = mac_ref.find_match(q, state, pos, MACConfig(window=16, band=4, tau=0.45))
     for K in (1, 2, 3):
         config = MACConfig(window=16, band=4, tau=0.45, max_chain=K)
-        got = mac_triton.match(q, state, pos, config)
-        want = mac_ref.match(q, state, pos, config)
+        got = mac_triton.find_match(q, state, pos, config)
+        want = mac_ref.find_match(q, state, pos, config)
         assert torch.equal(got.hit, want.hit) and torch.equal(got.matched_pos, want.matched_pos)
         found = want.matched_pos >= 0
         assert (state.depths(want.matched_pos.clamp(min=0))[found] < K).all()
-    assert not torch.equal(mac_ref.match(q, state, pos, MACConfig(window=16, band=4, tau=0.45, max_chain=1)).matched_pos, free.matched_pos)
+    assert not torch.equal(mac_ref.find_match(q, state, pos, MACConfig(window=16, band=4, tau=0.45, max_chain=1)).matched_pos, free.matched_pos)

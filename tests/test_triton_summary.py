@@ -1,4 +1,4 @@
-"""mac_triton ⊕ / ⊖ against mac_ref on identical inputs (SPEC §3), empty inputs included."""
+"""mac_triton ⊕ / ⊖ against mac_ref on identical inputs (docs/spec.md#spec-merge, #spec-remove), empty inputs included."""
 
 import math
 

@@ -10,8 +10,8 @@ Operations:
 
 ``exact``
     A computation that is exact in real arithmetic, against the float64 oracle: ``attend``,
-    ⊕, ``merge_all``, prefill, miss steps, and every exactness fact of SPEC §5. Bands follow
-    SPEC §5 (float32 ≲ 1e-5, bf16/fp16 1e-3 … 1e-2).
+    ⊕, ``merge_all``, prefill, miss steps, and every exactness fact of the spec (docs/spec.md#spec-exactness). Bands follow
+    its numerics section (docs/spec.md#spec-numerics: float32 ≲ 1e-5, bf16/fp16 1e-3 … 1e-2).
 ``remove``
     ⊖ of a part holding a share ``t`` of the total mass. Its error grows like
     ``ε / (1 − t)`` (see the removal probe in the project notes), so the row's ``atol`` is a
@@ -22,7 +22,8 @@ Operations:
     ``split`` against ``subtract`` row updates over a long stream: the two agree in real
     arithmetic; ``subtract`` adds one ⊖ per step, whose rounding chains through reused rows.
 ``literal``
-    ``mac_ref`` against the literal loop implementation of SPEC §4 in the tests.
+    ``mac_ref`` against the literal loop implementation of the decode step
+    (docs/spec.md#spec-decode-step) in the tests.
 ``mac_drift``
     *Method* error, not rounding: MAC output against full attention on the synthetic
     correlated stream of ``test_drift.py``, per block of steps (``rel_rms``) and per element

@@ -14,7 +14,8 @@
 # %% [markdown]
 # # 2. One decode step, stage by stage
 #
-# `mac_ref.decode_step` is four stages: **match**, **amend**, **complete**, **row update**.
+# `mac_ref.decode_step` is a few stages: **match**, the rule's **accept** (the paper's rule
+# accepts every candidate of the match), **amend**, **complete**, **row update**.
 # Here we call the stages one by one on a toy stream small enough to print: a ring of
 # $W = 8$ slots, a band of $r = 4$ keys, one query head. You will see the ring's contents,
 # the candidate distances, the three key ranges, the summaries, and the check that a miss
@@ -27,7 +28,6 @@ import matplotlib.pyplot as plt
 import torch
 
 import mac_ref
-from mac_ref.decode import update_row
 
 torch.set_printoptions(precision=3, sci_mode=False, linewidth=120)
 
@@ -84,7 +84,7 @@ q_t = q_pre[:, :, t]  # [B, Hq, D]
 for j in range(t - config.window, t):
     d = (q_t[0, 0] - q_pre[0, 0, j]).norm().item()
     print(f"j = {j}: ‖q̃_t − q̃_j‖ = {d:6.2f}")
-result = mac_ref.match(q_t, state, positions, config)
+result = mac_ref.find_match(q_t, state, positions, config)
 print(f"\nj* = {result.matched_pos.item()}, distance {result.distance.sqrt().item():.3f}, hit = {result.hit.item()}")
 
 # %% [markdown]
@@ -101,7 +101,7 @@ print("keys read:", spans.keys_read().item(), "of", t + 1)
 
 q_post = mac_ref.apply_rope(q_t, positions[:, None])
 scale = config.softmax_scale(D)
-C = mac_ref.amend(q_post, k, v, state, result, spans, scale)
+C = mac_ref.amend_row(q_post, k, v, state, result, spans, scale)
 row = state.rows(result.matched_pos)
 print("\nR_j* (reused) lse:", row.lse.item())
 print("band            lse:", mac_ref.attend(q_post, k, v, P, N).lse.item())
@@ -110,11 +110,14 @@ print("C = R_j* ⊕ band lse:", C.lse.item())
 # %% [markdown]
 # ## Stage 3: complete, and how close the hit is
 #
-# $\text{out} = C \oplus A(q_t, [N, t+1))$. Full attention for comparison:
+# $\text{out} = C \oplus A(q_t, [N, t+1))$ (no sinks here). `complete_output` also keeps
+# the fresh part beside it, $A(q_t, [N, t+1))$, which the `subtract` row rule needs. Full
+# attention for comparison:
 # $A(q_t, [0, t+1))$, and the *exact* $C$ that the reused row approximates.
 
 # %%
-out = mac_ref.complete(q_post, k, v, C, spans, scale)
+completion = mac_ref.complete_output(q_post, k, v, C, spans, scale)
+out = completion.out
 full = mac_ref.attend(q_post, k, v, 0, t + 1)
 exact_C = mac_ref.attend(q_post, k, v, 0, N)
 print("out  lse:", out.lse.item(), "  full attention lse:", full.lse.item())
@@ -137,13 +140,13 @@ print("relative error of C  :", ((C.o - exact_C.o).norm() / exact_C.o.norm()).it
 # row's depth plus one on a hit, 0 on a miss), which `MACConfig.max_chain` can bound.
 
 # %%
-row_split, _ = update_row(out, C, q_post, k, v, spans, config, scale)
-row_subtract, flagged = update_row(out, C, q_post, k, v, spans, mac_ref.MACConfig(window=8, band=4, row_update="subtract"), scale)
+row_split, _ = mac_ref.update_row(completion, config)
+row_subtract, flagged = mac_ref.update_row(completion, mac_ref.MACConfig(window=8, band=4, row_update="subtract"))
 print("split vs subtract: max |Δo| =", (row_split.o - row_subtract.o).abs().max().item(), " flagged:", flagged.item())
 depth = torch.where(result.hit, state.depths(result.matched_pos.clamp(min=0)) + 1, 0)
 print("chain depth of the new row:", depth.tolist())
 state.write(positions, q_t, row_split, depth)
-state.next_pos = positions + 1
+state.advance(positions)
 show_ring(state, t + 1)
 
 # %% [markdown]

@@ -97,7 +97,7 @@ positions = torch.tensor([40, 200], device=device)  # request 0 has only 40 cand
 q_now = state.ring_q[:, :, 7] + 0.05 * torch.randn(B, Hq, D, generator=gen).to(device)  # near slot 7
 state.ring_q[0, 1, 3] = state.ring_q[0, 1, 7]  # an exact tie for head 1 of request 0
 
-ref_match, tri_match = mac_ref.match(q_now, state, positions, config), mac_triton.match(q_now, state, positions, config)
+ref_match, tri_match = mac_ref.find_match(q_now, state, positions, config), mac_triton.find_match(q_now, state, positions, config)
 print("j* (reference):\n", ref_match.matched_pos)
 print("same j*:", torch.equal(ref_match.matched_pos, tri_match.matched_pos), " same hits:", torch.equal(ref_match.hit, tri_match.hit))
 print("max |Δ distance| =", (ref_match.distance - tri_match.distance).abs().max().item())
@@ -169,13 +169,14 @@ if ON_GPU:
         # each replay writes this step's row into slot (N-1) mod W; that slot is a candidate
         # at lag W for the next replay, at the same distance 0 as the planted one, so the tie
         # goes to the planted (more recent) match and every replay is the same all-hit step
-        mac = lambda: mac_triton.mac_step(q_pre, q_post, k, v, state, positions, config, scale)  # noqa: E731
+        workspace = mac_triton.DecodeWorkspace.new(config, B, Hq, D, device)  # the step's match keys, kept between replays
+        mac = lambda: mac_triton.mac_step(q_pre, q_post, k, v, state, positions, config, scale, workspace)  # noqa: E731
         full = lambda: mac_triton.full_decode(q_post, k, v, positions)  # noqa: E731
         sdpa = lambda: torch.nn.functional.scaled_dot_product_attention(q_post[:, :, None], k, v, enable_gqa=True)  # noqa: E731
         for name, fn in (("MAC all-hit", mac), ("full (same kernels)", full), ("torch SDPA", sdpa)):
             fn()  # compile outside the graph
             times[name].append(triton.testing.do_bench_cudagraph(fn) * 1e3)
-        print(f"N = {N}: hit share of the timed MAC step {mac()['hit'].float().mean().item():.2f}")
+        print(f"N = {N}: hit share of the timed MAC step {mac()[2].hit.float().mean().item():.2f}")
     for name, values in times.items():
         plt.loglog(contexts, values, "o-", label=name)
         print(f"{name:22s}", " ".join(f"{x:8.1f} µs" for x in values))
@@ -221,5 +222,5 @@ plt.show()
 # 4. On a GPU: lower the hit rate by planting hits in only half of the heads. How does the
 #    MAC step's time move between the all-hit and the full-attention curves, and why does the
 #    GQA grouping of the misses matter?
-# 5. Read the planning code of `mac_triton/complete.py`: how is the chunk size chosen, and what would
+# 5. Read the planning code of `mac_triton/plan.py`: how is the chunk size chosen, and what would
 #    happen to a batch with one miss at 64K and fifteen hits if it were fixed instead?

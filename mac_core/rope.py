@@ -9,14 +9,15 @@ Dimension ``i < D/2`` is paired with ``i + D/2`` and the pair is rotated by the 
 
 A rotation is orthogonal, so :func:`invert_rope` (rotation by ``−pθ``) recovers the
 pre-RoPE vector from the post-RoPE one. Angles are formed in float64, so positions of a
-long context do not lose their phase to float32 rounding.
+long context do not lose their phase to float32 rounding. Spec: [conventions][spec-conventions].
 """
 
 from __future__ import annotations
 
 import torch
 
-from ._checks import check_tensor, compute_dtype
+from .checks import check_tensor
+from .numerics import compute_dtype
 
 
 def rope_angles(positions: torch.Tensor, head_dim: int, base: float = 10000.0) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,51 +1,25 @@
-"""Shared helpers of the Triton kernels: dtype checks, the interpreter switch, and the
-log-domain arithmetic (⊕ weights, ⊖ weights, online merge) that several kernels inline.
+"""The log-domain arithmetic the kernels share (⊕ weights, ⊖ weights, online merge), and
+what the kernels accept (:data:`LIMITS`).
 
 The ⊕/⊖ helpers return *weights* rather than merged vectors so that one helper serves
 per-row scalars and blocks of rows alike: the caller broadcasts them onto its ``o``.
+Spec: [⊕ merge][spec-merge], [⊖ remove][spec-remove].
 """
 
 from __future__ import annotations
-
-import functools
-import os
 
 import torch
 import triton
 import triton.language as tl
 
-KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+from mac_core.checks import BackendLimits
 
-
-def interpreting() -> bool:
-    """True when Triton runs kernels on the CPU (``TRITON_INTERPRET=1``)."""
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-def check_kernel_dtype(name: str, x: torch.Tensor) -> None:
-    """mac_triton computes in float32 from float16 / bfloat16 / float32 inputs only."""
-    if x.dtype not in KERNEL_DTYPES:
-        raise TypeError(
-            f"{name} must be float16, bfloat16 or float32 for mac_triton (mac_ref handles {x.dtype}), got {x.dtype}"
-        )
-
-
-@functools.lru_cache(maxsize=None)
-def _sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
-def num_sms(device: torch.device) -> int:
-    """Streaming multiprocessors of ``device``; a small stand-in under the interpreter."""
-    if device.type != "cuda" or interpreting():
-        return 2
-    return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
-
-
-def upcast_dots(dtype: torch.dtype) -> bool:
-    """Run ``tl.dot`` on float32 operands: for float32 inputs (exact IEEE products) and
-    always under the interpreter, whose bf16 ``tl.dot`` is wrong."""
-    return dtype == torch.float32 or interpreting()
+# inputs in these dtypes, arithmetic in float32, rows of the rings in float32
+LIMITS = BackendLimits(
+    "mac_triton", dtypes=(torch.float16, torch.bfloat16, torch.float32), row_dtype=torch.float32, contiguous_head_dim=True
+)
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
 
 
 @triton.jit

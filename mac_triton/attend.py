@@ -1,0 +1,235 @@
+r"""The attend kernel: flash-decoding partial states of every unit of the plan.
+
+One program per SM (or two; :class:`~mac_triton.launch.Launch`). Each program walks its
+share of the plan (:mod:`mac_triton.plan`); for each unit it loads the keys and values
+once for all ``g`` query heads of the group (one ``tl.dot`` of ``[g, D] × [D, BLOCK_N]``)
+and keeps a partial state per head; band units mask the keys below each head's own band
+start. Partial states go to a workspace that :mod:`mac_triton.reduce` merges.
+
+Precision: scores and the online softmax in float32, base-2 exponentials inside the
+kernel, natural-log LSEs in the partial states; bf16/fp16 operands feed the tensor cores
+with float32 accumulation and the probabilities are rounded to the value dtype before
+``p·V`` (as in FlashAttention); float32 inputs (and everything under the interpreter) use
+IEEE float32 dots.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import triton
+import triton.language as tl
+
+from .launch import Launch, num_sms, upcast_dots
+from .numerics import LN2, LOG2E
+from .plan import _PLAN_FIELDS, BAND_FROM_SPANS, BAND_SOURCES, PLAN_FIELDS, band_starts, keys_at, pick, pieces, plan_units, segment_cost
+
+
+class Partials(NamedTuple):
+    """The attend kernel's output, the reduce kernel's input.
+
+    Attributes:
+        o: ``[units, G, D]`` float32 partial outputs (one per unit and head of its group).
+        lse: ``[units, G]`` float32 partial LSEs.
+        plan: ``[B·Hkv, PLAN_FIELDS]`` int64 per group: first unit, sink units, band units,
+            units, ``S``, ``t + 1``.
+    """
+
+    o: torch.Tensor
+    lse: torch.Tensor
+    plan: torch.Tensor
+
+
+@triton.jit
+def _attend_kernel(
+    q_ptr, k_ptr, v_ptr, part_o_ptr, part_lse_ptr, plan_ptr,
+    pos_ptr, key_ptr, radius_ptr, band_start_ptr, sink_end_ptr, band_end_ptr, tail_end_ptr, stride_sb, stride_sh,
+    stride_qb, stride_qh, stride_kb, stride_kh, stride_kt, stride_vb, stride_vh, stride_vt,
+    NG, Hkv, G, band, sinks, min_context, n_split, scale_log2,
+    BAND_SOURCE: tl.constexpr, NG_BLOCK: tl.constexpr, G_BLOCK: tl.constexpr, MIN_CHUNK: tl.constexpr,
+    UNIT_COST: tl.constexpr,
+    D: tl.constexpr, BLOCK_D: tl.constexpr, G_PAD: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr,
+):
+    first, n_sink, n_band, n_units, sink_end, band_lo, band_end, tail_end, offset, chunk, total = plan_units(
+        pos_ptr, key_ptr, radius_ptr, band_start_ptr, sink_end_ptr, band_end_ptr, tail_end_ptr, stride_sb, stride_sh,
+        NG, Hkv, G, band, sinks, min_context, n_split, BAND_SOURCE, NG_BLOCK, G_BLOCK, MIN_CHUNK, UNIT_COST,
+    )
+    groups = tl.arange(0, NG_BLOCK)
+    lanes = tl.arange(0, G_PAD)
+    lane_mask = lanes < G
+    Hq = Hkv * G
+    pid = tl.program_id(0)
+    if pid == 0:  # the reduce kernel reads the plan: the match keys are reset before it ends
+        row = plan_ptr + groups * _PLAN_FIELDS
+        in_plan = groups < NG
+        tl.store(row + 0, first, mask=in_plan)
+        tl.store(row + 1, n_sink, mask=in_plan)
+        tl.store(row + 2, n_band, mask=in_plan)
+        tl.store(row + 3, n_units, mask=in_plan)
+        tl.store(row + 4, sink_end, mask=in_plan)
+        tl.store(row + 5, tail_end, mask=in_plan)
+    range_lo = pid * chunk  # this program's share [range_lo, range_hi) of the concatenation
+    range_hi = tl.minimum(range_lo + chunk, total)
+    grp = tl.sum((offset <= range_lo).to(tl.int32), axis=0) - 1  # the group holding range_lo
+    grp_start = pick(offset, groups, grp)
+    while (grp < NG) & (grp_start < range_hi):
+        g_first = pick(first, groups, grp)
+        g_sink_end = pick(sink_end, groups, grp)
+        g_band_lo = pick(band_lo, groups, grp)
+        g_band_end = pick(band_end, groups, grp)
+        g_tail_end = pick(tail_end, groups, grp)
+        b = grp // Hkv
+        kvh = grp % Hkv
+        heads = kvh * G + lanes  # [G_PAD] query heads of the group
+        # each head's own band start (band units mask the keys before it)
+        head_start = band_starts(
+            b, heads, lane_mask, g_sink_end, g_tail_end, key_ptr, radius_ptr, band_start_ptr,
+            stride_sb, stride_sh, Hq, band, min_context, BAND_SOURCE,
+        )
+        seg_offset = grp_start
+        units_before = g_first
+        for seg in tl.static_range(3):  # sinks, band, tail
+            if seg == 0:
+                seg_lo, seg_hi = 0, g_sink_end
+            elif seg == 1:
+                seg_lo, seg_hi = g_band_lo, g_band_end
+            else:
+                seg_lo, seg_hi = g_band_end, g_tail_end
+            seg_len = seg_hi - seg_lo
+            seg_keys_at = keys_at(seg_offset, seg_len, UNIT_COST)  # the segment's keys in the concatenation
+            piece_lo = tl.maximum(seg_keys_at, range_lo)
+            piece_hi = tl.minimum(seg_keys_at + seg_len, range_hi)
+            if piece_lo < piece_hi:
+                unit = units_before + pid - seg_keys_at // chunk
+                lo = (seg_lo + piece_lo - seg_keys_at).to(tl.int32)
+                hi = (seg_lo + piece_hi - seg_keys_at).to(tl.int32)
+                if seg == 1:
+                    head_lo = tl.maximum(head_start, lo).to(tl.int32)
+                else:
+                    head_lo = lo + tl.zeros([G_PAD], tl.int32)
+                _attend_unit(
+                    q_ptr, k_ptr, v_ptr, part_o_ptr, part_lse_ptr, b, kvh, heads, lane_mask, head_lo, lo, hi, unit, G,
+                    stride_qb, stride_qh, stride_kb, stride_kh, stride_kt, stride_vb, stride_vh, stride_vt, scale_log2,
+                    D, BLOCK_D, G_PAD, BLOCK_N, UPCAST,
+                )
+            units_before += pieces(seg_keys_at, seg_len, chunk)
+            seg_offset += segment_cost(seg_len, UNIT_COST)
+        grp += 1
+        grp_start = seg_offset
+
+
+@triton.jit
+def _attend_unit(
+    q_ptr, k_ptr, v_ptr, part_o_ptr, part_lse_ptr, b, kvh, heads, lane_mask, head_lo, lo, hi, unit, G,
+    stride_qb, stride_qh, stride_kb, stride_kh, stride_kt, stride_vb, stride_vh, stride_vt, scale_log2,
+    D: tl.constexpr, BLOCK_D: tl.constexpr, G_PAD: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr,
+):
+    """Flash-decoding partial states of the group's heads over keys ``[lo, hi)`` (head ``i``
+    from ``head_lo[i]``), stored as unit ``unit``: K/V tiles loaded once for all heads."""
+    lanes = tl.arange(0, G_PAD)
+    cols = tl.arange(0, BLOCK_D)
+    col_mask = cols < D
+    q = tl.load(
+        q_ptr + b * stride_qb + heads[:, None] * stride_qh + cols[None, :],
+        mask=lane_mask[:, None] & col_mask[None, :], other=0.0,
+    )  # [G_PAD, D]
+    if UPCAST:
+        q = q.to(tl.float32)
+    k_base = k_ptr + b.to(tl.int64) * stride_kb + kvh * stride_kh
+    v_base = v_ptr + b.to(tl.int64) * stride_vb + kvh * stride_vh
+    m = tl.full([G_PAD], float("-inf"), tl.float32)  # running max, base 2
+    den = tl.zeros([G_PAD], tl.float32)
+    acc = tl.zeros([G_PAD, BLOCK_D], tl.float32)
+    for n0 in range(lo, hi, BLOCK_N):
+        keys = n0 + tl.arange(0, BLOCK_N)
+        key_mask = keys < hi
+        kv_offs = keys[:, None].to(tl.int64)
+        k = tl.load(k_base + kv_offs * stride_kt + cols[None, :], mask=key_mask[:, None] & col_mask[None, :], other=0.0)
+        v = tl.load(v_base + kv_offs * stride_vt + cols[None, :], mask=key_mask[:, None] & col_mask[None, :], other=0.0)
+        if UPCAST:
+            k = k.to(tl.float32)
+            v = v.to(tl.float32)
+            s = tl.dot(q, tl.trans(k), input_precision="ieee")
+        else:
+            s = tl.dot(q, tl.trans(k))
+        s = s * scale_log2  # [G_PAD, BLOCK_N] base-2 scores
+        valid = key_mask[None, :] & (keys[None, :] >= head_lo[:, None])
+        s = tl.where(valid, s, float("-inf"))
+        m_new = tl.maximum(m, tl.max(s, axis=1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m - m_safe)
+        p = tl.exp2(s - m_safe[:, None])
+        den = den * alpha + tl.sum(p, axis=1)
+        if UPCAST:
+            pv = tl.dot(p, v, input_precision="ieee")
+        else:
+            pv = tl.dot(p.to(v.dtype), v)
+        acc = acc * alpha[:, None] + pv
+        m = m_new
+    m_safe = tl.where(m == float("-inf"), 0.0, m)
+    inv = tl.where(den > 0, 1.0 / den, 0.0)
+    lse = (m_safe + tl.log2(den)) * LN2  # natural log; −inf when no key was valid
+    part = (unit * G + lanes).to(tl.int64)
+    tl.store(part_lse_ptr + part, lse, mask=lane_mask)
+    tl.store(part_o_ptr + part[:, None] * D + cols[None, :], acc * inv[:, None], mask=lane_mask[:, None] & col_mask[None, :])
+
+
+def launch_attend(
+    q_post, k_cache, v_cache, positions, launch: Launch, scale: float, *, band_source: str, band: int = 0, sinks: int = 0,
+    spans=None, keys=None, radius_sq=None, min_context: int = 0,
+) -> Partials:
+    """Plan and attend one step (no validation, no host sync).
+
+    Args:
+        q_post: ``[B, Hq, D]`` post-RoPE queries.
+        k_cache, v_cache: ``[B, Hkv, T, D]``.
+        positions: ``[B]`` int64 positions ``t``.
+        launch: the launch settings.
+        scale: softmax scale.
+        band_source: one of :data:`mac_triton.plan.BAND_SOURCES`; ``"spans"`` reads
+            ``spans`` (a :class:`~mac_core.step.Spans`), ``"match"`` the ``[B·Hq]`` int64
+            match ``keys``, the ``[Hq]`` float32 squared radii ``radius_sq``, ``band``,
+            ``sinks`` and ``min_context``; ``"full"`` attends over ``[0, t+1)``.
+
+    Returns:
+        :class:`Partials`.
+    """
+    if band_source not in BAND_SOURCES:
+        raise ValueError(f"band_source must be one of {BAND_SOURCES}, got {band_source!r}")
+    B, Hq, D = q_post.shape
+    Hkv = k_cache.shape[1]
+    G = Hq // Hkv
+    NG = B * Hkv
+    device = q_post.device
+    n_split = num_sms(device) * launch.programs_per_sm
+    max_units = n_split + 3 * NG  # each segment adds at most one piece to the programs' ranges
+    # tiles of at most 32 KB (float32 K/V or wide heads get fewer keys per tile)
+    block_n = max(16, min(launch.block_n, 32768 // (triton.next_power_of_2(D) * k_cache.element_size())))
+    partials = Partials(
+        o=torch.empty(max_units, G, D, dtype=torch.float32, device=device),
+        lse=torch.empty(max_units, G, dtype=torch.float32, device=device),
+        plan=torch.empty(NG, PLAN_FIELDS, dtype=torch.int64, device=device),
+    )
+    span_ptrs, (stride_sb, stride_sh) = (None,) * 4, (0, 0)
+    if band_source == BAND_FROM_SPANS.value:
+        span_ptrs = _same_strides(spans.band_start, spans.sink_end, spans.band_end, spans.tail_end)
+        stride_sb, stride_sh = span_ptrs[0].stride()
+    _attend_kernel[(n_split,)](
+        q_post, k_cache, v_cache, partials.o, partials.lse, partials.plan,
+        positions, keys, radius_sq, *span_ptrs, stride_sb, stride_sh,
+        q_post.stride(0), q_post.stride(1), *k_cache.stride()[:3], *v_cache.stride()[:3],
+        NG, Hkv, G, band, sinks, min_context, n_split, scale * LOG2E,
+        BAND_SOURCE=band_source, NG_BLOCK=triton.next_power_of_2(NG), G_BLOCK=triton.next_power_of_2(G),
+        MIN_CHUNK=launch.min_chunk, UNIT_COST=launch.unit_cost,
+        D=D, BLOCK_D=triton.next_power_of_2(D), G_PAD=max(16, triton.next_power_of_2(G)), BLOCK_N=block_n,
+        UPCAST=upcast_dots(k_cache.dtype), num_warps=launch.warps, num_stages=launch.stages,
+    )
+    return partials
+
+
+def _same_strides(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Tensors the kernel indexes with one pair of strides (made contiguous where they differ)."""
+    if len({t.stride() for t in tensors}) == 1:
+        return tensors
+    return tuple(t.contiguous() for t in tensors)

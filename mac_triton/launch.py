@@ -1,0 +1,94 @@
+"""Launch settings of the kernels: every tuned constant in one place, passed to the launchers.
+
+The attend and reduce kernels of a decode step take a :class:`Launch`; the match scan a
+:class:`MatchLaunch`. The defaults are the best of ``benchmarks/tune_decode.py``, which
+sweeps them by passing other settings to the launchers (``benchmarks/RESULTS.md`` has the
+runs behind them).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class Launch:
+    """Launch parameters of the attend and reduce kernels.
+
+    Attributes:
+        block_n: keys per tile (fewer where a tile would pass 32 KB).
+        min_chunk: fewest keys (cost units) per program.
+        unit_cost: a unit's fixed cost in keys when the work is split (``mac_triton.plan``).
+        programs_per_sm: attend programs per streaming multiprocessor.
+        warps: warps per attend program.
+        stages: software-pipelining stages of the attend loop.
+        reduce_units: partial states the reduce kernel merges per iteration.
+    """
+
+    block_n: int
+    min_chunk: int
+    unit_cost: int
+    programs_per_sm: int
+    warps: int
+    stages: int
+    reduce_units: int
+
+
+# the best of benchmarks/tune_decode.py on an H200 (Hq 32, Hkv 8, D 128, bf16; full decodes
+# and all-hit MAC steps at batch 1 and 16, contexts 8K and 128K); see benchmarks/RESULTS.md
+# (a group's miss span is split into hundreds of units at batch 1, a handful at batch 16)
+WIDE = Launch(block_n=128, min_chunk=128, unit_cost=512, programs_per_sm=1, warps=8, stages=3, reduce_units=16)
+NARROW = Launch(block_n=64, min_chunk=64, unit_cost=256, programs_per_sm=2, warps=4, stages=3, reduce_units=64)
+NARROW_MAX_GROUPS = 32  # GQA groups (B·Hkv) up to which NARROW is used (measured: 4 and 8 vs 64 and 128)
+
+
+def launch_for(groups: int) -> Launch:
+    """The default launch parameters for a step of ``groups = B·Hkv`` GQA groups."""
+    return NARROW if groups <= NARROW_MAX_GROUPS else WIDE
+
+
+@dataclass(frozen=True)
+class MatchLaunch:
+    """Launch parameters of the match scan.
+
+    Attributes:
+        block_w: ring slots per tile.
+        warps: warps per program.
+        programs_per_sm: the window is split until the scan has about this many programs per SM.
+    """
+
+    block_w: int = 64
+    warps: int = 2
+    programs_per_sm: int = 4
+
+
+# benchmarks/tune_decode.py on an H100 (ring 1024, Hq 32, D 128, bf16): 48.4 µs for the
+# 134 MB of rings at batch 16 (the sweep spanned 48.0 … 61.9 µs), 4.5 µs at batch 1 (4.5 … 6.7 µs)
+MATCH = MatchLaunch()
+
+
+def interpreting() -> bool:
+    """True when Triton runs kernels on the CPU (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def num_sms(device: torch.device) -> int:
+    """Streaming multiprocessors of ``device``; a small stand-in under the interpreter."""
+    if device.type != "cuda" or interpreting():
+        return 2
+    return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def upcast_dots(dtype: torch.dtype) -> bool:
+    """Run ``tl.dot`` on float32 operands: for float32 inputs (exact IEEE products) and
+    always under the interpreter, whose bf16 ``tl.dot`` is wrong."""
+    return dtype == torch.float32 or interpreting()
