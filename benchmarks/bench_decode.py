@@ -5,7 +5,8 @@ do_bench_cudagraph``, median):
 
 - ``mac``: :func:`mac_triton.mac_step` end to end (match + attention + merge + ring
   write), plus a one-slot copy that restores the ring slot the step overwrote, so that
-  every replay sees the same planted ring (the copy is timed with the step);
+  every replay sees the same planted ring (``harness.ring_restoring_step``; the copy is
+  timed with the step);
 - ``triton_full``: :func:`mac_triton.full_decode` (every head a miss);
 - ``flashinfer``: ``BatchDecodeWithPagedKVCacheWrapper(backend="fa2")`` with tensor cores
   on and off (the faster is the baseline), paged ``HND`` cache with 16-token pages, when
@@ -13,15 +14,11 @@ do_bench_cudagraph``, median):
 - ``sdpa``: ``torch.nn.functional.scaled_dot_product_attention(enable_gqa=True)``;
 - ``floor``: the KV bytes a full decode must read over the measured copy bandwidth.
 
-Hits are planted exactly: for a hit head the ring slot ``lag`` tokens back holds the
-current pre-RoPE query plus noise of 0.01 per entry (distance ≈ 0.013, far inside the
-radius); every other slot is an independent normal vector (distance ≈ 2D, far outside).
-Miss heads are one contiguous block of (request, head) indices, so that they fill whole
-GQA groups, as in the authors' benchmark. The measured hit rate is checked against the
-planted one. Shapes: Hq = 32, D = 128, bf16, ring 1024 (and 2048 for the comparison with
+Hits are planted exactly (``harness.planted_state``); the measured hit rate is checked
+against the planted one. Shapes: Hq = 32, D = 128, bf16, ring 1024 (and 2048 for the comparison with
 the authors' kernel), band 256, lag 64.
 
-Usage: ``python benchmarks/bench_decode.py [--quick] [--out benchmarks/results]``.
+Usage (from the repository root): ``python -m benchmarks.bench_decode [--quick] [--out benchmarks/results]``.
 Writes ``decode.csv``, ``decode.md`` (the table) and ``decode.png`` into ``--out``.
 """
 
@@ -30,112 +27,31 @@ from __future__ import annotations
 import argparse
 import csv
 import math
-import platform
 import sys
 import time
 from pathlib import Path
 
 import torch
-import triton
-import triton.testing
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import mac_triton
+from mac_core import MACConfig
 
-import mac_triton  # noqa: E402
-from mac_ref import MACConfig  # noqa: E402
-from mac_ref.state import LayerState  # noqa: E402
-from mac_triton.match import NO_CANDIDATE, key_workspace, match_keys  # noqa: E402
-
-Q_HEADS, HEAD_DIM, DTYPE, BAND, LAG = 32, 128, torch.bfloat16, 256, 64
-
-
-def copy_bandwidth(device) -> float:
-    """Device-to-device copy bandwidth in bytes/s (bytes read + bytes written)."""
-    src = torch.empty(1 << 30, dtype=torch.uint8, device=device)
-    dst = torch.empty_like(src)
-    ms = triton.testing.do_bench(lambda: dst.copy_(src), rep=200, return_mode="median")
-    del src, dst
-    return 2 * (1 << 30) / (ms * 1e-3)
-
-
-def timed_us(fn, rep_ms: int) -> tuple[float, str]:
-    """Median µs of ``fn`` as CUDA-graph replays; plain ``do_bench`` if it cannot be captured."""
-    torch.cuda.synchronize()  # do_bench_cudagraph runs on a side stream: let the inputs' writes land first
-    try:
-        return 1e3 * triton.testing.do_bench_cudagraph(fn, rep=rep_ms, return_mode="median"), "graph"
-    except Exception as err:  # noqa: BLE001 - report and fall back, the run must go on
-        print(f"    (graph capture failed: {type(err).__name__}: {str(err)[:120]}; timing eagerly)")
-        torch.cuda.synchronize()
-        return 1e3 * triton.testing.do_bench(fn, rep=rep_ms, return_mode="median"), "eager"
-
-
-def step_inputs(hkv, batch, ctx, gen):
-    """Random inputs of one decode step at position ``t = ctx − 1``: ``(positions, k, v, q_pre, q_post)``."""
-    device = gen.device
-    positions = torch.full((batch,), ctx - 1, dtype=torch.int64, device=device)
-    k = torch.randn(batch, hkv, ctx, HEAD_DIM, generator=gen, device=device, dtype=DTYPE)
-    v = torch.randn(batch, hkv, ctx, HEAD_DIM, generator=gen, device=device, dtype=DTYPE)
-    q_pre = torch.randn(batch, Q_HEADS, HEAD_DIM, generator=gen, device=device).to(DTYPE)
-    q_post = torch.randn(batch, Q_HEADS, HEAD_DIM, generator=gen, device=device).to(DTYPE)
-    return positions, k, v, q_pre, q_post
-
-
-def planted_state(q_pre, batch, window, t, hit_rate, gen) -> tuple[LayerState, int]:
-    """Rings with exact hits for all but a contiguous block of (request, head) indices."""
-    device = q_pre.device
-    ring_q = torch.randn(batch, Q_HEADS, window, HEAD_DIM, generator=gen, device=device).to(DTYPE)
-    ring_o = torch.randn(batch, Q_HEADS, window, HEAD_DIM, generator=gen, device=device)
-    ring_lse = torch.randn(batch, Q_HEADS, window, generator=gen, device=device) + 5.0
-    n_heads = batch * Q_HEADS
-    n_hit = round(hit_rate * n_heads)
-    hit_mask = torch.zeros(n_heads, dtype=torch.bool, device=device)
-    hit_mask[:n_hit] = True
-    hit_mask = hit_mask.view(batch, Q_HEADS)
-    slot = (t - LAG) % window
-    near = (q_pre.float() + 0.01 * torch.randn(q_pre.shape, generator=gen, device=device)).to(DTYPE)
-    ring_q[:, :, slot] = torch.where(hit_mask[..., None], near, ring_q[:, :, slot])
-    ring_depth = torch.zeros(batch, Q_HEADS, window, dtype=torch.int32, device=device)  # exact rows
-    state = LayerState(ring_q, ring_o, ring_lse, ring_depth, torch.full((batch,), t, dtype=torch.int64, device=device))
-    return state, n_hit
-
-
-def flashinfer_runners(q, k, v, positions):
-    """``{name: fn}`` of FlashInfer decode (tensor cores on/off), or ``{}`` without flashinfer."""
-    try:
-        import flashinfer
-    except Exception as err:  # noqa: BLE001
-        print(f"  flashinfer not importable: {type(err).__name__}: {err}")
-        return {}, None
-    B, Hkv, T, D = k.shape
-    page = 16
-    pages_per_req = triton.cdiv(T, page)
-    pad = pages_per_req * page - T
-
-    def paged(x):  # [B, Hkv, T, D] -> [B·pages, Hkv, page, D] (HND pages)
-        x = torch.nn.functional.pad(x, (0, 0, 0, pad))
-        return x.view(B, Hkv, pages_per_req, page, D).permute(0, 2, 1, 3, 4).reshape(B * pages_per_req, Hkv, page, D).contiguous()
-
-    k_pages, v_pages = paged(k), paged(v)
-    lengths = positions + 1
-    n_pages = (lengths + page - 1) // page
-    indptr = torch.zeros(B + 1, dtype=torch.int32, device=q.device)
-    indptr[1:] = torch.cumsum(n_pages, 0)
-    indices = torch.cat([b * pages_per_req + torch.arange(int(n_pages[b]), device=q.device) for b in range(B)]).int()
-    last_len = (lengths - (n_pages - 1) * page).int()
-    runners = {}
-    for tc in (False, True):
-        workspace = torch.empty(256 << 20, dtype=torch.uint8, device=q.device)
-        try:
-            wrapper = flashinfer.BatchDecodeWithPagedKVCacheWrapper(workspace, "HND", use_tensor_cores=tc, backend="fa2")
-        except TypeError:
-            wrapper = flashinfer.BatchDecodeWithPagedKVCacheWrapper(workspace, "HND", use_tensor_cores=tc)
-        wrapper.plan(
-            indptr, indices, last_len, q.shape[1], Hkv, D, page,
-            pos_encoding_mode="NONE", q_data_type=q.dtype, kv_data_type=k.dtype,
-        )
-        name = f"flashinfer_tc{'on' if tc else 'off'}"
-        runners[name] = (lambda w=wrapper: w.run(q, (k_pages, v_pages), return_lse=True))
-    return runners, flashinfer.__version__
+from .harness import (
+    BAND,
+    HEAD_DIM,
+    Q_HEADS,
+    copy_bandwidth,
+    environment,
+    flashinfer_runners,
+    floor_us,
+    kv_bytes,
+    match_only,
+    planted_state,
+    ring_restoring_step,
+    sdpa_runner,
+    step_inputs,
+    timed_us,
+)
 
 
 def run_config(hkv, batch, ctx, window, hit_rates, rep_ms, bandwidth, providers_done, rows, check):
@@ -144,21 +60,15 @@ def run_config(hkv, batch, ctx, window, hit_rates, rep_ms, bandwidth, providers_
     t = ctx - 1
     positions, k, v, q_pre, q_post = step_inputs(hkv, batch, ctx, gen)
     scale = 1.0 / math.sqrt(HEAD_DIM)
-    kv_bytes = 2 * batch * hkv * ctx * HEAD_DIM * k.element_size()
-    floor_us = 1e6 * kv_bytes / bandwidth
-    base = dict(gpu=torch.cuda.get_device_name(), hkv=hkv, batch=batch, ctx=ctx, window=window, floor_us=round(floor_us, 2))
+    floor = floor_us(kv_bytes(batch, hkv, ctx, HEAD_DIM), bandwidth)
+    base = dict(gpu=torch.cuda.get_device_name(), hkv=hkv, batch=batch, ctx=ctx, window=window, floor_us=round(floor, 2))
     results = {}
 
     key = (hkv, batch, ctx)
     if key not in providers_done:  # the full-decode providers do not depend on the window
         providers_done[key] = {}
-        runners = {"triton_full": lambda: mac_triton.full_decode(q_post, k, v, positions, scale)}
-        runners["sdpa"] = lambda: torch.nn.functional.scaled_dot_product_attention(
-            q_post[:, :, None], k, v, scale=scale, enable_gqa=True
-        )
-        fi, fi_version = flashinfer_runners(q_post, k, v, positions)
-        base_versions["flashinfer"] = fi_version
-        runners.update(fi)
+        runners = {"triton_full": lambda: mac_triton.full_decode(q_post, k, v, positions, scale), "sdpa": sdpa_runner(q_post, k, v, scale)}
+        runners.update(flashinfer_runners(q_post, k, v, positions))
         if check:  # the baselines must agree with each other
             ref = mac_triton.full_decode(q_post, k, v, positions, scale)[0].float()
             for name, fn in runners.items():
@@ -167,52 +77,39 @@ def run_config(hkv, batch, ctx, window, hit_rates, rep_ms, bandwidth, providers_
                 err = (o.float().reshape(ref.shape) - ref).abs().max().item()
                 print(f"    check {name}: max |Δ| vs triton_full = {err:.2e}")
         for name, fn in runners.items():
-            us, mode = timed_us(fn, rep_ms)
-            providers_done[key][name] = (us, mode)
-        del fi
+            providers_done[key][name] = timed_us(fn, rep_ms)
     results.update(providers_done[key])
     fi_names = [n for n in results if n.startswith("flashinfer")]
     fi_best = min((results[n][0] for n in fi_names), default=float("nan"))
 
     for name, (us, mode) in providers_done[key].items():
         rows.append(dict(base, provider=name, hit_rate=0.0, measured_hit_rate="", median_us=round(us, 2), timing=mode,
-                         speedup_vs_flashinfer=round(fi_best / us, 3), floor_fraction=round(floor_us / us, 3)))
+                         speedup_vs_flashinfer=round(fi_best / us, 3), floor_fraction=round(floor / us, 3)))
 
     config = MACConfig(window=window, band=BAND, tau=0.45)
-    ring = planted_state(q_pre, batch, window, t, 0.0, gen)[0].ring_q
-    us, mode = timed_us(lambda: match_keys(q_pre, ring, positions), rep_ms)  # the match alone: the all-hit floor
-    key_workspace(q_pre.device, batch * Q_HEADS).fill_(NO_CANDIDATE)  # no step consumed these keys: reset them
+    ring = planted_state(q_pre, window, t, 0.0, gen)[0].ring_q
+    us, mode = timed_us(match_only(q_pre, ring, positions), rep_ms)  # the match alone: the all-hit floor
     ring_bytes = ring.numel() * ring.element_size()
     rows.append(dict(base, provider="mac_match_only", hit_rate="", measured_hit_rate="", median_us=round(us, 2), timing=mode,
-                     speedup_vs_flashinfer="", floor_fraction=round(1e6 * ring_bytes / bandwidth / us, 3)))
+                     speedup_vs_flashinfer="", floor_fraction=round(floor_us(ring_bytes, bandwidth) / us, 3)))
     results["match_only"] = (us, mode)
     del ring
     for rate in hit_rates:
-        state, n_hit = planted_state(q_pre, batch, window, t, rate, gen)
-        slot = t % window
-        saved = state.ring_q[:, :, slot].clone()
-
-        def step():
-            res = mac_triton.mac_step(q_pre, q_post, k, v, state, positions, config, scale)
-            state.ring_q[:, :, slot] = saved  # undo the ring write of q̃_t (lag W would match it exactly)
-            return res
-
-        res = step()
-        measured = res["hit"].float().mean().item()
-        keys = res["keys_read"].float().mean().item()
+        state, n_hit = planted_state(q_pre, window, t, rate, gen)
+        step = ring_restoring_step(q_pre, q_post, k, v, state, positions, config)
+        _, _, stats = step()
+        measured = stats.hit.float().mean().item()
+        keys = stats.keys_read.float().mean().item()
         if abs(measured - n_hit / (batch * Q_HEADS)) > 1e-9:
             print(f"    WARNING planted {n_hit} hits, measured rate {measured:.4f}")
         us, mode = timed_us(step, rep_ms)
         rows.append(dict(base, provider="mac", hit_rate=rate, measured_hit_rate=round(measured, 4), median_us=round(us, 2),
-                         timing=mode, speedup_vs_flashinfer=round(fi_best / us, 3), floor_fraction=round(floor_us / us, 3),
+                         timing=mode, speedup_vs_flashinfer=round(fi_best / us, 3), floor_fraction=round(floor / us, 3),
                          mean_keys_read=round(keys, 1)))
         results[f"mac@{rate}"] = (us, mode)
     del k, v
     torch.cuda.empty_cache()
-    return results, fi_best, floor_us
-
-
-base_versions: dict = {}
+    return results, fi_best, floor
 
 
 def main():
@@ -231,12 +128,12 @@ def main():
     if args.quick:
         hkvs, ctxs, hits = [8], [8192, 131072], [0.0, 1.0]
     plan = [(hkv, b, c, 1024, hits) for hkv in hkvs for b in batches for c in ctxs]
-    # the authors' ring of 2048, beside their figures (SPEC §6)
+    # the authors' ring of 2048, beside their committed H100 figures (benchmarks/RESULTS.md)
     plan += [(8, b, c, 2048, [0.0, 0.95, 1.0]) for b in batches for c in (ctxs[0], ctxs[-1])]
 
     bandwidth = copy_bandwidth(torch.device("cuda"))
-    base_versions.update(torch=torch.__version__, triton=triton.__version__, python=platform.python_version())
-    print(f"{torch.cuda.get_device_name()}  copy bandwidth {bandwidth / 1e12:.2f} TB/s  torch {torch.__version__}  triton {triton.__version__}")
+    versions = environment()
+    print(f"{versions['gpu']}  copy bandwidth {bandwidth / 1e12:.2f} TB/s  " + ", ".join(f"{k} {v}" for k, v in versions.items() if k != "gpu"))
     rows, providers_done, summary = [], {}, []
     from tqdm import tqdm
 
@@ -254,8 +151,8 @@ def main():
         writer.writeheader()
         writer.writerows(rows)
 
-    lines = [f"{torch.cuda.get_device_name()}, copy bandwidth {bandwidth / 1e12:.2f} TB/s, "
-             + ", ".join(f"{k} {v}" for k, v in base_versions.items()), "",
+    lines = [f"{versions['gpu']}, copy bandwidth {bandwidth / 1e12:.2f} TB/s, "
+             + ", ".join(f"{k} {v}" for k, v in versions.items() if k != "gpu"), "",
              "| Hkv | B | ctx | W | floor µs | FlashInfer µs (best) | SDPA µs | Triton full µs (× FI, % floor) | "
              + " | ".join(f"MAC {r:g} µs (× FI)" for r in [0.0, 0.5, 0.95, 1.0]) + " |",
              "|" + "---|" * 12]

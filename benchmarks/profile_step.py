@@ -1,13 +1,13 @@
 """Where the time of one decode step goes, kernel by kernel, on a CUDA GPU.
 
-For a few benchmark points (same shapes and planted hits as ``bench_decode.py``) it
-times the whole step as a CUDA-graph replay and each kernel of it with the torch
-profiler (device time of eager launches, median over repeats). The difference between
-the replay and the sum of the kernels is what the step spends between kernels (launch
-and dependency gaps). Prints a table and writes ``profile.csv`` into ``--out``.
+For a few benchmark points (same shapes and planted hits as ``bench_decode.py``, through
+``harness``) it times the whole step as a CUDA-graph replay and each kernel of it with the
+torch profiler (device time of eager launches, median over repeats). The difference
+between the replay and the sum of the kernels is what the step spends between kernels
+(launch and dependency gaps). Prints a table and writes ``profile.csv`` into ``--out``.
 
-    python benchmarks/profile_step.py [--out benchmarks/results]
-    ncu --section SpeedOfLight python benchmarks/profile_step.py --ncu "MAC 100% b16 8K"
+    python -m benchmarks.profile_step [--out benchmarks/results]
+    ncu --section SpeedOfLight python -m benchmarks.profile_step --ncu "MAC 100% b16 8K"
 
 ``--ncu LABEL`` only runs that point's step a few times, eagerly, for Nsight Compute.
 """
@@ -16,21 +16,17 @@ from __future__ import annotations
 
 import argparse
 import csv
-import math
 import statistics
 import sys
 from pathlib import Path
 
 import torch
-import triton.testing
 from torch.profiler import ProfilerActivity, profile
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+import mac_triton
+from mac_core import MACConfig
 
-import mac_triton  # noqa: E402
-from bench_decode import HEAD_DIM, planted_state, step_inputs  # noqa: E402
-from mac_ref import MACConfig  # noqa: E402
+from .harness import environment, planted_state, ring_restoring_step, step_inputs, timed_us
 
 # (label, Hkv, batch, context, hit rate or None for the full decode)
 POINTS = [
@@ -43,6 +39,7 @@ POINTS = [
     ("MAC 0% b16 8K", 8, 16, 8192, 0.0),
 ]
 REPEATS = 20
+KERNELS = ("_match_kernel", "_attend_kernel", "_reduce_kernel")
 
 
 def kernel_times(fn) -> dict[str, float]:
@@ -61,7 +58,7 @@ def kernel_times(fn) -> dict[str, float]:
 
 
 def short(name: str) -> str:
-    for key in ("_match_kernel", "_attend_kernel", "_reduce_kernel"):
+    for key in KERNELS:
         if key in name:
             return key.strip("_")
     return "copy (ring restore)" if "elementwise" in name or "copy" in name.lower() else name[:40]
@@ -76,32 +73,24 @@ def main():
         sys.exit("this script needs a CUDA GPU")
     device = torch.device("cuda")
     config = MACConfig(window=1024, band=256, tau=0.45)
-    scale = 1.0 / math.sqrt(HEAD_DIM)
     rows = []
-    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}")
+    print(", ".join(f"{k} {v}" for k, v in environment().items()))
     for label, hkv, batch, ctx, rate in POINTS if args.ncu is None else [p for p in POINTS if p[0] == args.ncu]:
         gen = torch.Generator(device=device).manual_seed(ctx + batch)
-        t = ctx - 1
         positions, k, v, q_pre, q_post = step_inputs(hkv, batch, ctx, gen)
         if rate is None:
             def step():
-                return mac_triton.full_decode(q_post, k, v, positions, scale)
+                return mac_triton.full_decode(q_post, k, v, positions)
         else:
-            state, _ = planted_state(q_pre, batch, config.window, t, rate, gen)
-            slot = t % config.window
-            saved = state.ring_q[:, :, slot].clone()
-
-            def step():
-                res = mac_triton.mac_step(q_pre, q_post, k, v, state, positions, config, scale)
-                state.ring_q[:, :, slot] = saved  # as in bench_decode.py
-                return res
+            state, _ = planted_state(q_pre, config.window, ctx - 1, rate, gen)
+            step = ring_restoring_step(q_pre, q_post, k, v, state, positions, config)
         torch.cuda.synchronize()
         if args.ncu:
             for _ in range(3):
                 step()
             torch.cuda.synchronize()
             return
-        replay = 1e3 * triton.testing.do_bench_cudagraph(step, rep=100, return_mode="median")
+        replay, _ = timed_us(step)
         kernels = {short(name): us for name, us in kernel_times(step).items()}
         total = sum(kernels.values())
         print(f"{label:18s} replay {replay:7.1f} µs = kernels {total:7.1f} + between {replay - total:5.1f}: "

@@ -1,13 +1,17 @@
 """Sweep the launch parameters of the Triton decode kernels on a CUDA GPU.
 
-Times the match scan alone (``BLOCK_W``, warps, programs per SM) and the attention
-kernels on full decodes and on MAC steps with planted hits, at the benchmark's shapes
-(Hq = 32, Hkv = 8, D = 128, bf16), CUDA-graph medians: by default tiles, warps, stages,
-programs per SM and the fewest keys per program (one setting for every batch size);
-``--sweep FIELD=V1,V2,...`` one field of the current settings (``mac_triton.complete.WIDE``
-and ``NARROW``), e.g. ``--sweep unit_cost=0,128,256,512,1024,2048``. Prints the settings ranked by their worst
-ratio to the best and writes ``tune.csv`` into ``--out``. The defaults in ``mac_triton``
-come from runs of this script (see ``benchmarks/RESULTS.md``).
+Times the match scan alone (``MatchLaunch``: slots per tile, warps, programs per SM) and
+the attention kernels on full decodes and on MAC steps with planted hits, at the
+benchmark's shapes (Hq = 32, Hkv = 8, D = 128, bf16), CUDA-graph medians. The settings are
+*passed* to the launchers (``launch=``), never written into ``mac_triton``. By default it
+sweeps tiles, warps, stages, programs per SM and the fewest keys per program (one setting
+for every batch size); ``--sweep FIELD=V1,V2,...`` varies one field of the current
+``mac_triton.launch.WIDE`` and ``NARROW``, e.g. ``--sweep unit_cost=0,128,256,512,1024,2048``.
+Prints the settings ranked by their worst ratio to the best and writes ``tune.csv`` into
+``--out``. The defaults in ``mac_triton.launch`` come from runs of this script (see
+``benchmarks/RESULTS.md``).
+
+    python -m benchmarks.tune_decode [--skip-match] [--sweep FIELD=V1,V2,...]
 """
 
 from __future__ import annotations
@@ -16,38 +20,50 @@ import argparse
 import csv
 import dataclasses
 import itertools
-import sys
 from pathlib import Path
 
 import torch
-import triton.testing
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+import mac_triton
+from mac_core import MACConfig
+from mac_triton.launch import NARROW, WIDE, Launch, MatchLaunch, launch_for
 
-import mac_triton  # noqa: E402, F401
-from bench_decode import planted_state  # noqa: E402
-from mac_ref import MACConfig  # noqa: E402
-from mac_triton.match import match_keys  # noqa: E402
-
-complete = sys.modules["mac_triton.complete"]
+from .harness import match_only, planted_state, ring_restoring_step, timed_us
 
 # (batch, context, hit rates; None: the full decode), Hkv 8
 ATTEND_CASES = [(1, 8192, (None, 1.0)), (1, 131072, (None, 1.0, 0.95, 0.5)), (16, 8192, (None, 1.0)), (16, 131072, (None, 0.95, 0.5))]
-SHAPES = [  # BLOCK_N, MIN_CHUNK, programs per SM, warps, stages
+SHAPES = [  # block_n, min_chunk, programs per SM, warps, stages
     (128, 128, 1, 8, 3), (128, 128, 2, 8, 3), (128, 128, 1, 8, 2), (64, 128, 2, 4, 3), (64, 64, 2, 4, 3),
     (64, 64, 2, 4, 4), (64, 64, 2, 8, 3), (64, 64, 1, 4, 3), (32, 32, 3, 4, 4), (32, 32, 4, 2, 4), (128, 128, 1, 4, 3),
 ]
-match = sys.modules["mac_triton.match"]
 
 
 def graph_us(fn) -> float:
-    torch.cuda.synchronize()  # do_bench_cudagraph runs on a side stream: let the inputs' writes land first
-    return 1e3 * triton.testing.do_bench_cudagraph(fn, rep=40, return_mode="median")
+    return timed_us(fn, rep_ms=40)[0]
+
+
+def attend_cases(gen, config: MACConfig) -> dict:
+    """``{(kernel, batch, ctx): make(launch) -> fn}`` for the attention sweep."""
+    device = gen.device
+    cases = {}
+    for batch, ctx, rates in ATTEND_CASES:
+        k = torch.randn(batch, 8, ctx, 128, generator=gen, device=device).bfloat16()
+        v = torch.randn(batch, 8, ctx, 128, generator=gen, device=device).bfloat16()
+        q = torch.randn(batch, 32, 128, generator=gen, device=device).bfloat16()
+        pos = torch.full((batch,), ctx - 1, dtype=torch.int64, device=device)
+        for rate in rates:
+            if rate is None:
+                cases[("full", batch, ctx)] = lambda launch, q=q, k=k, v=v, pos=pos: (lambda: mac_triton.full_decode(q, k, v, pos, launch=launch))
+                continue
+            state, _ = planted_state(q, config.window, ctx - 1, rate, gen)
+            cases[(f"mac_{rate:g}", batch, ctx)] = (
+                lambda launch, q=q, k=k, v=v, pos=pos, state=state: ring_restoring_step(q, q, k, v, state, pos, config, launch)
+            )
+    return cases
 
 
 def main():
-    parser = argparse.ArgumentParser()
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
     parser.add_argument("--skip-match", action="store_true", help="only the attention kernels")
     parser.add_argument("--sweep", metavar="FIELD=V1,V2,...",
@@ -58,61 +74,36 @@ def main():
     gen = torch.Generator(device=device).manual_seed(0)
     rows = []
 
-    # the match scan
-    for batch in () if args.skip_match else (1, 16):
+    for batch in () if args.skip_match else (1, 16):  # the match scan
         q = torch.randn(batch, 32, 128, generator=gen, device=device).bfloat16()
         ring = torch.randn(batch, 32, 1024, 128, generator=gen, device=device).bfloat16()
         pos = torch.full((batch,), 131071, dtype=torch.int64, device=device)
         for block_w, warps, per_sm in itertools.product((16, 32, 64), (2, 4, 8), (4, 8, 16)):
-            match.BLOCK_W, match.MATCH_WARPS, match.PROGRAMS_PER_SM = block_w, warps, per_sm
-            us = graph_us(lambda: match_keys(q, ring, pos))
+            us = graph_us(match_only(q, ring, pos, MatchLaunch(block_w, warps, per_sm)))
             rows.append(dict(kernel="match", batch=batch, ctx=1024, block_n=block_w, warps=warps, programs_per_sm=per_sm, us=round(us, 2)))
-        match.key_workspace(device, batch * 32).fill_(match.NO_CANDIDATE)
 
-    # the attend + reduce kernels: full decodes and MAC steps with planted hits
-    config = MACConfig(window=1024, band=256, tau=0.45)
-    cases = {}
-    for batch, ctx, rates in ATTEND_CASES:
-        k = torch.randn(batch, 8, ctx, 128, generator=gen, device=device).bfloat16()
-        v = torch.randn(batch, 8, ctx, 128, generator=gen, device=device).bfloat16()
-        q = torch.randn(batch, 32, 128, generator=gen, device=device).bfloat16()
-        pos = torch.full((batch,), ctx - 1, dtype=torch.int64, device=device)
-        for rate in rates:
-            if rate is None:
-                cases[("full", batch, ctx)] = lambda q=q, k=k, v=v, pos=pos: mac_triton.full_decode(q, k, v, pos)
-                continue
-            state, _ = planted_state(q, batch, config.window, ctx - 1, rate, gen)
-            slot = (ctx - 1) % config.window
-
-            def step(q=q, k=k, v=v, pos=pos, state=state, slot=slot, saved=state.ring_q[:, :, slot].clone()):
-                mac_triton.mac_step(q, q, k, v, state, pos, config, 1.0 / 128**0.5)
-                state.ring_q[:, :, slot] = saved  # as in bench_decode.py
-
-            cases[(f"mac_{rate:g}", batch, ctx)] = step
-    wide, narrow = complete.WIDE, complete.NARROW
+    cases = attend_cases(gen, MACConfig(window=1024, band=256, tau=0.45))
     if args.sweep is None:  # one setting for every batch size
-        launches = [dataclasses.replace(wide, block_n=n, min_chunk=m, programs_per_sm=p, warps=w, stages=st)
-                    for n, m, p, w, st in SHAPES]  # fmt: skip
+        launches = [dataclasses.replace(WIDE, block_n=n, min_chunk=m, programs_per_sm=p, warps=w, stages=st) for n, m, p, w, st in SHAPES]
         candidates = [(launch, launch) for launch in launches]
     else:  # one field of the current settings
         field, values = args.sweep.split("=")
-        candidates = [(dataclasses.replace(wide, **{field: int(v)}), dataclasses.replace(narrow, **{field: int(v)})) for v in values.split(",")]
-    for index, (complete.WIDE, complete.NARROW) in enumerate(candidates):
-        for (kernel, batch, ctx), fn in cases.items():
+        candidates = [(dataclasses.replace(WIDE, **{field: int(v)}), dataclasses.replace(NARROW, **{field: int(v)})) for v in values.split(",")]
+    for index, (wide, narrow) in enumerate(candidates):
+        for (kernel, batch, ctx), make in cases.items():
+            launch = narrow if launch_for(batch * 8) is NARROW else wide  # the candidate for this batch size
             try:
-                us = graph_us(fn)
+                us = graph_us(make(launch))
             except Exception as err:  # noqa: BLE001 - e.g. out of shared memory
-                print(f"  {complete.WIDE}: {type(err).__name__} {str(err)[:100]}")
+                print(f"  {launch}: {type(err).__name__} {str(err)[:100]}")
                 us = float("nan")
-            launch = complete.launch_for(batch * 8)
             rows.append(dict(kernel=kernel, batch=batch, ctx=ctx, candidate=index, **dataclasses.asdict(launch), us=round(us, 2)))
-        print(complete.WIDE, complete.NARROW, [r["us"] for r in rows[-len(cases):]], flush=True)
-    complete.WIDE, complete.NARROW = wide, narrow
+        print(wide, narrow, [r["us"] for r in rows[-len(cases):]], flush=True)
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     with open(out / "tune.csv", "w", newline="") as f:
-        fields = ["kernel", "batch", "ctx", "candidate", *(f.name for f in dataclasses.fields(complete.Launch)), "us"]
+        fields = ["kernel", "batch", "ctx", "candidate", *(f.name for f in dataclasses.fields(Launch)), "us"]
         writer = csv.DictWriter(f, fieldnames=fields)
         writer.writeheader()
         writer.writerows(rows)
@@ -125,6 +116,7 @@ def main():
         print("cases", list(cases))
         for i in sorted(range(len(candidates)), key=lambda i: max(t / b for t, b in zip(times[i], best))):
             print(f"WIDE={candidates[i][0]} NARROW={candidates[i][1]}: {times[i]}")
+
 
 if __name__ == "__main__":
     main()
