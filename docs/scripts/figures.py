@@ -1,9 +1,10 @@
 """The figures of the docs site's concept pages, generated from the reference code.
 
 Each ``fig_*`` function draws one PNG from numbers it computes (with ``mac_ref`` where the
-figure is about the method, or with the measured yardsticks of the project's SPEC §6 for
-the memory-bound page). :func:`build_all` regenerates them when this file or ``mac_ref``
-changed; the docs build calls it (``docs/hooks.py``).
+figure is about the method, or with the project's measured H100 run
+(``benchmarks/results/h100_final/decode.csv``) for
+the memory-bound page). :func:`build_all` regenerates them when this file, ``mac_core``,
+``mac_ref`` or that run changed; the docs build calls it (``docs/hooks.py``).
 
     python docs/scripts/figures.py [OUT_DIR]    # draw every figure, default build/docs/figures
 """
@@ -34,15 +35,22 @@ BAND_COLOR, TAIL_COLOR, REUSED_COLOR, SINK_COLOR = "#f28e2b", "#4e79a7", "#bab0a
 # ---------------------------------------------------------------------------------------
 # 1. decode is memory-bound
 
-# SPEC §6: one H100 80GB HBM3, bf16, Hq=32, Hkv=8, D=128, median of triton.testing.do_bench
-H100_MEASURED = {  # (batch, context): (KV-read floor µs, FlashInfer µs, torch SDPA µs)
-    (1, 8192): (11, 27, 27),
-    (1, 32768): (45, 68, 65),
-    (1, 131072): (178, 199, 194),
-    (16, 32768): (711, 722, 698),
-    (16, 131072): (2846, 2799, 2752),
-}
-H100_COPY_BANDWIDTH = 3.02e12  # bytes/s, measured copy bandwidth of the same GPU
+# the project's own H100 run of benchmarks/bench_decode.py (H100 80GB HBM3, bf16, Hq 32,
+# Hkv 8, D 128; CUDA-graph medians; the floor is the KV bytes over the measured copy bandwidth)
+H100_RUN = REPO / "benchmarks" / "results" / "h100_final" / "decode.csv"
+
+
+def h100_measured() -> dict[tuple[int, int], tuple[float, float, float]]:
+    """``{(batch, context): (KV-read floor µs, FlashInfer µs (best of tensor cores on/off), SDPA µs)}``."""
+    import csv
+
+    times: dict = {}
+    with H100_RUN.open() as f:
+        for row in csv.DictReader(f):
+            if row["hkv"] == "8" and row["window"] == "1024" and row["provider"] in ("sdpa", "flashinfer_tcon", "flashinfer_tcoff"):
+                entry = times.setdefault((int(row["batch"]), int(row["ctx"])), {"floor": float(row["floor_us"])})
+                entry[row["provider"]] = float(row["median_us"])
+    return {key: (e["floor"], min(e["flashinfer_tcon"], e["flashinfer_tcoff"]), e["sdpa"]) for key, e in times.items()}
 
 
 def kv_bytes_full(context, kv_heads=8, head_dim=128, bytes_per_elem=2):
@@ -71,7 +79,7 @@ def fig_bytes_per_step(path: Path) -> None:
     ax1.grid(True, which="both", alpha=0.3)
 
     for batch, marker in ((1, "o"), (16, "s")):
-        rows = sorted((n, v) for (b, n), v in H100_MEASURED.items() if b == batch)
+        rows = sorted((n, v) for (b, n), v in h100_measured().items() if b == batch)
         ns = [n for n, _ in rows]
         ax2.loglog(ns, [v[0] for _, v in rows], marker + "-", color="k", label=f"KV-read floor, batch {batch}")
         ax2.loglog(ns, [v[1] for _, v in rows], marker + "--", color="C1", label=f"FlashInfer, batch {batch}")
@@ -345,9 +353,9 @@ FIGURES = {
 
 
 def sources_key() -> str:
-    """Hash of this script and of ``mac_ref``: the figures change only when these do."""
+    """Hash of this script, ``mac_core``, ``mac_ref`` and the measured run: the figures change only when these do."""
     digest = hashlib.sha256(Path(__file__).read_bytes())
-    for path in sorted((REPO / "mac_ref").glob("*.py")):
+    for path in [*sorted((REPO / "mac_core").glob("*.py")), *sorted((REPO / "mac_ref").glob("*.py")), H100_RUN]:
         digest.update(path.read_bytes())
     return digest.hexdigest()[:16]
 

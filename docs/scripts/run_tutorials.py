@@ -31,7 +31,7 @@ REPO = Path(__file__).resolve().parents[2]
 TUTORIALS = REPO / "tutorials"
 OUT_DIR = REPO / "build" / "docs" / "tutorials"
 # a change in any of these invalidates every executed tutorial
-LIBRARY_DIRS = ("mac_ref", "mac_triton")
+LIBRARY_DIRS = ("mac_core", "mac_ref", "mac_triton", "mac_llm")
 CELL_TIMEOUT_S = 600
 
 
