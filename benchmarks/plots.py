@@ -137,7 +137,7 @@ def point_tables(points: list[Point]) -> str:
                if shared else "% of floor: the KV-read floor over the full decode's time (100 %: at the floor).")
             + "*"
         )
-        lines = [f"#### Hkv = {hkv}, W = {window}", "", caption, "", _row(header), _row(["---"] * len(header))]
+        lines = [f"### Hkv = {hkv}, W = {window}", "", caption, "", _row(header), _row(["---"] * len(header))]
         for p in chosen:
             cells = [str(p.batch), _ctx(p.ctx)] + [_x(p.speedup(f"mac@{r}")) for r in rates]
             cells += [p.flashinfer] + [p.us(f"mac@{r}") or "–" for r in rates]
