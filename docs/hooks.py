@@ -113,7 +113,10 @@ def on_files(files, config):
     wanted = set(_results_repo_paths())
     for page in files.documentation_pages():
         if page.src_uri.endswith(".md") and page.abs_src_path:
-            wanted |= repo_links(Path(page.abs_src_path).read_text(encoding="utf-8"), page.src_uri)
+            source = Path(page.abs_src_path).read_text(encoding="utf-8")
+            wanted |= repo_links(source, page.src_uri)
+            if CATALOGUE_MARKER in source:  # the catalogue links every test file
+                wanted |= {path.relative_to(REPO).as_posix() for path in _test_files()}
     for rel in sorted(wanted):
         path = _publishable(rel)
         if path is None:  # the link stays broken: the strict build reports it on its page
@@ -151,7 +154,7 @@ def on_page_markdown(markdown: str, page, config, files) -> str:
     if TOLERANCE_MARKER in markdown:
         markdown = markdown.replace(TOLERANCE_MARKER, tolerance_table())
     if CATALOGUE_MARKER in markdown:
-        markdown = markdown.replace(CATALOGUE_MARKER, test_catalogue())
+        markdown = markdown.replace(CATALOGUE_MARKER, test_catalogue(page.file.src_uri))
     markdown = _STUDY.sub(lambda m: study_sections(m.group(1)), markdown)
     markdown = _DOCSTRING.sub(lambda m: docstring_markdown(m.group(1)), markdown)
     return _SOURCE.sub(lambda m: source_listing(m.group(1)), markdown)
@@ -207,12 +210,17 @@ def study_sections(prefix: str) -> str:
     return "\n".join(re.sub(r"(?m)^(#{3,4}) ", r"#\1 ", part) for part in chosen)
 
 
-def test_catalogue() -> str:
-    """Every test file of ``tests/``: its docstring's first paragraph and its test names."""
+def _test_files() -> list[Path]:
+    return sorted((REPO / "tests").glob("test_*.py"))
+
+
+def test_catalogue(page_uri: str = "testing.md") -> str:
+    """Every test file of ``tests/`` (linked to its published copy): its docstring's first
+    paragraph and its test names."""
     import ast
 
     parts = []
-    for path in sorted((REPO / "tests").glob("test_*.py")):
+    for path in _test_files():
         tree = ast.parse(path.read_text())
         doc = (ast.get_docstring(tree) or "").split("\n\n")[0].replace("\n", " ")
         names = [n.name for n in tree.body if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef)) and n.name.startswith("test_")]
@@ -221,7 +229,8 @@ def test_catalogue() -> str:
             for n in c.body if isinstance(n, ast.FunctionDef) and n.name.startswith("test_")
         ]
         tests = "; ".join(name.removeprefix("test_").replace("_", " ") for name in names)
-        parts.append(f"- **`{path.name}`** — {doc}\n\n    <small>{len(names)} tests: {tests}.</small>\n")
+        link = posixpath.relpath(f"{REPO_URI}/tests/{path.name}", posixpath.dirname(page_uri) or ".")
+        parts.append(f"- **[`{path.name}`]({link})** — {doc}\n\n    <small>{len(names)} tests: {tests}.</small>\n")
     return "\n".join(parts)
 
 
