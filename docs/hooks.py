@@ -31,7 +31,7 @@ import sys
 from pathlib import Path
 
 from mkdocs.plugins import event_priority
-from mkdocs.structure.files import File
+from mkdocs.structure.files import File, InclusionLevel
 from mkdocs.structure.pages import Page
 
 REPO = Path(__file__).resolve().parents[1]
@@ -122,7 +122,8 @@ def on_files(files, config):
         if path is None:  # the link stays broken: the strict build reports it on its page
             log.warning(f"a page links {REPO_URI}/{rel}, which is not a file of the repository")
             continue
-        files.append(RepoFile.generated(config, f"{REPO_URI}/{rel}", abs_src_path=str(path)))
+        # included explicitly: exclude_docs' patterns (scripts/) are meant for docs/, not for repo/docs/scripts/
+        files.append(RepoFile.generated(config, f"{REPO_URI}/{rel}", abs_src_path=str(path), inclusion=InclusionLevel.INCLUDED))
     return files
 
 
@@ -155,7 +156,7 @@ def on_page_markdown(markdown: str, page, config, files) -> str:
         markdown = markdown.replace(TOLERANCE_MARKER, tolerance_table())
     if CATALOGUE_MARKER in markdown:
         markdown = markdown.replace(CATALOGUE_MARKER, test_catalogue(page.file.src_uri))
-    markdown = _STUDY.sub(lambda m: study_sections(m.group(1)), markdown)
+    markdown = _STUDY.sub(lambda m: study_sections(m.group(1), body_only=bool(m.group(2))), markdown)
     markdown = _DOCSTRING.sub(lambda m: docstring_markdown(m.group(1)), markdown)
     return _SOURCE.sub(lambda m: source_listing(m.group(1)), markdown)
 
@@ -195,18 +196,21 @@ CATALOGUE_MARKER = "<!-- test-catalogue -->"
 
 # <!-- study: Long context --> includes the sections of the fidelity study's summary
 # (written from its CSV files by `studies/real_model_study.py --report`) whose titles start
-# so: the page's tables are the study's, never a copy
+# so: the page's tables are the study's, never a copy. <!-- study: Headline | body --> leaves
+# out the sections' own headings (a page's opening table, under the page's title)
 STUDY_SUMMARY = REPO / "studies" / "results" / "real_model" / "summary.md"
-_STUDY = re.compile(r"<!-- study: ([^>]+?) -->")
+_STUDY = re.compile(r"<!-- study: ([^>|]+?)( \| body)? -->")
 
 
-def study_sections(prefix: str) -> str:
+def study_sections(prefix: str, body_only: bool = False) -> str:
     """The ``### {prefix}…`` sections of the study summary (their ``####`` parts included), one level down."""
     text = STUDY_SUMMARY.read_text(encoding="utf-8") if STUDY_SUMMARY.exists() else ""
     sections = re.split(r"(?m)^(?=### )", text)
     chosen = [part for part in sections if part.startswith(f"### {prefix}")]
     if not chosen:
         raise ValueError(f"{STUDY_SUMMARY.name} has no section starting with {prefix!r}: run the study's --report")
+    if body_only:
+        chosen = [part.split("\n", 1)[1] for part in chosen]
     return "\n".join(re.sub(r"(?m)^(#{3,4}) ", r"#\1 ", part) for part in chosen)
 
 

@@ -326,7 +326,7 @@ def headline_plot(rows: list[dict], path: Path) -> None:
 
 
 def _headline_axes(plt, rows: list[dict], path: Path) -> None:
-    fig, ax = plt.subplots(figsize=(8, 4.2))
+    fig, ax = plt.subplots(figsize=(8, 3.3))  # it shares the page's first screen with the headline table
     colors = {"": "#b2182b", "2": "#2166ac", "1": "#1b7837"}
     names = {"": "chains unbounded (the paper)", "2": "max_chain 2", "1": "max_chain 1"}
     for regime, marker, ls in (("teacher", "o", "-"), ("generation", "^", ":")):
@@ -354,7 +354,7 @@ def _headline_axes(plt, rows: list[dict], path: Path) -> None:
     ax.add_artist(first)
     regimes = [Line2D([], [], color="black", marker="o", ls="-", label="teacher forcing (prose)"),
                Line2D([], [], color="black", marker="^", mfc="white", ls=":", label="free generation (own greedy text)")]  # fmt: skip
-    ax.legend(handles=regimes, loc="lower left", frameon=False, fontsize=10)
+    ax.legend(handles=regimes, loc="upper left", bbox_to_anchor=(0.0, 0.72), frameon=False, fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=150)
     plt.close(fig)
@@ -383,8 +383,8 @@ def layer_plot(layers: list[dict], selection: list[tuple], path: Path) -> None:
 
 
 def se(r: dict) -> str:
-    value = r.get("ppl_change_se") or ""
-    return f" ± {100 * float(value):.2f}" if value not in ("", "nan") else ""
+    value = r.get("ppl_change_se") or ""  # no-break spaces: a cell never wraps at the ±
+    return f"\u00a0±\u00a0{100 * float(value):.2f}" if value not in ("", "nan") else ""
 
 
 def margin(r: dict) -> str:
@@ -440,21 +440,30 @@ _CAPTION = {  # how a constant column reads in a caption (default: "name = value
 }
 
 
-def table(rows: list[dict], columns: list[tuple], note: str = "") -> list[str]:
-    """A caption line and a markdown table; a column whose cells are equal in every row (of two
-    or more) is left out of the table and named in the caption."""
+def table(rows: list[dict], columns: list[tuple], note: str = "", caption_after: bool = False, one_setting_column: bool = False) -> list[str]:
+    """A caption line and a markdown table (the caption after it with ``caption_after``); a column
+    whose cells are equal in every row (of two or more) is left out of the table and named in
+    the caption. ``one_setting_column``: the settings that vary share one column ("τ, K")."""
     cells = [[cell(r) for _, cell in columns] for r in rows]
     constant = [len(rows) > 1 and len({row[i] for row in cells}) == 1 for i in range(len(columns))]
+    if one_setting_column:
+        varying = [i for i, (name, _) in enumerate(columns) if (name, _) in SETTINGS and not constant[i]]
+        if len(varying) > 1:
+            merged = (", ".join(columns[i][0] for i in varying), None)
+            columns = [merged] + [c for i, c in enumerate(columns) if i not in varying]
+            cells = [[", ".join(row[i] for i in varying)] + [c for i, c in enumerate(row) if i not in varying] for row in cells]
+            constant = [False] + [c for i, c in enumerate(constant) if i not in varying]
     shared = [
         _CAPTION.get(name, lambda v, n=name: f"{n.removesuffix(' %')} = {v}{' %' if n.endswith(' %') else ''}")(value)
         for (name, _), same, value in zip(columns, constant, cells[0] if cells else []) if same
     ]  # fmt: skip
     caption = " ".join(part for part in (note, f"Every row: {', '.join(shared)}." if shared else "") if part)
     keep = [i for i, same in enumerate(constant) if not same]
-    lines = [f"*{caption}*", ""] if caption else []
-    lines += ["| " + " | ".join(columns[i][0] for i in keep) + " |", "|" + "---|" * len(keep)]
-    lines += ["| " + " | ".join(row[i] for i in keep) + " |" for row in cells]
-    return lines + [""]
+    body = ["| " + " | ".join(columns[i][0] for i in keep) + " |", "|" + "---|" * len(keep)]
+    body += ["| " + " | ".join(row[i] for i in keep) + " |" for row in cells]
+    if not caption:
+        return body + [""]
+    return body + ["", f"*{caption}*", ""] if caption_after else [f"*{caption}*", ""] + body + [""]
 
 
 def report() -> None:
@@ -485,7 +494,7 @@ def report() -> None:
         part = long_part["teacher"]
         scored = int(part[0]["steps"]) * int(part[0]["batch"])
         lines += [f"### Headline: long context, teacher forcing ({part[0]['batch']} prompts of {part[0]['prompt_len']} tokens)", ""]
-        lines += table(part, SETTINGS + HEADLINE, note=(
+        lines += table(part, SETTINGS + HEADLINE, caption_after=True, one_setting_column=True, note=(
             f"Teacher forcing on prose, {scored:,} scored tokens. K: max_chain (–: unbounded, the paper's rule); "
             f"Δppl ± one standard error; KL: mean KL(full ‖ MAC) per token; top-1: agreement with full attention."
         ))  # fmt: skip
