@@ -5,10 +5,15 @@ Everything the site shows that is not hand-written markdown is made here, at bui
 * the figures of the concept pages (``docs/scripts/figures.py``), cached in ``build/docs/figures``;
 * the tutorials, executed once into notebooks (``docs/scripts/run_tutorials.py``) that
   mkdocs-jupyter renders without executing them again;
-* the benchmarks page's results: ``benchmarks/RESULTS.md`` and the plots and CSV files of
-  the latest GPU run at the top of ``benchmarks/results/`` (older runs in its subfolders
-  stay in the repository); the page says so when there are none, so the build never
-  depends on a GPU;
+* the benchmarks page's results: ``benchmarks/RESULTS.md`` (its opening, up to its first
+  ``##`` heading, at ``<!-- benchmark-results: headline -->``, the rest at
+  ``<!-- benchmark-results: details -->``) and the plots and CSV files of the latest GPU
+  run at the top of ``benchmarks/results/`` (older runs in its subfolders stay in the
+  repository); the page says so when there are none, so the build never depends on a GPU;
+* repository files that pages link (``[tests/tolerances.py](repo/tests/tolerances.py)``,
+  ``../repo/...`` from a subfolder), published as they are under ``repo/<path>``, so the
+  links work in the built site, offline; a link to a file that is not there fails the
+  strict build;
 * the real-model page's tables, from the fidelity study's summary (``studies/results/real_model/summary.md``);
 * notebook pages lose the CDN scripts (MathJax, Mermaid) that nbconvert's template adds:
   the site typesets math with its vendored KaTeX and works offline.
@@ -20,12 +25,13 @@ import importlib
 import importlib.util
 import inspect
 import logging
+import posixpath
 import re
 import sys
 from pathlib import Path
 
 from mkdocs.plugins import event_priority
-from mkdocs.structure.files import File
+from mkdocs.structure.files import File, InclusionLevel
 from mkdocs.structure.pages import Page
 
 REPO = Path(__file__).resolve().parents[1]
@@ -42,7 +48,9 @@ log = logging.getLogger("mkdocs.hooks.mac")
 RESULTS_DIR = REPO / "benchmarks" / "results"
 RESULTS_MD = REPO / "benchmarks" / "RESULTS.md"
 RESULTS_URI = "benchmarks/results"
-RESULTS_MARKER = "<!-- benchmark-results -->"
+# <!-- benchmark-results --> includes RESULTS.md whole; ": headline" its opening (up to its
+# first "## " heading), ": details" the rest, so a page can open with the headline
+_RESULTS = re.compile(r"<!-- benchmark-results(?:: (headline|details))? -->")
 
 _generated: dict[str, Path] = {}  # site path -> file on disk, filled by on_pre_build
 _results: dict[str, Path] = {}  # the same for benchmarks/results/, markdown included
@@ -62,6 +70,38 @@ def on_pre_build(config) -> None:
     _generated.update({uri: p for uri, p in _results.items() if p.suffix.lower() != ".md"})
 
 
+REPO_URI = "repo"  # where linked repository files are published in the site
+# a link to a repository file: ](repo/tests/tolerances.py) or ](../repo/...) from a subfolder
+_REPO_LINK = re.compile(r"\]\(((?:\.\./)*" + REPO_URI + r"/[^)\s#]+)")
+_NOT_PUBLISHED = {".git", ".venv", "site", "build", "__pycache__"}
+
+
+class RepoFile(File):
+    """A repository file published as it is: a ``.md`` file stays text, it is not a page."""
+
+    def is_documentation_page(self) -> bool:
+        return False
+
+    def is_static_page(self) -> bool:
+        return False
+
+
+def repo_links(markdown: str, page_uri: str) -> set[str]:
+    """Repository paths (``tests/tolerances.py``) that a page's markdown links as ``repo/...``."""
+    paths = set()
+    for target in _REPO_LINK.findall(markdown):
+        uri = posixpath.normpath(posixpath.join(posixpath.dirname(page_uri), target))
+        if uri.startswith(REPO_URI + "/"):
+            paths.add(uri.removeprefix(REPO_URI + "/"))
+    return paths
+
+
+def _publishable(rel: str) -> Path | None:
+    path = (REPO / rel).resolve()
+    inside = path.is_relative_to(REPO) and not _NOT_PUBLISHED & set(path.relative_to(REPO).parts)
+    return path if inside and path.is_file() else None
+
+
 @event_priority(100)  # before mkdocs-jupyter wraps the notebooks into pages
 def on_files(files, config):
     for uri, path in _generated.items():
@@ -69,6 +109,21 @@ def on_files(files, config):
         # page wrapper looks the source up through src_dir)
         src_dir = str(path)[: -len(uri)]
         files.append(File(uri, src_dir=src_dir, dest_dir=config.site_dir, use_directory_urls=config.use_directory_urls))
+    # repository files the pages link, and those RESULTS.md links (its links become repo/ links)
+    wanted = set(_results_repo_paths())
+    for page in files.documentation_pages():
+        if page.src_uri.endswith(".md") and page.abs_src_path:
+            source = Path(page.abs_src_path).read_text(encoding="utf-8")
+            wanted |= repo_links(source, page.src_uri)
+            if CATALOGUE_MARKER in source:  # the catalogue links every test file
+                wanted |= {path.relative_to(REPO).as_posix() for path in _test_files()}
+    for rel in sorted(wanted):
+        path = _publishable(rel)
+        if path is None:  # the link stays broken: the strict build reports it on its page
+            log.warning(f"a page links {REPO_URI}/{rel}, which is not a file of the repository")
+            continue
+        # included explicitly: exclude_docs' patterns (scripts/) are meant for docs/, not for repo/docs/scripts/
+        files.append(RepoFile.generated(config, f"{REPO_URI}/{rel}", abs_src_path=str(path), inclusion=InclusionLevel.INCLUDED))
     return files
 
 
@@ -96,13 +151,12 @@ def _flatten(items):
 
 
 def on_page_markdown(markdown: str, page, config, files) -> str:
-    if RESULTS_MARKER in markdown:
-        markdown = markdown.replace(RESULTS_MARKER, results_markdown(page.file.src_uri))
+    markdown = _RESULTS.sub(lambda m: results_markdown(page.file.src_uri, m.group(1) or "all"), markdown)
     if TOLERANCE_MARKER in markdown:
         markdown = markdown.replace(TOLERANCE_MARKER, tolerance_table())
     if CATALOGUE_MARKER in markdown:
-        markdown = markdown.replace(CATALOGUE_MARKER, test_catalogue())
-    markdown = _STUDY.sub(lambda m: study_sections(m.group(1)), markdown)
+        markdown = markdown.replace(CATALOGUE_MARKER, test_catalogue(page.file.src_uri))
+    markdown = _STUDY.sub(lambda m: study_sections(m.group(1), body_only=bool(m.group(2))), markdown)
     markdown = _DOCSTRING.sub(lambda m: docstring_markdown(m.group(1)), markdown)
     return _SOURCE.sub(lambda m: source_listing(m.group(1)), markdown)
 
@@ -142,27 +196,35 @@ CATALOGUE_MARKER = "<!-- test-catalogue -->"
 
 # <!-- study: Long context --> includes the sections of the fidelity study's summary
 # (written from its CSV files by `studies/real_model_study.py --report`) whose titles start
-# so: the page's tables are the study's, never a copy
+# so: the page's tables are the study's, never a copy. <!-- study: Headline | body --> leaves
+# out the sections' own headings (a page's opening table, under the page's title)
 STUDY_SUMMARY = REPO / "studies" / "results" / "real_model" / "summary.md"
-_STUDY = re.compile(r"<!-- study: ([^>]+?) -->")
+_STUDY = re.compile(r"<!-- study: ([^>|]+?)( \| body)? -->")
 
 
-def study_sections(prefix: str) -> str:
+def study_sections(prefix: str, body_only: bool = False) -> str:
     """The ``### {prefix}…`` sections of the study summary (their ``####`` parts included), one level down."""
     text = STUDY_SUMMARY.read_text(encoding="utf-8") if STUDY_SUMMARY.exists() else ""
     sections = re.split(r"(?m)^(?=### )", text)
     chosen = [part for part in sections if part.startswith(f"### {prefix}")]
     if not chosen:
         raise ValueError(f"{STUDY_SUMMARY.name} has no section starting with {prefix!r}: run the study's --report")
+    if body_only:
+        chosen = [part.split("\n", 1)[1] for part in chosen]
     return "\n".join(re.sub(r"(?m)^(#{3,4}) ", r"#\1 ", part) for part in chosen)
 
 
-def test_catalogue() -> str:
-    """Every test file of ``tests/``: its docstring's first paragraph and its test names."""
+def _test_files() -> list[Path]:
+    return sorted((REPO / "tests").glob("test_*.py"))
+
+
+def test_catalogue(page_uri: str = "testing.md") -> str:
+    """Every test file of ``tests/`` (linked to its published copy): its docstring's first
+    paragraph and its test names."""
     import ast
 
     parts = []
-    for path in sorted((REPO / "tests").glob("test_*.py")):
+    for path in _test_files():
         tree = ast.parse(path.read_text())
         doc = (ast.get_docstring(tree) or "").split("\n\n")[0].replace("\n", " ")
         names = [n.name for n in tree.body if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef)) and n.name.startswith("test_")]
@@ -171,7 +233,8 @@ def test_catalogue() -> str:
             for n in c.body if isinstance(n, ast.FunctionDef) and n.name.startswith("test_")
         ]
         tests = "; ".join(name.removeprefix("test_").replace("_", " ") for name in names)
-        parts.append(f"- **`{path.name}`** — {doc}\n\n    <small>{len(names)} tests: {tests}.</small>\n")
+        link = posixpath.relpath(f"{REPO_URI}/tests/{path.name}", posixpath.dirname(page_uri) or ".")
+        parts.append(f"- **[`{path.name}`]({link})** — {doc}\n\n    <small>{len(names)} tests: {tests}.</small>\n")
     return "\n".join(parts)
 
 
@@ -204,67 +267,126 @@ def on_page_content(html: str, page, config, files) -> str:
     return html
 
 
-def results_markdown(page_uri: str) -> str:
+def results_markdown(page_uri: str, part: str = "all") -> str:
     """Markdown for the benchmark results, or a note that there are none.
 
     ``benchmarks/RESULTS.md`` (or, without it, the ``.md`` tables of the latest run) with its
-    links pointed at the copied files; images it does not show follow; CSV files are linked.
+    links pointed at the copied files, at the published repository files (``repo/...``) or,
+    for modules of ``mac_ref`` and ``mac_triton``, at their API pages; images it does not
+    show follow; CSV files are linked. ``part``: ``"headline"`` (RESULTS.md's opening, up to
+    its first ``##`` heading, without its title), ``"details"`` (the rest) or ``"all"``.
     """
     results = _results
     if not results:
+        if part == "details":
+            return ""
         return (
             '!!! note "No benchmark results in this checkout"\n'
             "    `benchmarks/results/` holds no plot or table yet: they appear here after a GPU run of\n"
-            "    the benchmark scripts (see above) writes them there. The site builds without them.\n"
+            "    the benchmark scripts (see below) writes them there. The site builds without them.\n"
         )
-    page_dir = Path(page_uri).parent
-    copied = {path.resolve(): Path(uri).relative_to(page_dir).as_posix() for uri, path in results.items() if uri in _generated}
-    markdowns = [RESULTS_MD] if RESULTS_MD.is_file() else [p for p in results.values() if p.suffix.lower() == ".md"]
+    page_dir = posixpath.dirname(page_uri)
+    copied = {path.resolve(): posixpath.relpath(uri, page_dir or ".") for uri, path in results.items() if uri in _generated}
     parts, shown = [], set()
-    for path in markdowns:
-        text, used = _rewrite_links(path.read_text(), path.parent, copied)
-        parts.append(f"### `{path.relative_to(REPO / 'benchmarks').as_posix()}`\n\n" + _demote_headings(text))
-        shown |= used
-    for uri, path in results.items():
-        if path.suffix.lower() in {".png", ".svg"} and path.resolve() not in shown:
-            parts.append(f"### {path.stem}\n\n![{path.stem}]({copied[path.resolve()]})\n")
-    csvs = [f"[`{p.name}`]({copied[p.resolve()]})" for p in results.values() if p.suffix.lower() == ".csv"]
-    if csvs:
-        parts.append("Raw measurements (CSV): " + ", ".join(csvs) + ".\n")
+    if RESULTS_MD.is_file():
+        text, shown = _rewrite_links(RESULTS_MD.read_text(encoding="utf-8"), RESULTS_MD.parent, copied, page_dir)
+        head, rest = _split_results(text)
+        parts.append({"headline": head, "details": _demote_headings(rest, 1), "all": head + "\n" + _demote_headings(rest, 1)}[part])
+    else:
+        if part == "headline":
+            return ""
+        for path in [p for p in results.values() if p.suffix.lower() == ".md"]:
+            text, used = _rewrite_links(path.read_text(encoding="utf-8"), path.parent, copied, page_dir)
+            parts.append(f"### `{path.relative_to(REPO / 'benchmarks').as_posix()}`\n\n" + _demote_headings(text, 3))
+            shown |= used
+    if part != "headline":
+        for uri, path in results.items():
+            if path.suffix.lower() in {".png", ".svg"} and path.resolve() not in shown:
+                parts.append(f"### {path.stem}\n\n![{path.stem}]({copied[path.resolve()]})\n")
+        csvs = [f"[`{p.name}`]({copied[p.resolve()]})" for p in results.values() if p.suffix.lower() == ".csv"]
+        if csvs:
+            parts.append("Raw measurements (CSV): " + ", ".join(csvs) + ".\n")
     return "\n".join(parts)
+
+
+def _split_results(text: str) -> tuple[str, str]:
+    """RESULTS.md's opening (its ``# `` title dropped: the page has its own) and the rest, from its first ``## ``."""
+    m = re.search(r"(?m)^## ", text)
+    head, rest = (text[: m.start()], text[m.start():]) if m else (text, "")
+    head = re.sub(r"\A\s*# [^\n]*\n", "", head)
+    return head.strip() + "\n", rest
 
 
 _LINK = re.compile(r"(!?)\[([^\]]*)\]\(([^)\s]+)\)")
 
 
-def _rewrite_links(text: str, base: Path, copied: dict[Path, str]) -> tuple[str, set[Path]]:
-    """Point links (relative to ``base``) at copied result files; links elsewhere in the repo
-    become plain code.
+def _results_repo_paths() -> set[str]:
+    """The repository files that RESULTS.md links and that are not copied results (published under repo/)."""
+    if not RESULTS_MD.is_file():
+        return set()
+    copied = {path.resolve() for uri, path in _results.items() if uri in _generated}
+    paths = set()
+    for bang, label, target in _LINK.findall(RESULTS_MD.read_text(encoding="utf-8")):
+        rel = _repo_target(target, RESULTS_MD.parent)
+        if rel and (REPO / rel).resolve() not in copied and not _api_page(rel):
+            paths.add(rel)
+    return paths
 
-    Returns the text and the files it references.
+
+def _repo_target(target: str, base: Path) -> str | None:
+    """A relative link's repository path (``benchmarks/bench_decode.py``), or None (a URL, an anchor, outside)."""
+    if re.match(r"[a-z]+://", target) or target.startswith(("#", "mailto:")):
+        return None
+    path = (base / target.split("#")[0]).resolve()
+    return path.relative_to(REPO).as_posix() if path.is_relative_to(REPO) and path != REPO else None
+
+
+def _api_page(rel: str) -> str | None:
+    """The site page a repository path stands for: a docs page (``docs/memory-bound.md``), or the
+    API reference page of a module of ``mac_ref`` or ``mac_triton`` (``api/mac_ref/match.md``)."""
+    if rel.startswith("docs/") and rel.endswith(".md") and (REPO / rel).is_file() and not rel.startswith("docs/scripts/"):
+        return rel.removeprefix("docs/")
+    m = re.fullmatch(r"(mac_ref|mac_triton)/(\w+)\.py", rel)
+    if not m or m.group(2).startswith("_"):
+        return None
+    if m.group(1) == "mac_triton":
+        return "api/mac_triton.md"
+    page = f"api/mac_ref/{m.group(2)}.md"
+    return page if (REPO / "docs" / page).is_file() else "api/index.md"
+
+
+def _rewrite_links(text: str, base: Path, copied: dict[Path, str], page_dir: str) -> tuple[str, set[Path]]:
+    """Point links (relative to ``base``) at copied result files; links elsewhere in the repository
+    at its published copy under ``repo/`` (modules of the packages: their API page), all relative
+    to the page's folder ``page_dir``.
+
+    Returns the text and the copied files it references.
     """
     used = set()
 
     def fix(m: re.Match) -> str:
         bang, label, target = m.groups()
-        if re.match(r"[a-z]+://", target) or target.startswith("#"):
+        rel = _repo_target(target, base)
+        if rel is None:
             return m.group(0)
-        path = (base / target).resolve()
+        path = (REPO / rel).resolve()
         if path in copied:
             used.add(path)
             return f"{bang}[{label}]({copied[path]})"
-        return f"{label} (`{target}`)"
+        fragment = "#" + target.split("#", 1)[1] if "#" in target else ""
+        site_path = _api_page(rel) or f"{REPO_URI}/{rel}"
+        return f"{bang}[{label}]({posixpath.relpath(site_path, page_dir or '.')}{fragment})"
 
     return _LINK.sub(fix, text), used
 
 
-def _demote_headings(text: str) -> str:
-    """An included file's headings sit under the page's ``###`` (code blocks untouched)."""
+def _demote_headings(text: str, levels: int) -> str:
+    """An included file's headings sit ``levels`` below the page's (code blocks untouched)."""
     out, fenced = [], False
     for line in text.split("\n"):
         if line.lstrip().startswith("```"):
             fenced = not fenced
-        elif not fenced and re.match(r"#{1,4} ", line):
-            line = "#" * min(line.index(" ") + 3, 6) + line[line.index(" "):]
+        elif not fenced and re.match(r"#{1,5} ", line):
+            line = "#" * min(line.index(" ") + levels, 6) + line[line.index(" "):]
         out.append(line)
     return "\n".join(out)

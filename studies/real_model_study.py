@@ -315,6 +315,53 @@ def long_plot(rows: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
+def headline_plot(rows: list[dict], path: Path) -> None:
+    """The page's opening plot: long context, KV reads skipped per query head against Δppl ± SE,
+    both regimes in one panel; one line per chain bound through its thresholds (labels: τ)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    with plt.rc_context({"font.size": 12, "axes.spines.top": False, "axes.spines.right": False}):
+        _headline_axes(plt, rows, path)
+
+
+def _headline_axes(plt, rows: list[dict], path: Path) -> None:
+    fig, ax = plt.subplots(figsize=(8, 3.3))  # it shares the page's first screen with the headline table
+    colors = {"": "#b2182b", "2": "#2166ac", "1": "#1b7837"}
+    names = {"": "chains unbounded (the paper)", "2": "max_chain 2", "1": "max_chain 1"}
+    for regime, marker, ls in (("teacher", "o", "-"), ("generation", "^", ":")):
+        part = [r for r in rows if r["part"] == "long" and r["regime"] == regime]
+        for chain in ("", "2", "1"):
+            points = sorted((r for r in part if (r.get("max_chain") or "") == chain), key=lambda r: float(r["skipped_head"]))
+            if not points:
+                continue
+            x = [100 * float(r["skipped_head"]) for r in points]
+            y = [100 * float(r["ppl_change"]) for r in points]
+            err = [100 * float(r["ppl_change_se"]) for r in points]
+            ax.errorbar(x, y, yerr=err, fmt=marker, ls=ls, lw=2, ms=7, capsize=3, color=colors[chain],
+                        mfc=colors[chain] if regime == "teacher" else "white",
+                        label=f"{names[chain]}" if regime == "teacher" else None)  # fmt: skip
+            if regime == "teacher":  # the generation points crowd together: their τ are in the tables
+                for r, xx, yy in zip(points, x, y):
+                    ax.annotate(f"τ {float(r['tau']):g}", (xx, yy), xytext=(9, 0), textcoords="offset points", va="center", fontsize=10, color=colors[chain])
+    ax.axhline(0.0, color="grey", lw=0.8)
+    ax.set_xlabel("KV reads skipped per query head (%)")
+    ax.set_ylabel("perplexity change (%), ± 1 SE")
+    ax.set_title("What MAC costs on SmolLM2-135M (every layer, 4K-token prompts)")
+    from matplotlib.lines import Line2D
+
+    first = ax.legend(loc="upper left", frameon=False, fontsize=10)
+    ax.add_artist(first)
+    regimes = [Line2D([], [], color="black", marker="o", ls="-", label="teacher forcing (prose)"),
+               Line2D([], [], color="black", marker="^", mfc="white", ls=":", label="free generation (own greedy text)")]  # fmt: skip
+    ax.legend(handles=regimes, loc="upper left", bbox_to_anchor=(0.0, 0.72), frameon=False, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=150)
+    plt.close(fig)
+
+
 def layer_plot(layers: list[dict], selection: list[tuple], path: Path) -> None:
     import matplotlib
 
@@ -338,8 +385,8 @@ def layer_plot(layers: list[dict], selection: list[tuple], path: Path) -> None:
 
 
 def se(r: dict) -> str:
-    value = r.get("ppl_change_se") or ""
-    return f" ± {100 * float(value):.2f}" if value not in ("", "nan") else ""
+    value = r.get("ppl_change_se") or ""  # no-break spaces: a cell never wraps at the ±
+    return f"\u00a0±\u00a0{100 * float(value):.2f}" if value not in ("", "nan") else ""
 
 
 def margin(r: dict) -> str:
@@ -347,33 +394,9 @@ def margin(r: dict) -> str:
     return f" ({float(value):.3f})" if value not in ("", "nan") else ""
 
 
-def config_cells(r: dict) -> str:
-    return f"| {r['rule']} | {float(r['tau']):g} | {r['window']} | {r['band']} | {r['sinks']} | {r.get('max_chain') or '–'} "
-
-
-def fmt_row(r: dict) -> str:
+def first_flip(r: dict) -> str:
     first = int(r["first_disagreement"])
-    return (
-        f"{config_cells(r)}| {100 * float(r['hit_rate']):.1f} "
-        f"| {100 * float(r['skipped_head']):.1f} | {100 * float(r['skipped_group']):.1f} | {100 * float(r['top1']):.1f} "
-        f"| {float(r['kl_mean']):.4f} | {float(r['kl_max']):.3f} | {100 * float(r['ppl_change']):+.2f}{se(r)} "
-        f"| {'none' if first < 0 else first}{margin(r)} | {float(r['err_mean']):.3f} |"
-    )
-
-
-MARGIN_HEADER = (
-    "| rule | τ | W | r | F | K | near-ties (full gap < 0.05) % | margin error median | margin error p99 | top-1 % | first flip (margin) | chain depth mean / max |\n"
-    "|---|---|---|---|---|---|---|---|---|---|---|---|"
-)
-
-
-def fmt_margin(r: dict) -> str:
-    first = int(r["first_disagreement"])
-    return (
-        f"{config_cells(r)}| {100 * float(r['near_ties']):.1f} "
-        f"| {float(r['gap_err_median']):.3f} | {float(r['gap_err_p99']):.3f} | {100 * float(r['top1']):.1f} "
-        f"| {'none' if first < 0 else first}{margin(r)} | {chains(r)} |"
-    )
+    return f"{'none' if first < 0 else first}{margin(r)}"
 
 
 def chains(r: dict) -> str:
@@ -381,10 +404,68 @@ def chains(r: dict) -> str:
     return f"{float(mean):.2f} / {largest}" if mean else "–"
 
 
-HEADER = (
-    "| rule | τ | W | r | F | K | hit % | skipped/head % | skipped/group % | top-1 % | KL mean | KL worst | Δppl % | first flip (margin) | attn err |\n"
-    "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
-)
+# A table's columns: (header, cell). The settings come first; the columns that are the same
+# in every row of a table leave it for the table's caption line (see `table`), so the
+# columns that vary, and the ones a reader came for, are the ones on screen.
+SETTINGS = [
+    ("rule", lambda r: r["rule"]),
+    ("τ", lambda r: f"{float(r['tau']):g}"),
+    ("W", lambda r: r["window"]),
+    ("r", lambda r: r["band"]),
+    ("F", lambda r: r["sinks"]),
+    ("K", lambda r: r.get("max_chain") or "–"),
+]
+HEADLINE = [  # what the page's question is answered with: reads skipped and what they cost
+    ("skipped/head %", lambda r: f"{100 * float(r['skipped_head']):.1f}"),
+    ("skipped/group %", lambda r: f"{100 * float(r['skipped_group']):.1f}"),
+    ("Δppl %", lambda r: f"{100 * float(r['ppl_change']):+.2f}{se(r)}"),
+    ("KL mean", lambda r: f"{float(r['kl_mean']):.4f}"),
+    ("top-1 %", lambda r: f"{100 * float(r['top1']):.1f}"),
+]
+RUN_COLUMNS = SETTINGS + HEADLINE + [
+    ("hit %", lambda r: f"{100 * float(r['hit_rate']):.1f}"),
+    ("KL worst", lambda r: f"{float(r['kl_max']):.3f}"),
+    ("first flip (margin)", first_flip),
+    ("attn err", lambda r: f"{float(r['err_mean']):.3f}"),
+]
+MARGIN_COLUMNS = SETTINGS + [
+    ("chain depth mean / max", chains),
+    ("margin error median", lambda r: f"{float(r['gap_err_median']):.3f}"),
+    ("margin error p99", lambda r: f"{float(r['gap_err_p99']):.3f}"),
+    ("first flip (margin)", first_flip),
+    ("top-1 %", lambda r: f"{100 * float(r['top1']):.1f}"),
+    ("near-ties (full gap < 0.05) %", lambda r: f"{100 * float(r['near_ties']):.1f}"),
+]
+_CAPTION = {  # how a constant column reads in a caption (default: "name = value")
+    "K": lambda v: "K = – (reuse chains unbounded)" if v == "–" else f"K = {v}",
+    "near-ties (full gap < 0.05) %": lambda v: f"near-ties (full attention's top-2 gap < 0.05) {v} % of steps",
+}
+
+
+def table(rows: list[dict], columns: list[tuple], note: str = "", caption_after: bool = False, one_setting_column: bool = False) -> list[str]:
+    """A caption line and a markdown table (the caption after it with ``caption_after``); a column
+    whose cells are equal in every row (of two or more) is left out of the table and named in
+    the caption. ``one_setting_column``: the settings that vary share one column ("τ, K")."""
+    cells = [[cell(r) for _, cell in columns] for r in rows]
+    constant = [len(rows) > 1 and len({row[i] for row in cells}) == 1 for i in range(len(columns))]
+    if one_setting_column:
+        varying = [i for i, (name, _) in enumerate(columns) if (name, _) in SETTINGS and not constant[i]]
+        if len(varying) > 1:
+            merged = (", ".join(columns[i][0] for i in varying), None)
+            columns = [merged] + [c for i, c in enumerate(columns) if i not in varying]
+            cells = [[", ".join(row[i] for i in varying)] + [c for i, c in enumerate(row) if i not in varying] for row in cells]
+            constant = [False] + [c for i, c in enumerate(constant) if i not in varying]
+    shared = [
+        _CAPTION.get(name, lambda v, n=name: f"{n.removesuffix(' %')} = {v}{' %' if n.endswith(' %') else ''}")(value)
+        for (name, _), same, value in zip(columns, constant, cells[0] if cells else []) if same
+    ]  # fmt: skip
+    caption = " ".join(part for part in (note, f"Every row: {', '.join(shared)}." if shared else "") if part)
+    keep = [i for i, same in enumerate(constant) if not same]
+    body = ["| " + " | ".join(columns[i][0] for i in keep) + " |", "|" + "---|" * len(keep)]
+    body += ["| " + " | ".join(row[i] for i in keep) + " |" for row in cells]
+    if not caption:
+        return body + [""]
+    return body + ["", f"*{caption}*", ""] if caption_after else [f"*{caption}*", ""] + body + [""]
 
 
 def report() -> None:
@@ -404,26 +485,38 @@ def report() -> None:
         meta = json.loads(meta_path.read_text())
         lines += [f"Model: {meta['model']}; prompt {meta['prompt_len']} tokens × {len(meta['segments'])} segments; "
                   f"torch {meta['torch']}, Python {meta['python']}, {meta['threads']} CPU threads.", ""]  # fmt: skip
-    for regime in ("teacher", "generation"):
-        part = [r for r in rows if r["part"] == "frontier" and r["regime"] == regime]
-        if part:
-            lines += [f"### Frontier, {regime} ({part[0]['steps']} steps × {part[0]['batch']} requests)", "", HEADER]
-            lines += [fmt_row(r) for r in sorted(part, key=lambda r: (r["rule"], float(r["tau"])))] + [""]
-    for regime in ("teacher", "generation"):
-        part = [r for r in rows if r["part"] == "confirm" and r["regime"] == regime]
-        if part:
-            lines += [f"### Longer runs, {regime} ({part[0]['steps']} steps × {part[0]['batch']} requests)", "", HEADER]
-            lines += [fmt_row(r) for r in sorted(part, key=lambda r: (r["rule"], float(r["tau"])))] + [""]
-    for regime in ("teacher", "generation"):
-        part = sorted(
+    long_part = {
+        regime: sorted(
             (r for r in rows if r["part"] == "long" and r["regime"] == regime),
             key=lambda r: (r["rule"], int(r["window"]), float(r["tau"]), int(r.get("max_chain") or 0)),
         )
+        for regime in ("teacher", "generation")
+    }
+    if long_part["teacher"]:  # the page's opening table: the honest regime, the columns it is read by
+        part = long_part["teacher"]
+        scored = int(part[0]["steps"]) * int(part[0]["batch"])
+        lines += [f"### Headline: long context, teacher forcing ({part[0]['batch']} prompts of {part[0]['prompt_len']} tokens)", ""]
+        lines += table(part, SETTINGS + HEADLINE, caption_after=True, one_setting_column=True, note=(
+            f"Teacher forcing on prose, {scored:,} scored tokens. K: max_chain (–: unbounded, the paper's rule); "
+            f"Δppl ± one standard error; KL: mean KL(full ‖ MAC) per token; top-1: agreement with full attention."
+        ))  # fmt: skip
+        headline_plot(rows, DOCS_IMG / "headline.png")
+    for regime in ("teacher", "generation"):
+        part = sorted((r for r in rows if r["part"] == "frontier" and r["regime"] == regime), key=lambda r: (r["rule"], float(r["tau"])))
         if part:
-            lines += [f"### Long context, {regime} ({part[0]['prompt_len']}-token prompts, {part[0]['steps']} steps × {part[0]['batch']} requests)", "", HEADER]
-            lines += [fmt_row(r) for r in part] + [""]
-            lines += [f"#### Greedy margins and reuse chains, {regime}", "", MARGIN_HEADER]
-            lines += [fmt_margin(r) for r in part] + [""]
+            lines += [f"### Frontier, {regime} ({part[0]['steps']} steps × {part[0]['batch']} requests)", ""]
+            lines += table(part, RUN_COLUMNS)
+    for regime in ("teacher", "generation"):
+        part = sorted((r for r in rows if r["part"] == "confirm" and r["regime"] == regime), key=lambda r: (r["rule"], float(r["tau"])))
+        if part:
+            lines += [f"### Longer runs, {regime} ({part[0]['steps']} steps × {part[0]['batch']} requests)", ""]
+            lines += table(part, RUN_COLUMNS)
+    for regime, part in long_part.items():
+        if part:
+            lines += [f"### Long context, {regime} ({part[0]['prompt_len']}-token prompts, {part[0]['steps']} steps × {part[0]['batch']} requests)", ""]
+            lines += table(part, RUN_COLUMNS)
+            lines += [f"#### Greedy margins and reuse chains, {regime}", ""]
+            lines += table(part, MARGIN_COLUMNS)
     if any(r["part"] == "long" for r in rows):
         long_plot(rows, DOCS_IMG / "long_frontier.png")
     noise_path = RESULTS / "noise_floor.json"
@@ -437,10 +530,10 @@ def report() -> None:
             f"| {n['greedy_differences']} of {n['requests']} | {', '.join(map(str, firsts)) or '–'} | {n['max_logit_diff']:.1e} "
             f"| {100 * n['share_gap_below_0_05']:.1f} % | {100 * n['share_gap_below_0_01']:.1f} % | {n['min_gap']:.4f} |", "",
         ]  # fmt: skip
-    grid = [r for r in rows if r["part"] == "grid"]
+    grid = sorted((r for r in rows if r["part"] == "grid"), key=lambda r: (float(r["tau"]), int(r["window"]), int(r["band"]), int(r["sinks"])))
     if grid:
-        lines += [f"### Grid, paper rule, teacher forcing ({grid[0]['steps']} steps × {grid[0]['batch']} requests, {len(grid)} of the 96 points)", "", HEADER]
-        lines += [fmt_row(r) for r in sorted(grid, key=lambda r: (float(r["tau"]), int(r["window"]), int(r["band"]), int(r["sinks"])))] + [""]
+        lines += [f"### Grid, paper rule, teacher forcing ({grid[0]['steps']} steps × {grid[0]['batch']} requests, {len(grid)} of the 96 points)", ""]
+        lines += table(grid, RUN_COLUMNS)
     (RESULTS / "summary.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

@@ -105,8 +105,8 @@ def test_images_exist_and_concept_pages_have_figures(site):
 
 def test_every_concept_page_is_in_the_sidebar(site):
     """Each numbered page of mkdocs.yml's nav is a link of the sidebar (none swallowed as a section's index)."""
-    titles = re.findall(r"(?m)^\s+- (\d\. [^:]+): \S+\.md\s*$", (REPO / "mkdocs.yml").read_text(encoding="utf-8"))
-    assert len(titles) >= 9
+    titles = re.findall(r"(?m)^\s+- (\d+\. [^:]+): \S+\.md\s*$", (REPO / "mkdocs.yml").read_text(encoding="utf-8"))
+    assert len(titles) >= 10
     sidebar = page_html(site, "summaries")
     for title in titles:
         assert re.search(r'class="md-nav__link[^"]*">\s*<span class="md-ellipsis">\s*' + re.escape(html.escape(title, quote=False)), sidebar), (
@@ -121,9 +121,25 @@ def test_real_model_page_shows_the_study_tables(site):
     summary = (REPO / "studies" / "results" / "real_model" / "summary.md").read_text(encoding="utf-8")
     for title in re.findall(r"(?m)^### ((?:Long context|Rounding alone)[^(\n]*)", summary):
         assert html.escape(title.strip(), quote=False) in text, f"the page lacks the study section {title!r}"
-    first_long_row = re.search(r"(?m)^### Long context.*\n\n.*\n.*\n(\| .*)$", summary).group(1)
+    # the first body row of the first long-context table (after its caption line, header and rule)
+    first_long_row = re.search(r"(?m)^### Long context[^\n]*\n(?:(?!\|)[^\n]*\n)*\|[^\n]*\n\|[-|]+\n(\|[^\n]*)$", summary).group(1)
     cells = [c.strip() for c in first_long_row.strip("|").split("|")]
     assert all(html.escape(c, quote=False) in text for c in cells), "a long-context row is missing from the page"
+
+
+def test_repo_links_resolve(site):
+    """Every link into ``repo/`` (the repository files that pages name, published by the hooks) is a file of the site."""
+    broken, seen = [], 0
+    for path in site.rglob("*.html"):
+        for href in re.findall(r'<a\b[^>]*\bhref="((?:[^"#?]*/)?repo/[^"#?]*)', path.read_text(encoding="utf-8")):
+            if re.match(r"[a-z]+:", href):
+                continue
+            seen += 1
+            target = (path.parent / html.unescape(href)).resolve()
+            if not target.is_file():
+                broken.append(f"{path.relative_to(site)} -> {href}")
+    assert seen >= 10, f"expected the pages to link repository files, found {seen} links"
+    assert not broken, "links into repo/ that lead nowhere:\n" + "\n".join(broken[:20])
 
 
 def _snippets(page: Path) -> list[str]:

@@ -1,0 +1,313 @@
+"""Tables and plots of the decode benchmark, made from its CSV (no GPU needed).
+
+``benchmarks/bench_decode.py`` measures and writes ``results/decode.csv`` (one row per
+provider and point); this module turns that file into what a reader looks at:
+
+* ``decode_headline.md``: the headline table, the MAC speed-ups over FlashInfer
+  (Hkv = 8, ring W = 1024, both batches, every context), its caption line after it;
+* ``decode_tables.md``: every point, one table per (Hkv, W), lead columns first and the
+  columns that are constant across a table in its caption line;
+* one plot per question, each readable at page width (8 × 4 inches):
+  ``speedup_b1.png`` and ``speedup_b16.png`` (speed-up over FlashInfer against context at
+  each hit rate, batch 1 and batch 16), ``speedup_vs_hits.png`` (the speed-up at 128K
+  against the hit rate: how many hits MAC needs) and ``full_decode.png`` (full decode
+  against FlashInfer and the KV-read floor);
+* the generated blocks of ``benchmarks/RESULTS.md`` (between ``<!-- plots.py: NAME -->``
+  and ``<!-- /plots.py -->``) are refreshed with the same tables.
+
+Every number shown is the CSV's as written there (times in µs with its two decimals,
+ratios with its three); nothing is re-rounded. Regenerate after a benchmark run with::
+
+    python -m benchmarks.plots            # or: python benchmarks/plots.py [--results DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import re
+from dataclasses import dataclass, field
+from decimal import Decimal
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results"
+RESULTS_MD = HERE / "RESULTS.md"
+HIT_RATES = ("1.0", "0.95", "0.5", "0.0")  # the column order of every table: most hits first
+FIG_SIZE = (8, 4)
+HEADLINE_SIZE = (8, 3.3)  # the opening plot: it shares the first screen with the headline table
+FONT_SIZE = 12
+
+
+@dataclass
+class Point:
+    """One (Hkv, batch, context, window) point of the benchmark: its CSV rows by provider."""
+
+    gpu: str
+    hkv: int
+    batch: int
+    ctx: int
+    window: int
+    rows: dict[str, dict] = field(default_factory=dict)  # provider ("mac@0.95" for MAC) -> CSV row
+
+    def us(self, provider: str) -> str | None:
+        row = self.rows.get(provider)
+        return row["median_us"] if row else None
+
+    @property
+    def flashinfer(self) -> str:
+        """FlashInfer's time: the faster of tensor cores on and off (the benchmark's baseline)."""
+        times = [r["median_us"] for p, r in self.rows.items() if p.startswith("flashinfer")]
+        return min(times, key=float)
+
+    def speedup(self, provider: str) -> str | None:
+        row = self.rows.get(provider)
+        return row["speedup_vs_flashinfer"] if row and row["speedup_vs_flashinfer"] else None
+
+
+def read_points(csv_path: Path = RESULTS / "decode.csv") -> list[Point]:
+    """The CSV's points, in the order the benchmark ran them."""
+    points: dict[tuple, Point] = {}
+    with open(csv_path, newline="") as f:
+        for row in csv.DictReader(f):
+            key = (int(row["hkv"]), int(row["batch"]), int(row["ctx"]), int(row["window"]))
+            point = points.setdefault(key, Point(row["gpu"], *key))
+            provider = row["provider"]
+            if provider == "mac":
+                provider = f"mac@{float(row['hit_rate'])}"
+            point.rows[provider] = row
+    return list(points.values())
+
+
+def _ctx(tokens: int) -> str:
+    return f"{tokens // 1024}K" if tokens % 1024 == 0 else str(tokens)
+
+
+def _x(value: str | None) -> str:
+    return f"{value}×" if value else "–"
+
+
+def _percent(fraction: str) -> str:
+    return f"{Decimal(fraction) * 100:f}".rstrip("0").rstrip(".") + " %"
+
+
+def _mac_rates(points: list[Point]) -> list[str]:
+    return [r for r in HIT_RATES if any(f"mac@{r}" in p.rows for p in points)]
+
+
+def _rate(rate: str) -> str:
+    return f"{float(rate):.0%}".replace("%", " %")
+
+
+def headline_table(points: list[Point], hkv: int = 8, window: int = 1024, csv_link: str = "results/decode.csv") -> str:
+    """The headline: MAC's speed-up over FlashInfer per hit rate, then full decode's, per batch and context.
+
+    ``csv_link``: the CSV's path relative to where the table is shown (RESULTS.md by default).
+    """
+    chosen = [p for p in points if p.hkv == hkv and p.window == window]
+    rates = _mac_rates(chosen)
+    caption = (
+        f"*Speed-up over FlashInfer (its time over ours; above 1× MAC is faster) of one decode step, batch 16 and 1; "
+        f"MAC x %: at x % hits. "
+        f"{chosen[0].gpu}, Hkv = {hkv}, Hq = 32, D = 128, bf16, ring W = {window}, band 256, lag 64. "
+        f"Times, and Hkv = 4: the tables below; data: [`{csv_link}`]({csv_link}).*"
+    )
+    header = ["batch, context"] + [f"MAC {_rate(r)}".replace(" %", "\u00a0%") for r in rates] + ["full decode"]
+    lines = [_row(header), _row(["---"] * len(header))]
+    for p in sorted(chosen, key=lambda p: (-p.batch, p.ctx)):  # batch 16 first: the plot's rows
+        cells = [f"{p.batch}, {_ctx(p.ctx)}"] + [_x(p.speedup(f"mac@{r}")) for r in rates]
+        lines.append(_row(cells + [_x(p.speedup("triton_full"))]))
+    return "\n".join(lines + ["", caption])
+
+
+def point_tables(points: list[Point]) -> str:
+    """Every point: one table per (Hkv, W), speed-ups first, then the times they come from."""
+    parts = []
+    for hkv, window in dict.fromkeys((p.hkv, p.window) for p in points):
+        chosen = [p for p in points if p.hkv == hkv and p.window == window]
+        rates = _mac_rates(chosen)
+        shared = window != min(p.window for p in points)  # the full-decode providers ran once per (Hkv, B, ctx)
+        header = ["batch", "context"] + [f"MAC {_rate(r)} × FI" for r in rates]
+        header += ["FlashInfer µs"] + [f"MAC {_rate(r)} µs" for r in rates]
+        if not shared:
+            header += ["Triton full × FI", "Triton full µs", "% of floor", "SDPA µs"]
+        header += ["floor µs", "measured hits (95 %)", "match alone µs"]
+        caption = (
+            f"*Hkv = {hkv}, ring W = {window}; Hq = 32, D = 128, bf16, band 256, lag 64; {chosen[0].gpu}. "
+            "× FI: FlashInfer's time over ours (above 1× MAC is faster). "
+            + ("FlashInfer and the floor do not depend on W: the same runs as in the W = 1024 table (its full-decode and SDPA columns too)."
+               if shared else "% of floor: the KV-read floor over the full decode's time (100 %: at the floor).")
+            + "*"
+        )
+        lines = [f"### Hkv = {hkv}, W = {window}", "", caption, "", _row(header), _row(["---"] * len(header))]
+        for p in chosen:
+            cells = [str(p.batch), _ctx(p.ctx)] + [_x(p.speedup(f"mac@{r}")) for r in rates]
+            cells += [p.flashinfer] + [p.us(f"mac@{r}") or "–" for r in rates]
+            full = p.rows["triton_full"]
+            if not shared:
+                cells += [_x(full["speedup_vs_flashinfer"]), full["median_us"], _percent(full["floor_fraction"]), p.us("sdpa")]
+            measured = p.rows.get("mac@0.95", {}).get("measured_hit_rate")
+            cells += [full["floor_us"], _percent(measured) if measured else "–", p.us("mac_match_only") or "–"]
+            lines.append(_row(cells))
+        parts.append("\n".join(lines))
+    return "\n\n".join(parts)
+
+
+def _row(cells: list[str]) -> str:
+    return "| " + " | ".join(cells) + " |"
+
+
+# --- plots ------------------------------------------------------------------------------
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    plt.rcParams.update({
+        "font.size": FONT_SIZE, "axes.titlesize": FONT_SIZE + 1, "axes.labelsize": FONT_SIZE,
+        "legend.fontsize": FONT_SIZE - 1, "xtick.labelsize": FONT_SIZE - 1, "ytick.labelsize": FONT_SIZE - 1,
+        "axes.spines.top": False, "axes.spines.right": False,
+    })  # fmt: skip
+    return plt
+
+
+_HIT_COLORS = {"1.0": "#1b7837", "0.95": "#5aae61", "0.5": "#e08214", "0.0": "#b2182b"}
+
+
+def _ratio_axis(ax, ticks=(0.5, 1, 2, 5, 10, 20)) -> None:
+    from matplotlib.ticker import FixedLocator, FuncFormatter, NullLocator
+
+    ax.set_yscale("log")
+    ax.yaxis.set_major_locator(FixedLocator(ticks))
+    ax.yaxis.set_minor_locator(NullLocator())
+    ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}×"))
+    ax.axhline(1.0, color="grey", lw=1, zorder=0)
+
+
+def _context_axis(ax, contexts) -> None:
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(contexts, [_ctx(c) for c in contexts])
+    ax.minorticks_off()
+    ax.set_xlabel("context (keys in the KV cache)")
+
+
+def speedup_plot(points: list[Point], batch: int, path: Path, hkv: int = 8, window: int = 1024, size=FIG_SIZE) -> Path:
+    """Speed-up over FlashInfer against context, one line per hit rate (and full decode), one batch."""
+    plt = _pyplot()
+    chosen = sorted((p for p in points if p.hkv == hkv and p.batch == batch and p.window == window), key=lambda p: p.ctx)
+    contexts = [p.ctx for p in chosen]
+    fig, ax = plt.subplots(figsize=size)
+    for rate in _mac_rates(chosen):
+        ys = [float(p.speedup(f"mac@{rate}")) for p in chosen]
+        ax.plot(contexts, ys, marker="o", lw=2.2, color=_HIT_COLORS.get(rate), label=f"MAC, {_rate(rate)} hits")
+        ax.annotate(f"{ys[-1]:.2f}×", (contexts[-1], ys[-1]), xytext=(8, 0), textcoords="offset points",
+                    va="center", color=_HIT_COLORS.get(rate), fontsize=FONT_SIZE - 1)  # fmt: skip
+    ax.plot(contexts, [float(p.speedup("triton_full")) for p in chosen], "k--", marker="s", lw=1.5, label="full decode (Triton)")
+    top = max(float(p.speedup("mac@1.0") or 1) for p in chosen)
+    _ratio_axis(ax, ticks=[t for t in (0.5, 1, 2, 5, 10, 20, 50) if t <= 2 * top])
+    _context_axis(ax, contexts)
+    ax.set_xlim(contexts[0] / 1.3, contexts[-1] * 1.6)
+    ax.set_ylabel("speed-up over FlashInfer")
+    ax.set_title(f"Batch {batch}: MAC step against FlashInfer ({chosen[0].gpu.removeprefix('NVIDIA ')}, Hkv {hkv}, W {window})")
+    ax.legend(loc="upper left", frameon=False)
+    fig.tight_layout()
+    fig.savefig(path, dpi=150)
+    plt.close(fig)
+    return path
+
+
+def hits_plot(points: list[Point], path: Path, window: int = 1024) -> Path:
+    """Speed-up over FlashInfer at the longest context against the hit rate: how many hits MAC needs."""
+    plt = _pyplot()
+    ctx = max(p.ctx for p in points)
+    fig, ax = plt.subplots(figsize=FIG_SIZE)
+    styles = {(8, 16): ("#2166ac", "-"), (8, 1): ("#2166ac", ":"), (4, 16): ("#762a83", "-"), (4, 1): ("#762a83", ":")}
+    for p in sorted((p for p in points if p.ctx == ctx and p.window == window), key=lambda p: (-p.hkv, -p.batch)):
+        rates = sorted(_mac_rates([p]), key=float)
+        color, ls = styles.get((p.hkv, p.batch), (None, "-"))
+        ax.plot([100 * float(r) for r in rates], [float(p.speedup(f"mac@{r}")) for r in rates], ls=ls, marker="o", lw=2,
+                color=color, label=f"Hkv {p.hkv}, batch {p.batch}")  # fmt: skip
+    _ratio_axis(ax)
+    ax.set_xlabel("hit rate (% of query heads that reuse a row)")
+    ax.set_xticks([0, 25, 50, 75, 95, 100], ["0", "25", "50", "75", "95", "100"])
+    ax.set_ylabel("speed-up over FlashInfer")
+    ax.set_title(f"How many hits MAC needs: the speed-up at {_ctx(ctx)} context (W {window})")
+    ax.legend(loc="upper left", frameon=False)
+    fig.tight_layout()
+    fig.savefig(path, dpi=150)
+    plt.close(fig)
+    return path
+
+
+def full_decode_plot(points: list[Point], path: Path, hkv: int = 8, window: int = 1024) -> Path:
+    """Full-decode times over the KV-read floor against context: Triton, FlashInfer and SDPA, both batches."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=FIG_SIZE)
+    providers = [("triton_full", "full decode (Triton)", "black"), ("flashinfer", "FlashInfer (best)", "#2166ac"),
+                 ("sdpa", "torch SDPA", "#5aae61")]  # fmt: skip
+    for batch, ls, marker in ((1, ":", "o"), (16, "-", "s")):
+        chosen = sorted((p for p in points if p.hkv == hkv and p.batch == batch and p.window == window), key=lambda p: p.ctx)
+        contexts = [p.ctx for p in chosen]
+        for name, label, color in providers:
+            times = [float(p.flashinfer if name == "flashinfer" else p.us(name)) for p in chosen]
+            ys = [t / float(p.rows["triton_full"]["floor_us"]) for t, p in zip(times, chosen)]
+            ax.plot(contexts, ys, ls=ls, marker=marker, color=color, lw=2, ms=6, label=f"{label}, batch {batch}")
+    ax.axhline(1.0, color="grey", lw=1, zorder=0)
+    ax.annotate("the KV-read floor", (contexts[1], 1.0), xytext=(0, 6), textcoords="offset points", color="grey", ha="center",
+                fontsize=FONT_SIZE - 1)  # fmt: skip
+    _context_axis(ax, contexts)
+    ax.set_ylabel("time over the KV-read floor")
+    ax.yaxis.set_major_formatter(__import__("matplotlib.ticker", fromlist=["FuncFormatter"]).FuncFormatter(lambda v, _: f"{v:g}×"))
+    ax.set_title(f"Full decode against FlashInfer and the KV-read floor (Hkv {hkv})")
+    ax.legend(loc="upper right", frameon=False, ncol=2, fontsize=FONT_SIZE - 2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=150)
+    plt.close(fig)
+    return path
+
+
+# --- RESULTS.md -------------------------------------------------------------------------
+
+_BLOCK = re.compile(r"(<!-- plots\.py: (\w+) -->\n).*?(<!-- /plots\.py -->)", re.S)
+
+
+def refresh_results_md(blocks: dict[str, str], path: Path = RESULTS_MD) -> bool:
+    """Replace the generated blocks of RESULTS.md; returns whether the file changed."""
+    if not path.is_file():
+        return False
+    text = path.read_text(encoding="utf-8")
+    new = _BLOCK.sub(lambda m: m.group(1) + blocks[m.group(2)].rstrip() + "\n" + m.group(3) if m.group(2) in blocks else m.group(0), text)
+    if new != text:
+        path.write_text(new, encoding="utf-8")
+    return new != text
+
+
+def write_all(results: Path = RESULTS) -> list[Path]:
+    """Every table and plot of ``results/`` from its ``decode.csv``; RESULTS.md's blocks refreshed."""
+    points = read_points(results / "decode.csv")
+    headline, tables = headline_table(points), point_tables(points)
+    written = []
+    for name, text in (("decode_headline.md", headline_table(points, csv_link="decode.csv")), ("decode_tables.md", tables)):
+        (results / name).write_text("<!-- written by benchmarks/plots.py from decode.csv -->\n" + text + "\n", encoding="utf-8")
+        written.append(results / name)
+    written.append(speedup_plot(points, 1, results / "speedup_b1.png"))
+    written.append(speedup_plot(points, 16, results / "speedup_b16.png", size=HEADLINE_SIZE))  # the page's opening plot
+    written.append(hits_plot(points, results / "speedup_vs_hits.png"))
+    written.append(full_decode_plot(points, results / "full_decode.png"))
+    if results.resolve() == RESULTS.resolve() and refresh_results_md({"headline": headline, "tables": tables}):
+        written.append(RESULTS_MD)
+    return written
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--results", type=Path, default=RESULTS, help="the folder holding decode.csv (default: %(default)s)")
+    args = parser.parse_args()
+    for path in write_all(args.results):
+        print(path)
+
+
+if __name__ == "__main__":
+    main()
