@@ -19,7 +19,8 @@ against the planted one. Shapes: Hq = 32, D = 128, bf16, ring 1024 (and 2048 for
 the authors' kernel), band 256, lag 64.
 
 Usage (from the repository root): ``python -m benchmarks.bench_decode [--quick] [--out benchmarks/results]``.
-Writes ``decode.csv``, ``decode.md`` (the table) and ``decode.png`` into ``--out``.
+Writes ``decode.csv`` and ``decode.md`` (every point) into ``--out``, then the headline table and
+one plot per question from the CSV (``benchmarks/plots.py``).
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ import torch
 import mac_triton
 from mac_core import MACConfig
 
+from . import plots
 from .harness import (
     BAND,
     HEAD_DIM,
@@ -169,30 +171,8 @@ def main():
     print(table)
     (out / "decode.md").write_text(table + "\n")
 
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        fig, axes = plt.subplots(1, 2 * len(hkvs), figsize=(5 * 2 * len(hkvs), 4), squeeze=False)
-        for ax, (hkv, batch) in zip(axes[0], [(h, b) for h in hkvs for b in batches]):
-            for r in hits:
-                pts = [(c, fi / res[f"mac@{r}"][0]) for h, b, c, w, res, fi, _ in summary if h == hkv and b == batch and w == 1024]
-                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"MAC, {r:.0%} hits")
-            pts = [(c, fi / res["triton_full"][0]) for h, b, c, w, res, fi, _ in summary if h == hkv and b == batch and w == 1024]
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], "k--", marker="s", label="Triton full decode")
-            ax.set_xscale("log", base=2)
-            ax.set_yscale("log")
-            ax.axhline(1.0, color="grey", lw=0.5)
-            ax.set_title(f"Hkv={hkv}, batch {batch}")
-            ax.set_xlabel("context (keys)")
-            ax.set_ylabel("speed-up over FlashInfer")
-        axes[0][0].legend(fontsize=7)
-        fig.tight_layout()
-        fig.savefig(out / "decode.png", dpi=120)
-    except Exception as err:  # noqa: BLE001
-        print(f"plot skipped: {err}")
+    for path in plots.write_all(out):  # the headline table and one plot per question, from the CSV
+        print(f"wrote {path}")
 
 
 if __name__ == "__main__":
