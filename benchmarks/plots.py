@@ -73,8 +73,8 @@ def read_points(csv_path: Path = RESULTS / "decode.csv") -> list[Point]:
             key = (int(row["hkv"]), int(row["batch"]), int(row["ctx"]), int(row["window"]))
             point = points.setdefault(key, Point(row["gpu"], *key))
             provider = row["provider"]
-            if provider == "mac":
-                provider = f"mac@{float(row['hit_rate'])}"
+            if provider in ("mac", "mac_mass"):
+                provider = f"{provider.replace('mac_', '')}@{float(row['hit_rate'])}"
             point.rows[provider] = row
     return list(points.values())
 
@@ -118,6 +118,26 @@ def headline_table(points: list[Point], hkv: int = 8, window: int = 1024, csv_li
         cells = [f"{p.batch}, {_ctx(p.ctx)}"] + [_x(p.speedup(f"mac@{r}")) for r in rates]
         lines.append(_row(cells + [_x(p.speedup("triton_full"))]))
     return "\n".join(lines + ["", caption])
+
+
+def rule_cost_table(points: list[Point]) -> str:
+    """The mass-aware rule's step time over the paper's, on the same planted rings in the same run."""
+    lines = [
+        "| batch, context | hits | paper's rule µs | mass rule µs | mass / paper |",
+        "|---|---|---|---|---|",
+    ]
+    for p in sorted(points, key=lambda p: (-p.batch, p.ctx)):
+        for rate in HIT_RATES:
+            paper, mass = p.us(f"mac@{rate}"), p.us(f"mass@{rate}")
+            if paper and mass:
+                lines.append(f"| {p.batch}, {_ctx(p.ctx)} | {_rate(rate)} | {paper} | {mass} | {float(mass) / float(paper):.3f} |")
+    if len(lines) == 2:
+        return ""
+    gpu = points[0].gpu if points else ""
+    lines.append("")
+    lines.append(f"*The mass-aware rule (`MassRule(tau_m=0.5)`, two phases) against the paper's rule, one decode step each, "
+                 f"{gpu}, Hq = 32, D = 128, bf16, W = 1024, r = 256, lag 64; every planted hit accepted by both.*")
+    return "\n".join(lines)
 
 
 def point_tables(points: list[Point]) -> str:
@@ -289,7 +309,11 @@ def write_all(results: Path = RESULTS) -> list[Path]:
     points = read_points(results / "decode.csv")
     headline, tables = headline_table(points), point_tables(points)
     written = []
-    for name, text in (("decode_headline.md", headline_table(points, csv_link="decode.csv")), ("decode_tables.md", tables)):
+    rule_cost = rule_cost_table(points)
+    outputs = [("decode_headline.md", headline_table(points, csv_link="decode.csv")), ("decode_tables.md", tables)]
+    if rule_cost:
+        outputs.append(("rule_cost.md", rule_cost))
+    for name, text in outputs:
         (results / name).write_text("<!-- written by benchmarks/plots.py from decode.csv -->\n" + text + "\n", encoding="utf-8")
         written.append(results / name)
     written.append(speedup_plot(points, 1, results / "speedup_b1.png"))

@@ -6,7 +6,7 @@ acceptance rules, the per-layer state, the types a step exchanges, and the valid
 its inputs. Spec: the docs site's specification page (``docs/spec.md``).
 
 - :mod:`mac_core.config`   :class:`MACConfig`, every knob of the method, and named presets
-- :mod:`mac_core.rules`    acceptance rules (the paper's distance test and the seam for others), radius calibrations
+- :mod:`mac_core.rules`    acceptance rules (the paper's distance test, the mass-aware rule), radius calibrations
 - :mod:`mac_core.state`    :class:`LayerState`: the per-layer query and summary rings
 - :mod:`mac_core.step`     ``Summary``, ``MatchResult``, ``Spans``, ``StepStats``, the ranges of a row
 - :mod:`mac_core.rope`     rotary embedding and its inverse (the conventions' RoPE)
@@ -18,12 +18,12 @@ from .checks import REFERENCE, BackendLimits, check_prefill_inputs, check_step_i
 from .config import PRESETS, MACConfig, preset
 from .numerics import compute_dtype, removal_epsilon
 from .rope import apply_rope, invert_rope
-from .rules import CALIBRATIONS, RULES, PaperRule
+from .rules import CALIBRATIONS, RULES, MassRule, PaperRule
 from .state import LayerState, new_state
 from .step import MatchResult, Spans, StepStats, Summary, empty_summary, prefix_end, row_range
 
 __all__ = [
-    "MACConfig", "PRESETS", "preset", "PaperRule", "RULES", "CALIBRATIONS", "LayerState", "new_state",
+    "MACConfig", "PRESETS", "preset", "PaperRule", "MassRule", "RULES", "CALIBRATIONS", "LayerState", "new_state",
     "Summary", "empty_summary", "MatchResult", "Spans", "StepStats", "prefix_end", "row_range",
     "apply_rope", "invert_rope", "BackendLimits", "REFERENCE", "check_step_inputs", "check_prefill_inputs", "compute_dtype", "removal_epsilon",
 ]  # fmt: skip

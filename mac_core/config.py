@@ -7,7 +7,7 @@ import dataclasses
 import math
 from dataclasses import dataclass
 
-from .rules import CALIBRATIONS, RULES, PaperRule, radius_scale_from_prompt
+from .rules import CALIBRATIONS, RULES, AcceptanceRule, PaperRule, radius_scale_from_prompt
 
 ROW_UPDATES = ("split", "subtract")
 
@@ -23,8 +23,9 @@ class MACConfig:
             own last ``r``; a hit recomputes those ``r`` keys and the ``t − j*`` keys of the lag.
         tau: match threshold ``τ`` of the distance test: a candidate iff
             ``‖q̃_t − q̃_j*‖ < s_h·(1 − τ)·sqrt(2D)``. Higher is stricter; ``τ ≥ 1`` never hits.
-        rule: the acceptance rule (:mod:`mac_core.rules`); :class:`~mac_core.rules.PaperRule`
-            (the distance test alone) by default.
+        rule: the acceptance rule (:mod:`mac_core.rules`): :class:`~mac_core.rules.PaperRule`
+            (the distance test alone, the default) or :class:`~mac_core.rules.MassRule`
+            (candidates verified by the mass their row carries).
         radius_scale: ``None`` (``s_h = 1``, the paper) or one positive factor ``s_h`` per
             query head, e.g. from a calibration.
         calibration: ``None`` or the name of a radius calibration
@@ -46,7 +47,7 @@ class MACConfig:
     window: int = 1024
     band: int = 256
     tau: float = 0.45
-    rule: PaperRule = PaperRule()
+    rule: AcceptanceRule = PaperRule()
     radius_scale: tuple[float, ...] | None = None
     calibration: str | None = None
     min_context: int = 0
@@ -97,10 +98,12 @@ class MACConfig:
         """Squared-distance bound of the distance test: ``2·D·(1 − τ)²``, and 0 (no hits) for ``τ ≥ 1``."""
         return 2.0 * head_dim * max(1.0 - self.tau, 0.0) ** 2
 
-    def radius_sq_per_head(self, q_heads: int, head_dim: int) -> list[float]:
-        """``[Hq]`` squared radii ``2D(1 − τ)² s_h²`` (call :meth:`check_heads` first)."""
+    def radius_sq_per_head(self, q_heads: int, head_dim: int, tau: float | None = None) -> list[float]:
+        """``[Hq]`` squared radii ``2D(1 − τ)² s_h²`` (of another ``tau`` if given; call
+        :meth:`check_heads` first)."""
         scales = self.radius_scale or (1.0,) * q_heads
-        return [self.hit_radius_sq(head_dim) * s**2 for s in scales]
+        radius_sq = 2.0 * head_dim * max(1.0 - (self.tau if tau is None else tau), 0.0) ** 2
+        return [radius_sq * s**2 for s in scales]
 
     def softmax_scale(self, head_dim: int) -> float:
         """The softmax scale: :attr:`scale`, or ``1/sqrt(D)``."""

@@ -11,10 +11,16 @@ anyway with the current query: the sinks, band and tail (their LSE) beside the m
 row's LSE. A rejected candidate is a miss: it also reads the rest of the prefix and is
 exact. Spec: [acceptance rules][spec-acceptance].
 
-How to add a rule: a frozen dataclass here (its name and parameters, validated in
-``__post_init__``), its decision in ``mac_ref.accept.accept`` and in
-``mac_triton.accept.accept`` (a ``@triton.jit`` function that switches on the rule's name),
-and a row of tests in ``tests/test_accept.py``; ``MACConfig(rule=...)`` selects it.
+- :class:`PaperRule`: the distance test decides (the paper's rule);
+- :class:`MassRule`: a candidate is verified by the share ``w`` of the step's attention
+  mass that its reused row would carry.
+
+Both have a group-aware variant (``per_group=True``): a KV group reuses only when all its
+heads would. How to add a rule: a frozen dataclass here (its name and parameters,
+validated in ``__post_init__``) in :data:`RULES`, its decision in
+``mac_ref.accept.accept_candidates`` and in ``mac_triton.accept.accept_candidate`` (a ``@triton.jit`` function
+that switches on the rule's name), and a row of tests in ``tests/test_accept.py``;
+``MACConfig(rule=...)`` selects it.
 
 Radius calibrations (``MACConfig.calibration``) set ``s_h`` from a prompt, before decoding
 (:func:`radius_scale_from_prompt`). The paper's radius assumes unit-variance queries; a
@@ -43,17 +49,75 @@ CALIBRATIONS = ("keynorm", "qnorm")
 
 
 @dataclass(frozen=True)
-class PaperRule:
+class AcceptanceRule:
+    """What every rule has: its name, when it decides, and the group-aware variant.
+
+    Attributes:
+        per_group: the group-aware variant: a KV group reuses its rows only when every
+            head of the group would; otherwise all its heads miss. A group's kernel reads
+            the union of its heads' spans, so one missing head makes it read everything
+            anyway: its other heads then miss exactly, at no extra bytes.
+    """
+
+    name: ClassVar[str]
+    verifies: ClassVar[bool]  # True: decides after the band and tail, from their LSE
+    per_group: bool = False
+
+    def __post_init__(self):
+        if not isinstance(self.per_group, bool):
+            raise TypeError(f"{type(self).__name__}.per_group must be a bool, got {self.per_group!r}")
+
+    def describe(self) -> str:
+        return self.name + (" per group" if self.per_group else "")
+
+
+@dataclass(frozen=True)
+class PaperRule(AcceptanceRule):
     """The paper's rule: the distance test alone decides (a candidate is a hit)."""
 
     name: ClassVar[str] = "paper"
-    verifies: ClassVar[bool] = False  # decides before the band and tail are computed
+    verifies: ClassVar[bool] = False
+
+
+@dataclass(frozen=True)
+class MassRule(AcceptanceRule):
+    r"""Verify a candidate by the share of the step's attention mass its reused row carries.
+
+    A candidate passed the distance test at ``MACConfig.tau`` (a loose cap ``τ_cap``). The
+    step computes the fresh part anyway, sinks, band and tail with the current query; its
+    LSE ``ℓ_fresh`` beside the reused row's ``ℓ_row`` gives the share of the attention
+    mass the reuse would carry,
+
+    .. math:: w = \sigma(\ell_{row} - \ell_{fresh}) = rac{e^{\ell_{row}}}{e^{\ell_{row}} + e^{\ell_{fresh}}},
+
+    and the reuse error grows like ``w · ‖q̃_t − q̃_j*‖``. Accept iff
+
+    .. math:: \sqrt{d_{j^*} / 2D}\; w \,/\, s_h < 1 - 	au_m
+              \quad\Longleftrightarrow\quad d_{j^*}\, w^2 < 2D(1 - 	au_m)^2 s_h^2
+
+    (``s_h``: the head's radius factor; the squared form is the one computed, so ``w = 1``
+    with ``τ_m = τ_cap`` gives back the paper's test exactly). A rejected candidate is a
+    miss: the step also reads ``[S, P)`` and is exact.
+
+    Attributes:
+        tau_m: the threshold ``τ_m`` on the mass-weighted distance (``≥ 1``: no hits).
+        per_group: as for :class:`PaperRule`, on the accepted candidates.
+    """
+
+    name: ClassVar[str] = "mass"
+    verifies: ClassVar[bool] = True
+    tau_m: float = 0.5
+
+    def __post_init__(self):
+        super().__post_init__()
+        if isinstance(self.tau_m, bool) or not isinstance(self.tau_m, (int, float)) or not math.isfinite(self.tau_m):
+            raise ValueError(f"MassRule.tau_m must be a finite number, got {self.tau_m!r}")
 
     def describe(self) -> str:
-        return self.name
+        return f"{self.name} (tau_m {self.tau_m:g})" + (" per group" if self.per_group else "")
 
 
-RULES = {rule.name: rule for rule in (PaperRule,)}
+RULES = {rule.name: rule for rule in (PaperRule, MassRule)}
 
 
 def radius_scale_from_prompt(calibration: str, q_pre: torch.Tensor, k_cache: torch.Tensor, prompt_len: int, sinks: int) -> tuple[float, ...]:

@@ -94,6 +94,10 @@ class StepStats:
             (always ``False`` under ``split``).
         chain_depth: ``[B, Hq]`` int64 reuse-chain depth of the row the step wrote
             (0 on a miss).
+        candidate: ``[B, Hq]`` bool: the distance test passed (the rule's candidates; the
+            hits are a subset).
+        mass_share: ``[B, Hq]`` ``w = σ(ℓ_row − ℓ_fresh)`` (compute dtype): the share of the step's
+            attention mass the candidate's row carries (0 where there is no candidate).
     """
 
     hit: torch.Tensor
@@ -103,6 +107,8 @@ class StepStats:
     context: torch.Tensor
     ill_conditioned: torch.Tensor
     chain_depth: torch.Tensor
+    candidate: torch.Tensor
+    mass_share: torch.Tensor
 
     @property
     def hit_rate(self) -> float:

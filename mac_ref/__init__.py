@@ -4,7 +4,7 @@ One module per stage, read top to bottom:
 
 - :mod:`mac_ref.summary`  attention summaries ``(o, lse)``, ``attend``, ⊕ ``merge``, ⊖ ``remove``
 - :mod:`mac_ref.match`    ``find_match``: nearest recent pre-RoPE query, the distance test
-- :mod:`mac_ref.accept`   ``accept``: the acceptance rule picks the hits among the candidates
+- :mod:`mac_ref.accept`   ``accept_candidates``: the acceptance rule picks the hits among the candidates
 - :mod:`mac_ref.amend`    ``step_spans``, ``amend_row``: band ranges and the reused row ⊕ band
 - :mod:`mac_ref.complete` ``complete_output``, ``amend_complete``: sinks ⊕ C ⊕ tail
 - :mod:`mac_ref.decode`   ``decode_step`` for a batch, ``prefill``, the row update
@@ -20,6 +20,7 @@ from mac_core import (
     PRESETS,
     LayerState,
     MACConfig,
+    MassRule,
     MatchResult,
     PaperRule,
     Spans,
@@ -33,7 +34,7 @@ from mac_core import (
 )
 from mac_core.step import Completion
 
-from .accept import accept
+from .accept import Decision, accept_candidates, mass_share
 from .amend import amend_row, step_spans
 from .complete import amend_complete, complete_output
 from .decode import decode_step, prefill, update_row
@@ -45,9 +46,9 @@ from .summary import attend, merge, merge_all, remove
 from .synthetic import synthetic_stream
 
 __all__ = [
-    "MACConfig", "PRESETS", "preset", "PaperRule", "LayerState", "new_state", "Summary", "empty_summary",
+    "MACConfig", "PRESETS", "preset", "PaperRule", "MassRule", "LayerState", "new_state", "Summary", "empty_summary",
     "attend", "merge", "merge_all", "remove", "removal_epsilon", "apply_rope", "invert_rope", "MatchResult",
-    "find_match", "accept", "Spans", "prefix_end", "step_spans", "amend_row", "Completion", "complete_output",
+    "find_match", "accept_candidates", "Decision", "mass_share", "Spans", "prefix_end", "step_spans", "amend_row", "Completion", "complete_output",
     "amend_complete", "update_row", "StepStats", "decode_step", "prefill", "StreamResult", "run_stream",
     "full_attention", "causal_attention", "synthetic_stream",
 ]  # fmt: skip

@@ -24,7 +24,7 @@ from mac_core.config import MACConfig
 from mac_core.state import LayerState, new_state
 from mac_core.step import Completion, StepStats, row_range
 
-from .accept import accept
+from .accept import accept_candidates
 from .amend import step_spans
 from .complete import amend_complete
 from .match import find_match
@@ -67,8 +67,9 @@ def decode_step(q_pre, k_cache, v_cache, state: LayerState, positions, config: M
         q_post = apply_rope(q_pre, positions[:, None], config.rope_base)
 
     candidates = find_match(q_pre, state, positions, config)
-    result = accept(config, candidates, state, q_post, k_cache, v_cache, positions, scale)
-    spans = step_spans(positions, result, config)
+    decision = accept_candidates(config, candidates, state, q_post, k_cache, v_cache, positions, scale)
+    result = decision.result
+    spans = step_spans(positions, result, config)  # a rejected candidate reads as a miss
     completion = amend_complete(q_post, k_cache, v_cache, state, result, spans, scale)
     row, ill_conditioned = update_row(completion, config)
     depth = torch.where(result.hit, state.depths(result.matched_pos.clamp(min=0)).to(torch.int64) + 1, 0)  # [B, Hq]
@@ -83,6 +84,8 @@ def decode_step(q_pre, k_cache, v_cache, state: LayerState, positions, config: M
         context=positions + 1,
         ill_conditioned=ill_conditioned,
         chain_depth=depth,
+        candidate=decision.candidate,
+        mass_share=decision.mass_share,
     )
     return completion.out.o.to(q_pre.dtype), completion.out.lse, stats
 

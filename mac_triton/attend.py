@@ -23,7 +23,7 @@ import triton.language as tl
 
 from .launch import Launch, num_sms, upcast_dots
 from .numerics import LN2, LOG2E
-from .plan import _PLAN_FIELDS, BAND_FROM_SPANS, BAND_SOURCES, PLAN_FIELDS, band_starts, keys_at, pick, pieces, plan_units, segment_cost
+from .plan import _PLAN_FIELDS, BAND_FROM_PREFIX, BAND_FROM_SPANS, BAND_SOURCES, PLAN_FIELDS, band_bounds, keys_at, pick, pieces, plan_units, segment_cost
 
 
 class Partials(NamedTuple):
@@ -82,9 +82,9 @@ def _attend_kernel(
         b = grp // Hkv
         kvh = grp % Hkv
         heads = kvh * G + lanes  # [G_PAD] query heads of the group
-        # each head's own band start (band units mask the keys before it)
-        head_start = band_starts(
-            b, heads, lane_mask, g_sink_end, g_tail_end, key_ptr, radius_ptr, band_start_ptr,
+        # each head's own band (band units mask the keys outside it)
+        head_start, head_end = band_bounds(
+            b, heads, lane_mask, g_sink_end, g_band_end, g_tail_end, key_ptr, radius_ptr, band_start_ptr,
             stride_sb, stride_sh, Hq, band, min_context, BAND_SOURCE,
         )
         seg_offset = grp_start
@@ -106,10 +106,12 @@ def _attend_kernel(
                 hi = (seg_lo + piece_hi - seg_keys_at).to(tl.int32)
                 if seg == 1:
                     head_lo = tl.maximum(head_start, lo).to(tl.int32)
+                    head_hi = tl.minimum(head_end, hi).to(tl.int32)
                 else:
                     head_lo = lo + tl.zeros([G_PAD], tl.int32)
+                    head_hi = hi + tl.zeros([G_PAD], tl.int32)
                 _attend_unit(
-                    q_ptr, k_ptr, v_ptr, part_o_ptr, part_lse_ptr, b, kvh, heads, lane_mask, head_lo, lo, hi, unit, G,
+                    q_ptr, k_ptr, v_ptr, part_o_ptr, part_lse_ptr, b, kvh, heads, lane_mask, head_lo, head_hi, lo, hi, unit, G,
                     stride_qb, stride_qh, stride_kb, stride_kh, stride_kt, stride_vb, stride_vh, stride_vt, scale_log2,
                     D, BLOCK_D, G_PAD, BLOCK_N, UPCAST,
                 )
@@ -121,12 +123,13 @@ def _attend_kernel(
 
 @triton.jit
 def _attend_unit(
-    q_ptr, k_ptr, v_ptr, part_o_ptr, part_lse_ptr, b, kvh, heads, lane_mask, head_lo, lo, hi, unit, G,
+    q_ptr, k_ptr, v_ptr, part_o_ptr, part_lse_ptr, b, kvh, heads, lane_mask, head_lo, head_hi, lo, hi, unit, G,
     stride_qb, stride_qh, stride_kb, stride_kh, stride_kt, stride_vb, stride_vh, stride_vt, scale_log2,
     D: tl.constexpr, BLOCK_D: tl.constexpr, G_PAD: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr,
 ):
     """Flash-decoding partial states of the group's heads over keys ``[lo, hi)`` (head ``i``
-    from ``head_lo[i]``), stored as unit ``unit``: K/V tiles loaded once for all heads."""
+    only over ``[head_lo[i], head_hi[i])``), stored as unit ``unit``: K/V tiles loaded once
+    for all heads."""
     lanes = tl.arange(0, G_PAD)
     cols = tl.arange(0, BLOCK_D)
     col_mask = cols < D
@@ -154,7 +157,7 @@ def _attend_unit(
         else:
             s = tl.dot(q, tl.trans(k))
         s = s * scale_log2  # [G_PAD, BLOCK_N] base-2 scores
-        valid = key_mask[None, :] & (keys[None, :] >= head_lo[:, None])
+        valid = key_mask[None, :] & (keys[None, :] >= head_lo[:, None]) & (keys[None, :] < head_hi[:, None])
         s = tl.where(valid, s, float("-inf"))
         m_new = tl.maximum(m, tl.max(s, axis=1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -177,7 +180,7 @@ def _attend_unit(
 
 def launch_attend(
     q_post, k_cache, v_cache, positions, launch: Launch, scale: float, *, band_source: str, band: int = 0, sinks: int = 0,
-    spans=None, keys=None, radius_sq=None, min_context: int = 0,
+    spans=None, keys=None, radius_sq=None, min_context: int = 0, prefix_end=None,
 ) -> Partials:
     """Plan and attend one step (no validation, no host sync).
 
@@ -190,7 +193,9 @@ def launch_attend(
         band_source: one of :data:`mac_triton.plan.BAND_SOURCES`; ``"spans"`` reads
             ``spans`` (a :class:`~mac_core.step.Spans`), ``"match"`` the ``[B·Hq]`` int64
             match ``keys``, the ``[Hq]`` float32 squared radii ``radius_sq``, ``band``,
-            ``sinks`` and ``min_context``; ``"full"`` attends over ``[0, t+1)``.
+            ``sinks`` and ``min_context``; ``"prefix"`` reads the ``[B·Hq]`` int64
+            ``prefix_end`` of the decide kernel (``mac_triton.decide``) with ``band`` and
+            ``sinks``; ``"full"`` attends over ``[0, t+1)``.
 
     Returns:
         :class:`Partials`.
@@ -215,6 +220,8 @@ def launch_attend(
     if band_source == BAND_FROM_SPANS.value:
         span_ptrs = _same_strides(spans.band_start, spans.sink_end, spans.band_end, spans.tail_end)
         stride_sb, stride_sh = span_ptrs[0].stride()
+    elif band_source == BAND_FROM_PREFIX.value:
+        span_ptrs = (prefix_end, None, None, None)
     _attend_kernel[(n_split,)](
         q_post, k_cache, v_cache, partials.o, partials.lse, partials.plan,
         positions, keys, radius_sq, *span_ptrs, stride_sb, stride_sh,

@@ -1,5 +1,6 @@
 r"""The decode step in Triton: match → amend + complete → row update, fused into three
-launches with no host synchronisation; and the full-attention decode baseline.
+launches with no host synchronisation (five for a rule that verifies its candidates); and
+the full-attention decode baseline.
 
 Twin of :func:`mac_ref.decode.decode_step` (same signature, same
 :class:`~mac_core.step.StepStats`, the same validation: :func:`mac_core.checks.check_step_inputs`).
@@ -11,9 +12,18 @@ mac_ref                      mac_triton
 ``find_match``               ``match._match_kernel`` → one int64 key per head (1 launch)
 ``step_spans``               ``plan.plan_units``, evaluated inside both kernels below
 ``amend_complete``           ``attend._attend_kernel`` (split-KV partials per unit)
-``accept``, ``update_row``,  ``reduce._reduce_kernel`` (⊕ partials, the rule, the cached row,
-``LayerState.write``         the ring write, the match report)
+``accept_candidates``,       ``reduce._reduce_kernel`` (⊕ partials, the rule, the cached row,
+``update_row``,              the ring write, the match report)
+``LayerState.write``
 ===========================  ==============================================================
+
+A rule that verifies its candidates (:class:`~mac_core.rules.MassRule`), and the
+group-aware variants, run the step in two phases: phase 1 is the attend kernel above for
+the distance test's candidates (sinks, band and tail of every head, partial states kept);
+``decide._decide_kernel`` takes each head's verdict from those partial states; phase 2 is
+the attend kernel over the prefix ``[S, P)`` of the rejected candidates only (nothing for
+the others: at 100 % acceptance an empty launch); one reduce merges both phases. A
+rejected head reads what a miss reads.
 
 Differences: float32 arithmetic only (float64 inputs are a ``TypeError``); the ring
 write happens inside the reduce kernel rather than through ``LayerState.write``. A step's
@@ -35,6 +45,7 @@ from mac_core.state import LayerState
 from mac_core.step import StepStats
 
 from .attend import launch_attend
+from .decide import launch_decide
 from .launch import MATCH, Launch, MatchLaunch, launch_for
 from .match import match_keys, new_keys, radius_sq_per_head
 from .numerics import LIMITS
@@ -50,18 +61,23 @@ class DecodeWorkspace:
     Attributes:
         keys: ``[B·Hq]`` int64 match keys, all ``NO_CANDIDATE`` between steps (the reduce
             kernel resets them), so a step needs no fill launch.
-        radius_sq: ``[Hq]`` float32 squared hit radii of ``config`` (no host-to-device copy
-            inside a captured step).
+        radius_sq: ``[Hq]`` float32 squared radii of ``config``'s distance test (no
+            host-to-device copy inside a captured step).
+        rule_radius_sq: ``[Hq]`` float32 squared radii of the rule's own threshold
+            (``2D(1 − τ_m)² s_h²`` for the mass rule; the distance test's otherwise).
         config: the configuration the radii were made for.
     """
 
     keys: torch.Tensor
     radius_sq: torch.Tensor
+    rule_radius_sq: torch.Tensor
     config: MACConfig
 
     @classmethod
     def new(cls, config: MACConfig, batch: int, q_heads: int, head_dim: int, device) -> "DecodeWorkspace":
-        return cls(new_keys(device, batch * q_heads), radius_sq_per_head(config, q_heads, head_dim, device), config)
+        tau = getattr(config.rule, "tau_m", config.tau)
+        rule_radius = torch.tensor(config.radius_sq_per_head(q_heads, head_dim, tau=tau), dtype=torch.float32, device=device)
+        return cls(new_keys(device, batch * q_heads), radius_sq_per_head(config, q_heads, head_dim, device), rule_radius, config)
 
     def check(self, config: MACConfig, batch: int, q_heads: int, device) -> None:
         if self.config != config or self.keys.shape != (batch * q_heads,) or self.keys.device != torch.device(device):
@@ -94,19 +110,31 @@ def mac_step(
     B, Hq, D = q_pre.shape
     Hkv = k_cache.shape[1]
     launch = launch or launch_for(B * Hkv)
+    rule = config.rule
     keys = match_keys(q_pre, state.ring_q, positions, workspace.keys, state.ring_depth, config.max_chain, match_launch)
     partials = launch_attend(
         q_post, k_cache, v_cache, positions, launch, scale, band_source="match", band=config.band, sinks=config.sinks,
         keys=keys, radius_sq=workspace.radius_sq, min_context=config.min_context,
     )
+    decided = prefix = None
+    if rule.verifies or rule.per_group:  # the two-phase step: decide, then the rejected candidates' prefixes
+        decided = launch_decide(
+            partials, launch, keys=keys, radius_sq=workspace.radius_sq, rule_radius_sq=workspace.rule_radius_sq, state=state,
+            batch=B, q_heads=Hq, kv_heads=Hkv, band=config.band, min_context=config.min_context, rule=rule.name,
+            per_group=rule.per_group,
+        )
+        prefix = launch_attend(
+            q_post, k_cache, v_cache, positions, launch, scale, band_source="prefix", band=config.band, sinks=config.sinks,
+            prefix_end=decided.prefix_end,
+        )
     res = launch_reduce(
         partials, launch, band_source="match", row_out="ring", out_dtype=q_pre.dtype, batch=B, q_heads=Hq, kv_heads=Hkv,
         head_dim=D, band=config.band, min_context=config.min_context, keys=keys, radius_sq=workspace.radius_sq,
-        state=state, q_pre=q_pre, subtract=config.row_update == "subtract", rule=config.rule.name,
+        state=state, q_pre=q_pre, subtract=config.row_update == "subtract", rule=rule.name, decided=decided, prefix=prefix,
     )
     stats = StepStats(
         hit=res.hit, matched_pos=res.matched_pos, distance=res.distance, keys_read=res.keys_read, context=positions + 1,
-        ill_conditioned=res.ill_conditioned, chain_depth=res.chain_depth,
+        ill_conditioned=res.ill_conditioned, chain_depth=res.chain_depth, candidate=res.candidate, mass_share=res.mass_share,
     )
     return res.out, res.lse, stats
 

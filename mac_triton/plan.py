@@ -20,7 +20,10 @@ misses: ``benchmarks/RESULTS.md``).
 Where the heads' band starts come from (``BAND_SOURCE``):
 
 - :data:`BAND_FROM_SPANS`: a :class:`~mac_core.step.Spans` tuple (``mac_triton.amend_complete``);
-- :data:`BAND_FROM_MATCH`: the match keys and the distance test (the fused decode step);
+- :data:`BAND_FROM_MATCH`: the match keys and the distance test (the fused decode step,
+  and the first phase of a step whose rule verifies its candidates);
+- :data:`BAND_FROM_PREFIX`: the second phase of such a step: per head the prefix
+  ``[S, P)`` its rejected candidate still needs (nothing for the others), no sinks, no tail;
 - :data:`NO_BAND`: no row, every key in the tail (full attention).
 """
 
@@ -33,8 +36,9 @@ from .match import NO_CANDIDATE, decode_key
 
 BAND_FROM_SPANS: tl.constexpr = tl.constexpr("spans")
 BAND_FROM_MATCH: tl.constexpr = tl.constexpr("match")
+BAND_FROM_PREFIX: tl.constexpr = tl.constexpr("prefix")
 NO_BAND: tl.constexpr = tl.constexpr("full")
-BAND_SOURCES = (BAND_FROM_SPANS.value, BAND_FROM_MATCH.value, NO_BAND.value)
+BAND_SOURCES = (BAND_FROM_SPANS.value, BAND_FROM_MATCH.value, BAND_FROM_PREFIX.value, NO_BAND.value)
 
 PLAN_FIELDS = 6  # per group, as the reduce kernel reads it: first unit, sink units, band units, units, S, t + 1
 _PLAN_FIELDS: tl.constexpr = tl.constexpr(PLAN_FIELDS)
@@ -56,11 +60,14 @@ def request_bounds(b, mask, pos_ptr, sink_end_ptr, band_end_ptr, tail_end_ptr, s
 
 
 @triton.jit
-def band_starts(
-    b, h, mask, sink_end, tail_end, key_ptr, radius_ptr, band_start_ptr, stride_sb, stride_sh,
+def band_bounds(
+    b, h, mask, sink_end, band_end, tail_end, key_ptr, radius_ptr, band_start_ptr, stride_sb, stride_sh,
     Hq, band, min_context, BAND_SOURCE: tl.constexpr,
 ):
-    """Each head's band start: ``max(E(j*), S)`` on a hit, ``S`` on a miss (int64)."""
+    """Each head's band ``[start, end)`` (int64): ``[max(E(j*), S), N)`` on a candidate hit,
+    ``[S, N)`` on a miss; in the prefix phase ``[S, P)`` of a rejected candidate, ``[S, S)``
+    for the others."""
+    end = band_end + tl.zeros(h.shape, tl.int64)
     if BAND_SOURCE == BAND_FROM_SPANS:
         start = tl.load(band_start_ptr + b * stride_sb + h * stride_sh, mask=mask, other=0).to(tl.int64)
     elif BAND_SOURCE == BAND_FROM_MATCH:
@@ -68,9 +75,12 @@ def band_starts(
         radius_sq = tl.load(radius_ptr + h, mask=mask, other=0.0)
         hit, matched, dist = decode_key(key, tail_end - 1, min_context, radius_sq)
         start = tl.where(hit, tl.maximum(tl.maximum(matched + 1 - band, 0), sink_end), sink_end)
+    elif BAND_SOURCE == BAND_FROM_PREFIX:  # band_start_ptr: the [B·Hq] prefix ends of the decide kernel
+        start = sink_end + tl.zeros(h.shape, tl.int64)
+        end = tl.load(band_start_ptr + b * Hq + h, mask=mask, other=0).to(tl.int64)
     else:
         start = sink_end + tl.zeros(h.shape, tl.int64)
-    return start
+    return start, end
 
 
 @triton.jit
@@ -82,8 +92,10 @@ def plan_units(
 ):
     """The step's work plan (see the module docstring), computed identically by every program.
 
-    Returns ``[NG_BLOCK]`` vectors (first unit, sink units, band units, units, S, lo, N,
-    t+1, offset in the concatenation), ``chunk`` and the total cost.
+    Returns ``[NG_BLOCK]`` vectors (first unit, sink units, band units, units, the ends of
+    the sinks, the band's start and end, the tail's end, offset in the concatenation),
+    ``chunk`` and the total cost. In the prefix phase the sinks and the tail are empty and
+    the band ends where the group's longest prefix does.
     """
     groups = tl.arange(0, NG_BLOCK)
     valid = groups < NG
@@ -94,11 +106,15 @@ def plan_units(
     lanes = tl.arange(0, G_BLOCK)[None, :]
     mask = valid[:, None] & (lanes < G)
     h = (groups % Hkv)[:, None] * G + lanes
-    start = band_starts(
-        b[:, None], h, mask, sink_end[:, None], tail_end[:, None], key_ptr, radius_ptr, band_start_ptr,
+    start, end = band_bounds(
+        b[:, None], h, mask, sink_end[:, None], band_end[:, None], tail_end[:, None], key_ptr, radius_ptr, band_start_ptr,
         stride_sb, stride_sh, Hkv * G, band, min_context, BAND_SOURCE,
     )  # [NG, G]
     band_lo = tl.min(tl.where(mask, start, 2**62), axis=1)  # the union of the group's bands
+    if BAND_SOURCE == BAND_FROM_PREFIX:  # one segment: the longest prefix of the group's heads
+        band_end = tl.maximum(tl.max(tl.where(mask, end, 0), axis=1), band_lo)
+        sink_end = sink_end * 0
+        tail_end = band_end
     sink_len = tl.where(valid, sink_end, 0)
     band_len = tl.where(valid, band_end - band_lo, 0)
     tail_len = tl.where(valid, tail_end - band_end, 0)

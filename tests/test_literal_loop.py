@@ -1,10 +1,11 @@
-"""The decode recurrence of the spec (docs/spec.md#spec-decode-step), written again as literally as possible, against ``mac_ref``.
+"""The decode recurrence of the spec (docs/spec.md#spec-decode-step), written again as
+literally as possible, against ``mac_ref``.
 
 :func:`literal_stream` uses Python floats and loops only: no tensors, no ``mac_ref``
 internals. It follows the spec line by line (match with most-recent tie-break and
-``min_context`` and ``max_chain``, amend, complete, sinks, both row rules, exact prefill
-seeding, chain depths), so a disagreement points at one side or the other rather than
-at a shared helper.
+``min_context`` and ``max_chain``, the acceptance rules with ``w`` and their group-aware
+variant, amend, complete, sinks, both row rules, exact prefill seeding, chain depths), so
+a disagreement points at one side or the other rather than at a shared helper.
 """
 
 import math
@@ -14,7 +15,7 @@ import torch
 from hypothesis import event, given
 from hypothesis import strategies as st
 
-from mac_ref import MACConfig, run_stream, synthetic_stream
+from mac_ref import MACConfig, MassRule, PaperRule, run_stream, synthetic_stream
 from tolerances import tolerance
 
 NEG_INF = -math.inf
@@ -85,12 +86,28 @@ def literal_remove(total, part):
     return ([(a - kept * b) / share for a, b in zip(o_t, o_p)], l_t + math.log(share)), False
 
 
-def literal_stream(q_pre, k, v, prompt_lengths, config: MACConfig):
-    """Prefill then decode, one (request, query head) at a time, with nested lists of floats.
+def literal_decision(config: MACConfig, D: int, s_h: float, candidate: bool, d: float, row_lse: float, fresh_lse: float):
+    """The acceptance rule of one head, and ``w``: ``(hit, w)``.
 
-    Returns ``{(b, h, t): dict(o, lse, hit, matched_pos, distance, keys_read, ill, depth)}`` for every
-    decoded position, ``{(b, h, t): (o, lse)}`` for prefill positions, and the final rows
-    ``{(b, h, j): (o, lse)}`` of the last ``W`` tokens.
+    ``w = e^{ℓ_row} / (e^{ℓ_row} + e^{ℓ_fresh})`` (0 without a candidate); the paper's rule
+    takes every candidate, the mass rule those with ``sqrt(d / 2D) · w / s_h < 1 − τ_m``
+    (written squared, as the rule states it)."""
+    if not candidate:
+        return False, 0.0
+    w = 0.0 if row_lse == NEG_INF else 1.0 / (1.0 + math.exp(fresh_lse - row_lse))
+    if config.rule.name == "paper":
+        return True, w
+    tau_m = config.rule.tau_m
+    return tau_m < 1 and d * w * w < 2.0 * D * (1.0 - tau_m) ** 2 * s_h**2, w
+
+
+def literal_stream(q_pre, k, v, prompt_lengths, config: MACConfig):
+    """Prefill then decode, one request at a time, its query heads side by side, with nested
+    lists of floats.
+
+    Returns ``{(b, h, t): dict(o, lse, hit, matched_pos, distance, keys_read, ill, depth,
+    candidate, w)}`` for every decoded position, ``{(b, h, t): (o, lse)}`` for prefill
+    positions, and the final rows ``{(b, h, j): (o, lse)}`` of the last ``W`` tokens.
     """
     B, Hq, T, D = len(q_pre), len(q_pre[0]), len(q_pre[0][0]), len(q_pre[0][0][0])
     group = Hq // len(k[0])
@@ -105,53 +122,72 @@ def literal_stream(q_pre, k, v, prompt_lengths, config: MACConfig):
     decoded, prefilled, final_rows = {}, {}, {}
     for b in range(B):
         n = prompt_lengths[b]
+        keys = [k[b][h // group] for h in range(Hq)]
+        values = [v[b][h // group] for h in range(Hq)]
+        q_post = [[literal_rope(q_pre[b][h][t], t, config.rope_base) for t in range(T)] for h in range(Hq)]
+        rows = [{} for _ in range(Hq)]  # per head: token j -> its row R_j
+        depth = [{} for _ in range(Hq)]  # per head: token j -> reuse links behind R_j (0: exact)
         for h in range(Hq):
-            keys, values = k[b][h // group], v[b][h // group]
-            q_post = [literal_rope(q_pre[b][h][t], t, config.rope_base) for t in range(T)]
-            rows = {}  # token j -> its row R_j
-            depth = {}  # token j -> reuse links behind R_j (0: exact)
             for t in range(n):
-                prefilled[(b, h, t)] = literal_attend(q_post[t], keys, values, 0, t + 1, scale)
+                prefilled[(b, h, t)] = literal_attend(q_post[h][t], keys[h], values[h], 0, t + 1, scale)
                 if t >= n - W:
-                    rows[t] = literal_attend(q_post[t], keys, values, min(F, E(t)), E(t), scale)
-                    depth[t] = 0
-            for t in range(n, n + steps):
+                    rows[h][t] = literal_attend(q_post[h][t], keys[h], values[h], min(F, E(t)), E(t), scale)
+                    depth[h][t] = 0
+        for t in range(n, n + steps):
+            N = E(t)
+            S = min(F, N)
+            found = []
+            for h in range(Hq):
                 # 1. match: nearest of the last W queries, ties to the most recent; rows at the
                 #    end of a reuse chain of max_chain links are no candidates
                 best_j, best_d = -1, math.inf
                 for j in range(t - 1, max(0, t - W) - 1, -1):
-                    if config.max_chain is not None and depth[j] >= config.max_chain:
+                    if config.max_chain is not None and depth[h][j] >= config.max_chain:
                         continue
                     d = sum((x - y) ** 2 for x, y in zip(q_pre[b][h][t], q_pre[b][h][j]))
                     if d < best_d:
                         best_j, best_d = j, d
                 radius_sq = 2.0 * D * (1.0 - tau) ** 2 * scales[h] ** 2  # only used when tau < 1
-                hit = best_j >= 0 and t >= config.min_context and tau < 1 and best_d < radius_sq
-                # 2. amend + complete
-                N = E(t)
-                S = min(F, N)
-                sinks = literal_attend(q_post[t], keys, values, 0, S, scale)
-                tail = literal_attend(q_post[t], keys, values, N, t + 1, scale)
+                candidate = best_j >= 0 and t >= config.min_context and tau < 1 and best_d < radius_sq
+                # 2. the rule: what the reused row would carry against the fresh keys [0, S) and [P, t+1)
+                P = max(E(best_j), S) if candidate else S
+                fresh = literal_merge(literal_attend(q_post[h][t], keys[h], values[h], 0, S, scale),
+                                      literal_attend(q_post[h][t], keys[h], values[h], P, t + 1, scale))
+                row_lse = rows[h][best_j][1] if candidate else NEG_INF
+                hit, w = literal_decision(config, D, scales[h], candidate, best_d, row_lse, fresh[1])
+                found.append(dict(j=best_j, d=best_d, candidate=candidate, hit=hit, w=w))
+            if config.rule.per_group:  # a group reuses only if each of its heads would
+                for g in range(Hq // group):
+                    together = all(found[h]["hit"] for h in range(g * group, (g + 1) * group))
+                    for h in range(g * group, (g + 1) * group):
+                        found[h]["hit"] = found[h]["hit"] and together
+            for h in range(Hq):
+                best_j, hit = found[h]["j"], found[h]["hit"]
+                # 3. amend + complete
+                sinks = literal_attend(q_post[h][t], keys[h], values[h], 0, S, scale)
+                tail = literal_attend(q_post[h][t], keys[h], values[h], N, t + 1, scale)
                 if hit:
                     band_start = max(E(best_j), S)
-                    cached = literal_merge(rows[best_j], literal_attend(q_post[t], keys, values, band_start, N, scale))
+                    cached = literal_merge(rows[h][best_j], literal_attend(q_post[h][t], keys[h], values[h], band_start, N, scale))
                 else:
                     band_start = S
-                    cached = literal_attend(q_post[t], keys, values, S, N, scale)
+                    cached = literal_attend(q_post[h][t], keys[h], values[h], S, N, scale)
                 out = literal_merge(literal_merge(sinks, cached), tail)
-                # 3. row update
+                # 4. row update
                 if config.row_update == "split":
-                    rows[t], ill = cached, False
+                    rows[h][t], ill = cached, False
                 else:
-                    rows[t], ill = literal_remove(out, literal_merge(sinks, tail))
-                depth[t] = depth[best_j] + 1 if hit else 0
+                    rows[h][t], ill = literal_remove(out, literal_merge(sinks, tail))
+                depth[h][t] = depth[h][best_j] + 1 if hit else 0
                 decoded[(b, h, t)] = dict(
-                    o=out[0], lse=out[1], hit=hit, matched_pos=best_j, distance=best_d,
-                    keys_read=S + (N - band_start) + (t + 1 - N), ill=ill, depth=depth[t],
+                    o=out[0], lse=out[1], hit=hit, matched_pos=best_j, distance=found[h]["d"],
+                    keys_read=S + (N - band_start) + (t + 1 - N), ill=ill, depth=depth[h][t],
+                    candidate=found[h]["candidate"], w=found[h]["w"],
                 )
-            last = n + steps
+        last = n + steps
+        for h in range(Hq):
             for j in range(max(0, last - W), last):
-                final_rows[(b, h, j)] = rows[j]
+                final_rows[(b, h, j)] = rows[h][j]
     return decoded, prefilled, final_rows
 
 
@@ -179,6 +215,8 @@ def check_against_literal(q_pre, k, v, prompt_lengths, config: MACConfig):
         assert int(stats.context[s, b]) == t + 1, where
         assert bool(stats.ill_conditioned[s, b, h]) == want["ill"], where
         assert int(stats.chain_depth[s, b, h]) == want["depth"], where
+        assert bool(stats.candidate[s, b, h]) == want["candidate"], where
+        assert close(stats.mass_share[s, b, h].item(), want["w"]), where
         assert close(result.lse[b, h, t].item(), want["lse"]), where
         assert all(close(x, y) for x, y in zip(result.out[b, h, t].tolist(), want["o"])), where
         n_hits += want["hit"]
@@ -204,12 +242,13 @@ def check_against_literal(q_pre, k, v, prompt_lengths, config: MACConfig):
     min_context=st.sampled_from([0, 4]),
     max_chain=st.sampled_from([None, 1, 3]),
     row_update=st.sampled_from(["split", "subtract"]),
+    rule=st.sampled_from([PaperRule(), PaperRule(per_group=True), MassRule(tau_m=0.45), MassRule(tau_m=0.75, per_group=True), MassRule(tau_m=1.0)]),
     noise=st.sampled_from([0.0, 0.05]),  # 0: exact repeats, so distance ties
     seed=st.integers(0, 2**31),
 )
 def test_mac_ref_equals_the_literal_recurrence(
     batch, kv_heads, group, head_dim, prompt_lengths, steps, window, band, tau, radius_scale, sinks, min_context,
-    max_chain, row_update, noise, seed,
+    max_chain, row_update, rule, noise, seed,
 ):
     prompt_lengths = prompt_lengths[:batch]
     T = max(prompt_lengths) + steps
@@ -219,7 +258,7 @@ def test_mac_ref_equals_the_literal_recurrence(
     )
     config = MACConfig(
         window=window, band=band, tau=tau, sinks=sinks, min_context=min_context, max_chain=max_chain,
-        row_update=row_update, radius_scale=None if radius_scale is None else tuple(radius_scale[:q_heads]),
+        row_update=row_update, radius_scale=None if radius_scale is None else tuple(radius_scale[:q_heads]), rule=rule,
     )
     n_hits, n_steps = check_against_literal(q, k, v, prompt_lengths, config)
     event(f"hit share {round(n_hits / n_steps, 1)}")
@@ -233,6 +272,18 @@ def test_long_stream_with_chained_reuse(row_update, max_chain):
     config = MACConfig(window=16, band=6, tau=0.45, sinks=2, min_context=3, max_chain=max_chain, row_update=row_update)
     n_hits, n_steps = check_against_literal(q, k, v, [10, 4], config)
     assert 0.3 < n_hits / n_steps < 0.95  # hits and misses both exercised
+
+
+@pytest.mark.parametrize("rule", [MassRule(tau_m=0.6), MassRule(tau_m=0.6, per_group=True)], ids=["mass", "mass-per-group"])
+def test_long_stream_with_the_mass_rule(rule):
+    """The mass rule along 120 steps: it rejects some candidates (loose cap), the decisions are
+    the literal loop's, and so are every output and row (to 1e-10)."""
+    q, k, v = synthetic_stream(2, 4, 2, 130, 8, reuse=0.8, noise=0.2, max_lag=12, seed=8, dtype=torch.float64)
+    config = MACConfig(window=16, band=6, tau=0.1, sinks=2, max_chain=2, rule=rule)
+    n_hits, n_steps = check_against_literal(q, k, v, [10, 4], config)
+    stats = run_stream(q, k, v, torch.tensor([10, 4]), config).stats
+    rejected = (stats.candidate & ~stats.hit).float().mean().item()
+    assert 0.05 < rejected and 0.2 < n_hits / n_steps < 0.95, (rejected, n_hits / n_steps)
 
 
 @pytest.mark.slow

@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 
 import mac_ref
 import mac_triton
-from mac_ref import MACConfig
+from mac_ref import MACConfig, MassRule, PaperRule
 from tolerances import assert_close
 from triton_cases import DEVICE, assert_states_close, assert_summary_close, prefilled_step, stream_inputs
 
@@ -59,6 +59,10 @@ STREAMS = [
     (torch.bfloat16, 6, 2, 64, MACConfig(window=16, band=8, tau=0.45, sinks=2, row_update="subtract")),
     (torch.float16, 2, 2, 32, MACConfig(window=8, band=4, tau=0.45, min_context=44)),
     (torch.float32, 4, 1, 32, MACConfig(window=16, band=8, tau=0.45, max_chain=2)),
+    # the two-phase step: a loose cap and the mass rule (rejections), its group-aware variant, the paper's per group
+    (torch.float32, 4, 2, 32, MACConfig(window=16, band=8, tau=0.0, max_chain=2, rule=MassRule(tau_m=0.7))),
+    (torch.bfloat16, 6, 2, 64, MACConfig(window=16, band=8, tau=0.0, sinks=2, row_update="subtract", rule=MassRule(tau_m=0.6, per_group=True))),
+    (torch.float16, 4, 2, 32, MACConfig(window=16, band=8, tau=0.3, rule=PaperRule(per_group=True))),
 ]
 
 
@@ -80,9 +84,12 @@ def test_decode_stream_matches_reference(dtype, q_heads, kv_heads, head_dim, con
     want = mac_ref.run_stream(q, k, v, prefill, config)
     got = mac_ref.run_stream(q, k, v, prefill, config, step_fn=functools.partial(mac_triton.decode_step, launch=LAUNCHES[launch]))
     assert want.stats.hit.any() and not want.stats.hit.all(), "the stream should mix hits and misses"
-    for name in ("hit", "matched_pos", "keys_read", "context", "ill_conditioned", "chain_depth"):
+    if config.rule.verifies or config.rule.per_group:
+        assert (want.stats.candidate & ~want.stats.hit).any(), "the stream should reject candidates"
+    for name in ("hit", "matched_pos", "keys_read", "context", "ill_conditioned", "chain_depth", "candidate"):
         assert torch.equal(getattr(got.stats, name), getattr(want.stats, name)), f"stats.{name} differ"
     assert_close(got.stats.distance, want.stats.distance, "triton_lse", dtype)
+    assert_close(got.stats.mass_share, want.stats.mass_share, "triton_lse", dtype)
     if config.max_chain is not None:
         assert 0 < want.stats.chain_depth.max() <= config.max_chain
     decoded = ~torch.isnan(want.lse)
@@ -170,3 +177,18 @@ def test_decode_stream_with_exact_ties_and_a_match_at_position_zero(dtype):
     decoded = ~torch.isnan(want.lse)
     assert_close(got.out[decoded], want.out[decoded], "triton", dtype, msg="out")
     assert_states_close(got.state, want.state, dtype, config)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rejected_candidates_are_full_attention(dtype):
+    """The two-phase step: every head whose candidate the mass rule rejects gives full
+    attention over ``[0, t+1)`` within the dtype's band, and reads ``t + 1`` keys."""
+    config = MACConfig(window=16, band=8, tau=-0.5, sinks=2, rule=MassRule(tau_m=0.9))
+    q_pre, q_post, k, v, state, pos = prefilled_step(2, 6, 2, 32, dtype, 9, [60, 47], config, reuse=0.3)
+    out, lse, stats = mac_triton.decode_step(q_pre, k, v, state, pos, config, q_post=q_post)
+    rejected = stats.candidate & ~stats.hit
+    assert rejected.any() and stats.hit.any()
+    want_o, want_lse = mac_ref.full_attention(q_post, k, v, pos + 1)
+    assert_close(out[rejected], want_o[rejected], "exact", dtype)
+    assert_close(lse[rejected], want_lse[rejected], "triton_lse", dtype)
+    assert torch.equal(stats.keys_read[rejected], (pos + 1)[:, None].expand_as(stats.keys_read)[rejected])

@@ -10,7 +10,7 @@ import torch
 
 import mac_ref
 import mac_triton
-from mac_ref import MACConfig
+from mac_ref import MACConfig, MassRule
 from tolerances import assert_close
 from triton_cases import assert_states_close, prefilled_step, random_decode_inputs, stream_inputs
 
@@ -52,9 +52,13 @@ def test_full_decode_matches_oracle_on_gpu(dtype, head_dim, kv_heads):
     assert_close(lse, want_lse, "triton_lse", dtype)
 
 
-def test_step_is_deterministic_and_graph_capturable():
+@pytest.mark.parametrize(
+    "config",
+    [MACConfig(window=1024, band=256, tau=0.45), MACConfig(window=1024, band=256, tau=0.2, rule=MassRule(tau_m=0.6))],
+    ids=["paper", "mass-two-phase"],
+)
+def test_step_is_deterministic_and_graph_capturable(config):
     """Repeated runs are bitwise identical, and a CUDA-graph replay gives the eager result."""
-    config = MACConfig(window=1024, band=256, tau=0.45)
     q_pre, q_post, k, v, state, pos = prefilled_step(4, 32, 8, 128, torch.bfloat16, 5, [2500, 2000, 2300, 1500], config, reuse=0.8)
     scale = config.softmax_scale(128)
 
@@ -81,3 +85,38 @@ def test_step_is_deterministic_and_graph_capturable():
     torch.cuda.synchronize()
     for a, b in zip((out, lse, stats.hit, s.ring_o, s.ring_lse, s.ring_q), runs[0]):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("rule", [MassRule(tau_m=0.6), MassRule(tau_m=0.6, per_group=True)], ids=["mass", "mass-per-group"])
+def test_mass_rule_steps_match_reference_on_gpu(rule):
+    """The two-phase step at realistic shapes, in lockstep with the reference from the same
+    state at each of 24 steps: the same candidates and ``j*``; the same decisions but where
+    the rule's margin ``d·w² − 2D(1 − τ_m)² s_h²`` is within float32 rounding of 0 (counted);
+    outputs, LSEs, ``w`` and the written rows within the bands."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    config = MACConfig(window=1024, band=256, tau=0.2, sinks=4, max_chain=2, rule=rule)
+    q, k, v = stream_inputs(3, 32, 8, 3224, 128, torch.bfloat16, seed=11, reuse=0.7, max_lag=200)
+    prefill = torch.tensor([3000, 3100, 2900], device=q.device)
+    _, _, state = mac_ref.prefill(q[:, :, :3100], k, v, prefill, config)
+    rows = torch.arange(3, device=q.device)
+    rejected = differ = 0
+    for _ in range(24):
+        pos = state.next_pos.clone()
+        q_pre = q[rows, :, pos]
+        twin = state.clone()
+        want_o, want_lse, want = mac_ref.decode_step(q_pre, k, v, twin, pos, config)
+        got_o, got_lse, got = mac_triton.decode_step(q_pre, k, v, state, pos, config)
+        assert torch.equal(got.candidate, want.candidate) and torch.equal(got.matched_pos, want.matched_pos)
+        assert_close(got.mass_share, want.mass_share, "triton_lse", torch.bfloat16)
+        radius = torch.tensor(config.radius_sq_per_head(32, 128, tau=rule.tau_m), device=q.device)
+        margin = (want.distance * want.mass_share**2 - radius).abs() / radius
+        same = got.hit == want.hit
+        assert (same | (margin < 1e-4)).all(), "a decision differs away from the threshold"
+        differ += int((~same).sum())
+        rejected += int((want.candidate & ~want.hit).sum())
+        if same.all():
+            assert_close(got_o, want_o, "triton", torch.bfloat16, msg="out")
+            assert_close(got_lse, want_lse, "triton_lse", torch.bfloat16, msg="lse")
+            assert_states_close(state, twin, torch.bfloat16, config)
+        state = twin  # both continue from the reference's rings
+    assert rejected > 0 and differ <= 2
