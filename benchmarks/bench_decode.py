@@ -76,10 +76,10 @@ def run_config(hkv, batch, ctx, window, hit_rates, rep_ms, bandwidth, providers_
     key = (hkv, batch, ctx)
     if key not in providers_done:  # the full-decode providers do not depend on the window
         providers_done[key] = {}
-        runners = {"triton_full": lambda: mac_triton.full_decode(q_post, k, v, positions, scale), "sdpa": sdpa_runner(q_post, k, v, scale)}
+        runners = {"triton_full": lambda: mac_triton.full_step(q_post, k, v, positions, scale), "sdpa": sdpa_runner(q_post, k, v, scale)}
         runners.update(flashinfer_runners(q_post, k, v, positions))
         if check:  # the baselines must agree with each other
-            ref = mac_triton.full_decode(q_post, k, v, positions, scale)[0].float()
+            ref = mac_triton.full_step(q_post, k, v, positions, scale)[0].float()
             for name, fn in runners.items():
                 o = fn()
                 o = o[0] if isinstance(o, tuple) else o

@@ -107,16 +107,12 @@ def ring_restoring_step(q_pre, q_post, k, v, state: LayerState, positions, confi
 
 
 def match_only(q_pre, ring_q, positions, launch=mac_triton.MATCH):
-    """A callable that runs the match scan alone (its keys are reset after each run, as a step's consumer would)."""
-    from mac_triton.match import NO_CANDIDATE, match_keys, new_keys
+    """A callable that runs the match scan alone: one launch, as in a step (its keys are not
+    consumed: each scan folds into the last one's minima, which changes no load it makes)."""
+    from mac_triton.match import match_keys, new_keys
 
     keys = new_keys(q_pre.device, q_pre.shape[0] * q_pre.shape[1])
-
-    def scan():
-        match_keys(q_pre, ring_q, positions, keys, launch=launch)
-        keys.fill_(NO_CANDIDATE)
-
-    return scan
+    return lambda: match_keys(q_pre, ring_q, positions, keys, launch=launch)
 
 
 def flashinfer_runners(q, k, v, positions, page: int = 16) -> dict:

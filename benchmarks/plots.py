@@ -123,14 +123,14 @@ def headline_table(points: list[Point], hkv: int = 8, window: int = 1024, csv_li
 def rule_cost_table(points: list[Point]) -> str:
     """The mass-aware rule's step time over the paper's, on the same planted rings in the same run."""
     lines = [
-        "| batch, context | hits | paper's rule µs | mass rule µs | mass / paper |",
-        "|---|---|---|---|---|",
+        "| Hkv | batch, context | hits | paper's rule µs | mass rule µs | mass / paper |",
+        "|---|---|---|---|---|---|",
     ]
-    for p in sorted(points, key=lambda p: (-p.batch, p.ctx)):
+    for p in sorted(points, key=lambda p: (-p.hkv, -p.batch, p.ctx)):
         for rate in HIT_RATES:
             paper, mass = p.us(f"mac@{rate}"), p.us(f"mass@{rate}")
             if paper and mass:
-                lines.append(f"| {p.batch}, {_ctx(p.ctx)} | {_rate(rate)} | {paper} | {mass} | {float(mass) / float(paper):.3f} |")
+                lines.append(f"| {p.hkv} | {p.batch}, {_ctx(p.ctx)} | {_rate(rate)} | {paper} | {mass} | {float(mass) / float(paper):.3f} |")
     if len(lines) == 2:
         return ""
     gpu = points[0].gpu if points else ""

@@ -84,7 +84,7 @@ def main():
         positions, k, v, q_pre, q_post = step_inputs(hkv, batch, ctx, gen)
         if rate is None:
             def step():
-                return mac_triton.full_decode(q_post, k, v, positions)
+                return mac_triton.full_step(q_post, k, v, positions)
         else:
             state, _ = planted_state(q_pre, config.window, ctx - 1, rate, gen)
             step = ring_restoring_step(q_pre, q_post, k, v, state, positions, dataclasses.replace(config, rule=rule))

@@ -53,7 +53,7 @@ def attend_cases(gen, config: MACConfig) -> dict:
         pos = torch.full((batch,), ctx - 1, dtype=torch.int64, device=device)
         for rate in rates:
             if rate is None:
-                cases[("full", batch, ctx)] = lambda launch, q=q, k=k, v=v, pos=pos: (lambda: mac_triton.full_decode(q, k, v, pos, launch=launch))
+                cases[("full", batch, ctx)] = lambda launch, q=q, k=k, v=v, pos=pos: (lambda: mac_triton.full_step(q, k, v, pos, launch=launch))
                 continue
             state, _ = planted_state(q, config.window, ctx - 1, rate, gen)
             cases[(f"mac_{rate:g}", batch, ctx)] = (

@@ -11,7 +11,7 @@ before importing to run the kernels on a CPU. One file per concern:
 - :mod:`mac_triton.accept`   the acceptance rule, per head
 - :mod:`mac_triton.reduce`   the reduce kernel: ⊕ of the partials, cached row, ring write, report
 - :mod:`mac_triton.complete` ``amend_complete``: attend + reduce for given decisions
-- :mod:`mac_triton.decode`   ``decode_step``, ``mac_step`` (graph-capturable), ``full_decode``
+- :mod:`mac_triton.decode`   ``decode_step``, ``full_decode`` and their graph-capturable kernels ``mac_step``, ``full_step``
 - :mod:`mac_triton.launch`   launch settings (tiles, warps, programs per SM), passed to the launchers
 - :mod:`mac_triton.numerics` the log-domain helpers the kernels share, the accepted dtypes
 """
@@ -19,12 +19,12 @@ before importing to run the kernels on a CPU. One file per concern:
 from mac_core import MACConfig
 
 from .complete import amend_complete
-from .decode import DecodeWorkspace, decode_step, full_decode, mac_step
+from .decode import DecodeWorkspace, decode_step, full_decode, full_step, mac_step
 from .launch import MATCH, NARROW, WIDE, Launch, MatchLaunch, launch_for
 from .match import find_match
 from .summary import merge, merge_all, remove
 
 __all__ = [
     "MACConfig", "merge", "merge_all", "remove", "find_match", "amend_complete", "decode_step", "full_decode",
-    "mac_step", "DecodeWorkspace", "Launch", "MatchLaunch", "WIDE", "NARROW", "MATCH", "launch_for",
+    "mac_step", "full_step", "DecodeWorkspace", "Launch", "MatchLaunch", "WIDE", "NARROW", "MATCH", "launch_for",
 ]  # fmt: skip

@@ -133,7 +133,7 @@ def mac_step(
         state=state, q_pre=q_pre, subtract=config.row_update == "subtract", rule=rule.name, decided=decided, prefix=prefix,
     )
     stats = StepStats(
-        hit=res.hit, matched_pos=res.matched_pos, distance=res.distance, keys_read=res.keys_read, context=positions + 1,
+        hit=res.hit, matched_pos=res.matched_pos, distance=res.distance, keys_read=res.keys_read, context=res.context,
         ill_conditioned=res.ill_conditioned, chain_depth=res.chain_depth, candidate=res.candidate, mass_share=res.mass_share,
     )
     return res.out, res.lse, stats
@@ -186,11 +186,12 @@ def full_decode(q_post, k_cache, v_cache, positions, scale: float | None = None,
         ``(out [B, Hq, D] in q_post's dtype, lse [B, Hq] float32)``.
     """
     check_attention_inputs(q_post, k_cache, v_cache, positions, LIMITS)
-    return full_decode_kernels(q_post, k_cache, v_cache, positions, scale, launch)
+    return full_step(q_post, k_cache, v_cache, positions, scale, launch)
 
 
-def full_decode_kernels(q_post, k_cache, v_cache, positions, scale: float | None = None, launch: Launch | None = None):
-    """:func:`full_decode` without checks (graph-capturable)."""
+def full_step(q_post, k_cache, v_cache, positions, scale: float | None = None, launch: Launch | None = None):
+    """:func:`full_decode` without checks: no validation, no host sync, so a CUDA graph can
+    capture it (the twin of :func:`mac_step`)."""
     B, Hq, D = q_post.shape
     Hkv = k_cache.shape[1]
     scale = D**-0.5 if scale is None else scale

@@ -19,7 +19,7 @@ LIMITS = BackendLimits(
     "mac_triton", dtypes=(torch.float16, torch.bfloat16, torch.float32), row_dtype=torch.float32, contiguous_head_dim=True
 )
 LOG2E = 1.4426950408889634
-LN2 = 0.6931471805599453
+LN2 = tl.constexpr(0.6931471805599453)  # read inside kernels: a constexpr, as the compiler requires
 
 
 @triton.jit

@@ -45,7 +45,8 @@ class Reduced(NamedTuple):
     Attributes:
         out, lse: ``[B, Hq, D]`` output (in the requested dtype) and ``[B, Hq]`` float32 LSE.
         hit, matched_pos, distance, keys_read, candidate, mass_share: the match report
-            (``BAND_FROM_MATCH``): ``[B, Hq]`` bool, int64, float32, int64, bool, float32.
+            (``BAND_FROM_MATCH``): ``[B, Hq]`` bool, int64, float32, int64, bool, float32;
+            context: ``[B]`` int64 ``t + 1``.
         cached_o, cached_lse, rest_o, rest_lse: ``C`` and sinks ⊕ tail, float32 (``ROW_RETURN``).
         ill_conditioned, chain_depth: ``[B, Hq]`` bool and int64 of the written row (``ROW_TO_RING``).
     """
@@ -58,6 +59,7 @@ class Reduced(NamedTuple):
     keys_read: torch.Tensor | None = None
     candidate: torch.Tensor | None = None
     mass_share: torch.Tensor | None = None
+    context: torch.Tensor | None = None
     cached_o: torch.Tensor | None = None
     cached_lse: torch.Tensor | None = None
     rest_o: torch.Tensor | None = None
@@ -69,7 +71,7 @@ class Reduced(NamedTuple):
 @triton.jit
 def _reduce_kernel(
     part_o_ptr, part_lse_ptr, plan_ptr, key_ptr, radius_ptr,
-    hit_ptr, matched_ptr, dist_ptr, keys_read_ptr, candidate_ptr, share_ptr,
+    hit_ptr, matched_ptr, dist_ptr, keys_read_ptr, candidate_ptr, share_ptr, context_ptr,
     decided_hit_ptr, decided_share_ptr, prefix_o_ptr, prefix_lse_ptr, prefix_plan_ptr,
     ring_q_ptr, ring_o_ptr, ring_lse_ptr, ring_depth_ptr, depth_out_ptr, q_pre_ptr, out_ptr, lse_ptr,
     c_o_ptr, c_lse_ptr, rest_o_ptr, rest_lse_ptr, ill_ptr,
@@ -154,6 +156,8 @@ def _reduce_kernel(
             tl.store(keys_read_ptr + bh, g_sink_end + (t + 1 - start))
             tl.store(candidate_ptr + bh, candidate.to(tl.int8))
             tl.store(share_ptr + bh, w)
+            if h == 0:  # the request's context, t + 1 keys (written here: no launch of its own)
+                tl.store(context_ptr + b, t + 1)
             tl.store(key_ptr + bh, _NO_CANDIDATE)
         reused_lse = tl.where(hit, row_lse, prefix_lse)
         reused_o = tl.where(hit, row_o, prefix_o)
@@ -222,7 +226,7 @@ def launch_reduce(
     f32, i64 = torch.float32, torch.int64
     out = torch.empty(B, Hq, D, dtype=out_dtype, device=device)
     lse = torch.empty(B, Hq, dtype=f32, device=device)
-    report = dict.fromkeys(("hit", "matched_pos", "distance", "keys_read", "candidate", "mass_share"))
+    report = dict.fromkeys(("hit", "matched_pos", "distance", "keys_read", "candidate", "mass_share", "context"))
     hit_buf = matched_buf = None
     stride_mb = stride_mh = 0
     if band_source == BAND_FROM_MATCH.value:
@@ -230,6 +234,7 @@ def launch_reduce(
             hit=torch.empty(B, Hq, dtype=torch.int8, device=device), matched_pos=torch.empty(B, Hq, dtype=i64, device=device),
             distance=torch.empty(B, Hq, dtype=f32, device=device), keys_read=torch.empty(B, Hq, dtype=i64, device=device),
             candidate=torch.empty(B, Hq, dtype=torch.int8, device=device), mass_share=torch.empty(B, Hq, dtype=f32, device=device),
+            context=torch.empty(B, dtype=i64, device=device),
         )
         hit_buf, matched_buf = report["hit"], report["matched_pos"]
     elif band_source == BAND_FROM_SPANS.value:
@@ -255,7 +260,7 @@ def launch_reduce(
     two_phase = decided is not None
     _reduce_kernel[(B * Hq,)](
         partials.o, partials.lse, partials.plan, keys, radius_sq,
-        hit_buf, matched_buf, report["distance"], report["keys_read"], report["candidate"], report["mass_share"],
+        hit_buf, matched_buf, report["distance"], report["keys_read"], report["candidate"], report["mass_share"], report["context"],
         decided.hit if two_phase else None, decided.mass_share if two_phase else None,
         prefix.o if two_phase else None, prefix.lse if two_phase else None, prefix.plan if two_phase else None,
         *rings, written["chain_depth"], q_pre, out, lse,

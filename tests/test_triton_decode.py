@@ -188,7 +188,8 @@ def test_rejected_candidates_are_full_attention(dtype):
     out, lse, stats = mac_triton.decode_step(q_pre, k, v, state, pos, config, q_post=q_post)
     rejected = stats.candidate & ~stats.hit
     assert rejected.any() and stats.hit.any()
-    want_o, want_lse = mac_ref.full_attention(q_post, k, v, pos + 1)
-    assert_close(out[rejected], want_o[rejected], "exact", dtype)
-    assert_close(lse[rejected], want_lse[rejected], "triton_lse", dtype)
-    assert torch.equal(stats.keys_read[rejected], (pos + 1)[:, None].expand_as(stats.keys_read)[rejected])
+    want_o, want_lse = mac_ref.full_attention(q_post, k, v, pos + 1)  # on the CPU
+    rejected = rejected.cpu()
+    assert_close(out.cpu()[rejected], want_o[rejected], "exact", dtype)
+    assert_close(lse.cpu()[rejected], want_lse[rejected], "triton_lse", dtype)
+    assert torch.equal(stats.keys_read.cpu()[rejected], (pos + 1)[:, None].expand_as(stats.keys_read).cpu()[rejected])

@@ -171,7 +171,7 @@ if ON_GPU:
         # goes to the planted (more recent) match and every replay is the same all-hit step
         workspace = mac_triton.DecodeWorkspace.new(config, B, Hq, D, device)  # the step's match keys, kept between replays
         mac = lambda: mac_triton.mac_step(q_pre, q_post, k, v, state, positions, config, scale, workspace)  # noqa: E731
-        full = lambda: mac_triton.full_decode(q_post, k, v, positions)  # noqa: E731
+        full = lambda: mac_triton.full_step(q_post, k, v, positions)  # noqa: E731  (full_decode's kernels: no checks, no sync)
         sdpa = lambda: torch.nn.functional.scaled_dot_product_attention(q_post[:, :, None], k, v, enable_gqa=True)  # noqa: E731
         for name, fn in (("MAC all-hit", mac), ("full (same kernels)", full), ("torch SDPA", sdpa)):
             fn()  # compile outside the graph
