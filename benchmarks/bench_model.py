@@ -40,9 +40,10 @@ from pathlib import Path
 
 import torch
 
-from mac_core import MassRule, PaperRule, preset
+from mac_core import MassRule, PaperRule, StepStats, preset
 from mac_llm.decoding import default_prose
 from mac_llm.engine import DecodeEngine, FallbackPolicy
+from mac_llm.fidelity import compare_logits, reads_skipped
 from mac_llm.gguf_model import load_model
 
 from .harness import environment
@@ -107,29 +108,12 @@ def fidelity(engine: DecodeEngine, checkpoint: dict, follow: list[list[int]], re
     """Teacher-forced MAC against the full-attention logits ``reference [S, B, V]`` of the same requests."""
     engine.rewind(checkpoint)
     S = reference.shape[0]
-    targets = torch.tensor(follow, device=reference.device).T[: S + 1]  # [S + 1, B]
+    targets = torch.tensor(follow, device=reference.device).T[:S]  # [S, B]
     logits, stats = [], []
     for s in range(S):
         logits.append(engine.step(targets[s]).clone())
         stats.append(engine.step_stats())
-    logits = torch.stack(logits)  # [S, B, V]
-    log_p, log_q = torch.log_softmax(reference.double(), -1), torch.log_softmax(logits.double(), -1)
-    kl = (log_p.exp() * (log_p - log_q)).sum(-1)  # [S, B]
-    nll_full = -log_p[:-1].gather(-1, targets[1:S, :, None]).squeeze(-1)
-    nll_mac = -log_q[:-1].gather(-1, targets[1:S, :, None]).squeeze(-1)
-    diff = (nll_mac - nll_full).flatten()
-    change = math.exp(diff.mean().item()) - 1
-    hit = torch.stack([s.hit for s in stats]).double()  # [S, layers, B, Hq]
-    reads = torch.stack([s.keys_read for s in stats]).double()
-    context = torch.stack([s.context for s in stats]).double()[..., None].expand_as(reads)
-    Hq = reads.shape[-1]
-    group_reads = reads.view(*reads.shape[:-1], kv_heads, Hq // kv_heads).amax(-1)
-    return {
-        "kl_mean": kl.mean().item(), "top1": (reference.argmax(-1) == logits.argmax(-1)).double().mean().item(),
-        "ppl_change": change, "ppl_change_se": (change + 1) * (diff.std() / math.sqrt(diff.numel())).item(),
-        "hit_rate": hit.mean().item(), "skipped_head": 1 - (reads.sum() / context.sum()).item(),
-        "skipped_group": 1 - (group_reads.sum() / context[..., ::Hq // kv_heads].sum()).item(), "scored_tokens": diff.numel(),
-    }
+    return {**compare_logits(reference, torch.stack(logits), targets), **reads_skipped(StepStats.stack(stats), kv_heads)}
 
 
 def run(args) -> None:

@@ -90,16 +90,20 @@ class DecodeEngine:
         dtype: ``torch.bfloat16`` or ``torch.float16`` (``torch.float32`` for CPU tests).
         device: where it runs.
         policy: a :class:`FallbackPolicy` for ``"mac"`` (``None``: always MAC).
+        mac_backend: ``"triton"`` (``mac_triton.mac_step``) or ``"ref"`` (``mac_ref.decode_step``:
+            the readable reference, eager; for studies on a CPU).
     """
 
     def __init__(self, model: LlamaModel, batch: int, capacity: int, attention: str, config: MACConfig | None = None,
-                 dtype=torch.bfloat16, device="cuda", policy: FallbackPolicy | None = None):
+                 dtype=torch.bfloat16, device="cuda", policy: FallbackPolicy | None = None, mac_backend: str = "triton"):
         if attention not in ATTENTIONS:
             raise ValueError(f"attention must be one of {ATTENTIONS}, got {attention!r}")
         if attention == "mac" and config is None:
             raise ValueError("attention='mac' needs a MACConfig (config=...)")
         if config is not None and config.calibration is not None:
             raise ValueError("DecodeEngine does not calibrate radii from the prompt: pass a config without calibration")
+        if mac_backend not in ("triton", "ref"):
+            raise ValueError(f"mac_backend must be 'triton' or 'ref', got {mac_backend!r}")
         if dtype not in (torch.bfloat16, torch.float16, torch.float32):
             raise TypeError(f"dtype must be bfloat16, float16 or float32, got {dtype}")
         if not (isinstance(batch, int) and batch > 0 and isinstance(capacity, int) and capacity > 0):
@@ -109,6 +113,7 @@ class DecodeEngine:
         self.device = torch.device(device)
         self.config = None if config is None else dataclasses.replace(config, rope_base=cfg.rope_base)
         self.policy = policy if attention == "mac" else None
+        self.mac_backend = mac_backend
         self.scale = cfg.head_dim**-0.5
         to = dict(dtype=dtype, device=self.device)
         self.embed = model.embed.detach().to(**to)  # [V, dim], tied output head
@@ -219,6 +224,14 @@ class DecodeEngine:
     def _attend(self, i: int, q_pre, q_post, mask, use_mac: bool) -> torch.Tensor:
         import mac_triton
 
+        if self.attention == "mac" and self.mac_backend == "ref":
+            import mac_ref
+
+            if not use_mac:
+                raise ValueError("the reference backend has no fallback step: use mac_backend='triton' with a policy")
+            out, _, stats = mac_ref.decode_step(q_pre, self.k[i], self.v[i], self.states[i], self.positions, self.config, q_post=q_post)
+            self.stats[i] = stats
+            return out
         if self.attention == "mac":
             out, _, stats = mac_triton.mac_step(
                 q_pre, q_post, self.k[i], self.v[i], self.states[i], self.positions, self.config, self.scale,

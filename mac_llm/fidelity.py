@@ -72,6 +72,9 @@ def fidelity(full_logits: torch.Tensor, mac_logits: torch.Tensor, targets: torch
         "hit_rate": hit.mean().item(),
         "skipped_head": 1 - (reads.sum() / full_reads.sum()).item(),
         "skipped_group": 1 - (group_reads.sum() / group_full.sum()).item(),
+        # keys a step reads per token, summed over layers and KV groups (a group's K/V tiles are read once)
+        "group_keys_per_token": (group_reads.sum() / reads.shape[0]).item(),
+        "full_group_keys_per_token": (group_full.sum() / reads.shape[0]).item(),
         "top1": agree.double().mean().item(),
         "kl_mean": kl.mean().item(),
         "kl_max": kl.max().item(),
@@ -113,3 +116,43 @@ def _first_flip_margin(full_logits: torch.Tensor, agree: torch.Tensor) -> float:
             top2 = full_logits[b, int(flips[0])].topk(2).values
             margins.append((top2[0] - top2[1]).item())
     return min(margins) if margins else math.nan
+
+
+def compare_logits(reference: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor) -> dict:
+    """Teacher-forced MAC against full attention on the same tokens.
+
+    Args:
+        reference, logits: ``[S, B, V]`` full attention's and MAC's logits after each fed token.
+        targets: ``[S, B]`` the fed tokens (``logits[s]`` predicts ``targets[s + 1]``).
+
+    Returns:
+        ``kl_mean``, ``top1``, ``ppl_change`` and ``ppl_change_se`` (over the ``S − 1`` scored
+        positions of every request), ``scored_tokens``.
+    """
+    log_p, log_q = F.log_softmax(reference.double(), -1), F.log_softmax(logits.double(), -1)
+    kl = (log_p.exp() * (log_p - log_q)).sum(-1)  # [S, B]
+    nll_full = -log_p[:-1].gather(-1, targets[1:, :, None]).squeeze(-1)
+    nll_mac = -log_q[:-1].gather(-1, targets[1:, :, None]).squeeze(-1)
+    diff = (nll_mac - nll_full).flatten()
+    change = math.exp(diff.mean().item()) - 1
+    return {
+        "kl_mean": kl.mean().item(), "top1": (reference.argmax(-1) == logits.argmax(-1)).double().mean().item(),
+        "ppl_change": change, "ppl_change_se": (change + 1) * (diff.std() / math.sqrt(diff.numel())).item(),
+        "scored_tokens": diff.numel(),
+    }
+
+
+def reads_skipped(stats, kv_heads: int) -> dict:
+    """Hit rate, candidates, KV reads skipped per head and per group from a run's
+    :class:`~mac_core.step.StepStats` (fields ``[..., B, Hq]``, ``context`` ``[..., B]``)."""
+    reads = stats.keys_read.double()
+    context = stats.context.double()[..., None].expand_as(reads)
+    Hq = reads.shape[-1]
+    group = Hq // kv_heads
+    group_reads = reads.view(*reads.shape[:-1], kv_heads, group).amax(-1)
+    return {
+        "hit_rate": stats.hit.double().mean().item(), "candidate_rate": stats.candidate.double().mean().item(),
+        "skipped_head": 1 - (reads.sum() / context.sum()).item(),
+        "skipped_group": 1 - (group_reads.sum() / context[..., ::group].sum()).item(),
+        "mass_share_mean": stats.mass_share[stats.candidate].double().mean().item() if stats.candidate.any() else 0.0,
+    }

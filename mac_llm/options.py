@@ -38,7 +38,10 @@ def calibration(text: str) -> str | None:
 def add_mac_options(parser: argparse.ArgumentParser, defaults: MACConfig) -> None:
     """The MAC knobs shared by every subcommand, with ``defaults`` shown in ``--help``."""
     group = parser.add_argument_group("MAC-Attention", "the method's knobs (mac_core.MACConfig)")
-    group.add_argument("--rule", choices=sorted(RULES), default=defaults.rule.name, help="acceptance rule (mac_core.rules)")
+    group.add_argument("--rule", choices=sorted(RULES), default=defaults.rule.name, help="acceptance rule (mac_core.rules): paper (the distance test) or mass (candidates verified by the mass their row carries)")
+    group.add_argument("--tau-m", type=float, default=getattr(defaults.rule, "tau_m", 0.5), help="the mass rule's threshold τ_m (with --rule mass; --tau is then its cap)")
+    group.add_argument("--per-group", action=argparse.BooleanOptionalAction, default=defaults.rule.per_group,
+                       help="group-aware decisions: a KV group reuses only if all its heads would")
     group.add_argument("--tau", type=float, default=defaults.tau, help="match threshold τ of the distance test (higher is stricter; ≥ 1: no hits)")
     group.add_argument("--window", type=positive_int, default=defaults.window, help="ring size / match window W")
     group.add_argument("--band", type=int, default=defaults.band, help="band r: a ring row leaves out its token's last r keys")
@@ -56,9 +59,10 @@ def add_mac_options(parser: argparse.ArgumentParser, defaults: MACConfig) -> Non
 def config_from(args: argparse.Namespace, **extra) -> MACConfig:
     """The configuration the options describe; a bad value is an :class:`InvalidOption`."""
     try:
+        params = {"per_group": args.per_group} | ({"tau_m": args.tau_m} if args.rule == "mass" else {})
         return MACConfig(
             window=args.window, band=args.band, tau=args.tau, sinks=args.sinks, max_chain=args.max_chain,
-            calibration=args.calibration, rule=RULES[args.rule](), **extra,
+            calibration=args.calibration, rule=RULES[args.rule](**params), **extra,
         )
     except (TypeError, ValueError) as err:
         raise InvalidOption(str(err)) from None

@@ -62,6 +62,17 @@ def test_help_shows_every_default_and_every_option_has_help():
                 assert f"(default: {action.default})" in " ".join(text.split()), f"{parser.prog} {action.option_strings[0]}: default not shown"
 
 
+def test_the_rule_and_its_parameters_are_options():
+    from mac_core import MassRule, PaperRule
+    from mac_llm.options import config_from
+
+    parser = cli.build_parser()
+    config = config_from(parser.parse_args(["synthetic", "--rule", "mass", "--tau", "0.3", "--tau-m", "0.7", "--per-group"]))
+    assert config.rule == MassRule(tau_m=0.7, per_group=True) and config.tau == 0.3
+    assert config_from(parser.parse_args(["synthetic", "--no-per-group"])).rule == PaperRule()
+    assert cli.main(["synthetic", "--rule", "mass", "--tau-m", "nan"]) == 2
+
+
 def test_defaults_come_from_the_presets():
     args = cli.build_parser().parse_args(["demo"])
     demo_preset = PRESETS["demo"]

@@ -23,8 +23,8 @@ pytestmark = pytest.mark.interpreter
 CAPACITY = 64
 
 
-@pytest.fixture(scope="module")
-def model():
+def tiny_model() -> LlamaModel:
+    """A 2-layer Llama with random weights (Hq 4, Hkv 2, D 8), on the CPU."""
     cfg = ModelConfig(n_layers=2, dim=32, n_heads=4, n_kv_heads=2, ffn_dim=64, vocab_size=50, context_length=128, rope_base=10000.0, norm_eps=1e-5)
     gen = torch.Generator().manual_seed(0)
     shapes = {"attn_norm": (32,), "attn_q": (32, 32), "attn_k": (16, 32), "attn_v": (16, 32), "attn_output": (32, 32),
@@ -35,6 +35,11 @@ def model():
             w = torch.randn(shapes[gguf], generator=gen) * (0.3 if len(shapes[gguf]) == 2 else 0.1)
             weights[f"blk.{i}.{gguf}.weight"] = w + (1.0 if gguf.endswith("norm") else 0.0)
     return LlamaModel(cfg, weights)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_model()
 
 
 def prompts(lengths, seed=1):
