@@ -320,7 +320,7 @@ def write_all(results: Path = RESULTS) -> list[Path]:
     written.append(speedup_plot(points, 16, results / "speedup_b16.png", size=HEADLINE_SIZE))  # the page's opening plot
     written.append(hits_plot(points, results / "speedup_vs_hits.png"))
     written.append(full_decode_plot(points, results / "full_decode.png"))
-    if results.resolve() == RESULTS.resolve() and refresh_results_md({"headline": headline, "tables": tables}):
+    if results.resolve() == RESULTS.resolve() and refresh_results_md({"headline": headline, "tables": tables, "rule_cost": rule_cost}):
         written.append(RESULTS_MD)
     return written
 
