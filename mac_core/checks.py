@@ -11,6 +11,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .kv import PagedKV, cache_lengths
+
 
 def check_tensor(name: str, x, ndim: int | None = None, shape_hint: str = "") -> torch.Tensor:
     """Check that ``x`` is a floating-point tensor of rank ``ndim``."""
@@ -72,22 +74,61 @@ class BackendLimits:
 REFERENCE = BackendLimits("mac_ref")
 
 
-def check_cache(k_cache, v_cache, batch: int, q_heads: int, head_dim: int, limits: BackendLimits = REFERENCE) -> None:
+def check_cache(
+    k_cache, v_cache, batch: int, q_heads: int, head_dim: int, limits: BackendLimits = REFERENCE,
+    names: tuple[str, str, str] = ("q_pre", "k_cache", "v_cache"),
+) -> None:
     """``k_cache`` and ``v_cache``: ``[B, Hkv, T, D]`` floats of one shape (and dtype where the
-    backend needs it), ``Hkv`` dividing ``Hq``."""
-    check_tensor("k_cache", k_cache, 4, "[B, Hkv, T, D]")
-    check_tensor("v_cache", v_cache, 4, "[B, Hkv, T, D]")
-    if k_cache.shape != v_cache.shape:
-        raise ValueError(f"k_cache and v_cache must have one shape, got {tuple(k_cache.shape)} and {tuple(v_cache.shape)}")
+    backend needs it), ``Hkv`` dividing ``Hq``; or two :class:`~mac_core.kv.PagedKV` of one
+    table, layout and pages shape standing for such a cache."""
+    q_name, k_name, v_name = names
+    paged = isinstance(k_cache, PagedKV)
+    if paged != isinstance(v_cache, PagedKV):
+        raise TypeError(
+            f"{k_name} and {v_name} must both be tensors or both PagedKV, got {type(k_cache).__name__} and {type(v_cache).__name__}"
+        )
+    if paged:
+        if k_cache.layout != v_cache.layout:
+            raise ValueError(f"{k_name} and {v_name} must share a page layout, got {k_cache.layout} and {v_cache.layout}")
+        if k_cache.pages.shape != v_cache.pages.shape:
+            raise ValueError(f"{k_name}.pages and {v_name}.pages must have one shape, got {tuple(k_cache.pages.shape)} and {tuple(v_cache.pages.shape)}")
+        if not k_cache.table.same_as(v_cache.table):
+            raise ValueError(f"{k_name} and {v_name} must share one page table")
+        k_tensor, v_tensor = k_cache.pages, v_cache.pages
+    else:
+        k_tensor = check_tensor(k_name, k_cache, 4, "[B, Hkv, T, D]")
+        v_tensor = check_tensor(v_name, v_cache, 4, "[B, Hkv, T, D]")
+        if k_cache.shape != v_cache.shape:
+            raise ValueError(f"{k_name} and {v_name} must have one shape, got {tuple(k_cache.shape)} and {tuple(v_cache.shape)}")
     B, Hkv, _, D = k_cache.shape
     if B != batch or D != head_dim:
-        raise ValueError(f"k_cache must have shape [B={batch}, Hkv, T, D={head_dim}], got {tuple(k_cache.shape)}")
+        kind = " (paged: B from its table, Hkv and D from its pages)" if paged else ""
+        raise ValueError(f"{k_name} must have shape [B={batch}, Hkv, T, D={head_dim}]{kind}, got {tuple(k_cache.shape)}")
     if Hkv == 0 or q_heads % Hkv != 0:
-        raise ValueError(f"the number of query heads of q_pre ({q_heads}) must be a multiple of the KV heads of k_cache ({Hkv})")
-    limits.check_dtype("k_cache", k_cache)
-    limits.check_dtype("v_cache", v_cache)
-    if limits.dtypes is not None and k_cache.dtype != v_cache.dtype:
-        raise TypeError(f"k_cache and v_cache must share a dtype for {limits.name}, got {k_cache.dtype} and {v_cache.dtype}")
+        raise ValueError(f"the number of query heads of {q_name} ({q_heads}) must be a multiple of the KV heads of {k_name} ({Hkv})")
+    if paged:
+        k_name, v_name = f"{k_name}.pages", f"{v_name}.pages"
+    limits.check_dtype(k_name, k_tensor)
+    limits.check_dtype(v_name, v_tensor)
+    if limits.dtypes is not None and k_tensor.dtype != v_tensor.dtype:
+        raise TypeError(f"{k_name} and {v_name} must share a dtype for {limits.name}, got {k_tensor.dtype} and {v_tensor.dtype}")
+
+
+def cache_device_tensors(k_cache, v_cache, names: tuple[str, str] = ("k_cache", "v_cache")) -> dict:
+    """The tensors of a cache pair, named, for :func:`check_same_device`."""
+    k_name, v_name = names
+    if isinstance(k_cache, PagedKV):
+        return {f"{k_name}.pages": k_cache.pages, f"{v_name}.pages": v_cache.pages, "page table": k_cache.table.indptr}
+    return {k_name: k_cache, v_name: v_cache}
+
+
+def check_positions_in_cache(positions, k_cache) -> None:
+    """Key ``positions[b]`` must be one request ``b``'s cache holds."""
+    lengths = cache_lengths(k_cache)
+    if bool((positions >= lengths).any()) or bool((positions < 0).any()):
+        if isinstance(k_cache, PagedKV):
+            raise ValueError(f"positions {positions.tolist()} must lie below each request's paged KV length {lengths.tolist()}")
+        raise ValueError(f"positions {positions.tolist()} must lie in [0, {k_cache.shape[2]}), the KV cache capacity")
 
 
 def check_query(name: str, q, like: torch.Tensor | None, ndim: int, hint: str, limits: BackendLimits) -> None:
@@ -116,8 +157,8 @@ def check_step_inputs(q_pre, k_cache, v_cache, state, positions, config, q_post=
     check_cache(k_cache, v_cache, B, Hq, D, limits)
     check_int_tensor("positions", positions, (B,))
     check_same_device(
-        q_pre=q_pre, k_cache=k_cache, v_cache=v_cache, positions=positions, ring_q=state.ring_q, ring_depth=state.ring_depth,
-        q_post=q_post,
+        q_pre=q_pre, **cache_device_tensors(k_cache, v_cache), positions=positions, ring_q=state.ring_q,
+        ring_depth=state.ring_depth, q_post=q_post,
     )
     W = config.window
     if tuple(state.ring_q.shape) != (B, Hq, W, D):
@@ -128,9 +169,7 @@ def check_step_inputs(q_pre, k_cache, v_cache, state, positions, config, q_post=
         )
     _check_rows(state, q_pre, limits)
     config.check_heads(Hq)
-    capacity = k_cache.shape[2]
-    if bool((positions >= capacity).any()) or bool((positions < 0).any()):
-        raise ValueError(f"positions {positions.tolist()} must lie in [0, {capacity}), the KV cache capacity")
+    check_positions_in_cache(positions, k_cache)
     if not torch.equal(positions.to(torch.int64), state.next_pos):
         raise ValueError(
             f"positions {positions.tolist()} do not follow the previous step: the state expects {state.next_pos.tolist()}"
@@ -162,11 +201,13 @@ def check_prefill_inputs(q_pre, k_cache, v_cache, prompt_lengths, q_post=None) -
     if isinstance(prompt_lengths, int) and not isinstance(prompt_lengths, bool):
         prompt_lengths = torch.full((B,), prompt_lengths, dtype=torch.int64, device=q_pre.device)
     check_int_tensor("prompt_lengths", prompt_lengths, (B,))
-    check_same_device(q_pre=q_pre, k_cache=k_cache, v_cache=v_cache, prompt_lengths=prompt_lengths, q_post=q_post)
-    if L > k_cache.shape[2]:
+    check_same_device(q_pre=q_pre, **cache_device_tensors(k_cache, v_cache), prompt_lengths=prompt_lengths, q_post=q_post)
+    if not isinstance(k_cache, PagedKV) and L > k_cache.shape[2]:
         raise ValueError(f"q_pre has {L} positions, more than the KV cache capacity {k_cache.shape[2]}")
     if bool((prompt_lengths < 0).any()) or bool((prompt_lengths > L).any()):
         raise ValueError(f"prompt_lengths {prompt_lengths.tolist()} must lie in [0, {L}] (L = q_pre.shape[2])")
+    if isinstance(k_cache, PagedKV) and bool((prompt_lengths > k_cache.lengths()).any()):
+        raise ValueError(f"prompt_lengths {prompt_lengths.tolist()} must not exceed each request's paged KV length {k_cache.lengths().tolist()}")
     return prompt_lengths.to(torch.int64)
 
 
@@ -175,9 +216,7 @@ def check_attention_inputs(q_post, k_cache, v_cache, positions, limits: BackendL
     positions ``[B]`` in ``[0, T)``."""
     check_query("q_post", q_post, None, 3, "[B, Hq, D]", limits)
     B, Hq, D = q_post.shape
-    check_cache(k_cache, v_cache, B, Hq, D, limits)
+    check_cache(k_cache, v_cache, B, Hq, D, limits, names=("q_post", "k_cache", "v_cache"))
     check_int_tensor("positions", positions, (B,))
-    check_same_device(q_post=q_post, k_cache=k_cache, v_cache=v_cache, positions=positions)
-    capacity = k_cache.shape[2]
-    if bool((positions >= capacity).any()) or bool((positions < 0).any()):
-        raise ValueError(f"positions {positions.tolist()} must lie in [0, {capacity}), the KV cache capacity")
+    check_same_device(q_post=q_post, **cache_device_tensors(k_cache, v_cache), positions=positions)
+    check_positions_in_cache(positions, k_cache)

@@ -22,6 +22,8 @@ from mac_core import (
     MACConfig,
     MassRule,
     MatchResult,
+    PagedKV,
+    PageTable,
     PaperRule,
     Spans,
     StepStats,
@@ -31,6 +33,7 @@ from mac_core import (
     prefix_end,
     preset,
     removal_epsilon,
+    to_paged,
 )
 from mac_core.step import Completion
 
@@ -46,7 +49,7 @@ from .summary import attend, merge, merge_all, remove
 from .synthetic import synthetic_stream
 
 __all__ = [
-    "MACConfig", "PRESETS", "preset", "PaperRule", "MassRule", "LayerState", "new_state", "Summary", "empty_summary",
+    "MACConfig", "PRESETS", "preset", "PagedKV", "PageTable", "to_paged", "PaperRule", "MassRule", "LayerState", "new_state", "Summary", "empty_summary",
     "attend", "merge", "merge_all", "remove", "removal_epsilon", "apply_rope", "invert_rope", "MatchResult",
     "find_match", "accept_candidates", "Decision", "mass_share", "Spans", "prefix_end", "step_spans", "amend_row", "Completion", "complete_output",
     "amend_complete", "update_row", "StepStats", "decode_step", "prefill", "StreamResult", "run_stream",

@@ -48,9 +48,9 @@ def decode_step(q_pre, k_cache, v_cache, state: LayerState, positions, config: M
 
     Args:
         q_pre: ``[B, Hq, D]`` pre-RoPE queries of the tokens at ``positions``.
-        k_cache, v_cache: ``[B, Hkv, T, D]`` post-RoPE keys and values; key ``positions[b]``
-            of request ``b`` is already written. Entries past a request's position are
-            never read.
+        k_cache, v_cache: ``[B, Hkv, T, D]`` post-RoPE keys and values, or two
+            :class:`~mac_core.kv.PagedKV` of one table; key ``positions[b]`` of request
+            ``b`` is already written. Entries past a request's position are never read.
         state: the layer's rings (from :func:`prefill` or :func:`~mac_core.state.new_state`).
         positions: ``[B]`` int64, must equal ``state.next_pos``.
         config: the MAC configuration.
@@ -98,7 +98,8 @@ def prefill(q_pre, k_cache, v_cache, prompt_lengths, config: MACConfig, q_post=N
 
     Args:
         q_pre: ``[B, Hq, L, D]`` pre-RoPE queries of positions ``0 … L−1``.
-        k_cache, v_cache: ``[B, Hkv, T, D]`` with ``T ≥ L``; keys ``0 … n_b−1`` written.
+        k_cache, v_cache: ``[B, Hkv, T, D]`` with ``T ≥ L`` (or two :class:`~mac_core.kv.PagedKV`
+            holding ``≥ n_b`` keys per request); keys ``0 … n_b−1`` written.
         prompt_lengths: ``[B]`` int64 ``n_b ≤ L`` (0 allowed), or an int for all requests.
         config: the MAC configuration.
         q_post: ``[B, Hq, L, D]`` post-RoPE queries; by default RoPE of ``q_pre``.

@@ -23,7 +23,8 @@ import math
 
 import torch
 
-from mac_core.checks import check_same_device, check_tensor
+from mac_core.checks import cache_device_tensors, check_cache, check_same_device, check_tensor
+from mac_core.kv import cache_lengths, read_keys
 from mac_core.numerics import compute_dtype, removal_epsilon
 from mac_core.step import Summary, empty_summary
 
@@ -53,32 +54,27 @@ def attend(q, k, v, start, end, scale: float | None = None) -> Summary:
 
     Args:
         q: ``[B, Hq, D]`` post-RoPE queries, or ``[B, Hq, L, D]`` for ``L`` queries per head.
-        k: ``[B, Hkv, T, D]`` post-RoPE keys; ``Hkv`` divides ``Hq``.
-        v: ``[B, Hkv, T, D]`` values.
+        k: ``[B, Hkv, T, D]`` post-RoPE keys; ``Hkv`` divides ``Hq``; or a
+            :class:`~mac_core.kv.PagedKV` standing for them.
+        v: ``[B, Hkv, T, D]`` values (a ``PagedKV`` of ``k``'s table when ``k`` is one).
         start: int or integer tensor broadcastable to ``q.shape[:-1]``: first key (inclusive).
         end: int or integer tensor broadcastable to ``q.shape[:-1]``: last key (exclusive).
-            Ranges are clipped to ``[0, T)``; an empty range gives ``(0, −inf)``.
+            Ranges are clipped to ``[0, T)`` (to the keys a paged request holds); an empty
+            range gives ``(0, −inf)``.
         scale: softmax scale, ``1/sqrt(D)`` by default.
 
     Returns:
         ``Summary(o [*q.shape], lse [*q.shape[:-1]])`` in the compute dtype.
     """
-    check_tensor("k", k, 4, "[B, Hkv, T, D]")
-    check_tensor("v", v, 4, "[B, Hkv, T, D]")
     check_tensor("q", q)
     if q.dim() not in (3, 4):
         raise ValueError(f"q must have shape [B, Hq, D] or [B, Hq, L, D], got {tuple(q.shape)}")
-    check_same_device(q=q, k=k, v=v)
+    check_cache(k, v, q.shape[0], q.shape[1], q.shape[-1], names=("q", "k", "v"))
+    check_same_device(q=q, **cache_device_tensors(k, v, names=("k", "v")))
     single = q.dim() == 3
     q4 = q.unsqueeze(2) if single else q  # [B, Hq, L, D]
     B, Hq, L, D = q4.shape
-    if k.shape != v.shape or k.shape[0] != B or k.shape[-1] != D:
-        raise ValueError(
-            f"k and v must both have shape [B={B}, Hkv, T, D={D}], got {tuple(k.shape)} and {tuple(v.shape)}"
-        )
     Hkv, T = k.shape[1], k.shape[2]
-    if Hq % Hkv != 0:
-        raise ValueError(f"the number of query heads of q ({Hq}) must be a multiple of the KV heads of k ({Hkv})")
     dtype = compute_dtype(q.dtype, k.dtype, v.dtype)
     scale = 1.0 / math.sqrt(D) if scale is None else scale
     group = Hq // Hkv
@@ -87,11 +83,12 @@ def attend(q, k, v, start, end, scale: float | None = None) -> Summary:
     hi = _bounds(end, q.shape[:-1], q.device)
     if single:
         lo, hi = lo.unsqueeze(2), hi.unsqueeze(2)  # [B, Hq, 1, 1]
+    hi = torch.minimum(hi, cache_lengths(k).view(B, 1, 1, 1))  # a paged request holds only its own keys
     # only the keys some range reads, [min start, max end): a band or tail need not scan the cache
     first, last = max(int(lo.min()), 0) if lo.numel() else 0, min(int(hi.max()), T) if hi.numel() else 0
     first = min(first, last)
     n_keys = last - first
-    k, v = k[:, :, first:last], v[:, :, first:last]
+    k, v = read_keys(k, first, last), read_keys(v, first, last)  # [B, Hkv, T', D]
     pos = torch.arange(first, last, device=q.device)  # [T'] key positions
     in_range = (pos >= lo) & (pos < hi)  # [B, Hq, L, T']
 

@@ -16,7 +16,7 @@ before importing to run the kernels on a CPU. One file per concern:
 - :mod:`mac_triton.numerics` the log-domain helpers the kernels share, the accepted dtypes
 """
 
-from mac_core import MACConfig
+from mac_core import MACConfig, PagedKV, PageTable, to_paged
 
 from .complete import amend_complete
 from .decode import DecodeWorkspace, decode_step, full_decode, full_step, mac_step
@@ -25,6 +25,6 @@ from .match import find_match
 from .summary import merge, merge_all, remove
 
 __all__ = [
-    "MACConfig", "merge", "merge_all", "remove", "find_match", "amend_complete", "decode_step", "full_decode",
+    "MACConfig", "PagedKV", "PageTable", "to_paged", "merge", "merge_all", "remove", "find_match", "amend_complete", "decode_step", "full_decode",
     "mac_step", "full_step", "DecodeWorkspace", "Launch", "MatchLaunch", "WIDE", "NARROW", "MATCH", "launch_for",
 ]  # fmt: skip

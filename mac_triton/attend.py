@@ -21,6 +21,8 @@ import torch
 import triton
 import triton.language as tl
 
+from mac_core.kv import PagedKV
+
 from .launch import Launch, num_sms, upcast_dots
 from .numerics import LN2, LOG2E
 from .plan import _PLAN_FIELDS, BAND_FROM_PREFIX, BAND_FROM_SPANS, BAND_SOURCES, PLAN_FIELDS, band_bounds, keys_at, pick, pieces, plan_units, segment_cost
@@ -46,8 +48,9 @@ def _attend_kernel(
     q_ptr, k_ptr, v_ptr, part_o_ptr, part_lse_ptr, plan_ptr,
     pos_ptr, key_ptr, radius_ptr, band_start_ptr, sink_end_ptr, band_end_ptr, tail_end_ptr, stride_sb, stride_sh,
     stride_qb, stride_qh, stride_kb, stride_kh, stride_kt, stride_vb, stride_vh, stride_vt,
+    indptr_ptr, indices_ptr, page_size,
     NG, Hkv, G, band, sinks, min_context, n_split, scale_log2,
-    BAND_SOURCE: tl.constexpr, NG_BLOCK: tl.constexpr, G_BLOCK: tl.constexpr, MIN_CHUNK: tl.constexpr,
+    BAND_SOURCE: tl.constexpr, PAGED: tl.constexpr, NG_BLOCK: tl.constexpr, G_BLOCK: tl.constexpr, MIN_CHUNK: tl.constexpr,
     UNIT_COST: tl.constexpr,
     D: tl.constexpr, BLOCK_D: tl.constexpr, G_PAD: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr,
 ):
@@ -113,7 +116,7 @@ def _attend_kernel(
                 _attend_unit(
                     q_ptr, k_ptr, v_ptr, part_o_ptr, part_lse_ptr, b, kvh, heads, lane_mask, head_lo, head_hi, lo, hi, unit, G,
                     stride_qb, stride_qh, stride_kb, stride_kh, stride_kt, stride_vb, stride_vh, stride_vt, scale_log2,
-                    D, BLOCK_D, G_PAD, BLOCK_N, UPCAST,
+                    indptr_ptr, indices_ptr, page_size, PAGED, D, BLOCK_D, G_PAD, BLOCK_N, UPCAST,
                 )
             units_before += pieces(seg_keys_at, seg_len, chunk)
             seg_offset += segment_cost(seg_len, UNIT_COST)
@@ -125,11 +128,16 @@ def _attend_kernel(
 def _attend_unit(
     q_ptr, k_ptr, v_ptr, part_o_ptr, part_lse_ptr, b, kvh, heads, lane_mask, head_lo, head_hi, lo, hi, unit, G,
     stride_qb, stride_qh, stride_kb, stride_kh, stride_kt, stride_vb, stride_vh, stride_vt, scale_log2,
-    D: tl.constexpr, BLOCK_D: tl.constexpr, G_PAD: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr,
+    indptr_ptr, indices_ptr, page_size,
+    PAGED: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, G_PAD: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr,
 ):
     """Flash-decoding partial states of the group's heads over keys ``[lo, hi)`` (head ``i``
     only over ``[head_lo[i], head_hi[i])``), stored as unit ``unit``: K/V tiles loaded once
-    for all heads."""
+    for all heads.
+
+    Key ``t`` sits at ``page · stride_(k|v)b + slot · stride_(k|v)t``: a contiguous cache is
+    one page per request (``page = b``, ``slot = t``); a paged one looks ``page`` up in the
+    table (``indices[indptr[b] + t // page_size]``, ``slot = t % page_size``)."""
     lanes = tl.arange(0, G_PAD)
     cols = tl.arange(0, BLOCK_D)
     col_mask = cols < D
@@ -139,17 +147,26 @@ def _attend_unit(
     )  # [G_PAD, D]
     if UPCAST:
         q = q.to(tl.float32)
-    k_base = k_ptr + b.to(tl.int64) * stride_kb + kvh * stride_kh
-    v_base = v_ptr + b.to(tl.int64) * stride_vb + kvh * stride_vh
+    k_base = k_ptr + kvh * stride_kh
+    v_base = v_ptr + kvh * stride_vh
+    if PAGED:
+        table_row = tl.load(indptr_ptr + b).to(tl.int64)  # request b's first entry in indices
     m = tl.full([G_PAD], float("-inf"), tl.float32)  # running max, base 2
     den = tl.zeros([G_PAD], tl.float32)
     acc = tl.zeros([G_PAD, BLOCK_D], tl.float32)
     for n0 in range(lo, hi, BLOCK_N):
         keys = n0 + tl.arange(0, BLOCK_N)
         key_mask = keys < hi
-        kv_offs = keys[:, None].to(tl.int64)
-        k = tl.load(k_base + kv_offs * stride_kt + cols[None, :], mask=key_mask[:, None] & col_mask[None, :], other=0.0)
-        v = tl.load(v_base + kv_offs * stride_vt + cols[None, :], mask=key_mask[:, None] & col_mask[None, :], other=0.0)
+        if PAGED:
+            page = tl.load(indices_ptr + table_row + keys // page_size, mask=key_mask, other=0).to(tl.int64)
+            slot = (keys % page_size).to(tl.int64)
+        else:
+            page = b.to(tl.int64) + tl.zeros([BLOCK_N], tl.int64)
+            slot = keys.to(tl.int64)
+        k_offs = (page * stride_kb + slot * stride_kt)[:, None]
+        v_offs = (page * stride_vb + slot * stride_vt)[:, None]
+        k = tl.load(k_base + k_offs + cols[None, :], mask=key_mask[:, None] & col_mask[None, :], other=0.0)
+        v = tl.load(v_base + v_offs + cols[None, :], mask=key_mask[:, None] & col_mask[None, :], other=0.0)
         if UPCAST:
             k = k.to(tl.float32)
             v = v.to(tl.float32)
@@ -186,7 +203,7 @@ def launch_attend(
 
     Args:
         q_post: ``[B, Hq, D]`` post-RoPE queries.
-        k_cache, v_cache: ``[B, Hkv, T, D]``.
+        k_cache, v_cache: ``[B, Hkv, T, D]``, or two :class:`~mac_core.kv.PagedKV` of one table.
         positions: ``[B]`` int64 positions ``t``.
         launch: the launch settings.
         scale: softmax scale.
@@ -222,17 +239,28 @@ def launch_attend(
         stride_sb, stride_sh = span_ptrs[0].stride()
     elif band_source == BAND_FROM_PREFIX.value:
         span_ptrs = (prefix_end, None, None, None)
+    k, k_strides, table = _kv_operand(k_cache)
+    v, v_strides, _ = _kv_operand(v_cache)
     _attend_kernel[(n_split,)](
-        q_post, k_cache, v_cache, partials.o, partials.lse, partials.plan,
+        q_post, k, v, partials.o, partials.lse, partials.plan,
         positions, keys, radius_sq, *span_ptrs, stride_sb, stride_sh,
-        q_post.stride(0), q_post.stride(1), *k_cache.stride()[:3], *v_cache.stride()[:3],
+        q_post.stride(0), q_post.stride(1), *k_strides, *v_strides, *table,
         NG, Hkv, G, band, sinks, min_context, n_split, scale * LOG2E,
-        BAND_SOURCE=band_source, NG_BLOCK=triton.next_power_of_2(NG), G_BLOCK=triton.next_power_of_2(G),
+        BAND_SOURCE=band_source, PAGED=isinstance(k_cache, PagedKV), NG_BLOCK=triton.next_power_of_2(NG), G_BLOCK=triton.next_power_of_2(G),
         MIN_CHUNK=launch.min_chunk, UNIT_COST=launch.unit_cost,
         D=D, BLOCK_D=triton.next_power_of_2(D), G_PAD=max(16, triton.next_power_of_2(G)), BLOCK_N=block_n,
         UPCAST=upcast_dots(k_cache.dtype), num_warps=launch.warps, num_stages=launch.stages,
     )
     return partials
+
+
+def _kv_operand(cache):
+    """``(tensor, (page, head, slot) strides, (indptr, indices, page_size))`` of a cache; a
+    contiguous one is a page per request, with no table."""
+    if isinstance(cache, PagedKV):
+        page_stride, head_stride, slot_stride = cache.strides()
+        return cache.pages, (page_stride, head_stride, slot_stride), (cache.table.indptr, cache.table.indices, cache.page_size)
+    return cache, (cache.stride(0), cache.stride(1), cache.stride(2)), (None, None, 1)
 
 
 def _same_strides(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:

@@ -95,7 +95,8 @@ def mac_step(
 
     Args:
         q_pre, q_post: ``[B, Hq, D]`` pre- and post-RoPE queries.
-        k_cache, v_cache: ``[B, Hkv, T, D]``.
+        k_cache, v_cache: ``[B, Hkv, T, D]``, or two :class:`~mac_core.kv.PagedKV` (made
+            outside the captured region: building one reads its table on the host).
         state: rings, updated in place (``next_pos`` is left to the caller).
         positions: ``[B]`` int64 positions ``t``.
         config: the MAC configuration.
@@ -153,7 +154,8 @@ def decode_step(q_pre, k_cache, v_cache, state: LayerState, positions, config: M
 
     Args:
         q_pre: ``[B, Hq, D]`` pre-RoPE queries.
-        k_cache, v_cache: ``[B, Hkv, T, D]`` post-RoPE keys and values.
+        k_cache, v_cache: ``[B, Hkv, T, D]`` post-RoPE keys and values, or two
+            :class:`~mac_core.kv.PagedKV` of one table (any page size, either layout).
         state: the layer's rings (``ring_q`` in the queries' dtype, rows float32).
         positions: ``[B]`` int64, must equal ``state.next_pos``.
         config: the MAC configuration.
@@ -182,8 +184,8 @@ def full_decode(q_post, k_cache, v_cache, positions, scale: float | None = None,
 
     Args:
         q_post: ``[B, Hq, D]`` post-RoPE queries.
-        k_cache, v_cache: ``[B, Hkv, T, D]``.
-        positions: ``[B]`` int32/int64 positions ``t`` (``t < T``).
+        k_cache, v_cache: ``[B, Hkv, T, D]``, or two :class:`~mac_core.kv.PagedKV` of one table.
+        positions: ``[B]`` int32/int64 positions ``t`` (``t < T``; below each paged request's length).
         scale: softmax scale, ``1/sqrt(D)`` by default.
         launch: attend and reduce launch settings (default: :func:`mac_triton.launch.launch_for`).
 

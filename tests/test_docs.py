@@ -147,7 +147,7 @@ def _snippets(page: Path) -> list[str]:
     return re.findall(r"^```python\n(.*?)^```", page.read_text(encoding="utf-8"), flags=re.S | re.M)
 
 
-@pytest.mark.parametrize("page", ["index", "spec", *CONCEPT_PAGES])
+@pytest.mark.parametrize("page", ["index", "spec", "serving", *CONCEPT_PAGES])
 def test_snippets_run(page):
     code = _snippets(DOCS / f"{page}.md")
     assert code, f"{page}.md has no runnable snippet"
