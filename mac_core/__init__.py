@@ -11,12 +11,14 @@ its inputs. Spec: the docs site's specification page (``docs/spec.md``).
 - :mod:`mac_core.step`     ``Summary``, ``MatchResult``, ``Spans``, ``StepStats``, the ranges of a row
 - :mod:`mac_core.rope`     rotary embedding and its inverse (the conventions' RoPE)
 - :mod:`mac_core.kv`       KV caches: contiguous, or paged through a page table (FlashInfer's layout)
+- :mod:`mac_core.interop`  FlashInfer's attention states: base-2 LSE converters, ``merge_state``'s order
 - :mod:`mac_core.checks`   input validation of every public entry point
 - :mod:`mac_core.numerics` compute dtype and the ⊖ epsilon
 """
 
 from .checks import REFERENCE, BackendLimits, check_prefill_inputs, check_step_inputs
 from .config import PRESETS, MACConfig, preset
+from .interop import from_flashinfer, lse_from_base2, lse_to_base2, to_flashinfer
 from .kv import PagedKV, PageTable, read_keys, to_paged
 from .numerics import compute_dtype, removal_epsilon
 from .rope import apply_rope, invert_rope
@@ -27,5 +29,5 @@ from .step import MatchResult, Spans, StepStats, Summary, empty_summary, prefix_
 __all__ = [
     "MACConfig", "PRESETS", "preset", "PaperRule", "MassRule", "RULES", "CALIBRATIONS", "LayerState", "new_state",
     "Summary", "empty_summary", "MatchResult", "Spans", "StepStats", "prefix_end", "row_range",
-    "PagedKV", "PageTable", "read_keys", "to_paged", "apply_rope", "invert_rope", "BackendLimits", "REFERENCE", "check_step_inputs", "check_prefill_inputs", "compute_dtype", "removal_epsilon",
+    "PagedKV", "PageTable", "read_keys", "to_paged", "lse_to_base2", "lse_from_base2", "to_flashinfer", "from_flashinfer", "apply_rope", "invert_rope", "BackendLimits", "REFERENCE", "check_step_inputs", "check_prefill_inputs", "compute_dtype", "removal_epsilon",
 ]  # fmt: skip

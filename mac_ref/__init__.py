@@ -2,7 +2,7 @@
 
 One module per stage, read top to bottom:
 
-- :mod:`mac_ref.summary`  attention summaries ``(o, lse)``, ``attend``, ⊕ ``merge``, ⊖ ``remove``
+- :mod:`mac_ref.summary`  attention summaries ``(o, lse)``, ``attend``, ⊕ ``merge``, ⊖ ``remove``, FlashInfer's ``merge_state``
 - :mod:`mac_ref.match`    ``find_match``: nearest recent pre-RoPE query, the distance test
 - :mod:`mac_ref.accept`   ``accept_candidates``: the acceptance rule picks the hits among the candidates
 - :mod:`mac_ref.amend`    ``step_spans``, ``amend_row``: band ranges and the reused row ⊕ band
@@ -45,12 +45,12 @@ from .match import find_match
 from .oracle import causal_attention, full_attention
 from mac_core.rope import apply_rope, invert_rope
 from .stream import StreamResult, run_stream
-from .summary import attend, merge, merge_all, remove
+from .summary import attend, merge, merge_all, merge_state, remove
 from .synthetic import synthetic_stream
 
 __all__ = [
     "MACConfig", "PRESETS", "preset", "PagedKV", "PageTable", "to_paged", "PaperRule", "MassRule", "LayerState", "new_state", "Summary", "empty_summary",
-    "attend", "merge", "merge_all", "remove", "removal_epsilon", "apply_rope", "invert_rope", "MatchResult",
+    "attend", "merge", "merge_all", "merge_state", "remove", "removal_epsilon", "apply_rope", "invert_rope", "MatchResult",
     "find_match", "accept_candidates", "Decision", "mass_share", "Spans", "prefix_end", "step_spans", "amend_row", "Completion", "complete_output",
     "amend_complete", "update_row", "StepStats", "decode_step", "prefill", "StreamResult", "run_stream",
     "full_attention", "causal_attention", "synthetic_stream",

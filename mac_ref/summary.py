@@ -26,9 +26,10 @@ import torch
 from mac_core.checks import cache_device_tensors, check_cache, check_same_device, check_tensor
 from mac_core.kv import cache_lengths, read_keys
 from mac_core.numerics import compute_dtype, removal_epsilon
+from mac_core.interop import merge_state_with
 from mac_core.step import Summary, empty_summary
 
-__all__ = ["Summary", "empty_summary", "attend", "merge", "merge_all", "remove", "removal_epsilon"]
+__all__ = ["Summary", "empty_summary", "attend", "merge", "merge_state", "merge_all", "remove", "removal_epsilon"]
 
 
 def _bounds(x, shape: tuple[int, ...], device) -> torch.Tensor:
@@ -152,6 +153,21 @@ def merge(a: Summary, b: Summary) -> Summary:
     inv = torch.where(total > 0, 1.0 / total, torch.zeros_like(total))
     o = (w_a * inv).unsqueeze(-1) * o_a.to(dtype) + (w_b * inv).unsqueeze(-1) * o_b.to(dtype)
     return Summary(o, lse)
+
+
+def merge_state(v_a, s_a, v_b, s_b):
+    """FlashInfer's ``merge_state``, same argument order and base-2 LSEs, through ⊕ ``merge``.
+
+    Args:
+        v_a, v_b: ``[seq_len, num_heads, head_dim]`` outputs over two disjoint KV segments.
+        s_a, s_b: ``[seq_len, num_heads]`` float32 base-2 LSEs (FlashInfer's ``return_lse``).
+
+    Returns:
+        ``(V [seq_len, num_heads, head_dim] in v_a's dtype, S [seq_len, num_heads] float32 base 2)``.
+        To merge a MAC summary, convert its natural-log LSE first:
+        :func:`mac_core.interop.to_flashinfer`.
+    """
+    return merge_state_with(merge, v_a, s_a, v_b, s_b)
 
 
 def merge_all(o: torch.Tensor, lse: torch.Tensor) -> Summary:

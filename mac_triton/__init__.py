@@ -4,7 +4,7 @@ Same signatures, the same contract (:mod:`mac_core`: configuration, state layout
 types, validation) and no import of the reference's algorithm; set ``TRITON_INTERPRET=1``
 before importing to run the kernels on a CPU. One file per concern:
 
-- :mod:`mac_triton.summary`  ⊕ ``merge``, ``merge_all``, ⊖ ``remove`` over batches
+- :mod:`mac_triton.summary`  ⊕ ``merge``, ``merge_all``, ⊖ ``remove`` over batches, FlashInfer's ``merge_state``
 - :mod:`mac_triton.match`    ring scan, argmin (ties to the most recent), the distance test
 - :mod:`mac_triton.plan`     the in-kernel work plan: union spans per GQA group, stream-K split
 - :mod:`mac_triton.attend`   the attend kernel: split-KV partial states per unit
@@ -22,9 +22,9 @@ from .complete import amend_complete
 from .decode import DecodeWorkspace, decode_step, full_decode, full_step, mac_step
 from .launch import MATCH, NARROW, WIDE, Launch, MatchLaunch, launch_for
 from .match import find_match
-from .summary import merge, merge_all, remove
+from .summary import merge, merge_all, merge_state, remove
 
 __all__ = [
-    "MACConfig", "PagedKV", "PageTable", "to_paged", "merge", "merge_all", "remove", "find_match", "amend_complete", "decode_step", "full_decode",
+    "MACConfig", "PagedKV", "PageTable", "to_paged", "merge", "merge_state", "merge_all", "remove", "find_match", "amend_complete", "decode_step", "full_decode",
     "mac_step", "full_step", "DecodeWorkspace", "Launch", "MatchLaunch", "WIDE", "NARROW", "MATCH", "launch_for",
 ]  # fmt: skip

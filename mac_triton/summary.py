@@ -21,6 +21,7 @@ import triton
 import triton.language as tl
 
 from mac_core.numerics import removal_epsilon
+from mac_core.interop import merge_state_with
 from mac_core.step import Summary
 
 from .numerics import LIMITS, merge_weights, online_finish, online_merge, remove_weights
@@ -124,6 +125,21 @@ def merge(a: Summary, b: Summary) -> Summary:
         grid = (triton.cdiv(N, BLOCK_N),)
         _merge_kernel[grid](o_a, l_a, o_b, l_b, o, lse, N, D=D, BLOCK_N=BLOCK_N, BLOCK_D=triton.next_power_of_2(D))
     return Summary(o.view(a.o.shape), lse.view(a.lse.shape))
+
+
+def merge_state(v_a, s_a, v_b, s_b):
+    """FlashInfer's ``merge_state``, same argument order and base-2 LSEs, through ⊕ ``merge``.
+
+    Args:
+        v_a, v_b: ``[seq_len, num_heads, head_dim]`` outputs over two disjoint KV segments.
+        s_a, s_b: ``[seq_len, num_heads]`` float32 base-2 LSEs (FlashInfer's ``return_lse``).
+
+    Returns:
+        ``(V [seq_len, num_heads, head_dim] in v_a's dtype, S [seq_len, num_heads] float32 base 2)``.
+        To merge a MAC summary, convert its natural-log LSE first:
+        :func:`mac_core.interop.to_flashinfer`.
+    """
+    return merge_state_with(merge, v_a, s_a, v_b, s_b)
 
 
 def merge_all(o: torch.Tensor, lse: torch.Tensor) -> Summary:
