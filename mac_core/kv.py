@@ -79,6 +79,16 @@ class PageTable:
         if bool((last < 1).any()):
             raise ValueError(f"last_page_len must be ≥ 1 (a request's last page holds a key), got {last.tolist()}")
 
+    @classmethod
+    def unchecked(cls, indptr: torch.Tensor, indices: torch.Tensor, last_page_len: torch.Tensor) -> "PageTable":
+        """A table built without its checks (no host sync): for a captured CUDA graph or a
+        custom op's body, over buffers the caller validated (:class:`PageTable` once) and
+        updates in place."""
+        table = object.__new__(cls)
+        for name, value in (("indptr", indptr), ("indices", indices), ("last_page_len", last_page_len)):
+            object.__setattr__(table, name, value)
+        return table
+
     @property
     def batch(self) -> int:
         return self.last_page_len.numel()
@@ -143,6 +153,19 @@ class PagedKV:
         max_pages = int(self.table.pages_per_request().max())
         # computed once: a launcher reading the shape inside a captured step must not sync
         object.__setattr__(self, "_shape", torch.Size((self.table.batch, Hkv, max_pages * self.page_size, self.pages.shape[3])))
+
+    @classmethod
+    def unchecked(cls, pages: torch.Tensor, table: PageTable, layout: str = "NHD") -> "PagedKV":
+        """A paged cache built without its checks (no host sync), as :meth:`PageTable.unchecked`.
+
+        Its ``shape[2]`` is an upper bound (every table entry's page for one request), since
+        the longest request is not known without reading the table."""
+        cache = object.__new__(cls)
+        for name, value in (("pages", pages), ("table", table), ("layout", layout)):
+            object.__setattr__(cache, name, value)
+        Hkv = pages.shape[2] if layout == "NHD" else pages.shape[1]
+        object.__setattr__(cache, "_shape", torch.Size((table.batch, Hkv, table.indices.numel() * cache.page_size, pages.shape[3])))
+        return cache
 
     @property
     def page_size(self) -> int:
