@@ -330,18 +330,23 @@ class DecodeEngine:
         return graph
 
     def _snapshot(self) -> dict:
-        """What a warm-up step changes: positions, the input tokens, the rows it wrote (the KV
-        entries it wrote are rewritten by the real step before they are read)."""
+        """What a warm-up step changes: positions, the input tokens, the rows it wrote and the
+        states' next positions (the reference's step advances them); the KV entries it wrote
+        are rewritten by the real step before they are read."""
         saved = {"positions": self.positions.clone(), "tokens": self.tokens.clone()}
         for i, state in enumerate(self.states):
-            saved[i] = [t.clone() for t in (state.ring_q, state.ring_o, state.ring_lse, state.ring_depth)]
+            saved[i] = [t.clone() for t in self._state_tensors(state)]
         return saved
+
+    @staticmethod
+    def _state_tensors(state) -> tuple:
+        return state.ring_q, state.ring_o, state.ring_lse, state.ring_depth, state.next_pos
 
     def _restore(self, saved: dict) -> None:
         self.positions.copy_(saved["positions"])
         self.tokens.copy_(saved["tokens"])
         for i, state in enumerate(self.states):
-            for t, s in zip((state.ring_q, state.ring_o, state.ring_lse, state.ring_depth), saved[i]):
+            for t, s in zip(self._state_tensors(state), saved[i]):
                 t.copy_(s)
 
     # -- several runs from one prefill ----------------------------------------------------------

@@ -103,6 +103,27 @@ def test_a_short_mac_run_gives_the_reference_backends_tokens(model):
         assert torch.equal(tokens[b], want[0]), f"request {b}"
 
 
+@pytest.mark.parametrize("backend", ["ref", "triton"])
+def test_rewind_replays_the_same_run(model, backend):
+    """checkpoint → steps → rewind → the same steps: the same tokens and hits (the reference's
+    step advances each state's next position, which the rewind must restore too)."""
+    config = MACConfig(window=8, band=4, tau=-2.0, sinks=1)
+    engine = DecodeEngine(model, 2, CAPACITY, "mac", config, dtype=torch.float32, device="cpu", mac_backend=backend)
+    engine.prefill(prompts([20, 26], seed=4))
+    saved = engine.checkpoint()
+    runs = []
+    for _ in range(2):
+        tokens, hits = [], []
+        for _ in range(4):
+            engine.step()
+            tokens.append(engine.tokens.clone())
+            hits.append(engine.step_stats().hit.clone())
+        runs.append((torch.stack(tokens), torch.stack(hits)))
+        engine.rewind(saved)
+    assert torch.equal(runs[0][0], runs[1][0]) and torch.equal(runs[0][1], runs[1][1])
+    assert bool(runs[0][1].any())
+
+
 def test_fallback_steps_are_full_attention_and_keep_the_rings(model):
     """A policy that never allows MAC: every step is full attention, and the rings it writes
     are the rows a step without hits writes (a later MAC step finds them current)."""
