@@ -225,6 +225,42 @@ def cache_lengths(cache) -> torch.Tensor:
     return torch.full((B,), T, dtype=torch.int64, device=cache.device)
 
 
+def left_padded(cache: torch.Tensor, pads) -> PagedKV:
+    """A left-padded contiguous cache seen request by request: key ``t`` of request ``b`` at
+    slot ``pads[b] + t`` (a ``transformers`` batch of prompts of different lengths).
+
+    No copy: the table indexes one-slot pages that are the cache's own rows. With
+    ``cache [B, Hkv, T, D]`` contiguous, slot ``s`` of request ``b`` starts at element
+    ``(b·Hkv·T + s)·D`` and its heads lie ``T·D`` apart, so the pages are the strided view
+    ``[N, Hkv, 1, D]`` (``"HND"``) with strides ``(D, T·D, D, 1)`` and request ``b`` owns
+    pages ``b·Hkv·T + pads[b] + t`` for ``t < T − pads[b]``.
+
+    Args:
+        cache: ``[B, Hkv, T, D]`` (made contiguous if it is not: a copy).
+        pads: ``[B]`` integer tensor (or list) of padding slots per request, each ``< T``.
+
+    Returns:
+        A :class:`PagedKV` of page size 1 whose request ``b`` holds ``T − pads[b]`` keys.
+    """
+    cache = cache.contiguous()
+    B, Hkv, T, D = cache.shape
+    pads = torch.as_tensor(pads, dtype=torch.int64, device=cache.device)
+    if pads.shape != (B,) or bool((pads < 0).any()) or bool((pads >= T).any()):
+        raise ValueError(f"pads must hold B={B} values in [0, {T}), got {pads.tolist()}")
+    n_pages = (B - 1) * Hkv * T + T
+    pages = cache.as_strided((n_pages, Hkv, 1, D), (D, T * D, D, 1))
+    lengths = T - pads  # [B]
+    slot = torch.arange(T, device=cache.device)  # [T]
+    owned = slot[None, :] < lengths[:, None]  # [B, T]: request b's first lengths[b] keys
+    page = torch.arange(B, device=cache.device)[:, None] * (Hkv * T) + pads[:, None] + slot[None, :]  # [B, T]
+    table = PageTable(
+        indptr=torch.cat([lengths.new_zeros(1), lengths.cumsum(0)]).to(torch.int32),
+        indices=page[owned].to(torch.int32),
+        last_page_len=torch.ones(B, dtype=torch.int32, device=cache.device),
+    )
+    return PagedKV(pages, table, "HND")
+
+
 def to_paged(
     k_cache: torch.Tensor, v_cache: torch.Tensor, lengths, page_size: int, layout: str = "NHD", *,
     generator: torch.Generator | None = None, spare_pages: int = 0, fill: float = 0.0,

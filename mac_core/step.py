@@ -129,6 +129,13 @@ class StepStats:
         full = self.context.unsqueeze(-1).expand_as(group_reads)
         return 1.0 - group_reads.sum().item() / full.sum().item()
 
+    def request(self, b: int) -> "StepStats":
+        """Request ``b``'s statistics alone: per-head fields ``[..., 1, Hq]``, ``context`` ``[..., 1]``."""
+        return StepStats(**{
+            f.name: getattr(self, f.name)[..., b : b + 1] if f.name == "context" else getattr(self, f.name)[..., b : b + 1, :]
+            for f in fields(StepStats)
+        })  # fmt: skip
+
     @staticmethod
     def stack(steps: list["StepStats"], dim: int = 0) -> "StepStats":
         """Stack per-step stats along a new dimension ``dim`` (``[S, ...]`` by default)."""

@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 
 import mac_ref
 import mac_triton
-from mac_core.kv import PagedKV, PageTable, read_keys, to_paged
+from mac_core.kv import PagedKV, PageTable, left_padded, read_keys, to_paged
 from mac_ref import MACConfig, MassRule, PaperRule
 from triton_cases import DEVICE, assert_states_close, assert_summary_close, prefilled_step, stream_inputs
 
@@ -48,6 +48,34 @@ def test_read_keys_is_the_contiguous_slice(batch, page_size, layout, data):
     kp, _ = paged_copy(k, k, lengths, page_size, layout, seed=T)
     assert kp.page_size == page_size and kp.lengths().tolist() == lengths
     assert torch.equal(read_keys(kp, first, last), k[:, :, first:last])
+
+
+@given(batch=st.integers(1, 3), data=st.data())
+def test_left_padded_view_reads_each_request_from_its_first_slot(batch, data):
+    T = data.draw(st.integers(1, 40), label="T")
+    pads = data.draw(st.lists(st.integers(0, T - 1), min_size=batch, max_size=batch), label="pads")
+    cache = torch.randn(batch, 3, T, 4, generator=torch.Generator().manual_seed(T))
+    view = left_padded(cache, pads)
+    assert view.lengths().tolist() == [T - p for p in pads]
+    for b, p in enumerate(pads):
+        assert torch.equal(read_keys(view, 0, T - p)[b], cache[b, :, p:])
+
+
+@pytest.mark.interpreter
+def test_triton_reads_a_left_padded_view():
+    """The one-slot pages of a left-padded cache are a strided view: the kernels read it."""
+    pads = torch.tensor([0, 9, 30])
+    q_pre, q_post, k, v, state, pos = prefilled_step(3, 4, 2, 32, torch.float32, seed=7, positions=[50, 41, 20], config=MACConfig(window=8, band=4, tau=0.6))
+    padded_k = torch.full((3, 2, 51, 32), math.nan)
+    padded_v = torch.full((3, 2, 51, 32), math.nan)
+    for b, p in enumerate(pads.tolist()):
+        padded_k[b, :, p:] = k[b, :, : 51 - p]
+        padded_v[b, :, p:] = v[b, :, : 51 - p]
+    config = MACConfig(window=8, band=4, tau=0.6)
+    ref_state = state.clone()
+    want = mac_ref.decode_step(q_pre, k, v, ref_state, pos, config, q_post)
+    got = mac_triton.decode_step(q_pre, left_padded(padded_k, pads), left_padded(padded_v, pads), state, pos, config, q_post)
+    assert_summary_close(mac_ref.Summary(got[0], got[1]), mac_ref.Summary(want[0], want[1]), torch.float32)
 
 
 RULES = [PaperRule(), MassRule(tau_m=0.6), PaperRule(per_group=True)]
