@@ -290,27 +290,29 @@ def to_paged(
         raise ValueError(f"lengths must hold B={B} values in [1, {T}], got {lengths}")
     n_pages = [-(-n // page_size) for n in lengths]
     total = sum(n_pages) + spare_pages
-    order = torch.randperm(total, generator=generator) if generator is not None else torch.arange(total)
     device = k_cache.device
+    order = (torch.randperm(total, generator=generator) if generator is not None else torch.arange(total)).to(device)
+    # every (request, key) copied: key t of request b goes to page order[first_page[b] + t // page_size]
+    first_page = torch.tensor([0] + n_pages[:-1], dtype=torch.int64).cumsum(0).to(device)  # [B]
+    t = torch.arange(T, device=device)
+    owned = t[None, :] < torch.tensor(lengths, device=device)[:, None]  # [B, T]
+    b_idx, t_idx = owned.nonzero(as_tuple=True)  # [n] each
+    page = order[first_page[b_idx] + t_idx // page_size]
+    slot = t_idx % page_size
     pages_shape = (total, page_size, Hkv, D) if layout == "NHD" else (total, Hkv, page_size, D)
     paged = []
     for cache in (k_cache, v_cache):
         pages = torch.full(pages_shape, fill, dtype=cache.dtype, device=device)
-        at = 0
-        for b, n in enumerate(lengths):
-            for i in range(n_pages[b]):
-                block = cache[b, :, i * page_size : min((i + 1) * page_size, n)]  # [Hkv, ≤ page_size, D]
-                page = int(order[at + i])
-                if layout == "NHD":
-                    pages[page, : block.shape[1]] = block.transpose(0, 1)
-                else:
-                    pages[page, :, : block.shape[1]] = block
-            at += n_pages[b]
+        keys = cache.permute(0, 2, 1, 3)[b_idx, t_idx]  # [n, Hkv, D]
+        if layout == "NHD":
+            pages[page, slot] = keys
+        else:
+            pages[page, :, slot] = keys
         paged.append(pages)
     indptr = torch.tensor([0] + n_pages, dtype=torch.int64).cumsum(0).to(torch.int32)
     table = PageTable(
         indptr=indptr.to(device),
-        indices=order[: sum(n_pages)].to(torch.int32).to(device),
+        indices=order[: sum(n_pages)].to(torch.int32),
         last_page_len=torch.tensor([n - (p - 1) * page_size for n, p in zip(lengths, n_pages)], dtype=torch.int32, device=device),
     )
     return PagedKV(paged[0], table, layout), PagedKV(paged[1], table, layout)
