@@ -128,17 +128,8 @@ def merge(a: Summary, b: Summary) -> Summary:
 
 
 def merge_state(v_a, s_a, v_b, s_b):
-    """FlashInfer's ``merge_state``, same argument order and base-2 LSEs, through ⊕ ``merge``.
-
-    Args:
-        v_a, v_b: ``[seq_len, num_heads, head_dim]`` outputs over two disjoint KV segments.
-        s_a, s_b: ``[seq_len, num_heads]`` float32 base-2 LSEs (FlashInfer's ``return_lse``).
-
-    Returns:
-        ``(V [seq_len, num_heads, head_dim] in v_a's dtype, S [seq_len, num_heads] float32 base 2)``.
-        To merge a MAC summary, convert its natural-log LSE first:
-        :func:`mac_core.interop.to_flashinfer`.
-    """
+    """FlashInfer's ``merge_state`` (its order, base-2 LSEs) through this ⊕ (see
+    :func:`mac_ref.summary.merge_state`): ``(V in v_a's dtype, S float32 base 2)``."""
     return merge_state_with(merge, v_a, s_a, v_b, s_b)
 
 
