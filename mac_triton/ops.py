@@ -21,7 +21,7 @@ region (building a :class:`~mac_core.kv.PagedKV` reads its table).
 **Plan and run.** What FlashInfer's ``plan()`` does on the host, scheduling work from the
 requests' lengths, happens inside the attend kernel here, from ``positions`` and the page
 table on the device. So the split of a captured step is: *plan* is
-:meth:`~mac_triton.decode.DecodeWorkspace.new` and the buffers (positions, page table)
+``DecodeWorkspace.new`` and the buffers (positions, page table)
 the graph reads, made once; *run* is the op, replayed after the caller writes new
 positions and table entries into those buffers in place.
 """
