@@ -196,6 +196,13 @@ def _pyplot():
 _HIT_COLORS = {"1.0": "#1b7837", "0.95": "#5aae61", "0.5": "#e08214", "0.0": "#b2182b"}
 
 
+def _save(fig, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=150)
+    _pyplot().close(fig)
+    return path
+
+
 def _ratio_axis(ax, ticks=(0.5, 1, 2, 5, 10, 20)) -> None:
     from matplotlib.ticker import FixedLocator, FuncFormatter, NullLocator
 
@@ -232,10 +239,7 @@ def speedup_plot(points: list[Point], batch: int, path: Path, hkv: int = 8, wind
     ax.set_ylabel("speed-up over FlashInfer")
     ax.set_title(f"Batch {batch}: MAC step against FlashInfer ({chosen[0].gpu.removeprefix('NVIDIA ')}, Hkv {hkv}, W {window})")
     ax.legend(loc="upper left", frameon=False)
-    fig.tight_layout()
-    fig.savefig(path, dpi=150)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def hits_plot(points: list[Point], path: Path, window: int = 1024) -> Path:
@@ -255,10 +259,7 @@ def hits_plot(points: list[Point], path: Path, window: int = 1024) -> Path:
     ax.set_ylabel("speed-up over FlashInfer")
     ax.set_title(f"How many hits MAC needs: the speed-up at {_ctx(ctx)} context (W {window})")
     ax.legend(loc="upper left", frameon=False)
-    fig.tight_layout()
-    fig.savefig(path, dpi=150)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def full_decode_plot(points: list[Point], path: Path, hkv: int = 8, window: int = 1024) -> Path:
@@ -282,10 +283,7 @@ def full_decode_plot(points: list[Point], path: Path, hkv: int = 8, window: int 
     ax.yaxis.set_major_formatter(__import__("matplotlib.ticker", fromlist=["FuncFormatter"]).FuncFormatter(lambda v, _: f"{v:g}×"))
     ax.set_title(f"Full decode against FlashInfer and the KV-read floor (Hkv {hkv})")
     ax.legend(loc="upper right", frameon=False, ncol=2, fontsize=FONT_SIZE - 2)
-    fig.tight_layout()
-    fig.savefig(path, dpi=150)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 # --- RESULTS.md -------------------------------------------------------------------------

@@ -167,11 +167,7 @@ class DecodeEngine:
         h = self.embed[ids]  # [n, dim]
         cos, sin = self.cos[:n, None], self.sin[:n, None]  # [n, 1, D]
         for i, w in enumerate(self.layers):
-            x = rms_norm(h, w["attn_norm"], cfg.norm_eps)
-            q_pre = (x @ w["wq"].T).view(n, cfg.n_heads, cfg.head_dim)
-            k = rotate((x @ w["wk"].T).view(n, cfg.n_kv_heads, cfg.head_dim), cos, sin)
-            v = (x @ w["wv"].T).view(n, cfg.n_kv_heads, cfg.head_dim)
-            q_post = rotate(q_pre, cos, sin)
+            q_pre, q_post, k, v = self._project(w, h, cos, sin)  # [n, H, D] each
             self.k[i][b, :, :n] = k.transpose(0, 1)
             self.v[i][b, :, :n] = v.transpose(0, 1)
             o = F.scaled_dot_product_attention(
@@ -183,6 +179,15 @@ class DecodeEngine:
             x = rms_norm(h, w["ffn_norm"], cfg.norm_eps)
             h = h + (F.silu(x @ w["w_gate"].T) * (x @ w["w_up"].T)) @ w["w_down"].T
         return (rms_norm(h[-1], self.out_norm, cfg.norm_eps) @ self.embed.T).float()
+
+    def _project(self, w: dict, h, cos, sin):
+        """One layer's ``q_pre, q_post [N, Hq, D]`` and ``k, v [N, Hkv, D]`` of hidden states ``h [N, dim]``."""
+        cfg = self.cfg
+        x = rms_norm(h, w["attn_norm"], cfg.norm_eps)
+        q_pre = (x @ w["wq"].T).view(-1, cfg.n_heads, cfg.head_dim)
+        k = rotate((x @ w["wk"].T).view(-1, cfg.n_kv_heads, cfg.head_dim), cos, sin)
+        v = (x @ w["wv"].T).view(-1, cfg.n_kv_heads, cfg.head_dim)
+        return q_pre, rotate(q_pre, cos, sin), k, v
 
     def _seed(self, queries, lengths: list[int], layer: int) -> LayerState:
         """One layer's rings for the batch: each request seeded from its own prompt's tail."""
@@ -206,11 +211,7 @@ class DecodeEngine:
         cos, sin = self.cos[pos][:, None], self.sin[pos][:, None]  # [B, 1, D]
         mask = torch.arange(self.capacity, device=self.device)[None, :] <= pos[:, None] if self.attention == "sdpa" else None
         for i, w in enumerate(self.layers):
-            x = rms_norm(h, w["attn_norm"], cfg.norm_eps)
-            q_pre = (x @ w["wq"].T).view(B, cfg.n_heads, cfg.head_dim)
-            k = rotate((x @ w["wk"].T).view(B, cfg.n_kv_heads, cfg.head_dim), cos, sin)
-            v = (x @ w["wv"].T).view(B, cfg.n_kv_heads, cfg.head_dim)
-            q_post = rotate(q_pre, cos, sin)
+            q_pre, q_post, k, v = self._project(w, h, cos, sin)  # [B, H, D] each
             self.k[i][rows, :, pos] = k
             self.v[i][rows, :, pos] = v
             o = self._attend(i, q_pre, q_post, mask, use_mac)  # [B, Hq, D]
