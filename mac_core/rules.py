@@ -88,12 +88,12 @@ class MassRule(AcceptanceRule):
     LSE ``ℓ_fresh`` beside the reused row's ``ℓ_row`` gives the share of the attention
     mass the reuse would carry,
 
-    .. math:: w = \sigma(\ell_{row} - \ell_{fresh}) = rac{e^{\ell_{row}}}{e^{\ell_{row}} + e^{\ell_{fresh}}},
+    .. math:: w = \sigma(\ell_{row} - \ell_{fresh}) = \frac{e^{\ell_{row}}}{e^{\ell_{row}} + e^{\ell_{fresh}}},
 
     and the reuse error grows like ``w · ‖q̃_t − q̃_j*‖``. Accept iff
 
-    .. math:: \sqrt{d_{j^*} / 2D}\; w \,/\, s_h < 1 - 	au_m
-              \quad\Longleftrightarrow\quad d_{j^*}\, w^2 < 2D(1 - 	au_m)^2 s_h^2
+    .. math:: \sqrt{d_{j^*} / 2D}\; w \,/\, s_h < 1 - \tau_m
+              \quad\Longleftrightarrow\quad d_{j^*}\, w^2 < 2D(1 - \tau_m)^2 s_h^2
 
     (``s_h``: the head's radius factor; the squared form is the one computed, so ``w = 1``
     with ``τ_m = τ_cap`` gives back the paper's test exactly). A rejected candidate is a
