@@ -48,9 +48,9 @@ def _attend_kernel(
     q_ptr, k_ptr, v_ptr, part_o_ptr, part_lse_ptr, plan_ptr,
     pos_ptr, key_ptr, radius_ptr, band_start_ptr, sink_end_ptr, band_end_ptr, tail_end_ptr, stride_sb, stride_sh,
     stride_qb, stride_qh, stride_kb, stride_kh, stride_kt, stride_vb, stride_vh, stride_vt,
-    indptr_ptr, indices_ptr, page_size,
+    indptr_ptr, indices_ptr,
     NG, Hkv, G, band, sinks, min_context, n_split, scale_log2,
-    BAND_SOURCE: tl.constexpr, PAGED: tl.constexpr, NG_BLOCK: tl.constexpr, G_BLOCK: tl.constexpr, MIN_CHUNK: tl.constexpr,
+    BAND_SOURCE: tl.constexpr, PAGED: tl.constexpr, PAGE_SIZE: tl.constexpr, NG_BLOCK: tl.constexpr, G_BLOCK: tl.constexpr, MIN_CHUNK: tl.constexpr,
     UNIT_COST: tl.constexpr,
     D: tl.constexpr, BLOCK_D: tl.constexpr, G_PAD: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr,
 ):
@@ -116,7 +116,7 @@ def _attend_kernel(
                 _attend_unit(
                     q_ptr, k_ptr, v_ptr, part_o_ptr, part_lse_ptr, b, kvh, heads, lane_mask, head_lo, head_hi, lo, hi, unit, G,
                     stride_qb, stride_qh, stride_kb, stride_kh, stride_kt, stride_vb, stride_vh, stride_vt, scale_log2,
-                    indptr_ptr, indices_ptr, page_size, PAGED, D, BLOCK_D, G_PAD, BLOCK_N, UPCAST,
+                    indptr_ptr, indices_ptr, PAGED, PAGE_SIZE, D, BLOCK_D, G_PAD, BLOCK_N, UPCAST,
                 )
             units_before += pieces(seg_keys_at, seg_len, chunk)
             seg_offset += segment_cost(seg_len, UNIT_COST)
@@ -128,8 +128,8 @@ def _attend_kernel(
 def _attend_unit(
     q_ptr, k_ptr, v_ptr, part_o_ptr, part_lse_ptr, b, kvh, heads, lane_mask, head_lo, head_hi, lo, hi, unit, G,
     stride_qb, stride_qh, stride_kb, stride_kh, stride_kt, stride_vb, stride_vh, stride_vt, scale_log2,
-    indptr_ptr, indices_ptr, page_size,
-    PAGED: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, G_PAD: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr,
+    indptr_ptr, indices_ptr,
+    PAGED: tl.constexpr, PAGE_SIZE: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, G_PAD: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr,
 ):
     """Flash-decoding partial states of the group's heads over keys ``[lo, hi)`` (head ``i``
     only over ``[head_lo[i], head_hi[i])``), stored as unit ``unit``: K/V tiles loaded once
@@ -137,7 +137,10 @@ def _attend_unit(
 
     Key ``t`` sits at ``page · stride_(k|v)b + slot · stride_(k|v)t``: a contiguous cache is
     one page per request (``page = b``, ``slot = t``); a paged one looks ``page`` up in the
-    table (``indices[indptr[b] + t // page_size]``, ``slot = t % page_size``)."""
+    table (``indices[indptr[b] + t // PAGE_SIZE]``, ``slot = t % PAGE_SIZE``). The page size is
+    a compile-time constant (a shift and a mask for powers of two, not integer divisions), and
+    the next tile's page numbers are loaded before this tile's keys are used, so the dependent
+    load (table, then keys) overlaps the tile's arithmetic."""
     lanes = tl.arange(0, G_PAD)
     cols = tl.arange(0, BLOCK_D)
     col_mask = cols < D
@@ -149,8 +152,12 @@ def _attend_unit(
         q = q.to(tl.float32)
     k_base = k_ptr + kvh * stride_kh
     v_base = v_ptr + kvh * stride_vh
+    table_row = 0
+    next_page = tl.zeros([BLOCK_N], tl.int64)
     if PAGED:
         table_row = tl.load(indptr_ptr + b).to(tl.int64)  # request b's first entry in indices
+        first_keys = lo + tl.arange(0, BLOCK_N)
+        next_page = tl.load(indices_ptr + table_row + first_keys // PAGE_SIZE, mask=first_keys < hi, other=0).to(tl.int64)
     m = tl.full([G_PAD], float("-inf"), tl.float32)  # running max, base 2
     den = tl.zeros([G_PAD], tl.float32)
     acc = tl.zeros([G_PAD, BLOCK_D], tl.float32)
@@ -158,8 +165,10 @@ def _attend_unit(
         keys = n0 + tl.arange(0, BLOCK_N)
         key_mask = keys < hi
         if PAGED:
-            page = tl.load(indices_ptr + table_row + keys // page_size, mask=key_mask, other=0).to(tl.int64)
-            slot = (keys % page_size).to(tl.int64)
+            page = next_page
+            ahead = keys + BLOCK_N
+            next_page = tl.load(indices_ptr + table_row + ahead // PAGE_SIZE, mask=ahead < hi, other=0).to(tl.int64)
+            slot = (keys % PAGE_SIZE).to(tl.int64)
         else:
             page = b.to(tl.int64) + tl.zeros([BLOCK_N], tl.int64)
             slot = keys.to(tl.int64)
@@ -239,28 +248,28 @@ def launch_attend(
         stride_sb, stride_sh = span_ptrs[0].stride()
     elif band_source == BAND_FROM_PREFIX.value:
         span_ptrs = (prefix_end, None, None, None)
-    k, k_strides, table = _kv_operand(k_cache)
-    v, v_strides, _ = _kv_operand(v_cache)
+    k, k_strides, table, page_size = _kv_operand(k_cache)
+    v, v_strides, _, _ = _kv_operand(v_cache)
     _attend_kernel[(n_split,)](
         q_post, k, v, partials.o, partials.lse, partials.plan,
         positions, keys, radius_sq, *span_ptrs, stride_sb, stride_sh,
         q_post.stride(0), q_post.stride(1), *k_strides, *v_strides, *table,
         NG, Hkv, G, band, sinks, min_context, n_split, scale * LOG2E,
-        BAND_SOURCE=band_source, PAGED=isinstance(k_cache, PagedKV), NG_BLOCK=triton.next_power_of_2(NG), G_BLOCK=triton.next_power_of_2(G),
+        BAND_SOURCE=band_source, PAGED=isinstance(k_cache, PagedKV), PAGE_SIZE=page_size, NG_BLOCK=triton.next_power_of_2(NG), G_BLOCK=triton.next_power_of_2(G),
         MIN_CHUNK=launch.min_chunk, UNIT_COST=launch.unit_cost,
-        D=D, BLOCK_D=triton.next_power_of_2(D), G_PAD=max(16, triton.next_power_of_2(G)), BLOCK_N=block_n,
+        D=D, BLOCK_D=max(16, triton.next_power_of_2(D)), G_PAD=max(16, triton.next_power_of_2(G)), BLOCK_N=block_n,  # tl.dot needs K >= 16
         UPCAST=upcast_dots(k_cache.dtype), num_warps=launch.warps, num_stages=launch.stages,
     )
     return partials
 
 
 def _kv_operand(cache):
-    """``(tensor, (page, head, slot) strides, (indptr, indices, page_size))`` of a cache; a
+    """``(tensor, (page, head, slot) strides, (indptr, indices), page size)`` of a cache; a
     contiguous one is a page per request, with no table."""
     if isinstance(cache, PagedKV):
         page_stride, head_stride, slot_stride = cache.strides()
-        return cache.pages, (page_stride, head_stride, slot_stride), (cache.table.indptr, cache.table.indices, cache.page_size)
-    return cache, (cache.stride(0), cache.stride(1), cache.stride(2)), (None, None, 1)
+        return cache.pages, (page_stride, head_stride, slot_stride), (cache.table.indptr, cache.table.indices), cache.page_size
+    return cache, (cache.stride(0), cache.stride(1), cache.stride(2)), (None, None), 1
 
 
 def _same_strides(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
