@@ -104,6 +104,7 @@ def _compiler() -> str:
 
 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")  # Inductor's own use of torch.jit
+@pytest.mark.filterwarnings("ignore:TensorFloat32 tensor cores")  # Inductor's advice on a GPU
 @torch.no_grad()
 def test_compiled_toy_model_decodes_like_eager():
     model = ToyDecoder().to(DEVICE)

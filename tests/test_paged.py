@@ -66,8 +66,8 @@ def test_triton_reads_a_left_padded_view():
     """The one-slot pages of a left-padded cache are a strided view: the kernels read it."""
     pads = torch.tensor([0, 9, 30])
     q_pre, q_post, k, v, state, pos = prefilled_step(3, 4, 2, 32, torch.float32, seed=7, positions=[50, 41, 20], config=MACConfig(window=8, band=4, tau=0.6))
-    padded_k = torch.full((3, 2, 51, 32), math.nan)
-    padded_v = torch.full((3, 2, 51, 32), math.nan)
+    padded_k = torch.full((3, 2, 51, 32), math.nan, device=DEVICE)
+    padded_v = torch.full((3, 2, 51, 32), math.nan, device=DEVICE)
     for b, p in enumerate(pads.tolist()):
         padded_k[b, :, p:] = k[b, :, : 51 - p]
         padded_v[b, :, p:] = v[b, :, : 51 - p]
@@ -91,12 +91,12 @@ def test_reference_stream_paged_equals_contiguous(page_size, layout, rule):
     q, k, v = stream_inputs(2, 4, 2, max(prompts) + steps, 32, torch.float32, seed=page_size)
     lengths = [n + steps for n in prompts]  # request b's keys: prompt and generated tokens
     kp, vp = paged_copy(k, v, lengths, page_size, layout, seed=page_size)
-    prompt_lengths = torch.tensor(prompts)
+    prompt_lengths = torch.tensor(prompts, device=DEVICE)
     out, lse, state = mac_ref.prefill(q, k, v, prompt_lengths, config)
     out_p, lse_p, state_p = mac_ref.prefill(q, kp, vp, prompt_lengths, config)
-    valid = torch.arange(q.shape[2])[None, None, :] < prompt_lengths[:, None, None]  # [B, 1, L]
+    valid = torch.arange(q.shape[2], device=DEVICE)[None, None, :] < prompt_lengths[:, None, None]  # [B, 1, L]
     assert torch.equal(out[valid.expand_as(lse)], out_p[valid.expand_as(lse)]) and torch.equal(lse, lse_p)
-    rows = torch.arange(2)
+    rows = torch.arange(2, device=DEVICE)
     for step in range(steps):
         pos = prompt_lengths + step
         want = mac_ref.decode_step(q[rows, :, pos], k, v, state, pos, config)
