@@ -9,9 +9,11 @@ embedding to logits) replayed as one CUDA graph:
   host before each replay), when it imports;
 - ``triton``: the project's full decode (``mac_triton.full_step``);
 - ``sdpa``: torch SDPA over the cache, masked per request;
-- ``mac_paper``, ``mac_mass``: MAC (``mac_triton.mac_step``) with the paper's rule and the
-  mass-aware one at the demo's window, band and sinks;
-- ``mac_mass_policy``: the same with the fallback policy (``FallbackPolicy``).
+- ``mac_paper``, ``mac_mass``: MAC (``mac_triton.mac_step``) at the demo's window, band,
+  sinks and ``max_chain`` with the paper's rule (τ 0.5) and with the mass-aware rule the
+  real-model study chose (τ cap 0.3, ``τ_m`` 0.85, decided per KV group; see :data:`MAC`);
+- ``mac_mass_policy``: the same with the fallback policy (``FallbackPolicy``: SDPA below
+  its batch and context thresholds).
 
 Per point and provider: the median step latency over ``--steps`` steps (CUDA events), tokens
 per second (``B`` over it), the speed-up over the best full-attention baseline, a per-step
@@ -49,7 +51,8 @@ from mac_llm.gguf_model import load_model
 from .harness import environment
 
 FULL = ("flashinfer", "triton", "sdpa")
-MAC = {"mac_paper": PaperRule(), "mac_mass": MassRule(tau_m=0.5), "mac_mass_policy": MassRule(tau_m=0.5)}
+BEST_RULE = dict(tau=0.3, rule=MassRule(tau_m=0.85, per_group=True))  # chosen on the pydoc topics (studies/rule_frontier.py)
+MAC = {"mac_paper": dict(tau=0.5, rule=PaperRule()), "mac_mass": BEST_RULE, "mac_mass_policy": BEST_RULE}  # changes to the demo preset
 
 
 def prose_prompts(tokenizer, n: int, length: int, follow: int) -> tuple[list[list[int]], list[list[int]]]:
@@ -144,7 +147,7 @@ def run(args) -> None:
                         continue
                 if provider in MAC:
                     policy = FallbackPolicy() if provider.endswith("policy") else None
-                    engine.switch("mac", dataclasses.replace(base, rule=MAC[provider]), policy)
+                    engine.switch("mac", dataclasses.replace(base, **MAC[provider]), policy)
                 else:
                     engine.switch(provider)
                 engine.rewind(checkpoint)
@@ -163,8 +166,8 @@ def run(args) -> None:
                 row = dict(gpu=env["gpu"], dtype=args.dtype, context=ctx, batch=batch, provider=provider, step_ms=round(median, 4),
                            tokens_per_s=round(batch / median * 1e3, 1), peak_gib=round(peak, 2),
                            attention_us=round(parts["attention"], 1), match_us=round(parts["match"], 1), other_us=round(parts["other"], 1))
-                if provider in MAC:
-                    stats = engine.step_stats()
+                stats = engine.step_stats() if provider in MAC else None
+                if stats is not None:  # None: the policy's last step was full attention
                     row["hit_rate_last_step"] = round(stats.hit.float().mean().item(), 4)
                 rows.append(row)
                 engine.graphs.clear()
@@ -189,10 +192,10 @@ def fidelity_at(model, prompts, follow, ctx, args, base, dtype, device, kv_heads
     targets = torch.tensor(follow, device=device).T
     reference = torch.stack([engine.step(targets[s]).clone() for s in range(args.fidelity_steps)])  # [S, B, V]
     rows = []
-    for provider, rule in MAC.items():
+    for provider, changes in MAC.items():
         if provider.endswith("policy"):
             continue  # the policy changes speed, not the rows (a fallback step is exact): see the timing rows
-        engine.switch("mac", dataclasses.replace(base, rule=rule))
+        engine.switch("mac", dataclasses.replace(base, **changes))
         r = fidelity(engine, checkpoint, follow, reference, kv_heads)
         rows.append(dict(gpu=env["gpu"], dtype=args.dtype, context=ctx, requests=len(prompts), provider=provider, **{k: round(v, 5) if isinstance(v, float) else v for k, v in r.items()}))
         print(f"  fidelity ctx={ctx} {provider}: " + ", ".join(f"{k} {v}" for k, v in rows[-1].items() if k not in ("gpu", "dtype")), flush=True)

@@ -18,10 +18,13 @@ The attention of a step is one of :data:`ATTENTIONS`:
   same cache seen as one ``HND`` page per request (no copy); its ``plan`` runs on the host
   before each replay (it cannot run inside a graph), as serving engines do.
 
-With ``"mac"`` a :class:`FallbackPolicy` may choose, before each replay, between the MAC
-graph and a graph of full-attention steps that keep the rings current (``mac_step`` with
-``match=False``): where MAC cannot win (short contexts, small batches, a low recent hit
-rate) the engine decodes as full attention does.
+With ``"mac"`` a :class:`FallbackPolicy` chooses, before each replay, one of three graphs:
+the MAC step; below its batch or context thresholds, the fastest full attention
+(``policy.full``), which leaves the rings behind; at a low recent hit rate, MAC's step
+without matching (``mac_step`` with ``match=False``: full attention that keeps the rings
+current, so that a probe can measure the hit rate again). When MAC resumes after
+full-attention steps, the rows they left stale are marked as no candidates (chain depth
+``max_chain``); each miss rewrites one, so the rings are whole again ``W`` steps later.
 
 The prefill runs each prompt through the same layer code (causal SDPA, not timed) and
 seeds the rings from its last ``W`` queries. On a CPU the engine runs eagerly (no graphs;
@@ -43,30 +46,47 @@ from .attention import seed_state
 from .gguf_model import LAYER_WEIGHTS, LlamaModel, rms_norm
 
 ATTENTIONS = ("mac", "triton", "sdpa", "flashinfer")
+FULL_ATTENTIONS = ATTENTIONS[1:]
 
 
 @dataclass
 class FallbackPolicy:
-    """When a MAC engine decodes as full attention instead, decided before each step.
+    """What a MAC engine's next step runs, decided before each step from what it knows.
 
-    MAC is used iff the batch has at least ``min_batch`` requests, the longest context is at
-    least ``min_context`` keys, and the hit rate of the recent MAC steps is at least
-    ``min_hit_rate``. The hit rate is read from the device every ``probe_every`` steps (one
-    small synchronisation); while falling back, one MAC step in ``probe_every`` measures it
-    again. The thresholds come from the end-to-end benchmark (``benchmarks/bench_model.py``).
+    - ``"full"`` (the attention ``full``: ``"sdpa"``, ``"triton"`` or ``"flashinfer"``) while
+      the batch has fewer than ``min_batch`` requests or the longest context is shorter than
+      ``min_context`` keys: there MAC cannot win, and nothing of its work is kept;
+    - ``"miss"`` (MAC's step without matching) while the hit rate of the recent MAC steps is
+      below ``min_hit_rate``: it keeps the rings current, and one step in ``probe_every`` is
+      a MAC step that measures the hit rate again (read from the device then: one small
+      synchronisation);
+    - ``"mac"`` otherwise.
+
+    The thresholds come from the end-to-end benchmark on an H200 (``benchmarks/bench_model.py``,
+    SmolLM2-135M: MAC won at 8K from batch 32 and lost at 4K at every batch), and ``full``
+    from its fastest full attention at large batches (SDPA). A config without ``max_chain``
+    cannot mark stale rows, so there ``"full"`` becomes ``"miss"``.
     """
 
-    min_batch: int = 8
-    min_context: int = 4096
+    min_batch: int = 32
+    min_context: int = 6144
     min_hit_rate: float = 0.5
     probe_every: int = 16
+    full: str = "sdpa"
     recent_hit_rate: float = 1.0
     steps: int = field(default=0, repr=False)
 
-    def use_mac(self, batch: int, context: int) -> bool:
+    def __post_init__(self):
+        if self.full not in FULL_ATTENTIONS:
+            raise ValueError(f"FallbackPolicy.full must be one of {FULL_ATTENTIONS}, got {self.full!r}")
+
+    def decide(self, batch: int, context: int) -> str:
+        """``"mac"``, ``"miss"`` or ``"full"`` for a step of ``batch`` requests whose longest context is ``context``."""
         if batch < self.min_batch or context < self.min_context:
-            return False
-        return self.recent_hit_rate >= self.min_hit_rate or self.steps % self.probe_every == 0
+            return "full"
+        if self.recent_hit_rate >= self.min_hit_rate or self.steps % self.probe_every == 0:
+            return "mac"
+        return "miss"
 
 
 def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -131,7 +151,8 @@ class DecodeEngine:
         self.states: list[LayerState] = []
         self.workspaces: list = []
         self.stats: list[StepStats | None] = [None] * cfg.n_layers  # the last step's, per layer (graph outputs)
-        self.graphs: dict[bool, tuple] = {}  # use_mac -> (CUDA graph, its per-layer stats)
+        self.graphs: dict[str, tuple] = {}  # the step's attention (see _step_attention) -> (CUDA graph, its per-layer stats)
+        self.rings_stale = False  # full-attention steps ran since the rings were last whole
         self._flashinfer = None
 
     # -- the prompt -------------------------------------------------------------------------
@@ -159,6 +180,7 @@ class DecodeEngine:
             self.workspaces = [DecodeWorkspace.new(self.config, self.batch, self.cfg.n_heads, self.cfg.head_dim, self.device) for _ in self.layers]
         self.tokens.copy_(self.logits.argmax(-1))
         self.graphs.clear()
+        self.rings_stale = False
         return self.logits.clone()
 
     def _prompt(self, b: int, ids: torch.Tensor, per_layer_queries) -> torch.Tensor:
@@ -202,19 +224,19 @@ class DecodeEngine:
 
     # -- one decode step ----------------------------------------------------------------------
 
-    def _layers(self, use_mac: bool) -> None:
+    def _layers(self, kind: str) -> None:
         """The decode step for every request at its position (what a graph captures)."""
         cfg, B = self.cfg, self.batch
         pos = self.positions  # [B]
         rows = torch.arange(B, device=self.device)
         h = self.embed[self.tokens]  # [B, dim]
         cos, sin = self.cos[pos][:, None], self.sin[pos][:, None]  # [B, 1, D]
-        mask = torch.arange(self.capacity, device=self.device)[None, :] <= pos[:, None] if self.attention == "sdpa" else None
+        mask = torch.arange(self.capacity, device=self.device)[None, :] <= pos[:, None] if kind == "sdpa" else None
         for i, w in enumerate(self.layers):
             q_pre, q_post, k, v = self._project(w, h, cos, sin)  # [B, H, D] each
             self.k[i][rows, :, pos] = k
             self.v[i][rows, :, pos] = v
-            o = self._attend(i, q_pre, q_post, mask, use_mac)  # [B, Hq, D]
+            o = self._attend(i, q_pre, q_post, mask, kind)  # [B, Hq, D]
             h = h + o.reshape(B, cfg.dim) @ w["wo"].T
             x = rms_norm(h, w["ffn_norm"], cfg.norm_eps)
             h = h + (F.silu(x @ w["w_gate"].T) * (x @ w["w_up"].T)) @ w["w_down"].T
@@ -222,35 +244,35 @@ class DecodeEngine:
         self.tokens.copy_(self.logits.argmax(-1))  # greedy: the next step's input, on the device
         self.positions.add_(1)
 
-    def _attend(self, i: int, q_pre, q_post, mask, use_mac: bool) -> torch.Tensor:
+    def _attend(self, i: int, q_pre, q_post, mask, kind: str) -> torch.Tensor:
         import mac_triton
 
-        if self.attention == "mac" and self.mac_backend == "ref":
+        if kind in ("mac", "miss") and self.mac_backend == "ref":
             import mac_ref
 
-            if not use_mac:
+            if kind == "miss":
                 raise ValueError("the reference backend has no fallback step: use mac_backend='triton' with a policy")
             out, _, stats = mac_ref.decode_step(q_pre, self.k[i], self.v[i], self.states[i], self.positions, self.config, q_post=q_post)
             self.stats[i] = stats
             return out
-        if self.attention == "mac":
+        if kind in ("mac", "miss"):
             out, _, stats = mac_triton.mac_step(
                 q_pre, q_post, self.k[i], self.v[i], self.states[i], self.positions, self.config, self.scale,
-                self.workspaces[i], match=use_mac,
+                self.workspaces[i], match=kind == "mac",
             )
             self.stats[i] = stats
             return out
-        if self.attention == "triton":
+        if kind == "triton":
             return mac_triton.full_step(q_post, self.k[i], self.v[i], self.positions, self.scale)[0]
-        if self.attention == "sdpa":
+        if kind == "sdpa":
             return F.scaled_dot_product_attention(
                 q_post[:, :, None], self.k[i], self.v[i], attn_mask=mask[:, None, None, :], scale=self.scale, enable_gqa=True
             )[:, :, 0]
         return self._flashinfer.run(q_post, (self.k[i], self.v[i]))
 
-    def _plan(self) -> None:
+    def _plan(self, kind: str) -> None:
         """Host work before a step: FlashInfer's plan for this step's lengths (one for all layers)."""
-        if self.attention != "flashinfer":
+        if kind != "flashinfer":
             return
         if self._flashinfer is None:
             self._flashinfer = self._flashinfer_wrapper()
@@ -275,12 +297,25 @@ class DecodeEngine:
             paged_kv_last_page_len_buffer=torch.ones(B, dtype=torch.int32, device=self.device) if graphed else None,
         )
 
-    def _use_mac(self) -> bool:
+    def _step_attention(self) -> str:
+        """The next step's attention: ``"mac"``, ``"miss"`` (MAC's step without matching) or one of :data:`FULL_ATTENTIONS`."""
         if self.attention != "mac":
-            return False
+            return self.attention
         if self.policy is None:
-            return True
-        return self.policy.use_mac(self.batch, max(self.host_positions) + 1)
+            return "mac"
+        kind = self.policy.decide(self.batch, max(self.host_positions) + 1)
+        if kind == "full":
+            return self.policy.full if self.config.max_chain is not None else "miss"
+        return kind
+
+    def _mark_stale_rows(self) -> None:
+        """After full-attention steps: the rows they did not write are no candidates (depth ``max_chain``)."""
+        if self.config is None or self.config.max_chain is None:
+            raise ValueError("full-attention steps left the rings behind and config.max_chain is None, so their stale rows "
+                             "cannot be marked: rewind to a checkpoint taken before them, or use a config with max_chain")
+        for state in self.states:
+            state.ring_depth.fill_(self.config.max_chain)
+        self.rings_stale = False
 
     @torch.no_grad()
     def step(self, tokens: torch.Tensor | None = None, graph: bool = True) -> torch.Tensor:
@@ -295,39 +330,43 @@ class DecodeEngine:
             raise ValueError(f"the KV cache is full: positions {self.host_positions} reach the capacity {self.capacity}")
         if tokens is not None:
             self.tokens.copy_(tokens)
-        use_mac = self._use_mac()
-        self._plan()
+        kind = self._step_attention()
+        if kind in ("mac", "miss") and self.rings_stale:
+            self._mark_stale_rows()
+        if kind in FULL_ATTENTIONS:
+            self.rings_stale, self.stats = True, [None] * self.cfg.n_layers
+        self._plan(kind)
         if graph and self.device.type == "cuda":
-            if use_mac not in self.graphs:
-                self.graphs[use_mac] = (self._capture(use_mac), list(self.stats))
-            cuda_graph, self.stats = self.graphs[use_mac]
+            if kind not in self.graphs:
+                self.graphs[kind] = (self._capture(kind), list(self.stats))
+            cuda_graph, self.stats = self.graphs[kind]
             cuda_graph.replay()
         else:
-            self._layers(use_mac)
+            self._layers(kind)
         self.host_positions = [p + 1 for p in self.host_positions]
         if self.policy is not None:
-            self._observe(use_mac)
+            self._observe(kind)
         return self.logits
 
-    def _observe(self, used_mac: bool) -> None:
+    def _observe(self, kind: str) -> None:
         policy = self.policy
-        policy.steps += 1
-        if used_mac and policy.steps % policy.probe_every == 0:  # one small synchronisation in probe_every steps
+        if kind == "mac" and policy.steps % policy.probe_every == 0:  # a probe: one small synchronisation in probe_every steps
             policy.recent_hit_rate = torch.stack([s.hit.float().mean() for s in self.stats]).mean().item()
+        policy.steps += 1
 
-    def _capture(self, use_mac: bool) -> torch.cuda.CUDAGraph:
+    def _capture(self, kind: str) -> torch.cuda.CUDAGraph:
         """Capture the step; the warm-up runs (kernel compilation) are undone first."""
         saved = self._snapshot()
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
             for _ in range(2):
-                self._layers(use_mac)
+                self._layers(kind)
                 self._restore(saved)
         torch.cuda.current_stream().wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            self._layers(use_mac)
+            self._layers(kind)
         return graph
 
     def _snapshot(self) -> dict:
@@ -356,14 +395,14 @@ class DecodeEngine:
         """What decoding changes (positions, tokens, logits, rings), to :meth:`rewind` to;
         the KV entries past the prompts are rewritten before they are read."""
         saved = self._snapshot()
-        saved["logits"], saved["host_positions"] = self.logits.clone(), list(self.host_positions)
+        saved["logits"], saved["host_positions"], saved["rings_stale"] = self.logits.clone(), list(self.host_positions), self.rings_stale
         return saved
 
     def rewind(self, saved: dict) -> None:
         """Back to a :meth:`checkpoint` (in place: captured graphs stay valid)."""
         self._restore(saved)
         self.logits.copy_(saved["logits"])
-        self.host_positions = list(saved["host_positions"])
+        self.host_positions, self.rings_stale = list(saved["host_positions"]), saved["rings_stale"]
         if self.policy is not None:
             self.policy.steps, self.policy.recent_hit_rate = 0, 1.0
 
@@ -397,4 +436,4 @@ class DecodeEngine:
         return kv + sum(state.nbytes for state in self.states)
 
 
-__all__ = ["ATTENTIONS", "DecodeEngine", "FallbackPolicy", "rotate"]
+__all__ = ["ATTENTIONS", "FULL_ATTENTIONS", "DecodeEngine", "FallbackPolicy", "rotate"]

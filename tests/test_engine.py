@@ -2,8 +2,8 @@
 
 The engine's batched, ragged decode step against the model's own forward pass (one request
 at a time, full attention); MAC at τ ≥ 1 against full attention; a short batched MAC run
-against the reference backend's tokens; the fallback policy's steps against full attention,
-rings included. The CUDA-graph replay against the eager step is tested on a GPU
+against the reference backend's tokens; the fallback policy's steps (full attention, MAC's miss step, the
+resumption on marked rows). The CUDA-graph replay against the eager step is tested on a GPU
 (``tests/test_engine_gpu.py``).
 """
 
@@ -124,12 +124,12 @@ def test_rewind_replays_the_same_run(model, backend):
     assert bool(runs[0][1].any())
 
 
-def test_fallback_steps_are_full_attention_and_keep_the_rings(model):
-    """A policy that never allows MAC: every step is full attention, and the rings it writes
-    are the rows a step without hits writes (a later MAC step finds them current)."""
+def test_low_hit_rate_steps_are_misses_that_keep_the_rings(model):
+    """Under the policy's hit-rate threshold every step is MAC's step without matching: full
+    attention, writing the rows a step without hits writes (a later probe finds them current)."""
     batch = prompts([15, 15], seed=4)
     config = MACConfig(window=8, band=4, tau=0.5)
-    policy = FallbackPolicy(min_batch=100)
+    policy = FallbackPolicy(min_batch=1, min_context=0, min_hit_rate=2.0, recent_hit_rate=0.0, steps=1)  # no probe in 4 steps
     fallback = DecodeEngine(model, 2, CAPACITY, "mac", config, dtype=torch.float32, device="cpu", policy=policy)
     never = DecodeEngine(model, 2, CAPACITY, "mac", MACConfig(window=8, band=4, tau=1.0), dtype=torch.float32, device="cpu")
     fallback.prefill(batch), never.prefill(batch)
@@ -138,7 +138,74 @@ def test_fallback_steps_are_full_attention_and_keep_the_rings(model):
     for a, b in zip(fallback.states, never.states):
         assert torch.equal(a.ring_q, b.ring_q) and torch.equal(a.ring_depth, b.ring_depth)
         assert_close(a.ring_o, b.ring_o, "triton", torch.float32)
-    assert policy.steps == 4 and not fallback.step_stats().hit.any()
+    assert policy.steps == 5 and not fallback.step_stats().hit.any()
+
+
+def test_while_falling_back_for_the_hit_rate_a_probe_measures_it_again(model):
+    """The hit-rate fallback alternates probes (MAC steps, whose hit rate is read) and miss steps."""
+    config = MACConfig(window=8, band=4, tau=-2.0, sinks=1)
+    policy = FallbackPolicy(min_batch=1, min_context=0, min_hit_rate=2.0, probe_every=2, recent_hit_rate=-1.0)  # never enough
+    engine = DecodeEngine(model, 2, CAPACITY, "mac", config, dtype=torch.float32, device="cpu", policy=policy)
+    engine.prefill(prompts([20, 26], seed=4))
+    hits, rates, measured = [], [], []
+    for _ in range(4):
+        engine.step()
+        hit = engine.step_stats().hit
+        hits.append(bool(hit.any()))
+        measured.append(hit.float().mean().item())
+        rates.append(policy.recent_hit_rate)
+    assert hits == [True, False, True, False]
+    assert rates == pytest.approx([measured[0], measured[0], measured[2], measured[2]])
+
+
+def test_below_the_thresholds_steps_are_the_full_attention_and_mac_resumes_on_fresh_rows(model):
+    """Below ``min_context`` the steps are the policy's full attention (SDPA) and write no rows;
+    when MAC resumes, the rows they left stale are no candidates: the first MAC step is all
+    misses (so exact) and every later hit reuses a row written after the resumption."""
+    batch = prompts([15, 15], seed=4)
+    config = MACConfig(window=8, band=4, tau=-2.0, sinks=1, max_chain=1)  # a loose radius: hits wherever a row may be reused
+    policy = FallbackPolicy(min_batch=1, min_context=19)  # contexts 16, 17, 18: full attention
+    engine = DecodeEngine(model, 2, CAPACITY, "mac", config, dtype=torch.float32, device="cpu", policy=policy)
+    sdpa = DecodeEngine(model, 2, CAPACITY, "sdpa", dtype=torch.float32, device="cpu")
+    engine.prefill(batch), sdpa.prefill(batch)
+    for _ in range(3):
+        assert_close(engine.step(), sdpa.step(), "model_logits", torch.float32)
+        assert engine.step_stats() is None and engine.rings_stale
+    assert_close(engine.step(), sdpa.step(), "model_logits", torch.float32)  # position 18: MAC on marked rings
+    first = engine.step_stats()
+    assert not first.candidate.any() and bool((first.matched_pos == -1).all()) and not engine.rings_stale
+    hits = 0
+    for _ in range(6):
+        engine.step()
+        stats = engine.step_stats()
+        assert bool((stats.matched_pos[stats.hit] >= 18).all())
+        hits += int(stats.hit.sum())
+    assert hits > 0
+
+
+def test_switching_to_mac_after_full_steps_marks_the_stale_rows(model):
+    batch = prompts([15, 15], seed=4)
+    for max_chain in (1, None):
+        config = MACConfig(window=8, band=4, tau=-2.0, max_chain=max_chain)
+        engine = DecodeEngine(model, 2, CAPACITY, "sdpa", config, dtype=torch.float32, device="cpu")
+        engine.prefill(batch)
+        saved = engine.checkpoint()
+        engine.step()
+        engine.switch("mac")
+        if max_chain is None:
+            with pytest.raises(ValueError, match="stale rows"):
+                engine.step()
+            engine.rewind(saved)  # back before the full step: the rings are whole again
+            engine.step()
+            assert engine.step_stats().candidate.any()
+        else:
+            engine.step()
+            assert not engine.step_stats().candidate.any()
+
+
+def test_policy_refuses_an_unknown_full_attention():
+    with pytest.raises(ValueError, match="FallbackPolicy.full must be one of"):
+        FallbackPolicy(full="mac")
 
 
 def test_bad_arguments_are_refused(model):

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from mac_core import MACConfig, MassRule
-from mac_llm.engine import DecodeEngine
+from mac_llm.engine import DecodeEngine, FallbackPolicy
 
 pytestmark = pytest.mark.gpu
 
@@ -17,16 +17,23 @@ def model():
     return tiny_model().to("cuda")
 
 
+LOOSE = MACConfig(window=8, band=4, tau=-2.0, max_chain=1)
+
+
 @pytest.mark.parametrize(
-    "attention, config",
-    [("triton", None), ("sdpa", None), ("mac", MACConfig(window=8, band=4, tau=-2.0)), ("mac", MACConfig(window=8, band=4, tau=-2.0, rule=MassRule(tau_m=0.9)))],
-    ids=["triton", "sdpa", "mac-paper", "mac-mass"],
+    "attention, config, policy",
+    [("triton", None, None), ("sdpa", None, None), ("mac", MACConfig(window=8, band=4, tau=-2.0), None),
+     ("mac", MACConfig(window=8, band=4, tau=-2.0, rule=MassRule(tau_m=0.9)), None),
+     ("mac", LOOSE, dict(min_batch=1, min_context=28)),  # SDPA graphs for 2 steps, then MAC on marked rows
+     ("mac", LOOSE, dict(min_batch=1, min_context=0, min_hit_rate=2.0, probe_every=3))],  # miss steps and probes
+    ids=["triton", "sdpa", "mac-paper", "mac-mass", "policy-full-then-mac", "policy-miss-and-probe"],
 )
-def test_graph_replay_equals_the_eager_step(model, attention, config):
+def test_graph_replay_equals_the_eager_step(model, attention, config, policy):
     prompts = [list(range(3, 20)), list(range(5, 30))]
     runs = []
     for graph in (False, True):
-        engine = DecodeEngine(model, 2, 48, attention, config, dtype=torch.float32, device="cuda")
+        engine = DecodeEngine(model, 2, 48, attention, config, dtype=torch.float32, device="cuda",
+                              policy=None if policy is None else FallbackPolicy(**policy))
         engine.prefill(prompts)
         logits = [engine.step(graph=graph).clone() for _ in range(6)]
         runs.append((torch.stack(logits), engine.tokens.clone(), [s.ring_o.clone() for s in engine.states]))
