@@ -12,8 +12,8 @@ embedding to logits) replayed as one CUDA graph:
 - ``mac_paper``, ``mac_mass``: MAC (``mac_triton.mac_step``) at the demo's window, band,
   sinks and ``max_chain`` with the paper's rule (τ 0.5) and with the mass-aware rule the
   real-model study chose (τ cap 0.3, ``τ_m`` 0.85, decided per KV group; see :data:`MAC`);
-- ``mac_mass_policy``: the same with the fallback policy (``FallbackPolicy``: SDPA below
-  its batch and context thresholds).
+- ``mac_paper_policy``, ``mac_mass_policy``: the same with the fallback policy
+  (``FallbackPolicy``: SDPA below its batch and context thresholds).
 
 Per point and provider: the median step latency over ``--steps`` steps (CUDA events), tokens
 per second (``B`` over it), the speed-up over the best full-attention baseline, a per-step
@@ -23,9 +23,9 @@ the first ``--fidelity-requests`` requests of each context (teacher forcing on t
 follows each prompt, ``--fidelity-steps`` tokens): KL(full ‖ MAC), top-1 agreement, Δppl
 with its standard error, hit rate, KV reads skipped per head and per group.
 
-    python -m benchmarks.bench_model --model PATH/SmolLM2-135M-Instruct.Q4_1.gguf [--quick] [--out DIR]
+    python -m benchmarks.bench_model --model PATH/SmolLM2-135M-Instruct.Q4_1.gguf [--contexts 2048,4096,8192] [--batches 1,8,32,64,128] [--diagnose] [--out DIR]
 
-Writes ``model.csv``, ``model_fidelity.csv``, ``model.md`` and two plots (tokens per second
+Writes ``model.csv``, ``model_fidelity.csv``, ``model_kernels.csv`` (µs per step per kernel), ``model.md`` and two plots (tokens per second
 against batch, per context; speed-up against context, per batch) into ``--out``.
 """
 
@@ -52,7 +52,10 @@ from .harness import environment
 
 FULL = ("flashinfer", "triton", "sdpa")
 BEST_RULE = dict(tau=0.3, rule=MassRule(tau_m=0.85, per_group=True))  # chosen on the pydoc topics (studies/rule_frontier.py)
-MAC = {"mac_paper": dict(tau=0.5, rule=PaperRule()), "mac_mass": BEST_RULE, "mac_mass_policy": BEST_RULE}  # changes to the demo preset
+PAPER_RULE = dict(tau=0.5, rule=PaperRule())
+MAC = {"mac_paper": PAPER_RULE, "mac_paper_policy": PAPER_RULE, "mac_mass": BEST_RULE, "mac_mass_policy": BEST_RULE}  # changes to the demo preset
+# --diagnose: where the two-phase step's cost comes from (the verification or the group decision)
+DIAGNOSTIC = {"mac_mass_per_head": dict(tau=0.3, rule=MassRule(tau_m=0.85)), "mac_paper_per_group": dict(tau=0.45, rule=PaperRule(per_group=True))}
 
 
 def prose_prompts(tokenizer, n: int, length: int, follow: int) -> tuple[list[list[int]], list[list[int]]]:
@@ -81,18 +84,20 @@ def timed_steps(engine: DecodeEngine, steps: int) -> list[float]:
     return [start.elapsed_time(end) for start, end in events]
 
 
-def breakdown(engine: DecodeEngine, steps: int = 2) -> dict[str, float]:
-    """µs per step by kind of kernel: attention, match, everything else (profiler, graph replays)."""
+def breakdown(engine: DecodeEngine, steps: int = 2) -> tuple[dict[str, float], dict[str, list[float]]]:
+    """µs per step by kind of kernel (attention, match, everything else) and by kernel name
+    (``[launches, µs]`` per step), from the profiler over graph replays."""
     from torch.profiler import ProfilerActivity, profile
 
     if engine.device.type != "cuda":
-        return {"attention": math.nan, "match": math.nan, "other": math.nan}
+        return {"attention": math.nan, "match": math.nan, "other": math.nan}, {}
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(steps):
             engine.step()
         torch.cuda.synchronize()
     parts = {"attention": 0.0, "match": 0.0, "other": 0.0}
+    kernels: dict[str, list[float]] = {}
     for event in prof.events():
         if event.device_type != torch.autograd.DeviceType.CUDA:
             continue
@@ -104,7 +109,10 @@ def breakdown(engine: DecodeEngine, steps: int = 2) -> dict[str, float]:
         else:
             kind = "other"
         parts[kind] += event.device_time / steps
-    return parts
+        entry = kernels.setdefault(event.name[:80], [0.0, 0.0])
+        entry[0] += 1 / steps
+        entry[1] += event.device_time / steps
+    return parts, kernels
 
 
 def fidelity(engine: DecodeEngine, checkpoint: dict, follow: list[list[int]], reference: torch.Tensor, kv_heads: int) -> dict:
@@ -129,7 +137,8 @@ def run(args) -> None:
     out.mkdir(parents=True, exist_ok=True)
     env = environment()
     print(", ".join(f"{k} {v}" for k, v in env.items()), flush=True)
-    rows, fidelity_rows = [], []
+    rows, fidelity_rows, kernel_rows = [], [], []
+    mac = {**MAC, **(DIAGNOSTIC if args.diagnose else {})}
     for ctx in args.contexts:
         prompts, follow = prose_prompts(tokenizer, max(args.batches), ctx, args.steps + args.fidelity_steps + 8)
         for batch in args.batches:
@@ -138,16 +147,16 @@ def run(args) -> None:
             engine.prefill(prompts[:batch])
             checkpoint = engine.checkpoint()
             results = {}
-            for provider in (*FULL, *MAC):
+            for provider in (*FULL, *mac):
                 if provider == "flashinfer":
                     try:
                         import flashinfer  # noqa: F401
                     except Exception as err:  # noqa: BLE001
                         print(f"  flashinfer not importable: {err}")
                         continue
-                if provider in MAC:
+                if provider in mac:
                     policy = FallbackPolicy() if provider.endswith("policy") else None
-                    engine.switch("mac", dataclasses.replace(base, **MAC[provider]), policy)
+                    engine.switch("mac", dataclasses.replace(base, **mac[provider]), policy)
                 else:
                     engine.switch(provider)
                 engine.rewind(checkpoint)
@@ -156,7 +165,7 @@ def run(args) -> None:
                 try:
                     engine.step()  # capture (with its warm-ups undone) and the first replay
                     times = timed_steps(engine, args.steps)
-                    parts = breakdown(engine)
+                    parts, kernels = breakdown(engine)
                 except Exception as err:  # noqa: BLE001 - report and go on with the next provider
                     print(f"  B={batch} ctx={ctx} {provider}: {type(err).__name__}: {str(err)[:300]}", flush=True)
                     continue
@@ -166,7 +175,9 @@ def run(args) -> None:
                 row = dict(gpu=env["gpu"], dtype=args.dtype, context=ctx, batch=batch, provider=provider, step_ms=round(median, 4),
                            tokens_per_s=round(batch / median * 1e3, 1), peak_gib=round(peak, 2),
                            attention_us=round(parts["attention"], 1), match_us=round(parts["match"], 1), other_us=round(parts["other"], 1))
-                stats = engine.step_stats() if provider in MAC else None
+                kernel_rows += [dict(context=ctx, batch=batch, provider=provider, kernel=name, launches=round(n, 1), us=round(us, 1))
+                                for name, (n, us) in sorted(kernels.items(), key=lambda kv: -kv[1][1])]
+                stats = engine.step_stats() if provider in mac else None
                 if stats is not None:  # None: the policy's last step was full attention
                     row["hit_rate_last_step"] = round(stats.hit.float().mean().item(), 4)
                 rows.append(row)
@@ -176,23 +187,24 @@ def run(args) -> None:
                 row["best_full"] = min((p for p in FULL if p in results), key=results.get)
                 row["speedup_vs_best_full"] = round(best_full / row["step_ms"], 3)
             print(f"  ctx={ctx} B={batch}: " + ", ".join(f"{p} {ms:.3f} ms" for p, ms in results.items()) + f"  [{time.time() - t0:.0f}s]", flush=True)
-            write(rows, fidelity_rows, out, env, args, quiet=True)  # after every point: a cut-short run keeps what it measured
+            write(rows, fidelity_rows, kernel_rows, out, env, args, quiet=True)  # after every point: a cut-short run keeps what it measured
             del engine
             if device.type == "cuda":
                 torch.cuda.empty_cache()
         n = min(args.fidelity_requests, max(args.batches))  # the fidelity of the MAC rows, on the first n requests
-        fidelity_rows += fidelity_at(model, prompts[:n], follow[:n], ctx, args, base, dtype, device, kv_heads, env)
-    write(rows, fidelity_rows, out, env, args)
+        if n:
+            fidelity_rows += fidelity_at(model, prompts[:n], follow[:n], ctx, args, base, dtype, device, kv_heads, env, mac)
+    write(rows, fidelity_rows, kernel_rows, out, env, args)
 
 
-def fidelity_at(model, prompts, follow, ctx, args, base, dtype, device, kv_heads, env) -> list[dict]:
+def fidelity_at(model, prompts, follow, ctx, args, base, dtype, device, kv_heads, env, mac) -> list[dict]:
     engine = DecodeEngine(model, len(prompts), ctx + args.fidelity_steps + 16, "triton", base, dtype=dtype, device=device)
     engine.prefill(prompts)
     checkpoint = engine.checkpoint()
     targets = torch.tensor(follow, device=device).T
     reference = torch.stack([engine.step(targets[s]).clone() for s in range(args.fidelity_steps)])  # [S, B, V]
     rows = []
-    for provider, changes in MAC.items():
+    for provider, changes in mac.items():
         if provider.endswith("policy"):
             continue  # the policy changes speed, not the rows (a fallback step is exact): see the timing rows
         engine.switch("mac", dataclasses.replace(base, **changes))
@@ -202,8 +214,8 @@ def fidelity_at(model, prompts, follow, ctx, args, base, dtype, device, kv_heads
     return rows
 
 
-def write(rows, fidelity_rows, out: Path, env: dict, args, quiet: bool = False) -> None:
-    for name, data in (("model.csv", rows), ("model_fidelity.csv", fidelity_rows)):
+def write(rows, fidelity_rows, kernel_rows, out: Path, env: dict, args, quiet: bool = False) -> None:
+    for name, data in (("model.csv", rows), ("model_fidelity.csv", fidelity_rows), ("model_kernels.csv", kernel_rows)):
         if data:
             fields = list(dict.fromkeys(k for r in data for k in r))
             with open(out / name, "w", newline="") as f:
@@ -211,7 +223,7 @@ def write(rows, fidelity_rows, out: Path, env: dict, args, quiet: bool = False) 
                 writer.writeheader()
                 writer.writerows(data)
     lines = [f"SmolLM2-135M-Instruct ({args.dtype}), {env['gpu']}, " + ", ".join(f"{k} {v}" for k, v in env.items() if k != "gpu"), "",
-             "| context | batch | best full (tok/s) | MAC paper ×, tok/s | MAC mass ×, tok/s | MAC mass + policy ×, tok/s |", "|---|---|---|---|---|---|"]
+             "| context | batch | best full (tok/s) | " + " | ".join(f"{p} ×, tok/s" for p in MAC) + " |", "|---|---|---|" + "---|" * len(MAC)]
     points = sorted({(r["context"], r["batch"]) for r in rows})
     for ctx, batch in points:
         here = {r["provider"]: r for r in rows if (r["context"], r["batch"]) == (ctx, batch)}
@@ -252,7 +264,7 @@ def plot(rows, out: Path) -> None:
     batches = sorted({r["batch"] for r in rows})
     fig, ax = plt.subplots(figsize=(8, 4))
     for batch in batches:
-        for p, style in (("mac_mass", "-"), ("mac_mass_policy", ":")):
+        for p, style in (("mac_paper_policy", "--"), ("mac_mass", "-"), ("mac_mass_policy", ":")):
             pts = sorted((r["context"], r["speedup_vs_best_full"]) for r in rows if r["batch"] == batch and r["provider"] == p)
             if pts:
                 ax.plot(*zip(*pts), style, marker="o", label=f"B={batch}, {p.removeprefix('mac_')}")
@@ -271,8 +283,9 @@ def main():
     parser.add_argument("--batches", type=lambda s: [int(x) for x in s.split(",")], default=[1, 8, 32, 64, 128], help="batch sizes")
     parser.add_argument("--contexts", type=lambda s: [int(x) for x in s.split(",")], default=[2048, 4096, 8192], help="contexts (prompt tokens)")
     parser.add_argument("--steps", type=int, default=16, help="timed decode steps per provider")
-    parser.add_argument("--fidelity-requests", type=int, default=8, help="requests the fidelity is measured on (the first ones)")
-    parser.add_argument("--fidelity-steps", type=int, default=128, help="teacher-forced tokens per request for the fidelity")
+    parser.add_argument("--fidelity-requests", type=int, default=32, help="requests the fidelity is measured on (the first ones; 0: none)")
+    parser.add_argument("--fidelity-steps", type=int, default=256, help="teacher-forced tokens per request for the fidelity")
+    parser.add_argument("--diagnose", action="store_true", help=f"also time {', '.join(DIAGNOSTIC)} (where the mass rule's cost comes from)")
     parser.add_argument("--dtype", choices=("bf16", "fp16"), default="bf16", help="weights, activations and KV cache")
     parser.add_argument("--device", default="cuda", help="cuda; cpu only for a smoke run of the script (eager, interpreter, no timings worth reading)")
     args = parser.parse_args()
