@@ -138,9 +138,9 @@ def _attend_unit(
     Key ``t`` sits at ``page · stride_(k|v)b + slot · stride_(k|v)t``: a contiguous cache is
     one page per request (``page = b``, ``slot = t``); a paged one looks ``page`` up in the
     table (``indices[indptr[b] + t // PAGE_SIZE]``, ``slot = t % PAGE_SIZE``). The page size is
-    a compile-time constant (a shift and a mask for powers of two, not integer divisions), and
-    the next tile's page numbers are loaded before this tile's keys are used, so the dependent
-    load (table, then keys) overlaps the tile's arithmetic."""
+    a compile-time constant (a shift and a mask for powers of two, not integer divisions); for
+    pages of several keys the next tile's page numbers are loaded before this tile's keys are
+    used, so the dependent load (table, then keys) overlaps the tile's arithmetic."""
     lanes = tl.arange(0, G_PAD)
     cols = tl.arange(0, BLOCK_D)
     col_mask = cols < D
@@ -156,8 +156,9 @@ def _attend_unit(
     next_page = tl.zeros([BLOCK_N], tl.int64)
     if PAGED:
         table_row = tl.load(indptr_ptr + b).to(tl.int64)  # request b's first entry in indices
-        first_keys = lo + tl.arange(0, BLOCK_N)
-        next_page = tl.load(indices_ptr + table_row + first_keys // PAGE_SIZE, mask=first_keys < hi, other=0).to(tl.int64)
+        if PAGE_SIZE > 1:
+            first_keys = lo + tl.arange(0, BLOCK_N)
+            next_page = tl.load(indices_ptr + table_row + first_keys // PAGE_SIZE, mask=first_keys < hi, other=0).to(tl.int64)
     m = tl.full([G_PAD], float("-inf"), tl.float32)  # running max, base 2
     den = tl.zeros([G_PAD], tl.float32)
     acc = tl.zeros([G_PAD, BLOCK_D], tl.float32)
@@ -165,10 +166,14 @@ def _attend_unit(
         keys = n0 + tl.arange(0, BLOCK_N)
         key_mask = keys < hi
         if PAGED:
-            page = next_page
-            ahead = keys + BLOCK_N
-            next_page = tl.load(indices_ptr + table_row + ahead // PAGE_SIZE, mask=ahead < hi, other=0).to(tl.int64)
-            slot = (keys % PAGE_SIZE).to(tl.int64)
+            if PAGE_SIZE == 1:  # a page per key: no look-ahead (on the H200 it cost more than it hid)
+                page = tl.load(indices_ptr + table_row + keys, mask=key_mask, other=0).to(tl.int64)
+                slot = tl.zeros([BLOCK_N], tl.int64)
+            else:
+                page = next_page
+                ahead = keys + BLOCK_N
+                next_page = tl.load(indices_ptr + table_row + ahead // PAGE_SIZE, mask=ahead < hi, other=0).to(tl.int64)
+                slot = (keys % PAGE_SIZE).to(tl.int64)
         else:
             page = b.to(tl.int64) + tl.zeros([BLOCK_N], tl.int64)
             slot = keys.to(tl.int64)
