@@ -16,6 +16,7 @@ import pytest
 import torch
 
 import mac_ref
+from mac_core import PaperRule
 from tolerances import assert_close
 
 gguf_model = pytest.importorskip("mac_llm.gguf_model")
@@ -129,14 +130,15 @@ def test_tau_one_gives_full_attention_logits(model_and_tokenizer, prose_ids):
     assert_close(mac, full, "model_logits")
 
 
-@pytest.mark.parametrize("calibration", [None, "keynorm"])
+@pytest.mark.parametrize("calibration", [None, "keynorm"], ids=["demo-defaults", "paper-keynorm"])
 def test_default_point_hits_on_real_text_and_stats_agree(model_and_tokenizer, prose_ids, calibration):
-    """At the demo's defaults (τ 0.5, exact rows only) hits happen, and every reported number follows from the hit masks."""
+    """At the demo's defaults (the mass rule per group, exact rows only), and with the paper's
+    rule under a calibration, hits happen, and every reported number follows from the masks."""
     from mac_llm import demo
 
     model, _ = model_and_tokenizer
-    tau = demo.DEFAULTS.tau if calibration is None else 0.45
-    config = dataclasses.replace(demo.DEFAULTS, window=128, band=16, tau=tau, calibration=calibration, rope_base=model.config.rope_base)
+    changes = {} if calibration is None else dict(tau=0.45, rule=PaperRule())
+    config = dataclasses.replace(demo.DEFAULTS, window=128, band=16, calibration=calibration, rope_base=model.config.rope_base, **changes)
     full, mac, targets, backend = _mac_run(model, prose_ids, config)
     r = fidelity.fidelity(full, mac, targets, backend)
     stats = backend.layer_stats()  # [S, n_layers, B, Hq]
@@ -155,11 +157,17 @@ def test_default_point_hits_on_real_text_and_stats_agree(model_and_tokenizer, pr
     assert r["skipped_group"] == pytest.approx(1 - group.sum().item() / t[..., ::3].double().sum().item())
     assert 0 <= r["skipped_group"] <= r["skipped_head"] < 1
 
-    # hits are exactly the steps whose nearest distance is inside the (per-head) radius
+    # candidates are exactly the steps whose nearest distance is inside the (per-head) radius;
+    # the paper's rule accepts them all, the mass rule a subset
     for layer, cfg in enumerate(backend.configs):
         scale = torch.tensor(cfg.radius_scale or (1.0,) * 9, dtype=torch.float64)
         radius_sq = cfg.hit_radius_sq(64) * scale**2  # [Hq]
-        assert torch.equal(hit[:, layer], stats.distance[:, layer].double() < radius_sq)
+        assert torch.equal(stats.candidate[:, layer], stats.distance[:, layer].double() < radius_sq)
+    assert not (hit & ~stats.candidate).any()
+    if config.rule.verifies:
+        assert bool((stats.candidate & ~hit).any()), "the mass rule should reject some candidates here"
+    else:
+        assert torch.equal(hit, stats.candidate)
     top1 = (full.argmax(-1) == mac.argmax(-1)).double().mean().item()
     assert r["top1"] == pytest.approx(top1)
     assert r["kl_mean"] >= 0 and r["kl_max"] >= r["kl_mean"]
