@@ -8,6 +8,7 @@ resumption on marked rows). The CUDA-graph replay against the eager step is test
 """
 
 import dataclasses
+import math
 
 import pytest
 import torch
@@ -224,3 +225,12 @@ def test_bad_arguments_are_refused(model):
         engine.step()
 
 
+
+
+def test_the_demos_gpu_section_times_every_attention_on_one_prefill(model):
+    """``mac_llm.demo.engine_speed`` (what ``make demo`` prints on CUDA), here eagerly on the CPU."""
+    from mac_llm.demo import engine_speed
+
+    rates = engine_speed(model, prompts([30])[0], MACConfig(window=8, band=4, tau=-2.0, sinks=1, max_chain=1), "cpu", batch=2, steps=3)
+    assert list(rates) == ["sdpa", "triton", "mac", "mac_policy"]
+    assert all(math.isfinite(r) and r > 0 for r in rates.values())
