@@ -66,24 +66,6 @@ def prose_prompts(tokenizer, n: int, length: int, follow: int) -> tuple[list[lis
     return [ids[s : s + length] for s in starts], [ids[s + length : s + span] for s in starts]
 
 
-def timed_steps(engine: DecodeEngine, steps: int) -> list[float]:
-    """Per-step latencies (ms) of ``steps`` greedy steps, from CUDA events (a host clock on a CPU)."""
-    if engine.device.type != "cuda":
-        times = []
-        for _ in range(steps):
-            start = time.perf_counter()
-            engine.step()
-            times.append(1e3 * (time.perf_counter() - start))
-        return times
-    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(steps)]
-    for start, end in events:
-        start.record()
-        engine.step()
-        end.record()
-    torch.cuda.synchronize()
-    return [start.elapsed_time(end) for start, end in events]
-
-
 def breakdown(engine: DecodeEngine, steps: int = 2) -> tuple[dict[str, float], dict[str, list[float]]]:
     """µs per step by kind of kernel (attention, match, everything else) and by kernel name
     (``[launches, µs]`` per step), from the profiler over graph replays."""
@@ -164,7 +146,7 @@ def run(args) -> None:
                     torch.cuda.reset_peak_memory_stats()
                 try:
                     engine.step()  # capture (with its warm-ups undone) and the first replay
-                    times = timed_steps(engine, args.steps)
+                    times = engine.timed_steps(args.steps)
                     parts, kernels = breakdown(engine)
                 except Exception as err:  # noqa: BLE001 - report and go on with the next provider
                     print(f"  B={batch} ctx={ctx} {provider}: {type(err).__name__}: {str(err)[:300]}", flush=True)

@@ -91,6 +91,12 @@ class LayerState:
         self.ring_lse[b, :, slots] = row.lse.to(self.ring_lse.dtype)
         self.ring_depth[b, :, slots] = depth.to(self.ring_depth.dtype)
 
+    def retire_rows(self, max_chain: int) -> None:
+        """Mark every row as no match candidate under ``max_chain`` (chain depth ``max_chain``),
+        in place: for rings that fell behind the cache (steps that wrote no rows). Each later
+        step rewrites one slot with a row of its own, so the rings are whole again ``W`` steps on."""
+        self.ring_depth.fill_(max_chain)
+
     def advance(self, positions: torch.Tensor) -> None:
         """After the step at ``positions [B]``: the next one is at ``positions + 1``."""
         self.next_pos = positions.to(torch.int64) + 1

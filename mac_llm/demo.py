@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import statistics
 import time
 import warnings
 from pathlib import Path
@@ -149,7 +150,8 @@ def layer_plot(hit: list[float], skipped: list[float], path: Path, title: str) -
 def engine_speed(model, prompt: list[int], config, device, batch: int, steps: int = 16) -> dict[str, float]:
     """Tokens per second of :class:`~mac_llm.engine.DecodeEngine` on ``batch`` copies of ``prompt``.
 
-    One prefill, then ``steps`` greedy steps per attention from the same checkpoint: ``"sdpa"``,
+    One prefill, then per attention from the same checkpoint a first step (the capture) and
+    ``steps`` timed greedy steps (their median latency): ``"sdpa"``,
     ``"triton"`` (full attention), ``"mac"`` and ``"mac_policy"`` (MAC with the default
     :class:`~mac_llm.engine.FallbackPolicy`). bf16 on CUDA (graphs), float32 on a CPU (eager:
     the tests' path, not a timing). Returns ``{attention: tokens per second}``.
@@ -167,14 +169,7 @@ def engine_speed(model, prompt: list[int], config, device, batch: int, steps: in
         engine.switch(attention, config if attention == "mac" else None, policy)
         engine.rewind(saved)
         engine.step()  # the capture (on CUDA) and a first step, not timed
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        start = time.perf_counter()
-        for _ in range(steps - 1):
-            engine.step()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        rates[name] = batch * (steps - 1) / (time.perf_counter() - start)
+        rates[name] = batch / statistics.median(engine.timed_steps(steps)) * 1e3
     return rates
 
 

@@ -34,6 +34,7 @@ the Triton kernels in the interpreter): the tests use that, at a tiny size.
 from __future__ import annotations
 
 import dataclasses
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -314,7 +315,7 @@ class DecodeEngine:
             raise ValueError("full-attention steps left the rings behind and config.max_chain is None, so their stale rows "
                              "cannot be marked: rewind to a checkpoint taken before them, or use a config with max_chain")
         for state in self.states:
-            state.ring_depth.fill_(self.config.max_chain)
+            state.retire_rows(self.config.max_chain)
         self.rings_stale = False
 
     @torch.no_grad()
@@ -347,6 +348,23 @@ class DecodeEngine:
         if self.policy is not None:
             self._observe(kind)
         return self.logits
+
+    def timed_steps(self, steps: int) -> list[float]:
+        """Latencies (ms) of ``steps`` greedy :meth:`step` calls: CUDA events on a GPU, a host clock on a CPU."""
+        if self.device.type != "cuda":
+            times = []
+            for _ in range(steps):
+                start = time.perf_counter()
+                self.step()
+                times.append(1e3 * (time.perf_counter() - start))
+            return times
+        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(steps)]
+        for start, end in events:
+            start.record()
+            self.step()
+            end.record()
+        torch.cuda.synchronize(self.device)
+        return [start.elapsed_time(end) for start, end in events]
 
     def _observe(self, kind: str) -> None:
         policy = self.policy
