@@ -4,6 +4,8 @@ The mass rule against the paper's, exactly where they must agree (``w`` forced t
 ``τ_m = τ_cap``); rejected candidates are exact; ``w`` is a share of the step's mass; the
 group-aware variant costs no group reads and only turns hits into exact misses. The
 literal float64 loop (``test_literal_loop.py``) checks the decisions and ``w`` independently.
+The strictness of the mass rule's comparison (``τ_m ≥ 1`` accepts nothing, not even an exact
+repeat) is held in both backends, mac_ref and mac_triton.
 """
 
 import dataclasses
@@ -14,8 +16,10 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import mac_ref
+import mac_triton
 from mac_ref import MACConfig, MassRule, PaperRule, run_stream, synthetic_stream
 from tolerances import assert_close
+from triton_cases import DEVICE
 
 f64 = torch.float64
 
@@ -79,6 +83,27 @@ def test_tau_m_of_one_never_hits_and_w_is_a_share():
     assert_close(result.out[decoded], o_ref[decoded], "exact", f64)
     w = stats.mass_share
     assert ((w > 0) & (w < 1))[stats.candidate].all() and (w[~stats.candidate] == 0).all()
+
+
+@pytest.mark.parametrize("per_group", [False, True], ids=["per-head", "per-group"])
+@pytest.mark.parametrize("backend", [mac_ref, pytest.param(mac_triton, marks=pytest.mark.interpreter)], ids=["mac_ref", "mac_triton"])
+def test_tau_m_of_one_rejects_exact_repeats(backend, per_group):
+    """``τ_m = 1`` makes the rule's radius 0, and ``d·w² < 0`` is false even at ``d = 0``: queries
+    that repeat earlier ones exactly pass the loose distance test (candidates at distance 0)
+    but never hit, in either backend, and every step is full attention. Whole KV groups of
+    exact repeats are present, so a ``≤`` in either backend's comparison fails here."""
+    q, k, v = (x.to(DEVICE) for x in synthetic_stream(2, 4, 2, 24, 16, reuse=0.8, noise=0.0, max_lag=6, seed=1, dtype=torch.float32))
+    prompt = [20, 16]
+    config = MACConfig(window=8, band=3, tau=0.0, sinks=1, rule=MassRule(tau_m=1.0, per_group=per_group))
+    result = run_stream(q, k, v, prompt, config, step_fn=backend.decode_step)
+    stats = result.stats
+    exact_repeat = stats.candidate & (stats.distance == 0)  # [S, B, Hq]
+    assert exact_repeat.view(*exact_repeat.shape[:2], 2, 2).all(-1).any(), "a whole KV group should repeat exactly"
+    assert not stats.hit.any(), f"{int(stats.hit.sum())} hits at τ_m = 1 ({int(exact_repeat.sum())} exact repeats)"
+    o_ref, lse_ref = exact_outputs(*(x.cpu().double() for x in (q, k, v)), config)
+    decoded = ~torch.isnan(result.lse.cpu())
+    assert_close(result.out.cpu()[decoded], o_ref[decoded], "exact", torch.float32, msg="out")
+    assert_close(result.lse.cpu()[decoded], lse_ref[decoded], "exact", torch.float32, msg="lse")
 
 
 def test_mass_share_is_the_rows_share_of_the_steps_mass():

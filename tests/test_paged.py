@@ -4,7 +4,7 @@
   page size, layout, page order and partly filled last page;
 - the reference's prefill and decode steps over a paged cache equal those over the
   contiguous one exactly; mac_triton's are within the dtype band of the reference (and
-  equal to its own contiguous run);
+  equal to its own contiguous run), the two-phase step (mass rule, group-aware rules) included;
 - unused pages and the slots past each request's keys are NaN: a read outside the table shows;
 - malformed tables, mismatched layouts and dtypes are refused with a named error.
 """
@@ -127,6 +127,49 @@ def test_triton_step_paged(page_size, layout, dtype):
     assert torch.equal(got[2].hit, want[2].hit) and torch.equal(got[2].keys_read, want[2].keys_read)
     assert torch.equal(got[0], contiguous[0]) and torch.equal(got[1], contiguous[1])
     assert_states_close(state_rows, state, dtype, config)
+
+
+TWO_PHASE_RULES = [MassRule(tau_m=0.9), MassRule(tau_m=0.9, per_group=True), PaperRule(per_group=True)]
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("page_size, layout, dtype", [(1, "HND", torch.bfloat16), (16, "NHD", torch.float32)])
+@pytest.mark.parametrize("rule", TWO_PHASE_RULES, ids=lambda r: r.describe())
+def test_triton_two_phase_steps_paged(rule, page_size, layout, dtype, poison):
+    """The two-phase step (phase 2 reads the rejected candidates' prefixes) over pages: two
+    steps at ragged positions, each over caches that end at ``t`` (NaN past it, in the pages
+    and outside the table). Same decisions as the reference, outputs and rings within its
+    band; outputs, statistics and rings bitwise those of mac_triton over the contiguous cache.
+    The steps hit, reject candidates and miss, so every path reads from the pages."""
+    config = MACConfig(window=16, band=8, tau=0.1, sinks=2, rule=rule)
+    prompts, steps = [40, 23, 9], 2
+    q, k, v = stream_inputs(3, 4, 2, max(prompts) + steps, 32, dtype, seed=page_size, reuse=0.5)
+    prompt_lengths = torch.tensor(prompts, device=DEVICE)
+    state = mac_ref.prefill(q, k, v, prompt_lengths, config)[2]
+    paged_state, contiguous_state = state.clone(), state.clone()
+    rows = torch.arange(3, device=DEVICE)
+    decisions = []
+    for step in range(steps):
+        pos = prompt_lengths + step
+        q_pre = q[rows, :, pos]
+        k_t, v_t = poison.beyond(k, pos + 1), poison.beyond(v, pos + 1)
+        kp, vp = paged_copy(k, v, (pos + 1).tolist(), page_size, layout, seed=step)
+        want = mac_ref.decode_step(q_pre, k_t, v_t, state, pos, config)
+        got = mac_triton.decode_step(q_pre, kp, vp, paged_state, pos, config)
+        contiguous = mac_triton.decode_step(q_pre, k_t, v_t, contiguous_state, pos, config)
+        assert_summary_close(mac_ref.Summary(got[0], got[1]), mac_ref.Summary(want[0], want[1]), dtype, msg=f"step {step}")
+        for name in ("hit", "candidate", "matched_pos", "keys_read"):
+            assert torch.equal(getattr(got[2], name), getattr(want[2], name)), f"step {step}: stats.{name} differ from mac_ref"
+        assert torch.equal(got[0], contiguous[0]) and torch.equal(got[1], contiguous[1]), f"step {step}: paged != contiguous"
+        for name, value in vars(got[2]).items():
+            assert torch.equal(value, getattr(contiguous[2], name)), f"step {step}: stats.{name} paged != contiguous"
+        decisions.append(want[2])
+    assert_states_close(paged_state, state, dtype, config)
+    for name in ("ring_q", "ring_o", "ring_lse", "ring_depth"):
+        assert torch.equal(getattr(paged_state, name), getattr(contiguous_state, name)), f"{name} paged != contiguous"
+    hit = torch.stack([s.hit for s in decisions])
+    candidate = torch.stack([s.candidate for s in decisions])
+    assert hit.any() and (candidate & ~hit).any() and (~candidate).any(), "the steps should hit, reject and miss"
 
 
 @pytest.mark.interpreter

@@ -83,6 +83,12 @@ def test_decode_stream_matches_reference(dtype, q_heads, kv_heads, head_dim, con
     prefill = torch.tensor([40, 42], device=DEVICE)
     want = mac_ref.run_stream(q, k, v, prefill, config)
     got = mac_ref.run_stream(q, k, v, prefill, config, step_fn=functools.partial(mac_triton.decode_step, launch=LAUNCHES[launch]))
+    assert_streams_match(got, want, dtype, config)
+
+
+def assert_streams_match(got, want, dtype, config):
+    """mac_triton's stream ``got`` against mac_ref's ``want``: same decisions, outputs, rows and
+    rings; ``want`` must mix hits and misses (and reject candidates, for a two-phase rule)."""
     assert want.stats.hit.any() and not want.stats.hit.all(), "the stream should mix hits and misses"
     if config.rule.verifies or config.rule.per_group:
         assert (want.stats.candidate & ~want.stats.hit).any(), "the stream should reject candidates"
@@ -97,6 +103,31 @@ def test_decode_stream_matches_reference(dtype, q_heads, kv_heads, head_dim, con
     assert_close(got.out[decoded], want.out[decoded], "triton", dtype, msg="out")
     assert_close(got.lse[decoded], want.lse[decoded], "triton_lse", dtype, msg="lse")
     assert_states_close(got.state, want.state, dtype, config)
+
+
+SECOND_STREAMS = {
+    # (dtype, Hq, Hkv, D, prompts, launch, config): a second stream for two-phase paths that had one
+    # the fresh LSE with sinks, per head: GQA 3, head dim 16, 3 sinks beside a band of 3, short
+    # ragged prompts (sinks carry much of the mass), the keys split into many units
+    "mass-sinks": (torch.float32, 3, 1, 16, [19, 9, 27], "split-by-keys", MACConfig(window=8, band=3, tau=0.0, sinks=3, rule=MassRule(tau_m=0.8))),
+    # the paper's rule per group: GQA 4, bf16, no band (a row covers up to its token), a sink,
+    # the subtract rule, bounded chains
+    "paper-per-group": (
+        torch.bfloat16, 8, 2, 16, [19, 9, 27], "wide",
+        MACConfig(window=8, band=0, tau=0.2, sinks=1, max_chain=2, row_update="subtract", rule=PaperRule(per_group=True)),
+    ),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("dtype, q_heads, kv_heads, head_dim, prompts, launch, config", list(SECOND_STREAMS.values()), ids=list(SECOND_STREAMS))
+def test_two_phase_stream_second_configuration(dtype, q_heads, kv_heads, head_dim, prompts, launch, config):
+    """Prefill of three ragged prompts, then 6 decode steps, in configurations unlike those of
+    :data:`STREAMS`: same hits, candidates and ``j*``, ``w`` and outputs within the band, same rings."""
+    q, k, v = stream_inputs(len(prompts), q_heads, kv_heads, max(prompts) + 6, head_dim, dtype, seed=3, reuse=0.7)
+    prefill = torch.tensor(prompts, device=DEVICE)
+    want = mac_ref.run_stream(q, k, v, prefill, config)
+    got = mac_ref.run_stream(q, k, v, prefill, config, step_fn=functools.partial(mac_triton.decode_step, launch=LAUNCHES[launch]))
+    assert_streams_match(got, want, dtype, config)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
