@@ -7,6 +7,7 @@ import dataclasses
 import math
 from dataclasses import dataclass
 
+from .numerics import softmax_scale
 from .rules import CALIBRATIONS, RULES, AcceptanceRule, MassRule, PaperRule, radius_scale_from_prompt
 
 ROW_UPDATES = ("split", "subtract")
@@ -42,6 +43,9 @@ class MACConfig:
             subtraction) or ``"subtract"`` (the paper's ``out ⊖ (sinks ⊕ tail)``).
         rope_base: RoPE base used to rotate pre-RoPE queries when no post-RoPE query is given.
         scale: softmax scale; ``None`` means ``1/sqrt(D)``.
+        softcap: ``None`` (no cap) or the attention-logit soft-cap ``c > 0`` of Gemma 2's
+            ``attn_logit_softcapping``: every score is ``s_j = c·tanh(scale·q·k_j / c)``
+            (spec: [conventions][spec-conventions]).
     """
 
     window: int = 1024
@@ -56,6 +60,7 @@ class MACConfig:
     row_update: str = "split"
     rope_base: float = 10000.0
     scale: float | None = None
+    softcap: float | None = None
 
     def __post_init__(self):
         for name in ("window", "band", "min_context", "sinks"):
@@ -93,6 +98,10 @@ class MACConfig:
             raise ValueError(f"MACConfig.rope_base must be a positive number, got {self.rope_base!r}")
         if self.scale is not None and not (isinstance(self.scale, (int, float)) and math.isfinite(self.scale)):
             raise ValueError(f"MACConfig.scale must be None or a finite number, got {self.scale!r}")
+        if self.softcap is not None and (
+            isinstance(self.softcap, bool) or not isinstance(self.softcap, (int, float)) or not (math.isfinite(self.softcap) and self.softcap > 0)
+        ):
+            raise ValueError(f"MACConfig.softcap must be None or a finite number > 0, got {self.softcap!r}")
 
     def hit_radius_sq(self, head_dim: int) -> float:
         """Squared-distance bound of the distance test: ``2·D·(1 − τ)²``, and 0 (no hits) for ``τ ≥ 1``."""
@@ -107,7 +116,7 @@ class MACConfig:
 
     def softmax_scale(self, head_dim: int) -> float:
         """The softmax scale: :attr:`scale`, or ``1/sqrt(D)``."""
-        return 1.0 / math.sqrt(head_dim) if self.scale is None else self.scale
+        return softmax_scale(head_dim, self.scale)
 
     def check_heads(self, q_heads: int) -> None:
         """What a step of ``Hq`` query heads needs of the configuration."""
@@ -133,6 +142,8 @@ class MACConfig:
         parts.append(f"max chain {self.max_chain}" if self.max_chain else "max chain none")
         if self.calibration:
             parts.append(f"calibration {self.calibration}")
+        if self.softcap is not None:
+            parts.append(f"softcap {self.softcap:g}")
         return ", ".join(parts)
 
 

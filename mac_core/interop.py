@@ -18,14 +18,12 @@ through one of the functions here:
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from .checks import check_same_device, check_tensor
+from .numerics import LOG2E
 from .step import Summary
 
-LOG2E = 1.0 / math.log(2.0)  # log₂ e: s = ℓ · log₂ e
 
 
 def lse_to_base2(lse: torch.Tensor) -> torch.Tensor:

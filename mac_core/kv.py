@@ -279,6 +279,22 @@ def to_paged(
 
     Returns:
         ``(k_paged, v_paged)`` sharing one :class:`PageTable` (int32, on the caches' device).
+
+    Examples:
+        Two requests of 5 and 3 keys in pages of 2 slots: 3 pages and 2, each request's last
+        page holding one key; reading the keys back gives the contiguous cache's:
+
+        >>> import torch
+        >>> from mac_core.kv import read_keys, to_paged
+        >>> k = torch.arange(20.0).view(2, 1, 5, 2)          # [B, Hkv, T, D]
+        >>> k_paged, v_paged = to_paged(k, -k, [5, 3], page_size=2)
+        >>> k_paged.pages.shape                              # [pages, page_size, Hkv, D] (NHD)
+        torch.Size([5, 2, 1, 2])
+        >>> table = k_paged.table
+        >>> table.indptr.tolist(), table.indices.tolist(), table.last_page_len.tolist()
+        ([0, 3, 5], [0, 1, 2, 3, 4], [1, 1])
+        >>> torch.equal(read_keys(k_paged, 0, 3), k[:, :, :3])
+        True
     """
     if not isinstance(page_size, int) or page_size < 1:
         raise ValueError(f"page_size must be an int ≥ 1, got {page_size!r}")

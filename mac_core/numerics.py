@@ -1,11 +1,21 @@
-"""Numerical facts both backends share: the compute dtype and the ⊖ epsilon.
+"""Numerical facts both backends share: the compute dtype, the ⊖ epsilon, the default softmax
+scale and ``log₂ e``.
 
 Spec: [numerics][spec-numerics].
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
+
+LOG2E = 1.0 / math.log(2.0)  # log₂ e: a natural-log LSE times this is base 2 (FlashInfer's, the kernels' exp2)
+
+
+def softmax_scale(head_dim: int, scale: float | None = None) -> float:
+    """The softmax scale of the scores: ``scale``, or ``1/sqrt(D)`` when it is ``None`` (the conventions)."""
+    return 1.0 / math.sqrt(head_dim) if scale is None else scale
 
 
 def compute_dtype(*dtypes: torch.dtype) -> torch.dtype:

@@ -43,10 +43,17 @@ def _rotate(x: torch.Tensor, positions, base: float, sign: float) -> torch.Tenso
         ) from None
     dtype = compute_dtype(x.dtype)
     cos, sin = rope_angles(positions, x.shape[-1], base)
-    x_c = x.to(dtype)
+    return rotate(x, cos.to(dtype), sign * sin.to(dtype))
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """``x ⊙ cos + rotate_half(x) ⊙ sin`` for ``x [..., D]`` and precomputed ``cos``, ``sin``
+    broadcast to it (a model's table of :func:`rope_angles`; ``−sin`` inverts), computed in
+    ``cos``'s dtype (at least ``x``'s) and returned in ``x``'s dtype."""
+    x_c = x.to(torch.promote_types(x.dtype, cos.dtype))
     half = x.shape[-1] // 2
     rotated_half = torch.cat([-x_c[..., half:], x_c[..., :half]], dim=-1)
-    return (x_c * cos.to(dtype) + sign * rotated_half * sin.to(dtype)).to(x.dtype)
+    return (x_c * cos + rotated_half * sin).to(x.dtype)
 
 
 def apply_rope(x: torch.Tensor, positions, base: float = 10000.0) -> torch.Tensor:

@@ -31,6 +31,9 @@ logits of the reused prefix: by Cauchy–Schwarz (RoPE keeps norms)
     |s'_j - s_j| = \text{scale}\cdot|(\tilde q_t - \tilde q_{j^*})^\top \tilde k_j|
                  \le \text{scale}\cdot\lVert \tilde q_t - \tilde q_{j^*}\rVert \cdot \max_j \lVert k_j \rVert .
 
+Soft-capped logits (``MACConfig.softcap``: ``c·tanh(x / c)`` is 1-Lipschitz) obey the same
+bound, so the calibrations need no cap.
+
 - ``"keynorm"``: ``s_h = sqrt(D) / K_h`` with ``K_h`` the largest key norm of the head's KV
   head over the prompt (sinks excluded: they are recomputed at every step), so every head
   has the same bound on the logit error of its reused prefix;

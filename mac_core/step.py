@@ -77,6 +77,33 @@ class Spans(NamedTuple):
         return self.sink_end + (self.tail_end - self.band_start)
 
 
+def step_spans(positions: torch.Tensor, result: "MatchResult", config) -> "Spans":
+    """Sink, band and tail ranges for the tokens at ``positions [B]`` given the hits of ``result``.
+
+    ``N = E(t)``, ``S = min(F, N)``; a hit's band starts at ``P = max(E(j*), S)``, a miss's at
+    ``S``. Only the band's start depends on the decisions: the sinks ``[0, S)`` and the tail
+    ``[N, t+1)`` are the same for every head of the step (spec: [the ranges][spec-ranges]).
+
+    The ranges of a concrete hit (``t = 100``, ``r = 24``, ``j* = 87``, no sinks):
+
+    >>> import torch
+    >>> from mac_core import MACConfig, MatchResult
+    >>> t, j = torch.tensor([100]), torch.tensor([[87]])
+    >>> hit = MatchResult(torch.tensor([[True]]), j, torch.tensor([[0.0]]))
+    >>> spans = step_spans(t, hit, MACConfig(window=32, band=24))
+    >>> band = spans.band_end - spans.band_start        # [P, N) = [E(87), E(100)) = [64, 77)
+    >>> tail = spans.tail_end - spans.band_end          # [N, t+1) = [77, 101)
+    >>> band.item(), tail.item(), spans.keys_read().item()   # t − j*, r, r + (t − j*)
+    (13, 24, 37)
+    """
+    t = positions[:, None].expand_as(result.matched_pos)  # [B, Hq]
+    band_end = prefix_end(t, config.band)  # N
+    sink_end = torch.clamp(band_end, max=config.sinks)  # S = min(F, N)
+    matched_end = prefix_end(result.matched_pos, config.band)  # E(j*)
+    band_start = torch.where(result.hit, torch.maximum(matched_end, sink_end), sink_end)
+    return Spans(sink_end, band_start, band_end, t + 1)
+
+
 @dataclass
 class StepStats:
     """What a decode step reports, per request and query head (spec: [reports][spec-reports]).
@@ -110,24 +137,73 @@ class StepStats:
     candidate: torch.Tensor
     mass_share: torch.Tensor
 
+    @classmethod
+    def empty(cls, *lead: int, batch: int = 0, q_heads: int = 0, device=None) -> "StepStats":
+        """Statistics of no step: per-head fields ``[*lead, batch, q_heads]`` with a zero in ``lead``."""
+        shape = (*lead, batch, q_heads)
+        zeros = dict(dtype=torch.int64, device=device)
+        no = dict(dtype=torch.bool, device=device)
+        return cls(
+            hit=torch.zeros(shape, **no), matched_pos=torch.zeros(shape, **zeros), distance=torch.zeros(shape, device=device),
+            keys_read=torch.zeros(shape, **zeros), context=torch.zeros(shape[:-1], **zeros), ill_conditioned=torch.zeros(shape, **no),
+            chain_depth=torch.zeros(shape, **zeros), candidate=torch.zeros(shape, **no), mass_share=torch.zeros(shape, device=device),
+        )  # fmt: skip
+
     @property
     def hit_rate(self) -> float:
-        """Share of (step, request, head) decisions that were hits."""
-        return self.hit.float().mean().item()
+        """Share of (step, request, head) decisions that were hits (0 when no step is held)."""
+        return self.hit.float().mean().item() if self.hit.numel() else 0.0
 
-    @property
-    def skipped_fraction(self) -> float:
-        """Share of full attention's key reads that were skipped: ``1 − Σ keys_read / Σ (t+1)``."""
-        full = self.context.unsqueeze(-1).expand_as(self.keys_read)
-        return 1.0 - self.keys_read.sum().item() / full.sum().item()
+    def skipped_fraction(self, kv_heads: int | None = None) -> float:
+        """Share of full attention's key reads that were skipped, ``1 − Σ reads / Σ (t+1)``:
+        per query head (``kv_heads=None``), or per KV group of ``Hq / kv_heads`` heads, which
+        reads the union of its heads' spans (all end at ``t + 1``, so the longest one) and
+        is what a kernel that loads each K/V tile once for its group saves in bytes."""
+        reads = self.keys_read
+        if kv_heads is not None:
+            *lead, Hq = reads.shape
+            reads = reads.reshape(*lead, kv_heads, Hq // kv_heads).amax(-1)  # [..., Hkv]
+        full = self.context.unsqueeze(-1).expand_as(reads)
+        if not full.numel():
+            return 0.0  # no step held: nothing skipped
+        return 1.0 - reads.double().sum().item() / full.double().sum().item()
 
-    def group_skipped_fraction(self, kv_heads: int) -> float:
-        """The same per KV group: a group reads the union of its heads' spans, all ending at
-        ``t + 1``, so its longest one."""
-        *lead, Hq = self.keys_read.shape
-        group_reads = self.keys_read.reshape(*lead, kv_heads, Hq // kv_heads).amax(-1)  # [..., Hkv]
-        full = self.context.unsqueeze(-1).expand_as(group_reads)
-        return 1.0 - group_reads.sum().item() / full.sum().item()
+    def summary(self, kv_heads: int) -> dict[str, float]:
+        """``hit_rate``, ``candidate_rate``, ``skipped_head``, ``skipped_group`` (:meth:`skipped_fraction`)
+        and ``mass_share_mean`` (over the candidates) of all the steps and heads held."""
+        share = self.mass_share[self.candidate].double()
+        return {
+            "hit_rate": self.hit_rate, "candidate_rate": self.candidate.double().mean().item() if self.candidate.numel() else 0.0,
+            "skipped_head": self.skipped_fraction(), "skipped_group": self.skipped_fraction(kv_heads),
+            "mass_share_mean": share.mean().item() if share.numel() else 0.0,
+        }
+
+    def bytes_moved(self, kv_heads: int, head_dim: int, window: int, kv_itemsize: int, query_itemsize: int) -> dict[str, float]:
+        """Bytes the steps held moved through memory, by part (summed over steps, requests, heads):
+
+        - ``kv``: the keys and values each KV group read, once per group (``2D`` elements a key);
+        - ``scan``: the match scan: each query head reads ``min(t, W)`` ring rows of ``q̃``
+          (``D`` elements of ``query_itemsize``) and their chain depths (int32);
+        - ``rows``: the row each hit reuses (``o``, ``ℓ``: float32) and the row each step
+          writes per head (``q̃``, ``o``, ``ℓ``, depth);
+        - ``full_kv``: what full attention reads instead, all ``t + 1`` keys per group.
+
+        Row-side bytes assume float32 rows (:class:`~mac_core.state.LayerState` for 16-bit
+        and float32 queries); queries, outputs and the plan are left out (both read them).
+        """
+        D = head_dim
+        reads = self.keys_read.double()
+        *lead, Hq = reads.shape
+        group_reads = reads.reshape(*lead, kv_heads, Hq // kv_heads).amax(-1)  # [..., Hkv]
+        context = self.context.double()  # [...]
+        scanned = (context - 1).clamp(max=window).unsqueeze(-1).expand_as(reads)  # rows per head
+        row_write = D * query_itemsize + 4 * D + 4 + 4
+        return {
+            "kv": group_reads.sum().item() * 2 * D * kv_itemsize,
+            "scan": scanned.sum().item() * (D * query_itemsize + 4),
+            "rows": self.hit.double().sum().item() * (4 * D + 4) + reads.numel() * row_write,
+            "full_kv": context.sum().item() * kv_heads * 2 * D * kv_itemsize,
+        }
 
     def request(self, b: int) -> "StepStats":
         """Request ``b``'s statistics alone: per-head fields ``[..., 1, Hq]``, ``context`` ``[..., 1]``."""

@@ -27,9 +27,8 @@ import torch
 
 from mac_core.config import MACConfig
 from mac_core.state import LayerState
-from mac_core.step import MatchResult
+from mac_core.step import MatchResult, Summary, step_spans
 
-from .amend import step_spans
 from .summary import attend, merge
 
 
@@ -47,37 +46,43 @@ class Decision(NamedTuple):
     mass_share: torch.Tensor
 
 
-def mass_share(result: MatchResult, state: LayerState, q_post, k_cache, v_cache, positions, config: MACConfig, scale: float) -> torch.Tensor:
-    """``w = σ(ℓ_row − ℓ_fresh)`` of each candidate's row, ``[B, Hq]`` (0 where there is none)."""
+def mass_share(result: MatchResult, state: LayerState, q_post, k_cache, v_cache, positions, config: MACConfig, scale: float,
+               rest: Summary) -> torch.Tensor:
+    """``w = σ(ℓ_row − ℓ_fresh)`` of each candidate's row, ``[B, Hq]`` (0 where there is none).
+
+    ``rest``: the step's sinks ⊕ tail (:func:`mac_ref.complete.edge_summaries`); the band
+    ``[P, N)`` of each candidate completes ``ℓ_fresh``.
+    """
     spans = step_spans(positions, result, config)
-    fresh = merge(
-        attend(q_post, k_cache, v_cache, 0, spans.sink_end, scale),  # sinks
-        attend(q_post, k_cache, v_cache, spans.band_start, spans.tail_end, scale),  # band and tail
-    )
+    fresh = merge(rest, attend(q_post, k_cache, v_cache, spans.band_start, spans.band_end, scale, config.softcap))  # ⊕ the band
     row_lse = state.rows(result.matched_pos.clamp(min=0)).lse.to(fresh.lse.dtype)
     share = torch.sigmoid(row_lse - fresh.lse)  # an empty row (−inf) carries nothing: 0
     return torch.where(result.hit, share, torch.zeros_like(share))
 
 
-def accept_candidates(config: MACConfig, result: MatchResult, state: LayerState, q_post, k_cache, v_cache, positions, scale: float) -> Decision:
+def accept_candidates(config: MACConfig, result: MatchResult, state: LayerState, q_post, k_cache, v_cache, positions, scale: float,
+                      rest: Summary) -> Decision:
     """The rule's decision for the candidates of ``result`` (``hit`` = the distance test).
 
     A stage of :func:`mac_ref.decode.decode_step`, which validates the arguments.
 
     Args:
-        config: the rule (``config.rule``) and its knobs.
+        config: the rule (``config.rule``) and its knobs (``config.softcap`` caps the scores
+            of ``ℓ_fresh``).
         result: the match, ``hit`` = the candidates.
         state: the rings (the candidates' rows).
         q_post: ``[B, Hq, D]`` post-RoPE queries; ``k_cache``, ``v_cache``: ``[B, Hkv, T, D]``.
         positions: ``[B]`` int64 positions ``t``.
         scale: softmax scale.
+        rest: the step's sinks ⊕ tail (:func:`mac_ref.complete.edge_summaries`): a step
+            attends them once, for the rule and for the output.
 
     Returns:
         :class:`Decision`.
     """
     rule = config.rule
     candidate = result.hit
-    share = mass_share(result, state, q_post, k_cache, v_cache, positions, config, scale)
+    share = mass_share(result, state, q_post, k_cache, v_cache, positions, config, scale, rest)
     if rule.name == "paper":
         hit = candidate
     elif rule.name == "mass":

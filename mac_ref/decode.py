@@ -24,12 +24,14 @@ from mac_core.config import MACConfig
 from mac_core.state import LayerState, new_state
 from mac_core.step import Completion, StepStats, row_range
 
-from .accept import accept_candidates
-from .amend import step_spans
-from .complete import amend_complete
-from .match import find_match
 from mac_core.rope import apply_rope
-from .summary import attend, remove
+from mac_core.step import step_spans
+
+from .accept import accept_candidates
+from .amend import amend_row
+from .complete import complete_output, edge_summaries
+from .match import find_match
+from .summary import attend, merge, remove
 
 
 def update_row(completion: Completion, config: MACConfig):
@@ -59,6 +61,27 @@ def decode_step(q_pre, k_cache, v_cache, state: LayerState, positions, config: M
 
     Returns:
         ``(out [B, Hq, D] in q_pre's dtype, lse [B, Hq] in the compute dtype, StepStats)``.
+
+    Example:
+        A prompt of 40 tokens, then a step whose query repeats the one at position 30: it
+        hits that row and reads the band and the tail only. At ``τ = 1`` nothing hits, and
+        the step is full attention.
+
+        >>> import torch, mac_ref
+        >>> g = torch.Generator().manual_seed(0)
+        >>> q_pre, k, v = (torch.randn(1, h, 41, 16, generator=g) for h in (2, 1, 1))   # Hq 2, Hkv 1
+        >>> q_pre[:, :, 40] = q_pre[:, :, 30]
+        >>> config = mac_ref.MACConfig(window=16, band=4, tau=0.5)
+        >>> _, _, state = mac_ref.prefill(q_pre[:, :, :40], k, v, 40, config)
+        >>> out, lse, stats = mac_ref.decode_step(q_pre[:, :, 40], k, v, state, torch.tensor([40]), config)
+        >>> stats.hit.tolist(), stats.matched_pos.tolist(), stats.keys_read.tolist()   # band 10 + tail 4 of 41 keys
+        ([[True, True]], [[30, 30]], [[14, 14]])
+        >>> exact = mac_ref.MACConfig(window=16, band=4, tau=1.0)
+        >>> _, _, state = mac_ref.prefill(q_pre[:, :, :40], k, v, 40, exact)
+        >>> out, _, stats = mac_ref.decode_step(q_pre[:, :, 40], k, v, state, torch.tensor([40]), exact)
+        >>> full = mac_ref.attend(mac_ref.apply_rope(q_pre[:, :, 40], torch.tensor([[40]])), k, v, 0, 41).o
+        >>> stats.hit.any().item(), torch.allclose(out, full, atol=1e-6)
+        (False, True)
     """
     check_step_inputs(q_pre, k_cache, v_cache, state, positions, config, q_post)
     positions = positions.to(torch.int64)
@@ -67,10 +90,12 @@ def decode_step(q_pre, k_cache, v_cache, state: LayerState, positions, config: M
         q_post = apply_rope(q_pre, positions[:, None], config.rope_base)
 
     candidates = find_match(q_pre, state, positions, config)
-    decision = accept_candidates(config, candidates, state, q_post, k_cache, v_cache, positions, scale)
+    # the sinks and the tail do not depend on the decisions: attended once, for the rule and the output
+    sinks, tail = edge_summaries(q_post, k_cache, v_cache, step_spans(positions, candidates, config), scale, config.softcap)
+    decision = accept_candidates(config, candidates, state, q_post, k_cache, v_cache, positions, scale, merge(sinks, tail))
     result = decision.result
     spans = step_spans(positions, result, config)  # a rejected candidate reads as a miss
-    completion = amend_complete(q_post, k_cache, v_cache, state, result, spans, scale)
+    completion = complete_output(amend_row(q_post, k_cache, v_cache, state, result, spans, scale, config.softcap), sinks, tail)
     row, ill_conditioned = update_row(completion, config)
     depth = torch.where(result.hit, state.depths(result.matched_pos.clamp(min=0)).to(torch.int64) + 1, 0)  # [B, Hq]
     state.write(positions, q_pre, row, depth)
@@ -117,8 +142,8 @@ def prefill(q_pre, k_cache, v_cache, prompt_lengths, config: MACConfig, q_post=N
 
     in_prompt = pos[None, None, :] < prompt_lengths[:, None, None]  # [B, 1, L]
     causal_end = torch.where(in_prompt, pos + 1, 0)  # empty range past the prompt
-    out = attend(q_post, k_cache, v_cache, 0, causal_end, scale)
+    out = attend(q_post, k_cache, v_cache, 0, causal_end, scale, config.softcap)
 
-    rows = attend(q_post, k_cache, v_cache, *row_range(pos, config.band, config.sinks), scale)
+    rows = attend(q_post, k_cache, v_cache, *row_range(pos, config.band, config.sinks), scale, config.softcap)
     state = new_state(B, Hq, D, config, dtype=q_pre.dtype, device=q_pre.device).seed(q_pre, rows, prompt_lengths)
     return out.o.to(q_pre.dtype), out.lse, state

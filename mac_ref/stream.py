@@ -46,7 +46,8 @@ def run_stream(q_pre, k, v, prefill_len, config: MACConfig, q_post=None, progres
         q_pre: ``[B, Hq, T, D]`` per-token pre-RoPE queries.
         k, v: ``[B, Hkv, T, D]`` per-token post-RoPE keys and values (the whole cache).
         prefill_len: int, list of ints or ``[B]`` int64 tensor: prompt lengths ``n_b``.
-        config: the MAC configuration.
+        config: the MAC configuration (one that names a ``calibration`` is calibrated on the
+            prompts first: :meth:`~mac_core.config.MACConfig.calibrated`).
         q_post: optional ``[B, Hq, T, D]`` post-RoPE queries (default: RoPE of ``q_pre``).
         progress: show a progress bar over the decode steps.
         step_fn: the decode step to use; ``mac_triton.decode_step`` has the same signature.
@@ -63,6 +64,10 @@ def run_stream(q_pre, k, v, prefill_len, config: MACConfig, q_post=None, progres
     elif isinstance(prefill_len, (list, tuple)):
         prefill_len = torch.tensor(prefill_len, dtype=torch.int64, device=q_pre.device)
     n_max = int(prefill_len.max())
+    if config.calibration is not None and config.radius_scale is None:  # the radii from the prompts, as a model's prefill would
+        if int(prefill_len.min()) != n_max:
+            raise ValueError(f"a radius calibration ({config.calibration!r}) needs prompts of one length, got {prefill_len.tolist()}")
+        config = config.calibrated(q_pre[:, :, :n_max], k, n_max)
     out0, lse0, state = prefill(
         q_pre[:, :, :n_max], k, v, prefill_len, config, None if q_post is None else q_post[:, :, :n_max]
     )

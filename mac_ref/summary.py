@@ -7,11 +7,13 @@ The *attention summary* of a query ``q`` over the keys ``[a, b)`` is the pair
     A(q, [a, b)) = (o, \ell), \qquad
     \ell = \log \sum_{j=a}^{b-1} e^{s_j}, \qquad
     o = \sum_{j=a}^{b-1} \frac{e^{s_j}}{e^{\ell}}\, v_j, \qquad
-    s_j = \text{scale}\cdot q \cdot k_j .
+    s_j = \text{scale}\cdot q \cdot k_j
+    \quad\text{or, soft-capped at } c, \quad s_j = c \tanh(\text{scale}\cdot q \cdot k_j / c) .
 
-``ℓ`` is a natural-log LSE. The empty summary (no keys) is ``(0, −inf)``; it is the
-identity of ⊕ and every function here accepts and returns it without producing NaN
-(spec: [summaries][spec-summaries], [⊕ merge][spec-merge], [⊖ remove][spec-remove]).
+``ℓ`` is a natural-log LSE. A summary depends on the keys only through their scores, so
+⊕ and ⊖ hold for capped summaries unchanged. The empty summary (no keys) is ``(0, −inf)``;
+it is the identity of ⊕ and every function here accepts and returns it without producing
+NaN (spec: [summaries][spec-summaries], [⊕ merge][spec-merge], [⊖ remove][spec-remove]).
 
 Precision: arithmetic runs in float32, or in float64 when an input is float64. ``o`` and
 ``ℓ`` come back in that compute dtype.
@@ -28,6 +30,7 @@ from mac_core.kv import cache_lengths, read_keys
 from mac_core.numerics import compute_dtype, removal_epsilon
 from mac_core.interop import merge_state_with
 from mac_core.step import Summary, empty_summary
+from mac_core.numerics import softmax_scale
 
 __all__ = ["Summary", "empty_summary", "attend", "merge", "merge_state", "merge_all", "remove", "removal_epsilon"]
 
@@ -43,11 +46,12 @@ def _bounds(x, shape: tuple[int, ...], device) -> torch.Tensor:
         raise ValueError(f"range bounds of shape {tuple(x.shape)} do not broadcast to q's leading shape {tuple(shape)}") from None
 
 
-def attend(q, k, v, start, end, scale: float | None = None) -> Summary:
+def attend(q, k, v, start, end, scale: float | None = None, softcap: float | None = None) -> Summary:
     r"""Attention summary of each query head over the key range ``[start, end)``.
 
-    .. math:: A(q, [a, b)) = \Big(\textstyle\sum_{j=a}^{b-1} \mathrm{softmax}_j\, v_j,\;
-              \log\sum_{j=a}^{b-1} e^{\text{scale}\, q\cdot k_j}\Big)
+    .. math:: A(q, [a, b)) = \Big(\textstyle\sum_{j=a}^{b-1} \mathrm{softmax}_j(s)\, v_j,\;
+              \log\sum_{j=a}^{b-1} e^{s_j}\Big), \qquad
+              s_j = \text{scale}\, q\cdot k_j \;\text{ or }\; c \tanh(\text{scale}\, q\cdot k_j / c)
 
     Query head ``h`` reads KV head ``h // (Hq // Hkv)`` (grouped-query attention). Keys
     and values outside every range of a request are never used, so an unwritten (even
@@ -63,6 +67,8 @@ def attend(q, k, v, start, end, scale: float | None = None) -> Summary:
             Ranges are clipped to ``[0, T)`` (to the keys a paged request holds); an empty
             range gives ``(0, −inf)``.
         scale: softmax scale, ``1/sqrt(D)`` by default.
+        softcap: ``None`` (no cap) or the soft-cap ``c > 0`` of the scores (Gemma 2's
+            ``attn_logit_softcapping``).
 
     Returns:
         ``Summary(o [*q.shape], lse [*q.shape[:-1]])`` in the compute dtype.
@@ -77,7 +83,7 @@ def attend(q, k, v, start, end, scale: float | None = None) -> Summary:
     B, Hq, L, D = q4.shape
     Hkv, T = k.shape[1], k.shape[2]
     dtype = compute_dtype(q.dtype, k.dtype, v.dtype)
-    scale = 1.0 / math.sqrt(D) if scale is None else scale
+    scale = softmax_scale(D, scale)
     group = Hq // Hkv
 
     lo = _bounds(start, q.shape[:-1], q.device)  # [B, Hq(, L), 1]
@@ -95,6 +101,8 @@ def attend(q, k, v, start, end, scale: float | None = None) -> Summary:
 
     qg = q4.to(dtype).reshape(B, Hkv, group, L, D)
     scores = torch.einsum("bkgld,bktd->bkglt", qg, k.to(dtype)) * scale
+    if softcap is not None:
+        scores = softcap * torch.tanh(scores / softcap)  # before the mask: a capped −inf would be −c, not −inf
     scores = scores.reshape(B, Hq, L, n_keys).masked_fill(~in_range, -math.inf)
     lse = torch.logsumexp(scores, dim=-1)  # [B, Hq, L]; -inf where the range is empty
     lse_safe = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
@@ -140,6 +148,23 @@ def merge(a: Summary, b: Summary) -> Summary:
 
     Returns:
         The merged ``Summary`` in the compute dtype.
+
+    Examples:
+        Attention over the keys ``[0, 10)`` is the ⊕ of its parts ``[0, 4)`` and ``[4, 10)``,
+        and the empty summary changes nothing:
+
+        >>> import torch
+        >>> from mac_ref import attend, empty_summary, merge
+        >>> g = torch.Generator().manual_seed(0)
+        >>> q = torch.randn(1, 2, 8, generator=g)             # [B, Hq, D]
+        >>> k, v = torch.randn(2, 1, 1, 10, 8, generator=g)   # each [B, Hkv, T, D]
+        >>> left, right = attend(q, k, v, 0, 4), attend(q, k, v, 4, 10)
+        >>> whole = attend(q, k, v, 0, 10)
+        >>> both = merge(left, right)
+        >>> torch.allclose(both.o, whole.o), torch.allclose(both.lse, whole.lse)
+        (True, True)
+        >>> torch.equal(merge(left, empty_summary((1, 2), 8)).lse, left.lse)
+        True
     """
     dtype = _check_pair("a", a, "b", b)
     o_a, l_a = a
@@ -166,6 +191,23 @@ def merge_state(v_a, s_a, v_b, s_b):
         ``(V [seq_len, num_heads, head_dim] in v_a's dtype, S [seq_len, num_heads] float32 base 2)``.
         To merge a MAC summary, convert its natural-log LSE first:
         :func:`mac_core.interop.to_flashinfer`.
+
+    Examples:
+        The states of the keys ``[0, 4)`` and ``[4, 10)`` merge into the state of ``[0, 10)``
+        (here one query, ``seq_len = 1``, and two heads):
+
+        >>> import math, torch
+        >>> from mac_core.interop import to_flashinfer
+        >>> from mac_ref import attend, merge_state
+        >>> g = torch.Generator().manual_seed(0)
+        >>> q = torch.randn(1, 2, 8, generator=g)
+        >>> k, v = torch.randn(2, 1, 1, 10, 8, generator=g)
+        >>> v_a, s_a = to_flashinfer(attend(q, k, v, 0, 4))    # [1, 2, 8] and [1, 2], base 2
+        >>> v_b, s_b = to_flashinfer(attend(q, k, v, 4, 10))
+        >>> v_ab, s_ab = merge_state(v_a, s_a, v_b, s_b)
+        >>> whole = attend(q, k, v, 0, 10)
+        >>> torch.allclose(v_ab, whole.o), torch.allclose(s_ab, whole.lse / math.log(2))
+        (True, True)
     """
     return merge_state_with(merge, v_a, s_a, v_b, s_b)
 
@@ -220,6 +262,24 @@ def remove(total: Summary, part: Summary) -> tuple[Summary, torch.Tensor]:
     Returns:
         ``(remainder, ill_conditioned)`` where ``ill_conditioned [...]`` is a bool mask of
         the entries that fell under one of the two flagged rules.
+
+    Examples:
+        Removing the keys ``[4, 10)`` from ``[0, 10)`` leaves ``[0, 4)``; removing all of
+        them leaves the empty summary, flagged (nothing is left to divide by):
+
+        >>> import torch
+        >>> from mac_ref import attend, remove
+        >>> g = torch.Generator().manual_seed(0)
+        >>> q = torch.randn(1, 2, 8, generator=g)             # [B, Hq, D]
+        >>> k, v = torch.randn(2, 1, 1, 10, 8, generator=g)   # each [B, Hkv, T, D]
+        >>> whole, right = attend(q, k, v, 0, 10), attend(q, k, v, 4, 10)
+        >>> rest, ill = remove(whole, right)
+        >>> left = attend(q, k, v, 0, 4)
+        >>> torch.allclose(rest.o, left.o, atol=1e-6), torch.allclose(rest.lse, left.lse), ill.any().item()
+        (True, True, False)
+        >>> nothing, ill = remove(whole, whole)
+        >>> nothing.lse, ill
+        (tensor([[-inf, -inf]]), tensor([[True, True]]))
     """
     dtype = _check_pair("total", total, "part", part)
     o_t, l_t = total

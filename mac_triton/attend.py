@@ -6,6 +6,10 @@ once for all ``g`` query heads of the group (one ``tl.dot`` of ``[g, D] × [D, B
 and keeps a partial state per head; band units mask the keys below each head's own band
 start. Partial states go to a workspace that :mod:`mac_triton.reduce` merges.
 
+Soft-capping (``MACConfig.softcap``, Gemma 2's) caps each score in base 2: with
+``C₂ = log2(e)·c``, ``s₂ = C₂·tanh(log2(e)·scale·q·k / C₂) = log2(e)·c·tanh(scale·q·k / c)``,
+the base-2 form of the capped score; a compile-time flag, so the uncapped kernel is unchanged.
+
 Precision: scores and the online softmax in float32, base-2 exponentials inside the
 kernel, natural-log LSEs in the partial states; bf16/fp16 operands feed the tensor cores
 with float32 accumulation and the probabilities are rounded to the value dtype before
@@ -24,7 +28,9 @@ import triton.language as tl
 from mac_core.kv import PagedKV
 
 from .launch import Launch, num_sms, upcast_dots
-from .numerics import LN2, LOG2E
+from mac_core.numerics import LOG2E
+
+from .numerics import LN2, tanh
 from .plan import _PLAN_FIELDS, BAND_FROM_PREFIX, BAND_FROM_SPANS, BAND_SOURCES, PLAN_FIELDS, band_bounds, keys_at, pick, pieces, plan_units, segment_cost
 
 
@@ -49,9 +55,9 @@ def _attend_kernel(
     pos_ptr, key_ptr, radius_ptr, band_start_ptr, sink_end_ptr, band_end_ptr, tail_end_ptr, stride_sb, stride_sh,
     stride_qb, stride_qh, stride_kb, stride_kh, stride_kt, stride_vb, stride_vh, stride_vt,
     indptr_ptr, indices_ptr,
-    NG, Hkv, G, band, sinks, min_context, n_split, scale_log2,
+    NG, Hkv, G, band, sinks, min_context, n_split, scale_log2, cap_log2,
     BAND_SOURCE: tl.constexpr, PAGED: tl.constexpr, PAGE_SIZE: tl.constexpr, NG_BLOCK: tl.constexpr, G_BLOCK: tl.constexpr, MIN_CHUNK: tl.constexpr,
-    UNIT_COST: tl.constexpr,
+    UNIT_COST: tl.constexpr, SOFTCAP: tl.constexpr,
     D: tl.constexpr, BLOCK_D: tl.constexpr, G_PAD: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr,
 ):
     first, n_sink, n_band, n_units, sink_end, band_lo, band_end, tail_end, offset, chunk, total = plan_units(
@@ -115,8 +121,8 @@ def _attend_kernel(
                     head_hi = hi + tl.zeros([G_PAD], tl.int32)
                 _attend_unit(
                     q_ptr, k_ptr, v_ptr, part_o_ptr, part_lse_ptr, b, kvh, heads, lane_mask, head_lo, head_hi, lo, hi, unit, G,
-                    stride_qb, stride_qh, stride_kb, stride_kh, stride_kt, stride_vb, stride_vh, stride_vt, scale_log2,
-                    indptr_ptr, indices_ptr, PAGED, PAGE_SIZE, D, BLOCK_D, G_PAD, BLOCK_N, UPCAST,
+                    stride_qb, stride_qh, stride_kb, stride_kh, stride_kt, stride_vb, stride_vh, stride_vt, scale_log2, cap_log2,
+                    indptr_ptr, indices_ptr, PAGED, PAGE_SIZE, SOFTCAP, D, BLOCK_D, G_PAD, BLOCK_N, UPCAST,
                 )
             units_before += pieces(seg_keys_at, seg_len, chunk)
             seg_offset += segment_cost(seg_len, UNIT_COST)
@@ -127,9 +133,9 @@ def _attend_kernel(
 @triton.jit
 def _attend_unit(
     q_ptr, k_ptr, v_ptr, part_o_ptr, part_lse_ptr, b, kvh, heads, lane_mask, head_lo, head_hi, lo, hi, unit, G,
-    stride_qb, stride_qh, stride_kb, stride_kh, stride_kt, stride_vb, stride_vh, stride_vt, scale_log2,
+    stride_qb, stride_qh, stride_kb, stride_kh, stride_kt, stride_vb, stride_vh, stride_vt, scale_log2, cap_log2,
     indptr_ptr, indices_ptr,
-    PAGED: tl.constexpr, PAGE_SIZE: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, G_PAD: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr,
+    PAGED: tl.constexpr, PAGE_SIZE: tl.constexpr, SOFTCAP: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, G_PAD: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr,
 ):
     """Flash-decoding partial states of the group's heads over keys ``[lo, hi)`` (head ``i``
     only over ``[head_lo[i], head_hi[i])``), stored as unit ``unit``: K/V tiles loaded once
@@ -140,7 +146,10 @@ def _attend_unit(
     table (``indices[indptr[b] + t // PAGE_SIZE]``, ``slot = t % PAGE_SIZE``). The page size is
     a compile-time constant (a shift and a mask for powers of two, not integer divisions); for
     pages of several keys the next tile's page numbers are loaded before this tile's keys are
-    used, so the dependent load (table, then keys) overlaps the tile's arithmetic."""
+    used, so the dependent load (table, then keys) overlaps the tile's arithmetic.
+
+    ``SOFTCAP`` caps the base-2 scores ``s₂`` at ``cap_log2 = log2(e)·c``:
+    ``s₂ ← C₂·tanh(s₂ / C₂)``, which is ``log2(e)·c·tanh(scale·q·k / c)``."""
     lanes = tl.arange(0, G_PAD)
     cols = tl.arange(0, BLOCK_D)
     col_mask = cols < D
@@ -188,6 +197,8 @@ def _attend_unit(
         else:
             s = tl.dot(q, tl.trans(k))
         s = s * scale_log2  # [G_PAD, BLOCK_N] base-2 scores
+        if SOFTCAP:  # capped before the mask below, which must stay −inf
+            s = cap_log2 * tanh(s * (1.0 / cap_log2))
         valid = key_mask[None, :] & (keys[None, :] >= head_lo[:, None]) & (keys[None, :] < head_hi[:, None])
         s = tl.where(valid, s, float("-inf"))
         m_new = tl.maximum(m, tl.max(s, axis=1))
@@ -211,7 +222,7 @@ def _attend_unit(
 
 def launch_attend(
     q_post, k_cache, v_cache, positions, launch: Launch, scale: float, *, band_source: str, band: int = 0, sinks: int = 0,
-    spans=None, keys=None, radius_sq=None, min_context: int = 0, prefix_end=None,
+    spans=None, keys=None, radius_sq=None, min_context: int = 0, prefix_end=None, softcap: float | None = None,
 ) -> Partials:
     """Plan and attend one step (no validation, no host sync).
 
@@ -227,6 +238,7 @@ def launch_attend(
             ``sinks`` and ``min_context``; ``"prefix"`` reads the ``[B·Hq]`` int64
             ``prefix_end`` of the decide kernel (``mac_triton.decide``) with ``band`` and
             ``sinks``; ``"full"`` attends over ``[0, t+1)``.
+        softcap: ``None`` or the soft-cap ``c`` of the scores (``MACConfig.softcap``).
 
     Returns:
         :class:`Partials`.
@@ -259,9 +271,9 @@ def launch_attend(
         q_post, k, v, partials.o, partials.lse, partials.plan,
         positions, keys, radius_sq, *span_ptrs, stride_sb, stride_sh,
         q_post.stride(0), q_post.stride(1), *k_strides, *v_strides, *table,
-        NG, Hkv, G, band, sinks, min_context, n_split, scale * LOG2E,
+        NG, Hkv, G, band, sinks, min_context, n_split, scale * LOG2E, 0.0 if softcap is None else softcap * LOG2E,
         BAND_SOURCE=band_source, PAGED=isinstance(k_cache, PagedKV), PAGE_SIZE=page_size, NG_BLOCK=triton.next_power_of_2(NG), G_BLOCK=triton.next_power_of_2(G),
-        MIN_CHUNK=launch.min_chunk, UNIT_COST=launch.unit_cost,
+        MIN_CHUNK=launch.min_chunk, UNIT_COST=launch.unit_cost, SOFTCAP=softcap is not None,
         D=D, BLOCK_D=max(16, triton.next_power_of_2(D)), G_PAD=max(16, triton.next_power_of_2(G)), BLOCK_N=block_n,  # tl.dot needs K >= 16
         UPCAST=upcast_dots(k_cache.dtype), num_warps=launch.warps, num_stages=launch.stages,
     )

@@ -26,7 +26,8 @@ from .reduce import launch_reduce
 
 
 def amend_complete(
-    q_post, k_cache, v_cache, state: LayerState, result: MatchResult, spans: Spans, scale: float, launch: Launch | None = None
+    q_post, k_cache, v_cache, state: LayerState, result: MatchResult, spans: Spans, scale: float, softcap: float | None = None,
+    launch: Launch | None = None,
 ) -> Completion:
     """Amend then complete in one split-KV pass (see :func:`mac_ref.complete.amend_complete`).
 
@@ -35,9 +36,10 @@ def amend_complete(
         k_cache, v_cache: ``[B, Hkv, T, D]``.
         state: the rings; the row of ``result.matched_pos`` is read on hits.
         result: which heads reuse their row (``hit``) and the rows (``matched_pos``).
-        spans: from :func:`mac_ref.amend.step_spans` (``sink_end``, ``band_end`` and
+        spans: from :func:`mac_core.step.step_spans` (``sink_end``, ``band_end`` and
             ``tail_end`` are per request: equal over a request's heads).
         scale: softmax scale.
+        softcap: ``None`` or the soft-cap ``c`` of the scores (``MACConfig.softcap``).
         launch: launch settings (default: :func:`mac_triton.launch.launch_for`).
 
     Returns:
@@ -48,7 +50,7 @@ def amend_complete(
     B, Hq, D = q_post.shape
     Hkv = k_cache.shape[1]
     launch = launch or launch_for(B * Hkv)
-    partials = launch_attend(q_post, k_cache, v_cache, None, launch, scale, band_source="spans", spans=spans)
+    partials = launch_attend(q_post, k_cache, v_cache, None, launch, scale, band_source="spans", spans=spans, softcap=softcap)
     res = launch_reduce(
         partials, launch, band_source="spans", row_out="return", out_dtype=torch.float32, batch=B, q_heads=Hq,
         kv_heads=Hkv, head_dim=D, result=result, state=state,

@@ -43,6 +43,7 @@ from mac_core.config import MACConfig
 from mac_core.rope import apply_rope
 from mac_core.state import LayerState
 from mac_core.step import StepStats
+from mac_core.numerics import softmax_scale
 
 from .attend import launch_attend
 from .decide import launch_decide
@@ -99,7 +100,7 @@ def mac_step(
             outside the captured region: building one reads its table on the host).
         state: rings, updated in place (``next_pos`` is left to the caller).
         positions: ``[B]`` int64 positions ``t``.
-        config: the MAC configuration.
+        config: the MAC configuration (``config.softcap`` caps the scores).
         scale: softmax scale.
         workspace: the step's :class:`DecodeWorkspace` (its keys are left clean).
         launch: attend and reduce launch settings (default: :func:`mac_triton.launch.launch_for`).
@@ -120,7 +121,7 @@ def mac_step(
         keys = match_keys(q_pre, state.ring_q, positions, keys, state.ring_depth, config.max_chain, match_launch)
     partials = launch_attend(
         q_post, k_cache, v_cache, positions, launch, scale, band_source="match", band=config.band, sinks=config.sinks,
-        keys=keys, radius_sq=workspace.radius_sq, min_context=config.min_context,
+        keys=keys, radius_sq=workspace.radius_sq, min_context=config.min_context, softcap=config.softcap,
     )
     decided = prefix = None
     if match and (rule.verifies or rule.per_group):  # the two-phase step: decide, then the rejected candidates' prefixes
@@ -131,7 +132,7 @@ def mac_step(
         )
         prefix = launch_attend(
             q_post, k_cache, v_cache, positions, launch, scale, band_source="prefix", band=config.band, sinks=config.sinks,
-            prefix_end=decided.prefix_end,
+            prefix_end=decided.prefix_end, softcap=config.softcap,
         )
     res = launch_reduce(
         partials, launch, band_source="match", row_out="ring", out_dtype=q_pre.dtype, batch=B, q_heads=Hq, kv_heads=Hkv,
@@ -164,6 +165,25 @@ def decode_step(q_pre, k_cache, v_cache, state: LayerState, positions, config: M
 
     Returns:
         ``(out [B, Hq, D] in q_pre's dtype, lse [B, Hq] float32, StepStats)``.
+
+    Example:
+        The reference's example (:func:`mac_ref.decode.decode_step`) through the kernels: the
+        same decisions, the same output within float32 rounding (CPU tensors run in the
+        Triton interpreter, ``TRITON_INTERPRET=1``; on a GPU pass CUDA tensors).
+
+        >>> import torch, mac_ref, mac_triton
+        >>> g = torch.Generator().manual_seed(0)
+        >>> q_pre, k, v = (torch.randn(1, h, 41, 16, generator=g) for h in (2, 1, 1))
+        >>> q_pre[:, :, 40] = q_pre[:, :, 30]
+        >>> config = mac_ref.MACConfig(window=16, band=4, tau=0.5)
+        >>> _, _, state = mac_ref.prefill(q_pre[:, :, :40], k, v, 40, config)
+        >>> twin = state.clone()
+        >>> out, lse, stats = mac_triton.decode_step(q_pre[:, :, 40], k, v, state, torch.tensor([40]), config)
+        >>> want, _, ref = mac_ref.decode_step(q_pre[:, :, 40], k, v, twin, torch.tensor([40]), config)
+        >>> stats.hit.tolist(), stats.keys_read.tolist(), torch.equal(stats.matched_pos, ref.matched_pos)
+        ([[True, True]], [[14, 14]], True)
+        >>> torch.allclose(out, want, atol=1e-5)
+        True
     """
     check_step_inputs(q_pre, k_cache, v_cache, state, positions, config, q_post, LIMITS)
     positions = positions.to(torch.int64)
@@ -177,7 +197,9 @@ def decode_step(q_pre, k_cache, v_cache, state: LayerState, positions, config: M
     return result
 
 
-def full_decode(q_post, k_cache, v_cache, positions, scale: float | None = None, *, launch: Launch | None = None):
+def full_decode(
+    q_post, k_cache, v_cache, positions, scale: float | None = None, *, softcap: float | None = None, launch: Launch | None = None
+):
     """Full-attention decode over keys ``[0, t+1)`` with the same kernels (every head a miss).
 
     The baseline MAC-Attention is measured against, and the path a miss takes.
@@ -187,22 +209,25 @@ def full_decode(q_post, k_cache, v_cache, positions, scale: float | None = None,
         k_cache, v_cache: ``[B, Hkv, T, D]``, or two :class:`~mac_core.kv.PagedKV` of one table.
         positions: ``[B]`` int32/int64 positions ``t`` (``t < T``; below each paged request's length).
         scale: softmax scale, ``1/sqrt(D)`` by default.
+        softcap: ``None`` (no cap) or the soft-cap ``c``: scores ``c·tanh(scale·q·k / c)``.
         launch: attend and reduce launch settings (default: :func:`mac_triton.launch.launch_for`).
 
     Returns:
         ``(out [B, Hq, D] in q_post's dtype, lse [B, Hq] float32)``.
     """
     check_attention_inputs(q_post, k_cache, v_cache, positions, LIMITS)
-    return full_step(q_post, k_cache, v_cache, positions, scale, launch)
+    return full_step(q_post, k_cache, v_cache, positions, scale, launch, softcap=softcap)
 
 
-def full_step(q_post, k_cache, v_cache, positions, scale: float | None = None, launch: Launch | None = None):
+def full_step(
+    q_post, k_cache, v_cache, positions, scale: float | None = None, launch: Launch | None = None, *, softcap: float | None = None
+):
     """:func:`full_decode` without checks: no validation, no host sync, so a CUDA graph can
     capture it (the twin of :func:`mac_step`)."""
     B, Hq, D = q_post.shape
     Hkv = k_cache.shape[1]
-    scale = D**-0.5 if scale is None else scale
+    scale = softmax_scale(D, scale)
     launch = launch or launch_for(B * Hkv)
-    partials = launch_attend(q_post, k_cache, v_cache, positions, launch, scale, band_source="full", band=FULL_BAND)
+    partials = launch_attend(q_post, k_cache, v_cache, positions, launch, scale, band_source="full", band=FULL_BAND, softcap=softcap)
     res = launch_reduce(partials, launch, band_source="full", row_out="none", out_dtype=q_post.dtype, batch=B, q_heads=Hq, kv_heads=Hkv, head_dim=D)
     return res.out, res.lse

@@ -1,5 +1,5 @@
-"""The log-domain arithmetic the kernels share (⊕ weights, ⊖ weights, online merge), and
-what the kernels accept (:data:`LIMITS`).
+"""The log-domain arithmetic the kernels share (⊕ weights, ⊖ weights, online merge, the
+soft-cap's tanh), and what the kernels accept (:data:`LIMITS`).
 
 The ⊕/⊖ helpers return *weights* rather than merged vectors so that one helper serves
 per-row scalars and blocks of rows alike: the caller broadcasts them onto its ``o``.
@@ -18,7 +18,6 @@ from mac_core.checks import BackendLimits
 LIMITS = BackendLimits(
     "mac_triton", dtypes=(torch.float16, torch.bfloat16, torch.float32), row_dtype=torch.float32, contiguous_head_dim=True
 )
-LOG2E = 1.4426950408889634
 LN2 = tl.constexpr(0.6931471805599453)  # read inside kernels: a constexpr, as the compiler requires
 
 
@@ -53,6 +52,21 @@ def expm1(x):
     p = p * x + 1.0
     small = (x < 0.5) & (x > -0.5)
     return tl.where(small, p * x, tl.exp(x) - 1.0)
+
+
+@triton.jit
+def tanh(x):
+    r"""``tanh(x)`` in float32 from portable ``tl.exp`` alone (no libdevice):
+
+    .. math:: \tanh|x| = \frac{-\operatorname{expm1}(-2|x|)}{2 + \operatorname{expm1}(-2|x|)}
+
+    The exponent is never positive, so nothing overflows (``|x| → ∞`` gives 1), and
+    :func:`expm1` keeps the relative error at float32 rounding near 0, where
+    ``1 − 2/(e^{2x} + 1)`` would cancel.
+    """
+    e = expm1(-2.0 * tl.abs(x))  # in [−1, 0]
+    t = -e / (2.0 + e)
+    return tl.where(x < 0, -t, t)
 
 
 @triton.jit

@@ -36,10 +36,12 @@ from mac_core.kv import PagedKV, PageTable
 from mac_core.rules import RULES
 from mac_core.state import LayerState
 from mac_core.step import StepStats
+from mac_core.numerics import softmax_scale
 
 from . import decode
 
 CONTIGUOUS = "contiguous"
+NO_CAP = 0.0  # ``softcap=None`` as an op argument (a float): MACConfig admits only caps c > 0
 
 
 def _cache(cache: Tensor, indptr: Tensor | None, indices: Tensor | None, last_page_len: Tensor | None, layout: str):
@@ -66,13 +68,13 @@ def _mac_step_op(
     ring_q: Tensor, ring_o: Tensor, ring_lse: Tensor, ring_depth: Tensor, positions: Tensor,
     keys: Tensor, radius_sq: Tensor, rule_radius_sq: Tensor,
     band: int, sinks: int, min_context: int, max_chain: int, row_update: str, rule: str, per_group: bool,
-    scale: float, scan: bool,
+    scale: float, softcap: float, scan: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
     # (``scan`` is mac_step's ``match``: Inductor's pattern matcher reserves that keyword)
     # the fields mac_step reads; τ (and τ_m) arrive as the workspace's radii
     config = MACConfig(
         window=ring_q.shape[2], band=band, sinks=sinks, min_context=min_context, max_chain=None if max_chain < 0 else max_chain,
-        row_update=row_update, rule=RULES[rule](per_group=per_group),
+        row_update=row_update, rule=RULES[rule](per_group=per_group), softcap=None if softcap == NO_CAP else softcap,
     )
     state = LayerState(ring_q, ring_o, ring_lse, ring_depth, positions)
     workspace = decode.DecodeWorkspace(keys, radius_sq, rule_radius_sq, config)
@@ -98,11 +100,11 @@ def _(q_pre, q_post, k_cache, v_cache, kv_indptr, kv_indices, kv_last_page_len, 
 def _full_step_op(
     q_post: Tensor, k_cache: Tensor, v_cache: Tensor,
     kv_indptr: Tensor | None, kv_indices: Tensor | None, kv_last_page_len: Tensor | None, kv_layout: str,
-    positions: Tensor, scale: float,
+    positions: Tensor, scale: float, softcap: float,
 ) -> tuple[Tensor, Tensor]:  # fmt: skip
     k = _cache(k_cache, kv_indptr, kv_indices, kv_last_page_len, kv_layout)
     v = _cache(v_cache, kv_indptr, kv_indices, kv_last_page_len, kv_layout)
-    return decode.full_step(q_post, k, v, positions, scale)
+    return decode.full_step(q_post, k, v, positions, scale, softcap=None if softcap == NO_CAP else softcap)
 
 
 @_full_step_op.register_fake
@@ -122,12 +124,13 @@ def mac_step(q_pre, q_post, k_cache, v_cache, state: LayerState, positions, conf
     out, lse, *stats = torch.ops.mac_triton.mac_step(
         q_pre, q_post, *_cache_args(k_cache, v_cache), state.ring_q, state.ring_o, state.ring_lse, state.ring_depth,
         positions, workspace.keys, workspace.radius_sq, workspace.rule_radius_sq, config.band, config.sinks,
-        config.min_context, max_chain, config.row_update, config.rule.name, config.rule.per_group, scale, match,
+        config.min_context, max_chain, config.row_update, config.rule.name, config.rule.per_group, scale,
+        NO_CAP if config.softcap is None else config.softcap, match,
     )
     return out, lse, StepStats(**dict(zip(STATS, stats)))
 
 
-def full_step(q_post, k_cache, v_cache, positions, scale: float | None = None):
+def full_step(q_post, k_cache, v_cache, positions, scale: float | None = None, softcap: float | None = None):
     """:func:`mac_triton.decode.full_step` through the custom op: ``(out [B, Hq, D], lse [B, Hq])``."""
-    scale = q_post.shape[-1] ** -0.5 if scale is None else scale
-    return torch.ops.mac_triton.full_step(q_post, *_cache_args(k_cache, v_cache), positions, scale)
+    scale = softmax_scale(q_post.shape[-1], scale)
+    return torch.ops.mac_triton.full_step(q_post, *_cache_args(k_cache, v_cache), positions, scale, NO_CAP if softcap is None else softcap)

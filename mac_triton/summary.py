@@ -129,7 +129,23 @@ def merge(a: Summary, b: Summary) -> Summary:
 
 def merge_state(v_a, s_a, v_b, s_b):
     """FlashInfer's ``merge_state`` (its order, base-2 LSEs) through this ⊕ (see
-    :func:`mac_ref.summary.merge_state`): ``(V in v_a's dtype, S float32 base 2)``."""
+    :func:`mac_ref.summary.merge_state`): ``(V in v_a's dtype, S float32 base 2)``.
+
+    Examples:
+        The reference's result, to float32 rounding (on a CPU under ``TRITON_INTERPRET=1``,
+        set before ``triton`` is imported; on a GPU the tensors must be CUDA tensors):
+
+        >>> import torch, mac_ref, mac_triton
+        >>> from mac_core.interop import to_flashinfer
+        >>> g = torch.Generator().manual_seed(0)
+        >>> q = torch.randn(1, 2, 8, generator=g)
+        >>> k, v = torch.randn(2, 1, 1, 10, 8, generator=g)
+        >>> a = to_flashinfer(mac_ref.attend(q, k, v, 0, 4))    # keys [0, 4): (v_a, s_a)
+        >>> b = to_flashinfer(mac_ref.attend(q, k, v, 4, 10))   # keys [4, 10): (v_b, s_b)
+        >>> ours, ref = mac_triton.merge_state(*a, *b), mac_ref.merge_state(*a, *b)
+        >>> torch.allclose(ours[0], ref[0], atol=1e-6), torch.allclose(ours[1], ref[1])
+        (True, True)
+    """
     return merge_state_with(merge, v_a, s_a, v_b, s_b)
 
 

@@ -116,8 +116,9 @@ def test_mass_share_is_the_rows_share_of_the_steps_mass():
     q_pre = q[:, :, 100]
     q_post = mac_ref.apply_rope(q_pre, positions[:, None])
     result = mac_ref.find_match(q_pre, state, positions, config)
-    decision = mac_ref.accept_candidates(config, result, state, q_post, k, v, positions, config.softmax_scale(16))
     spans = mac_ref.step_spans(positions, result, config)
+    rest = mac_ref.merge(*mac_ref.edge_summaries(q_post, k, v, spans, config.softmax_scale(16)))
+    decision = mac_ref.accept_candidates(config, result, state, q_post, k, v, positions, config.softmax_scale(16), rest)
     row = state.rows(result.matched_pos.clamp(min=0))
     fresh = mac_ref.merge(mac_ref.attend(q_post, k, v, 0, spans.sink_end), mac_ref.attend(q_post, k, v, spans.band_start, spans.tail_end))
     total = torch.logaddexp(row.lse, fresh.lse)

@@ -58,7 +58,7 @@ def test_drift_is_bounded_and_misses_restore_exactness():
 
     # error along the stream, per block of steps
     bound = tolerance("mac_drift", torch.float32)
-    print(f"\nMAC vs full attention: {STEPS} steps, hit rate {stats.hit_rate:.3f}, KV reads skipped {stats.skipped_fraction:.3f}")
+    print(f"\nMAC vs full attention: {STEPS} steps, hit rate {stats.hit_rate:.3f}, KV reads skipped {stats.skipped_fraction():.3f}")
     print(f"{'steps':>11} {'hit rate':>8} {'rel RMS':>9} {'RMS':>9} {'max err':>9}")
     block_rel, block_rms = [], []
     for start in range(0, STEPS, BLOCK):

@@ -37,8 +37,9 @@ def random_qkv(seed, batch=1, q_heads=2, kv_heads=1, length=16, head_dim=8, dtyp
     return q.to(dtype), k.to(dtype), v.to(dtype)
 
 
-def dense_summary(q, k, v, start, end, scale=None):
-    """Float64 ``A(q, [start[b,h], end[b,h]))`` by direct loops over (request, head)."""
+def dense_summary(q, k, v, start, end, scale=None, softcap=None):
+    """Float64 ``A(q, [start[b,h], end[b,h]))`` by direct loops over (request, head); with
+    ``softcap = c`` the scores are ``c·tanh(scale·q·k / c)``."""
     B, Hq, D = q.shape
     group = Hq // k.shape[1]
     scale = 1.0 / math.sqrt(D) if scale is None else scale
@@ -50,6 +51,8 @@ def dense_summary(q, k, v, start, end, scale=None):
             if e <= a:
                 continue
             scores = scale * (k[b, h // group, a:e].double() @ q[b, h].double())  # [e - a]
+            if softcap is not None:
+                scores = softcap * torch.tanh(scores / softcap)
             lse[b, h] = torch.logsumexp(scores, 0)
             o[b, h] = torch.softmax(scores, 0) @ v[b, h // group, a:e].double()
     return o, lse
@@ -165,6 +168,54 @@ def test_attend_very_negative_finite_scores():
     assert_summary_close(got, expected)
     halves = merge(attend(q, k, v, 0, 5, scale), attend(q, k, v, 5, 12, scale))
     assert_summary_close(halves, expected)
+
+
+# scores of std ``gain`` against caps below, near and above them
+softcaps = st.sampled_from([0.5, 2.0, 50.0])
+
+
+@given(
+    batch=st.integers(1, 2),
+    kv_heads=st.integers(1, 2),
+    group=st.sampled_from([1, 2]),
+    length=st.integers(1, 24),
+    softcap=softcaps,
+    gain=st.sampled_from([1.0, 30.0]),
+    seed=st.integers(0, 2**31),
+)
+@example(batch=1, kv_heads=1, group=1, length=1, softcap=0.5, gain=30.0, seed=0)
+def test_attend_softcap_is_the_oracle_of_capped_scores(batch, kv_heads, group, length, softcap, gain, seed):
+    """Scores ``c·tanh(scale·q·k / c)`` over per-head ranges, empty and reversed ones included:
+    the float64 oracle, ``(0, −inf)`` where empty, and ``ℓ ≤ c + log n`` (every score is below ``c``)."""
+    q, k, v = random_qkv(seed, batch, kv_heads * group, kv_heads, length)
+    scale = gain / math.sqrt(q.shape[-1])
+    gen = torch.Generator().manual_seed(seed + 1)
+    start = torch.randint(0, length + 1, (batch, kv_heads * group), generator=gen)
+    end = torch.randint(0, length + 1, (batch, kv_heads * group), generator=gen)
+    start[0, 0], end[0, 0] = length, length  # at least one empty range
+    got = attend(q, k, v, start, end, scale, softcap)
+    assert_summary_close(got, dense_summary(q, k, v, start, end, scale, softcap))
+    empty = end <= start
+    assert torch.isneginf(got.lse[empty]).all() and (got.o[empty] == 0).all()
+    assert (got.lse[~empty] <= softcap + torch.log((end - start)[~empty].double())).all()
+
+
+@given(split=st.integers(0, 20), softcap=softcaps, seed=st.integers(0, 2**31))
+def test_capped_summaries_compose_with_merge_and_remove(split, softcap, seed):
+    """``A_c([0, m)) ⊕ A_c([m, n)) = A_c([0, n))`` and ``A_c([0, n)) ⊖ A_c([m, n)) ≈ A_c([0, m))``
+    for capped summaries ``A_c``: ⊕ and ⊖ are unchanged, a summary being defined by its scores."""
+    q, k, v = random_qkv(seed, batch=1, q_heads=4, kv_heads=2, length=20)
+    scale = 30.0 / math.sqrt(q.shape[-1])  # scores of std 30: the cap bites
+    head, tail = attend(q, k, v, 0, split, scale, softcap), attend(q, k, v, split, 20, scale, softcap)
+    union = dense_summary(q, k, v, torch.zeros(1, 4, dtype=torch.long), torch.full((1, 4), 20), scale, softcap)
+    assert_summary_close(merge(head, tail), union, msg="⊕")
+    assert (attend(q, k, v, 0, 20, scale).lse - union[1]).abs().max() > 1.0, "the cap should change the summary"
+    total = attend(q, k, v, 0, 20, scale, softcap)
+    got, flagged = remove(total, tail)
+    removed = torch.exp(tail.lse - total.lse)
+    atol = removal_atol(removed, total.lse, f64, v.abs().max().item())
+    assert ((got.o - head.o).abs().amax(-1)[~flagged] <= atol[~flagged]).all()
+    assert ((got.lse - head.lse).abs()[~flagged] <= atol[~flagged]).all()
 
 
 # ---------------------------------------------------------------- merge

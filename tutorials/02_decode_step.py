@@ -110,13 +110,16 @@ print("C = R_j* ⊕ band lse:", C.lse.item())
 # %% [markdown]
 # ## Stage 3: complete, and how close the hit is
 #
-# $\text{out} = C \oplus A(q_t, [N, t+1))$ (no sinks here). `complete_output` also keeps
-# the fresh part beside it, $A(q_t, [N, t+1))$, which the `subtract` row rule needs. Full
+# $\text{out} = C \oplus A(q_t, [N, t+1))$ (no sinks here). `edge_summaries` attends the
+# sinks and the tail (the same whatever the step decides, so a step computes them once);
+# `complete_output` merges them with $C$ and keeps the fresh part beside the output,
+# $A(q_t, [N, t+1))$, which the `subtract` row rule needs. Full
 # attention for comparison:
 # $A(q_t, [0, t+1))$, and the *exact* $C$ that the reused row approximates.
 
 # %%
-completion = mac_ref.complete_output(q_post, k, v, C, spans, scale)
+sinks, tail = mac_ref.edge_summaries(q_post, k, v, spans, scale)
+completion = mac_ref.complete_output(C, sinks, tail)
 out = completion.out
 full = mac_ref.attend(q_post, k, v, 0, t + 1)
 exact_C = mac_ref.attend(q_post, k, v, 0, N)

@@ -187,7 +187,7 @@ shortcut = nearest**2 < 2 * D2 * (1 - tau_check) ** 2
 loop = result.stats.hit[:, 0].T  # [H, steps]
 print(f"decode loop hit rate {loop.float().mean():.3f}   distance-matrix shortcut {shortcut.float().mean():.3f}")
 print(f"decisions that differ: {(loop != shortcut).sum().item()} of {loop.numel()}")
-print(f"KV reads skipped {result.stats.skipped_fraction:.1%} of full attention's")
+print(f"KV reads skipped {result.stats.skipped_fraction():.1%} of full attention's")
 
 # %% [markdown]
 # ## Exercises
