@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import math
 import sys
 import time
 from pathlib import Path
@@ -39,6 +38,7 @@ from pathlib import Path
 import torch
 
 import mac_triton
+from mac_core.numerics import softmax_scale
 from mac_core import MACConfig, MassRule
 
 from . import plots
@@ -68,7 +68,7 @@ def run_config(hkv, batch, ctx, window, hit_rates, rep_ms, bandwidth, providers_
     gen = torch.Generator(device=device).manual_seed(1234 + ctx + batch + hkv + window)
     t = ctx - 1
     positions, k, v, q_pre, q_post = step_inputs(hkv, batch, ctx, gen)
-    scale = 1.0 / math.sqrt(HEAD_DIM)
+    scale = softmax_scale(HEAD_DIM)
     floor = floor_us(kv_bytes(batch, hkv, ctx, HEAD_DIM), bandwidth)
     base = dict(gpu=torch.cuda.get_device_name(), hkv=hkv, batch=batch, ctx=ctx, window=window, floor_us=round(floor, 2))
     results = {}

@@ -25,8 +25,8 @@ with its standard error, hit rate, KV reads skipped per head and per group.
 
     python -m benchmarks.bench_model --model PATH/SmolLM2-135M-Instruct.Q4_1.gguf [--contexts 2048,4096,8192] [--batches 1,8,32,64,128] [--diagnose] [--out DIR]
 
-Writes ``model.csv``, ``model_fidelity.csv``, ``model_kernels.csv`` (µs per step per kernel), ``model.md`` and two plots (tokens per second
-against batch, per context; speed-up against context, per batch) into ``--out``.
+Writes ``model.csv``, ``model_fidelity.csv``, ``model_kernels.csv`` (µs per step per kernel), ``model.md`` and the two
+plots of ``benchmarks/plots.py`` (speed-up per rule, tokens per second per context) into ``--out``.
 """
 
 from __future__ import annotations
@@ -45,10 +45,11 @@ import torch
 from mac_core import MassRule, PaperRule, StepStats, preset
 from mac_llm.decoding import default_prose
 from mac_llm.engine import DecodeEngine, FallbackPolicy
-from mac_llm.fidelity import compare_logits, reads_skipped
-from mac_llm.gguf_model import load_model
+from mac_llm.fidelity import compare_logits
+from mac_llm.gguf import load_model
 
 from .harness import environment
+from .plots import model_plots, read_model
 
 FULL = ("flashinfer", "triton", "sdpa")
 BEST_RULE = dict(tau=0.3, rule=MassRule(tau_m=0.85, per_group=True))  # chosen on the pydoc topics (studies/rule_frontier.py)
@@ -106,7 +107,7 @@ def fidelity(engine: DecodeEngine, checkpoint: dict, follow: list[list[int]], re
     for s in range(S):
         logits.append(engine.step(targets[s]).clone())
         stats.append(engine.step_stats())
-    return {**compare_logits(reference, torch.stack(logits), targets), **reads_skipped(StepStats.stack(stats), kv_heads)}
+    return {**compare_logits(reference, torch.stack(logits), targets), **StepStats.stack(stats).summary(kv_heads)}
 
 
 def run(args) -> None:
@@ -125,7 +126,8 @@ def run(args) -> None:
         prompts, follow = prose_prompts(tokenizer, max(args.batches), ctx, args.steps + args.fidelity_steps + 8)
         for batch in args.batches:
             t0 = time.time()
-            engine = DecodeEngine(model, batch, ctx + args.steps + args.fidelity_steps + 16, "triton", base, dtype=dtype, device=device)
+            engine = DecodeEngine(model, batch, ctx + args.steps + args.fidelity_steps + 16, "triton", base, dtype=dtype, device=device,
+                                  compile=args.compile)
             engine.prefill(prompts[:batch])
             checkpoint = engine.checkpoint()
             results = {}
@@ -154,7 +156,7 @@ def run(args) -> None:
                 median = statistics.median(times)
                 results[provider] = median
                 peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else math.nan
-                row = dict(gpu=env["gpu"], dtype=args.dtype, context=ctx, batch=batch, provider=provider, step_ms=round(median, 4),
+                row = dict(gpu=env["gpu"], dtype=args.dtype, compiled=args.compile, context=ctx, batch=batch, provider=provider, step_ms=round(median, 4),
                            tokens_per_s=round(batch / median * 1e3, 1), peak_gib=round(peak, 2),
                            attention_us=round(parts["attention"], 1), match_us=round(parts["match"], 1), other_us=round(parts["other"], 1))
                 kernel_rows += [dict(context=ctx, batch=batch, provider=provider, kernel=name, launches=round(n, 1), us=round(us, 1))
@@ -204,7 +206,9 @@ def write(rows, fidelity_rows, kernel_rows, out: Path, env: dict, args, quiet: b
                 writer = csv.DictWriter(f, fieldnames=fields)
                 writer.writeheader()
                 writer.writerows(data)
-    lines = [f"SmolLM2-135M-Instruct ({args.dtype}), {env['gpu']}, " + ", ".join(f"{k} {v}" for k, v in env.items() if k != "gpu"), "",
+    built = "everything but the attention compiled (torch.compile, Inductor)" if args.compile else "eager (no torch.compile)"
+    lines = [f"SmolLM2-135M-Instruct ({args.dtype}), {env['gpu']}, " + ", ".join(f"{k} {v}" for k, v in env.items() if k != "gpu")
+             + f"; every provider's step one CUDA graph, {built}", "",
              "| context | batch | best full (tok/s) | " + " | ".join(f"{p} ×, tok/s" for p in MAC) + " |", "|---|---|---|" + "---|" * len(MAC)]
     points = sorted({(r["context"], r["batch"]) for r in rows})
     for ctx, batch in points:
@@ -220,42 +224,8 @@ def write(rows, fidelity_rows, kernel_rows, out: Path, env: dict, args, quiet: b
     (out / "model.md").write_text("\n".join(lines) + "\n")
     if not quiet:
         print("\n".join(lines))
-        plot(rows, out)
-
-
-def plot(rows, out: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    contexts = sorted({r["context"] for r in rows})
-    providers = list(dict.fromkeys(r["provider"] for r in rows))
-    fig, axes = plt.subplots(1, len(contexts), figsize=(4.2 * len(contexts), 4), squeeze=False, sharey=True)
-    for ax, ctx in zip(axes[0], contexts):
-        for p in providers:
-            pts = sorted((r["batch"], r["tokens_per_s"]) for r in rows if r["context"] == ctx and r["provider"] == p)
-            if pts:
-                ax.plot(*zip(*pts), marker="o", ls="--" if p in FULL else "-", label=p)
-        ax.set(xscale="log", yscale="log", xlabel="batch", title=f"context {ctx // 1024}K")
-    axes[0][0].set_ylabel("tokens per second")
-    axes[0][-1].legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out / "model_tokens_per_s.png", dpi=110)
-    plt.close(fig)
-    batches = sorted({r["batch"] for r in rows})
-    fig, ax = plt.subplots(figsize=(8, 4))
-    for batch in batches:
-        for p, style in (("mac_paper_policy", "--"), ("mac_mass", "-"), ("mac_mass_policy", ":")):
-            pts = sorted((r["context"], r["speedup_vs_best_full"]) for r in rows if r["batch"] == batch and r["provider"] == p)
-            if pts:
-                ax.plot(*zip(*pts), style, marker="o", label=f"B={batch}, {p.removeprefix('mac_')}")
-    ax.axhline(1.0, color="grey", lw=0.7)
-    ax.set(xscale="log", xlabel="context (tokens)", ylabel="speed-up over the best full attention", title="MAC end to end (SmolLM2-135M)")
-    ax.legend(fontsize=7, ncol=2)
-    fig.tight_layout()
-    fig.savefig(out / "model_speedup.png", dpi=110)
-    plt.close(fig)
+        for path in model_plots(read_model(out / "model.csv"), out):  # benchmarks/plots.py draws them, from the CSV
+            print(f"wrote {path}")
 
 
 def main():
@@ -269,6 +239,8 @@ def main():
     parser.add_argument("--fidelity-steps", type=int, default=256, help="teacher-forced tokens per request for the fidelity")
     parser.add_argument("--diagnose", action="store_true", help=f"also time {', '.join(DIAGNOSTIC)} (where the mass rule's cost comes from)")
     parser.add_argument("--dtype", choices=("bf16", "fp16"), default="bf16", help="weights, activations and KV cache")
+    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
+                        help="compile everything but the attention (torch.compile) for every provider: the baseline a serving engine is")
     parser.add_argument("--device", default="cuda", help="cuda; cpu only for a smoke run of the script (eager, interpreter, no timings worth reading)")
     args = parser.parse_args()
     if args.device.startswith("cuda") and not torch.cuda.is_available():

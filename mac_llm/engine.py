@@ -1,6 +1,6 @@
 r"""Batched decoding of the real model on a GPU: the whole decode step in one CUDA graph.
 
-:class:`DecodeEngine` decodes ``B`` requests of SmolLM2 (any :class:`~mac_llm.gguf_model.LlamaModel`)
+:class:`DecodeEngine` decodes ``B`` requests of SmolLM2 (any :class:`~mac_llm.llama.LlamaModel`)
 in bf16 or fp16 at once: a preallocated KV cache ``[B, Hkv, capacity, D]`` per layer
 sized for the longest request, ragged lengths (each request its own position), and a
 decode step from the embedding to the logits that is captured once in a CUDA graph and
@@ -35,67 +35,16 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 
 from mac_core import LayerState, MACConfig, StepStats
-from mac_core.rope import rope_angles
+from mac_core.numerics import softmax_scale
 
 from .attention import seed_state
-from .gguf_model import LAYER_WEIGHTS, LlamaModel, rms_norm
-
-ATTENTIONS = ("mac", "triton", "sdpa", "flashinfer")
-FULL_ATTENTIONS = ATTENTIONS[1:]
-
-
-@dataclass
-class FallbackPolicy:
-    """What a MAC engine's next step runs, decided before each step from what it knows.
-
-    - ``"full"`` (the attention ``full``: ``"sdpa"``, ``"triton"`` or ``"flashinfer"``) while
-      the batch has fewer than ``min_batch`` requests or the longest context is shorter than
-      ``min_context`` keys: there MAC cannot win, and nothing of its work is kept;
-    - ``"miss"`` (MAC's step without matching) while the hit rate of the recent MAC steps is
-      below ``min_hit_rate``: it keeps the rings current, and one step in ``probe_every`` is
-      a MAC step that measures the hit rate again (read from the device then: one small
-      synchronisation);
-    - ``"mac"`` otherwise.
-
-    The thresholds come from the end-to-end benchmark on an H200 (``benchmarks/bench_model.py``,
-    SmolLM2-135M: MAC won at 8K from batch 32 and lost at 4K at every batch), and ``full``
-    from its fastest full attention at large batches (SDPA). A config without ``max_chain``
-    cannot mark stale rows, so there ``"full"`` becomes ``"miss"``.
-    """
-
-    min_batch: int = 32
-    min_context: int = 6144
-    min_hit_rate: float = 0.5
-    probe_every: int = 16
-    full: str = "sdpa"
-    recent_hit_rate: float = 1.0
-    steps: int = field(default=0, repr=False)
-
-    def __post_init__(self):
-        if self.full not in FULL_ATTENTIONS:
-            raise ValueError(f"FallbackPolicy.full must be one of {FULL_ATTENTIONS}, got {self.full!r}")
-
-    def decide(self, batch: int, context: int) -> str:
-        """``"mac"``, ``"miss"`` or ``"full"`` for a step of ``batch`` requests whose longest context is ``context``."""
-        if batch < self.min_batch or context < self.min_context:
-            return "full"
-        if self.recent_hit_rate >= self.min_hit_rate or self.steps % self.probe_every == 0:
-            return "mac"
-        return "miss"
-
-
-def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate-half RoPE of ``x [..., D]`` with per-position ``cos``, ``sin`` broadcast to it (float32 math)."""
-    half = x.shape[-1] // 2
-    xf = x.float()
-    rotated = torch.cat([-xf[..., half:], xf[..., :half]], dim=-1)
-    return (xf * cos + rotated * sin).to(x.dtype)
+from .llama import LlamaModel, finish, output_logits, project
+from .step_attention import ATTENTIONS, FULL_ATTENTIONS, MAC_BACKENDS, FallbackPolicy, new_workspaces, step_attention
 
 
 class DecodeEngine:
@@ -113,38 +62,42 @@ class DecodeEngine:
         policy: a :class:`FallbackPolicy` for ``"mac"`` (``None``: always MAC).
         mac_backend: ``"triton"`` (``mac_triton.mac_step``) or ``"ref"`` (``mac_ref.decode_step``:
             the readable reference, eager; for studies on a CPU).
+        compile: compile everything of the step but its attention with ``torch.compile``
+            (Inductor; captured in the same CUDA graph): the baseline a serving engine is.
     """
 
     def __init__(self, model: LlamaModel, batch: int, capacity: int, attention: str, config: MACConfig | None = None,
-                 dtype=torch.bfloat16, device="cuda", policy: FallbackPolicy | None = None, mac_backend: str = "triton"):
+                 dtype=torch.bfloat16, device="cuda", policy: FallbackPolicy | None = None, mac_backend: str = "triton",
+                 compile: bool = False):
         if attention not in ATTENTIONS:
             raise ValueError(f"attention must be one of {ATTENTIONS}, got {attention!r}")
         if attention == "mac" and config is None:
             raise ValueError("attention='mac' needs a MACConfig (config=...)")
         if config is not None and config.calibration is not None:
             raise ValueError("DecodeEngine does not calibrate radii from the prompt: pass a config without calibration")
-        if mac_backend not in ("triton", "ref"):
-            raise ValueError(f"mac_backend must be 'triton' or 'ref', got {mac_backend!r}")
+        if mac_backend not in MAC_BACKENDS:
+            raise ValueError(f"mac_backend must be one of {MAC_BACKENDS}, got {mac_backend!r}")
         if dtype not in (torch.bfloat16, torch.float16, torch.float32):
             raise TypeError(f"dtype must be bfloat16, float16 or float32, got {dtype}")
         if not (isinstance(batch, int) and batch > 0 and isinstance(capacity, int) and capacity > 0):
             raise ValueError(f"batch and capacity must be positive ints, got {batch!r} and {capacity!r}")
         cfg = model.config
-        self.cfg, self.batch, self.capacity, self.attention, self.dtype = cfg, batch, capacity, attention, dtype
+        self.batch, self.capacity, self.attention, self.dtype = batch, capacity, attention, dtype
         self.device = torch.device(device)
+        self.model = model.converted(dtype, self.device)
+        self.weights = [{name: w.detach() for name, w in layer.items()} for layer in self.model.layers]  # plain dicts: one compiled graph serves every layer
+        # everything but the attention, compiled (Inductor): the norms, RoPE, residuals and small
+        # matrix products of a step fuse into a few kernels instead of one each (as a serving engine does)
+        self.compiled = compile
+        functions = (project, finish, output_logits)
+        self._project, self._finish, self._logits = (torch.compile(f, dynamic=False) for f in functions) if compile else functions
         self.config = None if config is None else dataclasses.replace(config, rope_base=cfg.rope_base)
         self.policy = policy if attention == "mac" else None
         self.mac_backend = mac_backend
-        self.scale = cfg.head_dim**-0.5
-        to = dict(dtype=dtype, device=self.device)
-        self.embed = model.embed.detach().to(**to)  # [V, dim], tied output head
-        self.out_norm = model.out_norm.detach().to(**to)
-        self.layers = [{name: layer[name].detach().to(**to) for name, _, _ in LAYER_WEIGHTS} for layer in model.layers]
-        cos, sin = rope_angles(torch.arange(capacity, device=self.device), cfg.head_dim, cfg.rope_base)
-        self.cos, self.sin = cos.float(), sin.float()  # [capacity, D]
-        shape = (batch, cfg.n_kv_heads, capacity, cfg.head_dim)
-        self.k = [torch.zeros(shape, **to) for _ in range(cfg.n_layers)]
-        self.v = [torch.zeros(shape, **to) for _ in range(cfg.n_layers)]
+        self.scale = softmax_scale(cfg.head_dim)
+        self.cos, self.sin = self.model.rope_table(torch.arange(capacity, device=self.device))  # [capacity, 1, D]
+        cache = self.model.new_cache(batch, capacity)
+        self.k, self.v = cache.k, cache.v  # per layer [B, Hkv, capacity, D]
         self.positions = torch.zeros(batch, dtype=torch.int64, device=self.device)  # each request's next position
         self.tokens = torch.zeros(batch, dtype=torch.int64, device=self.device)  # the step's input
         self.logits = torch.zeros(batch, cfg.vocab_size, dtype=torch.float32, device=self.device)  # the step's output
@@ -152,9 +105,9 @@ class DecodeEngine:
         self.states: list[LayerState] = []
         self.workspaces: list = []
         self.stats: list[StepStats | None] = [None] * cfg.n_layers  # the last step's, per layer (graph outputs)
-        self.graphs: dict[str, tuple] = {}  # the step's attention (see _step_attention) -> (CUDA graph, its per-layer stats)
+        self.graphs: dict[str, tuple] = {}  # the step's kind (see _step_kind) -> (CUDA graph, its per-layer stats)
+        self.attentions: dict[str, object] = {}  # the step's kind -> its step_attention
         self.rings_stale = False  # full-attention steps ran since the rings were last whole
-        self._flashinfer = None
 
     # -- the prompt -------------------------------------------------------------------------
 
@@ -169,52 +122,41 @@ class DecodeEngine:
         lengths = [len(p) for p in prompts]
         if min(lengths) < 1 or max(lengths) > self.capacity:
             raise ValueError(f"prompt lengths must lie in [1, {self.capacity}] (the capacity), got {lengths}")
-        per_layer_queries: list[list] = [[] for _ in self.layers]
+        per_layer_queries: list[list] = [[] for _ in self.k]
         for b, ids in enumerate(prompts):
             self.logits[b] = self._prompt(b, torch.tensor(ids, device=self.device), per_layer_queries)
         self.positions.copy_(torch.tensor(lengths, device=self.device))
         self.host_positions = list(lengths)
         if self.config is not None:  # rings for MAC, now or after a switch
-            from mac_triton import DecodeWorkspace
-
             self.states = [self._seed(queries, lengths, i) for i, queries in enumerate(per_layer_queries)]
-            self.workspaces = [DecodeWorkspace.new(self.config, self.batch, self.cfg.n_heads, self.cfg.head_dim, self.device) for _ in self.layers]
+            if self.mac_backend == "triton":
+                self.workspaces = new_workspaces(self.config, self.batch, self.model.config, self.device)
         self.tokens.copy_(self.logits.argmax(-1))
         self.graphs.clear()
         self.rings_stale = False
         return self.logits.clone()
 
     def _prompt(self, b: int, ids: torch.Tensor, per_layer_queries) -> torch.Tensor:
-        cfg, n = self.cfg, ids.shape[0]
+        """Request ``b``'s prompt ``ids [n]`` through every layer (causal SDPA); its last logits ``[V]``."""
+        model, n = self.model, ids.shape[0]
         keep = self.config.window if self.config is not None else 0
-        h = self.embed[ids]  # [n, dim]
-        cos, sin = self.cos[:n, None], self.sin[:n, None]  # [n, 1, D]
-        for i, w in enumerate(self.layers):
-            q_pre, q_post, k, v = self._project(w, h, cos, sin)  # [n, H, D] each
+        h = model.embed[ids]  # [n, dim]
+        for i in range(model.config.n_layers):
+            q_pre, q_post, k, v = model.project(i, h, self.cos[:n], self.sin[:n])  # [n, H, D] each
             self.k[i][b, :, :n] = k.transpose(0, 1)
             self.v[i][b, :, :n] = v.transpose(0, 1)
             o = F.scaled_dot_product_attention(
-                q_post.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None], is_causal=True, enable_gqa=True
+                q_post.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None], is_causal=True, scale=self.scale,
+                enable_gqa=True,
             )[0]  # [Hq, n, D]
             if keep:
                 per_layer_queries[i].append((q_pre[-keep:].transpose(0, 1)[None], q_post[-keep:].transpose(0, 1)[None]))
-            h = h + o.transpose(0, 1).reshape(n, cfg.dim) @ w["wo"].T
-            x = rms_norm(h, w["ffn_norm"], cfg.norm_eps)
-            h = h + (F.silu(x @ w["w_gate"].T) * (x @ w["w_up"].T)) @ w["w_down"].T
-        return (rms_norm(h[-1], self.out_norm, cfg.norm_eps) @ self.embed.T).float()
-
-    def _project(self, w: dict, h, cos, sin):
-        """One layer's ``q_pre, q_post [N, Hq, D]`` and ``k, v [N, Hkv, D]`` of hidden states ``h [N, dim]``."""
-        cfg = self.cfg
-        x = rms_norm(h, w["attn_norm"], cfg.norm_eps)
-        q_pre = (x @ w["wq"].T).view(-1, cfg.n_heads, cfg.head_dim)
-        k = rotate((x @ w["wk"].T).view(-1, cfg.n_kv_heads, cfg.head_dim), cos, sin)
-        v = (x @ w["wv"].T).view(-1, cfg.n_kv_heads, cfg.head_dim)
-        return q_pre, rotate(q_pre, cos, sin), k, v
+            h = model.finish(i, h, o.transpose(0, 1))
+        return model.logits(h[-1]).float()
 
     def _seed(self, queries, lengths: list[int], layer: int) -> LayerState:
         """One layer's rings for the batch: each request seeded from its own prompt's tail."""
-        cfg = self.cfg
+        cfg = self.model.config
         state = LayerState.empty(self.batch, cfg.n_heads, cfg.head_dim, self.config.window, dtype=self.dtype, device=self.device)
         for b, ((q_pre, q_post), n) in enumerate(zip(queries, lengths)):
             one = seed_state(q_pre, q_post, self.k[layer][b : b + 1], self.v[layer][b : b + 1], n, self.config)
@@ -225,80 +167,31 @@ class DecodeEngine:
 
     # -- one decode step ----------------------------------------------------------------------
 
+    def _attention(self, kind: str):
+        if kind not in self.attentions:
+            self.attentions[kind] = step_attention(kind, self, self.mac_backend)
+        return self.attentions[kind]
+
     def _layers(self, kind: str) -> None:
         """The decode step for every request at its position (what a graph captures)."""
-        cfg, B = self.cfg, self.batch
+        model, B = self.model, self.batch
         pos = self.positions  # [B]
         rows = torch.arange(B, device=self.device)
-        h = self.embed[self.tokens]  # [B, dim]
-        cos, sin = self.cos[pos][:, None], self.sin[pos][:, None]  # [B, 1, D]
-        mask = torch.arange(self.capacity, device=self.device)[None, :] <= pos[:, None] if kind == "sdpa" else None
-        for i, w in enumerate(self.layers):
-            q_pre, q_post, k, v = self._project(w, h, cos, sin)  # [B, H, D] each
+        attention = self._attention(kind)
+        attention.begin()
+        cfg = model.config
+        h = model.embed[self.tokens]  # [B, dim]
+        cos, sin = self.cos[pos], self.sin[pos]  # [B, 1, D]
+        for i, w in enumerate(self.weights):
+            q_pre, q_post, k, v = self._project(cfg, w, h, cos, sin)  # [B, H, D] each
             self.k[i][rows, :, pos] = k
             self.v[i][rows, :, pos] = v
-            o = self._attend(i, q_pre, q_post, mask, kind)  # [B, Hq, D]
-            h = h + o.reshape(B, cfg.dim) @ w["wo"].T
-            x = rms_norm(h, w["ffn_norm"], cfg.norm_eps)
-            h = h + (F.silu(x @ w["w_gate"].T) * (x @ w["w_up"].T)) @ w["w_down"].T
-        self.logits.copy_(rms_norm(h, self.out_norm, cfg.norm_eps) @ self.embed.T)
+            h = self._finish(cfg, w, h, attention(i, q_pre, q_post))
+        self.logits.copy_(self._logits(cfg, model.out_norm.detach(), model.output_head.detach(), h))
         self.tokens.copy_(self.logits.argmax(-1))  # greedy: the next step's input, on the device
         self.positions.add_(1)
 
-    def _attend(self, i: int, q_pre, q_post, mask, kind: str) -> torch.Tensor:
-        import mac_triton
-
-        if kind in ("mac", "miss") and self.mac_backend == "ref":
-            import mac_ref
-
-            if kind == "miss":
-                raise ValueError("the reference backend has no fallback step: use mac_backend='triton' with a policy")
-            out, _, stats = mac_ref.decode_step(q_pre, self.k[i], self.v[i], self.states[i], self.positions, self.config, q_post=q_post)
-            self.stats[i] = stats
-            return out
-        if kind in ("mac", "miss"):
-            out, _, stats = mac_triton.mac_step(
-                q_pre, q_post, self.k[i], self.v[i], self.states[i], self.positions, self.config, self.scale,
-                self.workspaces[i], match=kind == "mac",
-            )
-            self.stats[i] = stats
-            return out
-        if kind == "triton":
-            return mac_triton.full_step(q_post, self.k[i], self.v[i], self.positions, self.scale)[0]
-        if kind == "sdpa":
-            return F.scaled_dot_product_attention(
-                q_post[:, :, None], self.k[i], self.v[i], attn_mask=mask[:, None, None, :], scale=self.scale, enable_gqa=True
-            )[:, :, 0]
-        return self._flashinfer.run(q_post, (self.k[i], self.v[i]))
-
-    def _plan(self, kind: str) -> None:
-        """Host work before a step: FlashInfer's plan for this step's lengths (one for all layers)."""
-        if kind != "flashinfer":
-            return
-        if self._flashinfer is None:
-            self._flashinfer = self._flashinfer_wrapper()
-        B = self.batch
-        self._flashinfer.plan(
-            torch.arange(B + 1, dtype=torch.int32), torch.arange(B, dtype=torch.int32),
-            torch.tensor([p + 1 for p in self.host_positions], dtype=torch.int32),
-            self.cfg.n_heads, self.cfg.n_kv_heads, self.cfg.head_dim, self.capacity,
-            pos_encoding_mode="NONE", q_data_type=self.dtype, kv_data_type=self.dtype, sm_scale=self.scale,
-        )
-
-    def _flashinfer_wrapper(self):
-        import flashinfer
-
-        B = self.batch
-        workspace = torch.zeros(256 << 20, dtype=torch.uint8, device=self.device)
-        graphed = self.device.type == "cuda"
-        return flashinfer.BatchDecodeWithPagedKVCacheWrapper(
-            workspace, "HND", use_cuda_graph=graphed, use_tensor_cores=True, backend="fa2",
-            paged_kv_indptr_buffer=torch.arange(B + 1, dtype=torch.int32, device=self.device) if graphed else None,
-            paged_kv_indices_buffer=torch.arange(B, dtype=torch.int32, device=self.device) if graphed else None,
-            paged_kv_last_page_len_buffer=torch.ones(B, dtype=torch.int32, device=self.device) if graphed else None,
-        )
-
-    def _step_attention(self) -> str:
+    def _step_kind(self) -> str:
         """The next step's attention: ``"mac"``, ``"miss"`` (MAC's step without matching) or one of :data:`FULL_ATTENTIONS`."""
         if self.attention != "mac":
             return self.attention
@@ -331,12 +224,12 @@ class DecodeEngine:
             raise ValueError(f"the KV cache is full: positions {self.host_positions} reach the capacity {self.capacity}")
         if tokens is not None:
             self.tokens.copy_(tokens)
-        kind = self._step_attention()
+        kind = self._step_kind()
         if kind in ("mac", "miss") and self.rings_stale:
             self._mark_stale_rows()
         if kind in FULL_ATTENTIONS:
-            self.rings_stale, self.stats = True, [None] * self.cfg.n_layers
-        self._plan(kind)
+            self.rings_stale, self.stats = True, [None] * self.model.config.n_layers
+        self._attention(kind).plan()
         if graph and self.device.type == "cuda":
             if kind not in self.graphs:
                 self.graphs[kind] = (self._capture(kind), list(self.stats))
@@ -346,7 +239,7 @@ class DecodeEngine:
             self._layers(kind)
         self.host_positions = [p + 1 for p in self.host_positions]
         if self.policy is not None:
-            self._observe(kind)
+            self.policy.observe(kind, self.stats)
         return self.logits
 
     def timed_steps(self, steps: int) -> list[float]:
@@ -365,12 +258,6 @@ class DecodeEngine:
             end.record()
         torch.cuda.synchronize(self.device)
         return [start.elapsed_time(end) for start, end in events]
-
-    def _observe(self, kind: str) -> None:
-        policy = self.policy
-        if kind == "mac" and policy.steps % policy.probe_every == 0:  # a probe: one small synchronisation in probe_every steps
-            policy.recent_hit_rate = torch.stack([s.hit.float().mean() for s in self.stats]).mean().item()
-        policy.steps += 1
 
     def _capture(self, kind: str) -> torch.cuda.CUDAGraph:
         """Capture the step; the warm-up runs (kernel compilation) are undone first."""
@@ -422,7 +309,7 @@ class DecodeEngine:
         self.logits.copy_(saved["logits"])
         self.host_positions, self.rings_stale = list(saved["host_positions"]), saved["rings_stale"]
         if self.policy is not None:
-            self.policy.steps, self.policy.recent_hit_rate = 0, 1.0
+            self.policy.reset()
 
     def switch(self, attention: str, config: MACConfig | None = None, policy: FallbackPolicy | None = None) -> None:
         """Decode with another attention (or MAC rule) from now on; the rings seeded by the
@@ -430,16 +317,16 @@ class DecodeEngine:
         if attention not in ATTENTIONS:
             raise ValueError(f"attention must be one of {ATTENTIONS}, got {attention!r}")
         if attention == "mac":
-            config = dataclasses.replace(config or self.config, rope_base=self.cfg.rope_base)
+            config = dataclasses.replace(config or self.config, rope_base=self.model.config.rope_base)
             if not self.states or (config.window, config.band, config.sinks) != (self.config.window, self.config.band, self.config.sinks):
                 raise ValueError("switch to MAC: the rings were seeded for another window, band or sinks (or not at all)")
-            from mac_triton import DecodeWorkspace
-
             self.config = config
-            self.workspaces = [DecodeWorkspace.new(config, self.batch, self.cfg.n_heads, self.cfg.head_dim, self.device) for _ in self.layers]
+            if self.mac_backend == "triton":
+                self.workspaces = new_workspaces(config, self.batch, self.model.config, self.device)
         self.attention, self.policy = attention, policy if attention == "mac" else None
         self.graphs.clear()
-        self.stats = [None] * self.cfg.n_layers
+        self.attentions.clear()
+        self.stats = [None] * self.model.config.n_layers
 
     def step_stats(self) -> StepStats | None:
         """The last MAC step's statistics, fields ``[n_layers, B, Hq]`` (copies)."""
@@ -450,8 +337,7 @@ class DecodeEngine:
     @property
     def nbytes(self) -> int:
         """Bytes of the KV cache and the rings."""
-        kv = sum(t.numel() * t.element_size() for t in (*self.k, *self.v))
-        return kv + sum(state.nbytes for state in self.states)
+        return sum(t.numel() * t.element_size() for t in (*self.k, *self.v)) + sum(state.nbytes for state in self.states)
 
 
-__all__ = ["ATTENTIONS", "FULL_ATTENTIONS", "DecodeEngine", "FallbackPolicy", "rotate"]
+__all__ = ["ATTENTIONS", "FULL_ATTENTIONS", "DecodeEngine", "FallbackPolicy"]

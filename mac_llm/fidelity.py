@@ -9,7 +9,7 @@ Two regimes (see ``docs/real_model.md``):
   greedy MAC run would leave the full-attention text (before it the two runs are identical).
 
 Metrics of a run (:func:`fidelity`): hit rate; KV reads skipped per query head and per KV
-group (a group reads the union of its heads' spans, all ending at ``t+1``: the longest);
+group (:meth:`mac_core.step.StepStats.skipped_fraction`);
 top-1 agreement; ``KL(full ‖ MAC)`` mean and worst step; perplexity change
 ``exp(mean NLL_MAC − mean NLL_full) − 1`` and its standard error; how far MAC moves full
 attention's top-2 logit gap (median and 99th percentile) and the share of near-ties (gap
@@ -24,19 +24,17 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .attention import MACAttention
-
 FIDELITY_CHUNK = 64  # steps per float64 pass in fidelity()
 NEAR_TIE = 0.05  # a top-2 logit gap below this is a near-tie (float32 rounding moves logits by ~5e-5)
 
 
-def fidelity(full_logits: torch.Tensor, mac_logits: torch.Tensor, targets: torch.Tensor, backend: MACAttention) -> dict:
+def fidelity(full_logits: torch.Tensor, mac_logits: torch.Tensor, targets: torch.Tensor, backend) -> dict:
     """Compare MAC with full attention on the same positions.
 
     Args:
         full_logits, mac_logits: ``[B, N, V]`` next-token logits at the decoded positions.
         targets: ``[B, N]`` the tokens that follow (for the perplexities).
-        backend: the MAC backend of the run (its per-step statistics).
+        backend: the run's :class:`~mac_llm.attention.MACAttention` (its per-step statistics).
 
     Returns:
         A flat dict of scalars (see the module docstring) plus per-layer lists
@@ -64,17 +62,8 @@ def fidelity(full_logits: torch.Tensor, mac_logits: torch.Tensor, targets: torch
     hit = stats.hit.float()
     full_reads = stats.context[..., None].expand_as(stats.keys_read).double()  # [S, n_layers, B, Hq]
     reads = stats.keys_read.double()
-    n_layers, B, Hq = hit.shape[1:]
-    Hkv = backend.kv_heads
-    group_reads = reads.view(*reads.shape[:-1], Hkv, Hq // Hkv).amax(-1)  # union of a group's spans
-    group_full = full_reads.view(*reads.shape[:-1], Hkv, Hq // Hkv)[..., 0]
     result = {
-        "hit_rate": hit.mean().item(),
-        "skipped_head": 1 - (reads.sum() / full_reads.sum()).item(),
-        "skipped_group": 1 - (group_reads.sum() / group_full.sum()).item(),
-        # keys a step reads per token, summed over layers and KV groups (a group's K/V tiles are read once)
-        "group_keys_per_token": (group_reads.sum() / reads.shape[0]).item(),
-        "full_group_keys_per_token": (group_full.sum() / reads.shape[0]).item(),
+        **stats.summary(backend.kv_heads),
         "top1": agree.double().mean().item(),
         "kl_mean": kl.mean().item(),
         "kl_max": kl.max().item(),
@@ -139,20 +128,4 @@ def compare_logits(reference: torch.Tensor, logits: torch.Tensor, targets: torch
         "kl_mean": kl.mean().item(), "top1": (reference.argmax(-1) == logits.argmax(-1)).double().mean().item(),
         "ppl_change": change, "ppl_change_se": (change + 1) * (diff.std() / math.sqrt(diff.numel())).item(),
         "scored_tokens": diff.numel(),
-    }
-
-
-def reads_skipped(stats, kv_heads: int) -> dict:
-    """Hit rate, candidates, KV reads skipped per head and per group from a run's
-    :class:`~mac_core.step.StepStats` (fields ``[..., B, Hq]``, ``context`` ``[..., B]``)."""
-    reads = stats.keys_read.double()
-    context = stats.context.double()[..., None].expand_as(reads)
-    Hq = reads.shape[-1]
-    group = Hq // kv_heads
-    group_reads = reads.view(*reads.shape[:-1], kv_heads, group).amax(-1)
-    return {
-        "hit_rate": stats.hit.double().mean().item(), "candidate_rate": stats.candidate.double().mean().item(),
-        "skipped_head": 1 - (reads.sum() / context.sum()).item(),
-        "skipped_group": 1 - (group_reads.sum() / context[..., ::group].sum()).item(),
-        "mass_share_mean": stats.mass_share[stats.candidate].double().mean().item() if stats.candidate.any() else 0.0,
     }

@@ -1,42 +1,43 @@
-"""MAC-Attention in Hugging Face ``transformers`` models of the Llama family.
+"""MAC-Attention in Hugging Face ``transformers`` models (Llama, Mistral, Qwen2, Qwen3, Gemma 2).
 
-Switch an existing model to MAC-Attention decoding in a few lines::
+Two ways in, the same answers and the same refusals::
 
-    from mac_core import preset
-    from mac_llm.hf import enable_mac_attention
-    mac = enable_mac_attention(model, preset("demo"))
+    import mac_llm.hf                                   # registers the name "mac"
+    model = AutoModelForCausalLM.from_pretrained(path, attn_implementation="mac")   # the demo preset
+    # or, with a configuration of your own (one for every layer, or a list):
+    mac = mac_llm.hf.enable_mac_attention(model, preset("demo", tau=0.35))
     out = model.generate(input_ids, max_new_tokens=64, do_sample=False)
-    print(mac.layer_stats().hit_rate)
+    print(mac_llm.hf.mac_backend(model).layer_stats().hit_rate)
 
 How it plugs in:
 
 - The attention function is registered with ``transformers.AttentionInterface`` under the
-  name ``"mac"`` and selected with ``model.set_attn_implementation("mac")``. transformers
-  calls it per layer with the post-RoPE query and the cache's keys and values (after this
-  step's key was appended), which is exactly what a decode step needs.
-- The **pre-RoPE query** that MAC matches on is **captured by a forward hook** on each
-  layer's ``q_proj`` (its output, reshaped to heads), not recovered by inverting RoPE: the
-  hook is exact and works for any rotary variant (scaled RoPE included).
-- A forward pass that starts at position 0 (the prompt of a ``generate`` call) is full
-  attention and seeds the rings afresh; each single-token pass after it is one MAC decode
-  step per layer. The statistics are those of the latest ``generate`` call
-  (``mac.request_stats()`` per request).
-- **Padded batches**: prompts of different lengths, left-padded (``padding_side="left"``)
-  with an ``attention_mask``. Request ``b``'s padding slots ``p_b`` come from the
-  ``position_ids`` that ``generate`` passes (they count from each request's first token);
-  its keys are read at slots ``p_b + j`` through :func:`mac_core.kv.left_padded` (no copy),
-  so each request decodes at its own positions with its own rings.
-- **The rings belong to one cache**: the cache a prompt pass filled is tagged; a decode
-  pass over any other cache (one kept from an earlier call, a copy) is refused, as is a
-  cache continued with a multi-token prompt.
-- What MAC cannot do correctly is refused with a ``ValueError`` before any attention
-  runs: right padding or holes in the mask, ``use_cache=False``, a cache other than
-  ``DynamicCache`` (a static cache), and beam search (``num_beams > 1``: it reorders the KV
-  cache between steps and the rings would not follow).
-- ``attn_implementation="mac"`` at load time works once ``mac_llm.hf`` is imported (the
-  name is registered then): MAC with the ``demo`` preset, the pre-RoPE query recovered by
-  inverting the model's default RoPE (float rounding of the query apart, the hooked
-  query); :func:`enable_mac_attention` picks the configuration and hooks ``q_proj``.
+  name ``"mac"`` (and a mask function with ``AttentionMaskInterface``: the exact boolean
+  mask, which the function checks). transformers calls it per layer with the post-RoPE
+  query and the cache's keys and values (after this step's key was appended).
+- Each attention module carries its own :class:`~mac_llm.attention.LayerMAC` (rings,
+  statistics): :func:`enable_mac_attention` attaches them with your configuration; a model
+  loaded with ``attn_implementation="mac"`` (or switched with ``set_attn_implementation("mac")``)
+  gets the ``demo`` preset at its first pass. Two models never share rings.
+- The **pre-RoPE query** ``q̃`` that MAC matches on is recovered from the post-RoPE query by
+  inverting the model's own rotary embedding (its class, its RoPE type and scaling, at the
+  same positions): exact up to the rounding of the query, so it is the query *after* any
+  per-head norm (Qwen3's ``q_norm``), as the specification defines it.
+- The model's softmax ``scaling`` (Gemma 2's ``query_pre_attn_scalar``) and attention-logit
+  soft-capping (``softcap``) are MAC's ``scale`` and ``softcap``: they change the scores,
+  so the summaries carry them (:func:`mac_ref.attend`).
+- A forward pass that starts at slot 0 (a prompt) is full attention and seeds the rings;
+  each single-token pass after it is one MAC decode step per layer. **Padded batches**:
+  prompts of different lengths, left-padded, with an ``attention_mask``; each request
+  decodes at its own positions (from ``position_ids``) with its own rings.
+- What MAC cannot do correctly is a ``ValueError`` that names it, from one check that both
+  ways in run (:func:`_check_call`): right padding or a hole in the mask, a static (or
+  any preallocated) cache, a sliding window that masks keys, ``use_cache=False``, a cache
+  that is not the latest prompt's or whose rows were reordered (beam search), several new
+  tokens in one pass after the prompt, ``output_attentions=True``, dropout, a model type or
+  RoPE layout it does not know, and any other attention argument it does not implement.
+- On CUDA the decode step is ``mac_triton.decode_step``; elsewhere the reference
+  ``mac_ref.decode_step`` (:func:`mac_llm.attention.auto_step`; ``step_fn`` overrides it).
 
 :func:`smollm2_hf` builds SmolLM2-135M-Instruct as a ``transformers`` ``LlamaForCausalLM``
 from the same GGUF file as the demo (no download), for the example and the tests.
@@ -44,32 +45,115 @@ from the same GGUF file as the demo (no download), for the example and the tests
 
 from __future__ import annotations
 
-import functools
-import weakref
-from dataclasses import dataclass, field
+import dataclasses
+import importlib
+import inspect
 
 import torch
 
-import mac_ref
 from mac_core import preset
-from mac_core.rope import invert_rope
+from mac_core.numerics import softmax_scale
 
-from .attention import MACAttention
-from .gguf_model import LAYER_WEIGHTS, MODEL_WEIGHTS, build_tokenizer, read_gguf
+from .attention import LayerMAC, MACAttention, auto_step
+from .gguf import build_tokenizer, read_gguf
+from .llama import LAYER_WEIGHTS, MODEL_WEIGHTS
 
 ATTENTION_NAME = "mac"
+# model types whose attention MAC has been checked on: rotate-half RoPE over the whole head,
+# one KV cache per layer, the keyword arguments of _IMPLEMENTED (tests/test_hf.py runs each)
+MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma2")
+# attention keyword arguments MAC implements (or checks): anything else is refused by name
+_IMPLEMENTED = {"position_ids", "use_cache", "sliding_window", "softcap", "output_attentions", "is_causal", "output_hidden_states"}
 
 
-def _request_pads(start: int, query_len: int, position_ids, batch: int):
-    """``[B]`` int64 left-padding slots per request, from transformers' ``position_ids``
-    (``None`` without them): the last query sits at slot ``start + L − 1`` and position
-    ``position_ids[b, −1]``."""
-    if position_ids is None:
-        return None
-    pads = start + query_len - 1 - position_ids[:, -1].to(torch.int64).expand(batch)
+def _attention_modules(model) -> list:
+    return [m for m in model.modules() if hasattr(m, "q_proj") and hasattr(m, "layer_idx")]
+
+
+def _check_call(module, query, key, attention_mask, dropout, kwargs) -> torch.Tensor | None:
+    """The one guard of both ways in: refuse what MAC would get wrong; returns ``pads [B]`` (or ``None``).
+
+    ``query [B, Hq, L, D]`` of slots ``start … start+L−1``, ``key [B, Hkv, start+L, D]``;
+    ``attention_mask`` the boolean mask of :func:`_mac_mask` ``[B, 1, L, start+L]`` (or ``None``).
+    """
+    model_type = getattr(module.config, "model_type", None)
+    if model_type not in MODEL_TYPES:
+        raise ValueError(f"MAC-Attention supports the model types {MODEL_TYPES}, got {model_type!r}")
+    unknown = sorted(name for name, value in kwargs.items() if name not in _IMPLEMENTED and value is not None)
+    if unknown:
+        raise ValueError(f"MAC-Attention does not implement the attention arguments {unknown}")
+    if dropout:
+        raise ValueError(f"MAC-Attention decodes without attention dropout, got dropout={dropout} (call model.eval())")
+    if kwargs.get("output_attentions"):
+        raise ValueError("MAC-Attention computes no attention weights: output_attentions=True is not supported")
+    if kwargs.get("is_causal") is False:
+        raise ValueError("MAC-Attention is causal decoding: is_causal=False (bidirectional attention) is not supported")
+    if kwargs.get("use_cache") is False:
+        raise ValueError("MAC-Attention needs the KV cache (use_cache=False recomputes the whole sequence at every step)")
+    B, _, L, _ = query.shape
+    T = key.shape[2]
+    start = T - L
+    position_ids = kwargs.get("position_ids")
+    positions = torch.arange(start, T, device=query.device)[None] if position_ids is None else position_ids.to(torch.int64)
+    pads = (start + L - 1 - positions[:, -1]).expand(B)  # [B]
+    window = kwargs.get("sliding_window")
+    if window is not None and int(positions.max()) + 1 > window:
+        raise ValueError(
+            f"this layer's sliding_window ({window}) masks keys at position {int(positions.max())}: MAC-Attention "
+            "summarises every key before the band, so a sliding window is supported only while it masks nothing"
+        )
+    if attention_mask is not None:
+        mask = attention_mask.to(torch.bool)[:, 0]  # [B, L, T]
+        if not bool(mask[..., -1].any()) and not bool(key[:, :, -1].any()):  # nobody attends the last slot, and it is unwritten
+            raise ValueError(
+                f"the attention mask hides the last of the {T} key slots from the query: a static (preallocated) cache, "
+                "e.g. cache_implementation='static'; MAC-Attention decodes from transformers' DynamicCache only"
+            )
+        slot = torch.arange(T, device=mask.device)
+        query_slot = torch.arange(start, T, device=mask.device)  # [L]
+        expected = (slot[None, None, :] <= query_slot[None, :, None]) & (slot[None, None, :] >= pads[:, None, None])  # [B, L, T]
+        real_query = query_slot[None, :] >= pads[:, None]  # [B, L]: padding queries attend anything
+        if not bool(((mask == expected) | ~real_query[..., None]).all()):
+            raise ValueError(
+                "MAC-Attention supports causal attention with left padding only (tokenizer.padding_side = 'left'): this "
+                "attention_mask masks a key after a request's first token (right padding, a hole, or a custom mask)"
+            )
     if bool((pads < 0).any()):
-        raise ValueError(f"position_ids {position_ids[:, -1].tolist()} run past their cache slots (start {start}): not a left-padded batch")
-    return pads
+        raise ValueError(f"position_ids {positions[:, -1].tolist()} run past their {T} cache slots: not a left-padded batch")
+    return pads if bool((pads > 0).any()) else None
+
+
+def _pre_rope_query(module, query: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """``q̃ [B, Hq, L, D]``: the post-RoPE ``query`` rotated back by the model's own rotary embedding.
+
+    The model applied ``q_rot = q̃ ⊙ cos + rotate_half(q̃) ⊙ sin`` with ``cos, sin`` (scaled by
+    its RoPE's attention factor ``a``, so ``cos² + sin² = a²``); the inverse is
+    ``q̃ = (q_rot ⊙ cos − rotate_half(q_rot) ⊙ sin) / (cos² + sin²)``.
+    """
+    rotary = module.__dict__.get("mac_rotary")
+    if rotary is None:  # the model's own class, built from the same config (any RoPE type it supports)
+        owner = importlib.import_module(type(module).__module__)
+        classes = [c for name, c in inspect.getmembers(owner, inspect.isclass) if name.endswith("RotaryEmbedding") and c.__module__ == owner.__name__]
+        if len(classes) != 1:
+            raise ValueError(f"{type(module).__name__}: MAC-Attention cannot find the model's rotary embedding to recover pre-RoPE queries")
+        rotary = classes[0](module.config).to(query.device)
+        module.__dict__["mac_rotary"] = rotary  # a plain attribute: not a submodule of the model
+    cos, sin = rotary(query, positions.expand(query.shape[0], -1))  # [B, L, rotary dim], the model's dtype
+    if cos.shape[-1] != query.shape[-1]:
+        raise ValueError(f"this model rotates {cos.shape[-1]} of the {query.shape[-1]} query dimensions: MAC-Attention needs full-head RoPE")
+    cos, sin, x = cos.float()[:, None], sin.float()[:, None], query.float()
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return ((x * cos - rotated * sin) / (cos * cos + sin * sin)).to(query.dtype)
+
+
+def _layer_of(module) -> LayerMAC:
+    """The module's :class:`LayerMAC`; a model loaded with ``attn_implementation="mac"`` gets the demo preset here."""
+    layer = module.__dict__.get("mac_layer")
+    if layer is None:
+        layer = LayerMAC(preset("demo"), auto_step)
+        module.__dict__["mac_layer"] = layer
+    return layer
 
 
 def _mac_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
@@ -77,191 +161,106 @@ def _mac_attention_forward(module, query, key, value, attention_mask, scaling=No
 
     Returns ``(out [B, L, Hq, D], None)`` as transformers expects.
     """
+    pads = _check_call(module, query, key, attention_mask, dropout, kwargs)
     B, Hq, L, D = query.shape
-    if scaling is not None and abs(scaling - D**-0.5) > 1e-12:
-        raise ValueError(f"MAC-Attention here uses the softmax scale 1/sqrt(D); the model asks for {scaling}")
-    start = key.shape[2] - L  # the cache holds slots [0, start + L)
+    start = key.shape[2] - L
+    layer = _layer_of(module)
+    if start == 0:  # a prompt: the model's scale and soft cap become the configuration's
+        scale = softmax_scale(D, None if scaling is None else float(scaling))
+        softcap = kwargs.get("softcap")
+        config = layer.base_config
+        if config.scale is not None and abs(config.scale - scale) > 1e-12 * scale:
+            raise ValueError(f"config.scale is {config.scale}, but the model's attention scaling is {scale}")
+        layer.base_config = dataclasses.replace(config, scale=scale, softcap=None if softcap is None else float(softcap))
     position_ids = kwargs.get("position_ids")
-    pads = _request_pads(start, L, position_ids, B)
-    backend = getattr(module, "mac_backend", None)
-    if backend is None:  # loaded with attn_implementation="mac": no hook, invert RoPE
-        backend = _load_time_backend(module.config)
-        positions = position_ids if position_ids is not None else torch.arange(start, start + L, device=query.device)[None]
-        q_pre = invert_rope(query, positions[:, None, :].expand(B, 1, L), _rope_base(module.config))
-    else:
-        q_pre = module.mac_q_pre.to(query.dtype)  # [B, Hq, L, D] from the q_proj hook
-    out = backend(module.layer_idx, q_pre, query, key, value, start, pads)  # [B, Hq, L, D]
+    positions = torch.arange(start, start + L, device=query.device)[None] if position_ids is None else position_ids
+    q_pre = _pre_rope_query(module, query, positions)
+    out = layer(q_pre, query, key, value, start, pads)  # [B, Hq, L, D]
     return out.transpose(1, 2).contiguous(), None
 
 
-_LOAD_TIME_BACKENDS: dict[int, MACAttention] = {}  # id(model config) -> backend of a model loaded with "mac"
+def _mac_mask(*args, **kwargs):
+    """The mask for ``"mac"``: the exact boolean mask (never skipped for ``is_causal``), so :func:`_check_call` can read it."""
+    from transformers.masking_utils import sdpa_mask
+
+    kwargs["allow_is_causal_skip"] = False
+    return sdpa_mask(*args, **kwargs)
 
 
-def _load_time_backend(config) -> MACAttention:
-    key = id(config)
-    if key not in _LOAD_TIME_BACKENDS:
-        _LOAD_TIME_BACKENDS[key] = MACAttention(preset("demo"), config.num_hidden_layers)
-        weakref.finalize(config, _LOAD_TIME_BACKENDS.pop, key, None)
-    return _LOAD_TIME_BACKENDS[key]
+def enable_mac_attention(model, configs, step_fn=auto_step) -> MACAttention:
+    """Switch a ``transformers`` model (of :data:`MODEL_TYPES`) to MAC-Attention decoding, in place.
 
-
-def load_time_backend(model) -> MACAttention:
-    """The backend (statistics included) of a model loaded with ``attn_implementation="mac"``."""
-    return _load_time_backend(model.config)
-
-
-def _rope_base(config) -> float:
-    params = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}  # (transformers 5 and 4)
-    if params.get("rope_type", params.get("type", "default")) != "default":
-        raise ValueError(
-            "attn_implementation='mac' recovers pre-RoPE queries by inverting the default RoPE; this model scales it: "
-            "call mac_llm.hf.enable_mac_attention(model, config), which hooks q_proj instead"
-        )
-    return float(params.get("rope_theta", getattr(config, "rope_theta", 10000.0)))
-
-
-def _capture_q_pre(attention, q_proj, inputs, output):
-    """Forward hook on ``q_proj``: keep the pre-RoPE query ``[B, Hq, L, D]`` on its attention module.
-
-    ``attention`` is bound with :func:`functools.partial`, not stored on ``q_proj``: a module
-    attribute would make the attention module a child of its own ``q_proj``."""
-    B, L, _ = output.shape
-    attention.mac_q_pre = output.view(B, L, -1, attention.head_dim).transpose(1, 2)
-
-
-def _cache_of(kwargs):
-    return kwargs.get("past_key_values", kwargs.get("cache"))  # (the argument's name in transformers 4 and 5)
-
-
-def _refuse_unsupported_inputs(backend: MACAttention, model, args, kwargs):
-    """Forward pre-hook on the model: what would make MAC silently wrong is an error."""
-    if kwargs.get("use_cache") is False:
-        raise ValueError("MAC-Attention needs the KV cache (use_cache=False recomputes the whole sequence at every step)")
-    cache = _cache_of(kwargs)
-    if cache is not None and type(cache).__name__ != "DynamicCache":
-        raise ValueError(f"MAC-Attention works with transformers' DynamicCache only, got {type(cache).__name__}")
-    seen = cache.get_seq_length() if cache is not None else 0
-    if seen and getattr(cache, "_mac_prompt", None) != backend.prompts:
-        raise ValueError(
-            "this KV cache is not the one MAC's rings were seeded for (a cache kept from an earlier generate call, "
-            "or a copy): MAC decodes only the cache of the latest prompt"
-        )
-    backend.prompt_pass = seen == 0
-    mask = kwargs.get("attention_mask")
-    if mask is None or bool(mask.all()):
-        return
-    if mask.dim() != 2:
-        raise ValueError(f"MAC-Attention reads padding from a 2-D attention_mask [B, T], got shape {tuple(mask.shape)}")
-    real = mask.bool()
-    if bool((real[:, 1:] < real[:, :-1]).any()):
-        raise ValueError(
-            "MAC-Attention supports left padding only (tokenizer.padding_side = 'left'): "
-            "this attention_mask has a zero after a one (right padding, or a hole)"
-        )
-    position_ids = kwargs.get("position_ids")
-    if position_ids is None:
-        raise ValueError("a left-padded batch needs position_ids that count each request from its first token (model.generate passes them)")
-    pads = _request_pads(seen, position_ids.shape[-1], position_ids, mask.shape[0])
-    if not torch.equal(pads, (~real).sum(1).to(pads.device)):
-        raise ValueError(
-            f"position_ids imply {pads.tolist()} padding slots per request, the attention_mask {(~real).sum(1).tolist()}: "
-            "positions must count each request from its first token"
-        )
-
-
-def _tag_cache(backend: MACAttention, model, args, kwargs, output):
-    """Forward hook on the model: after a prompt pass, mark the cache the rings belong to."""
-    if backend.prompt_pass:
-        fields = output.keys() if hasattr(output, "keys") else ()
-        cache = output["cache"] if "cache" in fields else output["past_key_values"] if "past_key_values" in fields else None
-        if cache is not None:
-            backend.prompts += 1
-            cache._mac_prompt = backend.prompts
-
-
-def _generate_without_beams(generate, model):
-    """``model.generate`` that refuses beam search (it reorders the KV cache, not MAC's rings)."""
-
-    @functools.wraps(generate)
-    def wrapper(*args, **kwargs):
-        config = kwargs.get("generation_config") or model.generation_config
-        beams = kwargs.get("num_beams", getattr(config, "num_beams", 1)) or 1
-        if beams > 1:
-            raise ValueError(
-                f"MAC-Attention does not support beam search (num_beams={beams}): beams reorder the KV cache "
-                "between steps and MAC's rings would not follow; use greedy decoding or sampling"
-            )
-        return generate(*args, **kwargs)
-
-    return wrapper
-
-
-@dataclass
-class _Enabled:
-    """What :func:`enable_mac_attention` changed on a model, to undo it."""
-
-    backend: MACAttention
-    previous_attention: str
-    hooks: list = field(default_factory=list)
-
-
-def enable_mac_attention(model, configs, step_fn=mac_ref.decode_step) -> MACAttention:
-    """Switch a Llama-family ``transformers`` model to MAC-Attention decoding (in place).
-
-    Enabling again replaces the previous backend (its hooks are removed first).
+    Enabling again replaces the previous rings and statistics.
 
     Args:
-        model: e.g. ``LlamaForCausalLM`` (any model whose attention modules have ``q_proj``,
-            ``head_dim``, ``layer_idx`` and dispatch through ``AttentionInterface``).
+        model: e.g. ``LlamaForCausalLM`` (its attention modules have ``q_proj`` and ``layer_idx``
+            and dispatch through ``AttentionInterface``).
         configs: a :class:`~mac_core.config.MACConfig` for every layer, or one per layer
             (a ``calibration`` is applied to each layer's prompt).
-        step_fn: ``mac_ref.decode_step`` or ``mac_triton.decode_step``.
+        step_fn: the decode step (default :func:`~mac_llm.attention.auto_step`: Triton on
+            CUDA, the reference elsewhere).
 
     Returns:
-        The :class:`~mac_llm.attention.MACAttention` backend: its ``stats`` /
-        ``layer_stats()`` hold the decode steps of the latest ``generate`` call. Call
-        :func:`disable_mac_attention` to undo.
+        The :class:`~mac_llm.attention.MACAttention` view of the layers: its
+        ``layer_stats()`` / ``request_stats()`` hold the decode steps of the latest
+        ``generate`` call. :func:`disable_mac_attention` undoes it.
+
+    Example:
+        >>> import torch, transformers
+        >>> from mac_core import MACConfig
+        >>> cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        ...     num_attention_heads=4, num_key_value_heads=2, pad_token_id=0, eos_token_id=1, bos_token_id=2)
+        >>> model = transformers.LlamaForCausalLM(cfg).eval()
+        >>> mac = enable_mac_attention(model, MACConfig(window=16, band=4, tau=0.5))
+        >>> out = model.generate(torch.randint(3, 64, (1, 20)), max_new_tokens=4, do_sample=False)
+        >>> mac.layer_stats().hit.shape            # [steps, layers, B, Hq]: 3 decode steps after the prompt
+        torch.Size([3, 2, 1, 4])
     """
-    if getattr(model, "mac_enabled", None) is not None:
-        disable_mac_attention(model)
-    attentions = [m for m in model.modules() if hasattr(m, "q_proj") and hasattr(m, "layer_idx")]
+    attentions = _attention_modules(model)
     if not attentions:
-        raise TypeError(f"{type(model).__name__} has no Llama-style attention modules (q_proj, layer_idx)")
+        raise TypeError(f"{type(model).__name__} has no attention modules with q_proj and layer_idx")
+    model_type = getattr(model.config, "model_type", None)
+    if model_type not in MODEL_TYPES:
+        raise ValueError(f"MAC-Attention supports the model types {MODEL_TYPES}, got {model_type!r}")
     backend = MACAttention(configs, len(attentions), step_fn=step_fn)
-    enabled = _Enabled(backend, model.config._attn_implementation)
-    for attention in attentions:
-        attention.mac_backend = backend
-        enabled.hooks.append(attention.q_proj.register_forward_hook(functools.partial(_capture_q_pre, attention)))
-    enabled.hooks.append(model.register_forward_pre_hook(functools.partial(_refuse_unsupported_inputs, backend), with_kwargs=True))
-    enabled.hooks.append(model.register_forward_hook(functools.partial(_tag_cache, backend), with_kwargs=True))
-    model.generate = _generate_without_beams(type(model).generate.__get__(model), model)
-    model.mac_enabled = enabled
+    previous = model.__dict__.get("mac_previous_attention") or model.config._attn_implementation
+    for module, layer in zip(sorted(attentions, key=lambda m: m.layer_idx), backend.layers):
+        module.__dict__["mac_layer"] = layer
+    model.__dict__["mac_previous_attention"] = previous if previous != ATTENTION_NAME else "sdpa"
     model.set_attn_implementation(ATTENTION_NAME)
     return backend
 
 
+def mac_backend(model) -> MACAttention:
+    """The :class:`~mac_llm.attention.MACAttention` view of a model's MAC layers (either way in)."""
+    layers = [m.__dict__.get("mac_layer") for m in sorted(_attention_modules(model), key=lambda m: m.layer_idx)]
+    if not layers or any(layer is None for layer in layers):
+        raise ValueError("this model has not run MAC-Attention: enable_mac_attention(model, config), or load it with "
+                         "attn_implementation='mac' and run a forward pass first")
+    return MACAttention.of_layers(layers)
+
+
 def disable_mac_attention(model) -> None:
-    """Undo :func:`enable_mac_attention`: remove the hooks and restore the attention function."""
-    enabled: _Enabled | None = getattr(model, "mac_enabled", None)
-    if enabled is None:
+    """Undo :func:`enable_mac_attention` (or ``attn_implementation="mac"``): drop the rings and
+    restore the previous attention (``"sdpa"`` for a model loaded with ``"mac"``)."""
+    attentions = _attention_modules(model)
+    if model.config._attn_implementation != ATTENTION_NAME:
         raise ValueError("MAC-Attention is not enabled on this model")
-    for hook in enabled.hooks:
-        hook.remove()
-    for m in model.modules():
-        for name in ("mac_backend", "mac_q_pre"):
-            if name in m.__dict__:
-                delattr(m, name)
-    del model.generate, model.mac_enabled
-    model.set_attn_implementation(enabled.previous_attention)
+    for module in attentions:
+        for name in ("mac_layer", "mac_rotary"):
+            module.__dict__.pop(name, None)
+    model.set_attn_implementation(model.__dict__.pop("mac_previous_attention", "sdpa"))
 
 
 def _register() -> None:
-    """``attn_implementation="mac"``: the name transformers resolves, from this import on."""
+    """``attn_implementation="mac"``: the names transformers resolves, from this import on."""
     try:
         from transformers import AttentionInterface
+        from transformers.masking_utils import AttentionMaskInterface
     except ImportError:  # transformers is optional: nothing to register with
         return
     AttentionInterface.register(ATTENTION_NAME, _mac_attention_forward)
+    AttentionMaskInterface.register(ATTENTION_NAME, _mac_mask)
 
 
 _register()
@@ -299,3 +298,6 @@ def smollm2_hf(path=None):
     model.tie_weights()
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=build_tokenizer(tokenizer_fields), eos_token="<|im_end|>", pad_token="<|im_end|>")
     return model, tokenizer
+
+
+__all__ = ["ATTENTION_NAME", "MODEL_TYPES", "enable_mac_attention", "disable_mac_attention", "mac_backend", "smollm2_hf"]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from mac_core import CALIBRATIONS, RULES, MACConfig
+from mac_core import CALIBRATIONS, RULES, MACConfig, MassRule
 
 
 class InvalidOption(ValueError):
@@ -18,6 +18,17 @@ def positive_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
     if value <= 0:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
+    return value
+
+
+def unit_interval(text: str) -> float:
+    """A number in [0, 1]: a threshold whose ends mean "any candidate" and "no hit"."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {text!r}") from None
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {text}")
     return value
 
 
@@ -39,7 +50,9 @@ def add_mac_options(parser: argparse.ArgumentParser, defaults: MACConfig) -> Non
     """The MAC knobs shared by every subcommand, with ``defaults`` shown in ``--help``."""
     group = parser.add_argument_group("MAC-Attention", "the method's knobs (mac_core.MACConfig)")
     group.add_argument("--rule", choices=sorted(RULES), default=defaults.rule.name, help="acceptance rule (mac_core.rules): paper (the distance test) or mass (candidates verified by the mass their row carries)")
-    group.add_argument("--tau-m", type=float, default=getattr(defaults.rule, "tau_m", 0.5), help="the mass rule's threshold τ_m (with --rule mass; --tau is then its cap)")
+    tau_m = getattr(defaults.rule, "tau_m", MassRule.tau_m)
+    group.add_argument("--tau-m", type=unit_interval, help=f"the mass rule's threshold τ_m in [0, 1] (with --rule mass only; --tau is then its cap; default: {tau_m:g})")
+    parser.set_defaults(default_tau_m=tau_m)
     group.add_argument("--per-group", action=argparse.BooleanOptionalAction, default=defaults.rule.per_group,
                        help="group-aware decisions: a KV group reuses only if all its heads would")
     group.add_argument("--tau", type=float, default=defaults.tau, help="match threshold τ of the distance test (higher is stricter; ≥ 1: no hits)")
@@ -58,8 +71,12 @@ def add_mac_options(parser: argparse.ArgumentParser, defaults: MACConfig) -> Non
 
 def config_from(args: argparse.Namespace, **extra) -> MACConfig:
     """The configuration the options describe; a bad value is an :class:`InvalidOption`."""
+    if args.tau_m is not None and args.rule != "mass":
+        raise InvalidOption(f"--tau-m is the mass rule's threshold: it needs --rule mass (the rule is {args.rule})")
     try:
-        params = {"per_group": args.per_group} | ({"tau_m": args.tau_m} if args.rule == "mass" else {})
+        params = {"per_group": args.per_group}
+        if args.rule == "mass":
+            params["tau_m"] = args.tau_m if args.tau_m is not None else args.default_tau_m
         return MACConfig(
             window=args.window, band=args.band, tau=args.tau, sinks=args.sinks, max_chain=args.max_chain,
             calibration=args.calibration, rule=RULES[args.rule](**params), **extra,

@@ -28,7 +28,7 @@ import torch
 import mac_ref
 from mac_llm import decoding, fidelity
 from mac_llm.attention import FullAttention
-from mac_llm.gguf_model import load_model
+from mac_llm.gguf import load_model
 
 RESULTS = Path(__file__).parent / "results" / "real_model"  # studies/results/real_model
 DOCS_IMG = Path(__file__).parent.parent / "docs" / "assets" / "real_model"

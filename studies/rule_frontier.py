@@ -15,8 +15,8 @@ float32, the Triton kernels), from one shared prefill per text source:
 
 Every number of a point comes from the same requests and the same full-attention reference.
 The points of :data:`EXTRA_POINTS` (the mass rule at a stricter threshold, chosen after the
-first run) were run on a CPU with the reference backend, when no GPU time was left: the same
-requests and measures, ``mac_ref`` in float32 (the ``backend`` column says which).
+first run) ran on a CPU with the reference backend: the same requests and measures,
+``mac_ref`` in float32 (the ``backend`` column says which).
 
     python studies/rule_frontier.py --model PATH.gguf [--out studies/results/rule_frontier]   # on a GPU
     python studies/rule_frontier.py --device cpu --backend ref --extra                         # on a CPU: ~15-20 min a point
@@ -76,8 +76,8 @@ def segments(tokenizer, text: str, n: int, length: int, follow: int):
 def run(args) -> None:
     from mac_llm.decoding import default_prose, module_docstrings
     from mac_llm.engine import DecodeEngine
-    from mac_llm.fidelity import compare_logits, reads_skipped
-    from mac_llm.gguf_model import load_model
+    from mac_llm.fidelity import compare_logits
+    from mac_llm.gguf import load_model
     from mac_core import StepStats
 
     device = torch.device(args.device)
@@ -114,7 +114,7 @@ def run(args) -> None:
             for s in range(args.teacher_steps):
                 logits.append(engine.step(targets[s]).clone())
                 stats.append(engine.step_stats())
-            row = {**compare_logits(reference, torch.stack(logits), targets), **reads_skipped(StepStats.stack(stats), kv_heads)}
+            row = {**compare_logits(reference, torch.stack(logits), targets), **StepStats.stack(stats).summary(kv_heads)}
             del logits
             greedy = greedy_tokens(engine, checkpoint, args.greedy_steps)
             same = (greedy == greedy_full)  # [S, B]

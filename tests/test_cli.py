@@ -70,7 +70,8 @@ def test_the_rule_and_its_parameters_are_options():
     config = config_from(parser.parse_args(["synthetic", "--rule", "mass", "--tau", "0.3", "--tau-m", "0.7", "--per-group"]))
     assert config.rule == MassRule(tau_m=0.7, per_group=True) and config.tau == 0.3
     assert config_from(parser.parse_args(["synthetic", "--no-per-group"])).rule == PaperRule()
-    assert cli.main(["synthetic", "--rule", "mass", "--tau-m", "nan"]) == 2
+    with pytest.raises(SystemExit):
+        cli.main(["synthetic", "--rule", "mass", "--tau-m", "nan"])
 
 
 def test_defaults_come_from_the_presets():
@@ -105,3 +106,50 @@ def test_triton_on_the_cpu_says_interpreter_and_keeps_numpy_quiet(capsys):
     assert "Triton interpreter" in capsys.readouterr().out
     assert step_fn is mac_triton.decode_step
     assert not [w for w in caught if issubclass(w.category, RuntimeWarning)]
+
+
+@pytest.mark.parametrize("calibration", ["keynorm", "qnorm"])
+def test_synthetic_calibrates_on_the_prefill(capsys, calibration):
+    """A calibration is applied to the prompt before decoding (it used to end in a traceback)."""
+    argv = ["synthetic", "--calibration", calibration, "--prefill", "48", "--steps", "3", "--window", "16", "--band", "8", "--head-dim", "16"]
+    assert cli.main(argv) == 0
+    assert f"calibration {calibration}" in capsys.readouterr().out
+
+
+def test_tau_m_needs_the_mass_rule_and_lies_in_the_unit_interval(capsys):
+    assert cli.main(["synthetic", "--rule", "paper", "--tau-m", "0.5"]) == 2
+    assert "--tau-m is the mass rule's threshold: it needs --rule mass" in capsys.readouterr().err
+    for bad in ("1.5", "-0.1", "nan"):
+        with pytest.raises(SystemExit):
+            cli.build_parser().parse_args(["synthetic", "--rule", "mass", "--tau-m", bad])
+    assert "expected a number in [0, 1]" in capsys.readouterr().err
+
+
+class _Metadata:
+    """What the demo reads of a GGUF file before its weights: the path and the config."""
+
+    def __init__(self, path=None):
+        from pathlib import Path
+
+        from mac_llm.llama import ModelConfig
+
+        self.path = Path(path or "SmolLM2-135M-Instruct.Q4_1.gguf")
+        self.config = ModelConfig(30, 576, 9, 3, 1536, 49152, 8192, 100000.0, 1e-5)
+
+
+def test_too_many_prompt_tokens_are_refused_before_the_weights_load(monkeypatch, capsys, no_model_load):
+    monkeypatch.setattr(demo, "GGUFFile", _Metadata)
+    assert cli.main(["demo", "--prompt-tokens", "9000", "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert "--prompt-tokens 9000 plus 64 new tokens exceed the model's context of 8192 tokens" in err
+
+
+def test_a_model_path_that_is_not_a_gguf_file_is_a_one_line_error(tmp_path, capsys, no_model_load):
+    missing, junk = tmp_path / "missing.gguf", tmp_path / "junk.gguf"
+    junk.write_bytes(b"not a gguf file")
+    assert cli.main(["demo", "--model", str(missing), "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"--model: model path {missing}: no such file" in err
+    assert cli.main(["demo", "--model", str(junk), "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "not a readable GGUF file" in err

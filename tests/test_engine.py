@@ -17,7 +17,7 @@ from mac_core import MACConfig, MassRule
 from mac_llm.attention import FullAttention
 from mac_llm.decoding import forced_decode, greedy_decode, mac_continuation, prefill
 from mac_llm.engine import DecodeEngine, FallbackPolicy
-from mac_llm.gguf_model import LAYER_WEIGHTS, LlamaModel, ModelConfig
+from mac_llm.llama import LAYER_WEIGHTS, LlamaModel, ModelConfig
 from tolerances import assert_close
 
 pytestmark = pytest.mark.interpreter
@@ -225,6 +225,21 @@ def test_bad_arguments_are_refused(model):
         engine.step()
 
 
+@pytest.mark.parametrize("attention", ["sdpa", "mac"])
+def test_the_compiled_step_equals_the_eager_one(model, attention):
+    """``compile=True`` (Inductor around the attention, here its CPU backend): the same logits
+    as the eager step within float32 rounding (fusion reorders sums), the same MAC decisions."""
+    config = MACConfig(window=8, band=4, tau=-2.0, sinks=1)
+    runs = []
+    for compiled in (False, True):
+        engine = DecodeEngine(model, 2, CAPACITY, attention, config, dtype=torch.float32, device="cpu", compile=compiled)
+        engine.prefill(prompts([20, 26], seed=4))
+        forced = torch.randint(0, 50, (3, 2), generator=torch.Generator().manual_seed(5))
+        logits = torch.stack([engine.step(forced[s]).clone() for s in range(3)])
+        runs.append((logits, None if attention != "mac" else engine.step_stats().hit.clone()))
+    assert_close(runs[1][0], runs[0][0], "model_logits", torch.float32)
+    if attention == "mac":
+        assert torch.equal(runs[0][1], runs[1][1]) and bool(runs[0][1].any())
 
 
 def test_the_demos_gpu_section_times_every_attention_on_one_prefill(model):

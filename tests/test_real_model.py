@@ -19,7 +19,7 @@ import mac_ref
 from mac_core import PaperRule
 from tolerances import assert_close
 
-gguf_model = pytest.importorskip("mac_llm.gguf_model")
+gguf = pytest.importorskip("mac_llm.gguf")
 from mac_llm import decoding, fidelity  # noqa: E402
 from mac_llm.attention import FullAttention, MACAttention  # noqa: E402
 
@@ -27,12 +27,12 @@ from mac_llm.attention import FullAttention, MACAttention  # noqa: E402
 @pytest.fixture(scope="module")
 def model_and_tokenizer():
     try:
-        gguf_model.default_model_path()
-    except gguf_model.ModelNotInstalledError as err:
+        gguf.default_model_path()
+    except gguf.ModelNotInstalledError as err:
         if os.environ.get("CI"):
             raise
         pytest.skip(str(err))
-    return gguf_model.load_model()
+    return gguf.load_model()
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +65,7 @@ def test_unpermute_matches_rope_layouts():
     n_heads, D, dim, L, base = 3, 8, 12, 5, 100000.0
     hf_weight = torch.randn(n_heads * D, dim, generator=gen, dtype=torch.float64)
     gguf_weight = llama_cpp_permute(hf_weight, n_heads)
-    assert torch.equal(gguf_model.unpermute_qk(gguf_weight, n_heads), hf_weight)
+    assert torch.equal(gguf.unpermute_qk(gguf_weight, n_heads), hf_weight)
     x = torch.randn(L, dim, generator=gen, dtype=torch.float64)
     positions = torch.arange(L) * 7
 
@@ -73,7 +73,7 @@ def test_unpermute_matches_rope_layouts():
         return torch.einsum("lhd,mhd->hlm", rotated, rotated)
 
     reference = logits(interleaved_rope((x @ gguf_weight.T).view(L, n_heads, D), positions, base))
-    ours = logits(mac_ref.apply_rope((x @ gguf_model.unpermute_qk(gguf_weight, n_heads).T).view(L, n_heads, D), positions[:, None], base))
+    ours = logits(mac_ref.apply_rope((x @ gguf.unpermute_qk(gguf_weight, n_heads).T).view(L, n_heads, D), positions[:, None], base))
     torch.testing.assert_close(ours, reference)
     wrong = logits(mac_ref.apply_rope((x @ gguf_weight.T).view(L, n_heads, D), positions[:, None], base))
     assert not torch.allclose(wrong, reference, atol=1e-3)  # skipping the unpermute is visible

@@ -41,7 +41,7 @@ import torch
 import mac_ref
 from mac_llm import decoding, fidelity
 from mac_llm.attention import FullAttention
-from mac_llm.gguf_model import load_model
+from mac_llm.gguf import load_model
 
 torch.manual_seed(0)
 model, tokenizer = load_model()
@@ -52,7 +52,7 @@ print(cfg)
 # ## 1. Is the loader right?
 #
 # llama.cpp stores `W_q` and `W_k` with the rows of each head permuted for its
-# *interleaved* RoPE; the loader undoes that (`mac_llm.gguf_model.unpermute_qk`). A wrong
+# *interleaved* RoPE; the loader undoes that (`mac_llm.gguf.unpermute_qk`). A wrong
 # layout still produces text-like output but a perplexity in the hundreds. On the first
 # 512 tokens of the default prose (Python's own language reference, `pydoc_data.topics`):
 
