@@ -1,4 +1,4 @@
-"""Tables and plots of the decode benchmark, made from its CSV (no GPU needed).
+"""Tables and plots of the benchmarks, made from their CSV files (no GPU needed).
 
 ``benchmarks/bench_decode.py`` measures and writes ``results/decode.csv`` (one row per
 provider and point); this module turns that file into what a reader looks at:
@@ -12,27 +12,28 @@ provider and point); this module turns that file into what a reader looks at:
   each hit rate, batch 1 and batch 16), ``speedup_vs_hits.png`` (the speed-up at 128K
   against the hit rate: how many hits MAC needs) and ``full_decode.png`` (full decode
   against FlashInfer and the KV-read floor);
-* the generated blocks of ``benchmarks/RESULTS.md`` (between ``<!-- plots.py: NAME -->``
-  and ``<!-- /plots.py -->``) are refreshed with the same tables.
+* from ``results/model.csv`` (``bench_model.py``, which calls them): ``model_speedup.png``
+  (MAC's speed-up over the best full attention against batch, one panel per rule with and
+  without the fallback policy) and ``model_tokens_per_s.png`` (one panel per context).
 
 Every number shown is the CSV's as written there (times in µs with its two decimals,
-ratios with its three); nothing is re-rounded. Regenerate after a benchmark run with::
+ratios with its three); nothing is re-rounded. The same tables in ``benchmarks/RESULTS.md``
+are regions of ``benchmarks/report.py``. Regenerate after a benchmark run with::
 
     python -m benchmarks.plots            # or: python benchmarks/plots.py [--results DIR]
+    python -m benchmarks.report           # the tables and quoted figures of the pages
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
-import re
 from dataclasses import dataclass, field
 from decimal import Decimal
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
-RESULTS_MD = HERE / "RESULTS.md"
 HIT_RATES = ("1.0", "0.95", "0.5", "0.0")  # the column order of every table: most hits first
 FIG_SIZE = (8, 4)
 HEADLINE_SIZE = (8, 3.3)  # the opening plot: it shares the first screen with the headline table
@@ -198,7 +199,7 @@ _HIT_COLORS = {"1.0": "#1b7837", "0.95": "#5aae61", "0.5": "#e08214", "0.0": "#b
 
 def _save(fig, path: Path) -> Path:
     fig.tight_layout()
-    fig.savefig(path, dpi=150)
+    fig.savefig(path, dpi=150, bbox_inches="tight")  # "tight": a legend placed outside the axes is kept
     _pyplot().close(fig)
     return path
 
@@ -211,6 +212,12 @@ def _ratio_axis(ax, ticks=(0.5, 1, 2, 5, 10, 20)) -> None:
     ax.yaxis.set_minor_locator(NullLocator())
     ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}×"))
     ax.axhline(1.0, color="grey", lw=1, zorder=0)
+
+
+def _y_labels(ax, label) -> None:
+    from matplotlib.ticker import FuncFormatter
+
+    ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: label(v)))
 
 
 def _context_axis(ax, contexts) -> None:
@@ -280,35 +287,101 @@ def full_decode_plot(points: list[Point], path: Path, hkv: int = 8, window: int 
                 fontsize=FONT_SIZE - 1)  # fmt: skip
     _context_axis(ax, contexts)
     ax.set_ylabel("time over the KV-read floor")
-    ax.yaxis.set_major_formatter(__import__("matplotlib.ticker", fromlist=["FuncFormatter"]).FuncFormatter(lambda v, _: f"{v:g}×"))
+    _y_labels(ax, lambda v: f"{v:g}×")
     ax.set_title(f"Full decode against FlashInfer and the KV-read floor (Hkv {hkv})")
     ax.legend(loc="upper right", frameon=False, ncol=2, fontsize=FONT_SIZE - 2)
     return _save(fig, path)
 
 
-# --- RESULTS.md -------------------------------------------------------------------------
+# --- end to end: SmolLM2-135M (results/model.csv, written by bench_model.py) --------------
 
-_BLOCK = re.compile(r"(<!-- plots\.py: (\w+) -->\n).*?(<!-- /plots\.py -->)", re.S)
+# one style per context (colour, marker and line: each tells the contexts apart alone)
+_CONTEXT_STYLES = [("#6baed6", "o", ":"), ("#2171b5", "s", "--"), ("#08306b", "D", "-")]
+_MODEL_PANELS = {"mac_paper": "MAC, the paper's rule", "mac_paper_policy": "the paper's rule + fallback policy",
+                 "mac_mass": "MAC, the mass rule", "mac_mass_policy": "the mass rule + fallback policy"}  # fmt: skip
+# the full attentions in greys, MAC in colour: the question is MAC against the best of them
+_MODEL_LINES = {"flashinfer": ("FlashInfer", "#bdbdbd", "^", ":"), "triton": ("Triton full decode", "#737373", "s", "--"),
+                "sdpa": ("torch SDPA", "#252525", "D", "-."), "mac_paper": ("MAC, paper's rule", "#2166ac", "o", "-"),
+                "mac_mass": ("MAC, mass rule", "#e08214", "o", "-")}  # fmt: skip
 
 
-def refresh_results_md(blocks: dict[str, str], path: Path = RESULTS_MD) -> bool:
-    """Replace the generated blocks of RESULTS.md; returns whether the file changed."""
-    if not path.is_file():
-        return False
-    text = path.read_text(encoding="utf-8")
-    new = _BLOCK.sub(lambda m: m.group(1) + blocks[m.group(2)].rstrip() + "\n" + m.group(3) if m.group(2) in blocks else m.group(0), text)
-    if new != text:
-        path.write_text(new, encoding="utf-8")
-    return new != text
+def read_model(csv_path: Path = RESULTS / "model.csv") -> list[dict]:
+    """The end-to-end CSV's rows (one per context, batch and provider)."""
+    with open(csv_path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def _batch_axis(ax, batches) -> None:
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(batches, [str(b) for b in batches])
+    ax.minorticks_off()
+
+
+def _series(rows: list[dict], provider: str, context: int, column: str) -> tuple[list[int], list[float]]:
+    points = sorted((int(r["batch"]), float(r[column])) for r in rows if r["provider"] == provider and int(r["context"]) == context)
+    return [b for b, _ in points], [y for _, y in points]
+
+
+def model_speedup_plot(rows: list[dict], path: Path) -> Path:
+    """MAC's speed-up over the best full attention against batch: one panel per rule, without
+    and with the fallback policy; one line per context."""
+    plt = _pyplot()
+    contexts = sorted({int(r["context"]) for r in rows})
+    batches = sorted({int(r["batch"]) for r in rows})
+    fig, axes = plt.subplots(2, 2, figsize=(10, 6.4), sharex=True, sharey=True)
+    for ax, (provider, title) in zip(axes.flat, _MODEL_PANELS.items()):
+        for ctx, (color, marker, ls) in zip(contexts, _CONTEXT_STYLES):
+            ax.plot(*_series(rows, provider, ctx, "speedup_vs_best_full"), color=color, marker=marker, ls=ls, lw=2, ms=6,
+                    label=f"context {_ctx(ctx)}")  # fmt: skip
+        ax.axhline(1.0, color="grey", lw=1, zorder=0)
+        ax.set_title(title)
+        _batch_axis(ax, batches)
+    for ax in axes[1]:
+        ax.set_xlabel("batch (requests decoded together)")
+    for ax in axes[:, 0]:
+        ax.set_ylabel("× the best full attention")
+    _y_labels(axes[0, 0], lambda v: f"{v:g}×")
+    fig.legend(*axes[0, 0].get_legend_handles_labels(), loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=len(contexts), frameon=False)
+    fig.suptitle(f"Where MAC decodes faster than full attention: SmolLM2-135M end to end ({rows[0]['gpu'].removeprefix('NVIDIA ')}, {rows[0]['dtype']})")
+    return _save(fig, path)
+
+
+def model_tokens_plot(rows: list[dict], path: Path) -> Path:
+    """Tokens per second against batch, one panel per context: the full attentions and MAC's two rules."""
+    plt = _pyplot()
+    contexts = sorted({int(r["context"]) for r in rows})
+    batches = sorted({int(r["batch"]) for r in rows})
+    fig, axes = plt.subplots(1, len(contexts), figsize=(4 * len(contexts), 4.2), sharey=True, squeeze=False)
+    for ax, ctx in zip(axes[0], contexts):
+        for provider, (label, color, marker, ls) in _MODEL_LINES.items():
+            batch, tokens = _series(rows, provider, ctx, "tokens_per_s")
+            if batch:
+                ax.plot(batch, tokens, color=color, marker=marker, ls=ls, lw=2, ms=5, label=label)
+        ax.set_yscale("log")
+        _y_labels(ax, lambda v: f"{v:,.0f}")
+        ax.set_title(f"context {_ctx(ctx)}")
+        ax.set_xlabel("batch")
+        _batch_axis(ax, batches)
+    axes[0, 0].set_ylabel("tokens per second")
+    fig.legend(*axes[0, 0].get_legend_handles_labels(), loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=len(_MODEL_LINES), frameon=False)
+    fig.suptitle(f"Throughput of each attention as the batch grows: SmolLM2-135M ({rows[0]['gpu'].removeprefix('NVIDIA ')}, {rows[0]['dtype']})")
+    return _save(fig, path)
+
+
+def model_plots(rows: list[dict], results: Path = RESULTS) -> list[Path]:
+    """The end-to-end plots: ``model_speedup.png`` and ``model_tokens_per_s.png``."""
+    return [model_speedup_plot(rows, results / "model_speedup.png"), model_tokens_plot(rows, results / "model_tokens_per_s.png")]
+
+
+# --- every file ---------------------------------------------------------------------------
 
 
 def write_all(results: Path = RESULTS) -> list[Path]:
-    """Every table and plot of ``results/`` from its ``decode.csv``; RESULTS.md's blocks refreshed."""
+    """Every table and plot of ``results/`` from its ``decode.csv`` (and ``model.csv``)."""
     points = read_points(results / "decode.csv")
-    headline, tables = headline_table(points), point_tables(points)
     written = []
     rule_cost = rule_cost_table(points)
-    outputs = [("decode_headline.md", headline_table(points, csv_link="decode.csv")), ("decode_tables.md", tables)]
+    outputs = [("decode_headline.md", headline_table(points, csv_link="decode.csv")), ("decode_tables.md", point_tables(points))]
     if rule_cost:
         outputs.append(("rule_cost.md", rule_cost))
     for name, text in outputs:
@@ -318,8 +391,8 @@ def write_all(results: Path = RESULTS) -> list[Path]:
     written.append(speedup_plot(points, 16, results / "speedup_b16.png", size=HEADLINE_SIZE))  # the page's opening plot
     written.append(hits_plot(points, results / "speedup_vs_hits.png"))
     written.append(full_decode_plot(points, results / "full_decode.png"))
-    if results.resolve() == RESULTS.resolve() and refresh_results_md({"headline": headline, "tables": tables, "rule_cost": rule_cost}):
-        written.append(RESULTS_MD)
+    if (results / "model.csv").is_file():
+        written += model_plots(read_model(results / "model.csv"), results)
     return written
 
 

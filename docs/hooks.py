@@ -16,7 +16,12 @@ Everything the site shows that is not hand-written markdown is made here, at bui
   strict build;
 * the real-model page's tables, from the fidelity study's summary (``studies/results/real_model/summary.md``);
 * notebook pages lose the CDN scripts (MathJax, Mermaid) that nbconvert's template adds:
-  the site typesets math with its vendored KaTeX and works offline.
+  the site typesets math with its vendored KaTeX and works offline;
+* a page's title number and every link that names a page's number (``[page 4](accept.md)``)
+  are checked against mkdocs.yml's nav: a mismatch fails the strict build.
+
+The measured figures the pages quote are not made here: ``benchmarks/report.py`` renders them
+into the markdown sources (``tests/test_report.py`` checks that they are up to date).
 """
 
 from __future__ import annotations
@@ -158,7 +163,42 @@ def on_page_markdown(markdown: str, page, config, files) -> str:
         markdown = markdown.replace(CATALOGUE_MARKER, test_catalogue(page.file.src_uri))
     markdown = _STUDY.sub(lambda m: study_sections(m.group(1), body_only=bool(m.group(2))), markdown)
     markdown = _DOCSTRING.sub(lambda m: docstring_markdown(m.group(1)), markdown)
-    return _SOURCE.sub(lambda m: source_listing(m.group(1)), markdown)
+    markdown = _SOURCE.sub(lambda m: source_listing(m.group(1)), markdown)
+    for problem in page_number_problems(markdown, page.file.src_uri, config["nav"]):
+        log.warning(problem)  # the strict build fails
+    return markdown
+
+
+# "[page 4](accept.md)", "[4. Accept](accept.md)" and a page's "# 4. Accept" name the page's
+# number in mkdocs.yml's nav: checked, so that renumbering the concepts cannot leave one behind
+_PAGE_LINK = re.compile(r"\[(?:[Pp]age (\d+)|(\d+)\. [^\]]*)\]\(((?:\.\./)*[\w-]+\.md)")
+
+
+def nav_numbers(nav) -> dict[str, str]:
+    """``{"accept.md": "4", ...}``: the numbers of the nav's numbered pages."""
+    numbers = {}
+    for item in nav if isinstance(nav, list) else []:
+        for title, target in item.items() if isinstance(item, dict) else []:
+            m = re.match(r"(\d+)\. ", title)
+            if m and isinstance(target, str):
+                numbers[target] = m.group(1)
+            numbers |= nav_numbers(target)
+    return numbers
+
+
+def page_number_problems(markdown: str, page_uri: str, nav) -> list[str]:
+    """The page numbers of ``markdown`` (its title, its links to pages) that disagree with the nav."""
+    numbers = nav_numbers(nav)
+    problems = []
+    title = re.match(r"# (\d+)\. ", markdown)
+    if title and numbers.get(page_uri) != title.group(1):
+        problems.append(f"{page_uri}: its title says page {title.group(1)}, the nav {numbers.get(page_uri)}")
+    for m in _PAGE_LINK.finditer(markdown):
+        number = m.group(1) or m.group(2)
+        target = posixpath.normpath(posixpath.join(posixpath.dirname(page_uri), m.group(3)))
+        if target in numbers and numbers[target] != number:
+            problems.append(f"{page_uri}: a link calls {target} page {number}; the nav says {numbers[target]}")
+    return problems
 
 
 # <!-- docstring: mac_triton.decode --> inserts that module's docstring, so a page can show

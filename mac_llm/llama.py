@@ -10,7 +10,7 @@ The block, one layer at a time, with a preallocated KV cache:
 A layer is two calls around its attention: :meth:`LlamaModel.project` (norm, the Q/K/V
 projections, RoPE) gives the pre-RoPE query ``q̃`` (what MAC matches on), the post-RoPE
 query, key and value; :meth:`LlamaModel.finish` adds ``W_o`` of the attention output and
-the MLP. The model's own :meth:`~LlamaModel.forward` (the demo, the study, the tests), the
+the MLP. The model's own forward pass (the demo, the study, the tests), the
 batched engine's prefill and its CUDA-graph step (:mod:`mac_llm.engine`) all call these
 two, so the three cannot drift apart. Attention itself is a *backend*
 (:mod:`mac_llm.attention`): full attention, or MAC-Attention with per-layer rings.
@@ -233,6 +233,7 @@ class LlamaModel(torch.nn.Module):
 
     @torch.no_grad()
     def forward(self, tokens: torch.Tensor, cache: KVCache, backend) -> torch.Tensor:
+        """Logits ``[B, L, V]`` of ``tokens [B, L]`` at positions ``cache.length …``; writes their keys and values."""
         B, L = tokens.shape
         start = cache.length
         if start + L > cache.capacity:

@@ -5,6 +5,7 @@
 * no page loads a script, stylesheet, image or font from the internet;
 * every image a page shows exists, every concept page has a figure, every tutorial page
   shows at least one plot and no error output;
+* at 1280 px nothing sticks out of the content column: wide formulas, code and tables scroll;
 * the runnable snippets of the concept pages run.
 
 The tutorials themselves are executed once, by the docs build (``docs/scripts/run_tutorials.py``);
@@ -29,7 +30,7 @@ pytestmark = pytest.mark.docs
 
 SITE = REPO / "site"
 DOCS = REPO / "docs"
-CONCEPT_PAGES = ["memory-bound", "summaries", "match", "amend", "decode-step", "triton", "testing"]
+CONCEPT_PAGES = ["memory-bound", "summaries", "match", "accept", "amend", "decode-step", "triton", "testing"]
 TUTORIALS = sorted(p.stem for p in (REPO / "tutorials").glob("[0-9][0-9]_*.py"))
 
 
@@ -69,6 +70,22 @@ def test_math_is_typeset_offline(site, page):
     body = re.sub(r'<annotation encoding="application/x-tex">.*?</annotation>', "", dom, flags=re.S)
     body = re.sub(r"<(pre|code|script)\b.*?</\1>", "", body, flags=re.S)
     assert "\\(" not in html.unescape(body), f"{page}: raw \\( … \\) math left on the page"
+
+
+# every page with formulas, code or wide tables: the concept pages, the benchmark and real-model
+# pages (their tables), the tutorials (notebook outputs) and two API pages (signatures, math)
+WIDE_PAGES = ["index", "spec", *CONCEPT_PAGES, "benchmarks", "real_model", "serving", *(f"tutorials/{t}" for t in TUTORIALS),
+              "api/mac_triton", "api/mac_ref/summary"]  # fmt: skip
+
+
+@pytest.mark.skipif(browser.chromium() is None, reason="chromium is missing (make test installs it)")
+@pytest.mark.parametrize("page", WIDE_PAGES)
+def test_nothing_is_cut_off_at_1280_px(site, page):
+    """At 1280 px no element sticks out of the content column unless a box that scrolls holds it
+    (display formulas, code blocks and tables scroll inside their box: docs/assets/stylesheets/extra.css)."""
+    with browser.serve(site, inject=browser.OVERFLOW_SCRIPT) as base:
+        wide = browser.overflowing(base + ("" if page == "index" else page + "/"), width=1280)
+    assert not wide, f"{page}: wider than the column at 1280 px and not scrollable:\n" + "\n".join(wide[:10])
 
 
 _EXTERNAL = re.compile(
@@ -125,6 +142,12 @@ def test_real_model_page_shows_the_study_tables(site):
     first_long_row = re.search(r"(?m)^### Long context[^\n]*\n(?:(?!\|)[^\n]*\n)*\|[^\n]*\n\|[-|]+\n(\|[^\n]*)$", summary).group(1)
     cells = [c.strip() for c in first_long_row.strip("|").split("|")]
     assert all(html.escape(c, quote=False) in text for c in cells), "a long-context row is missing from the page"
+
+
+def test_no_report_marker_shows(site):
+    """The figures' regions (benchmarks/report.py) stay HTML comments: none was broken open into the page's text."""
+    shown = [path.relative_to(site).as_posix() for path in site.rglob("*.html") if "&lt;!-- report:" in path.read_text(encoding="utf-8")]
+    assert not shown, f"pages that show a report marker as text: {shown}"
 
 
 def test_repo_links_resolve(site):

@@ -12,7 +12,11 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import html
 import http.server
+import io
+import json
+import re
 import shutil
 import subprocess
 import sys
@@ -44,14 +48,57 @@ def chromium() -> str | None:
 
 
 class _QuietHandler(http.server.SimpleHTTPRequestHandler):
+    inject = b""  # appended to every HTML page served (a measuring script)
+
     def log_message(self, *args):  # keep test output clean
         pass
 
+    def copyfile(self, source, outputfile):
+        if self.inject and self.path.endswith(("/", ".html")):
+            source = io.BytesIO(source.read().replace(b"</body>", self.inject + b"</body>"))
+        super().copyfile(source, outputfile)
+
+    def send_header(self, keyword, value):
+        if keyword == "Content-Length" and self.inject:
+            return  # the injected script changes the length; the connection closes after the body
+        super().send_header(keyword, value)
+
+
+# Every element of the content column must fit in it, or sit inside a box of the column that
+# scrolls (a formula, a code block, a table; a box that clips would cut it off), and a box that
+# scrolls sideways must not clip its height: the report lists the others, with their text, as
+# a <pre id="overflow-report"> that --dump-dom returns.
+_OVERFLOW_SCRIPT = b"""<script>
+addEventListener("load", () => setTimeout(() => {
+  const report = [];
+  for (const column of document.querySelectorAll(".md-content__inner")) {
+    // the column's edge is .md-content's: Material lets table wrappers reach into its margin
+    const right = column.closest(".md-content").getBoundingClientRect().right + 1;
+    for (const el of column.querySelectorAll("*")) {
+      const style = getComputedStyle(el);  // a box that scrolls sideways but clips its height (a display formula)
+      if (["auto", "scroll"].includes(style.overflowX) && style.overflowY === "hidden" && el.scrollHeight > el.clientHeight + 1)
+        report.push("cut at the bottom or top: " + (el.textContent || "").trim().slice(0, 60));
+      if (el.getBoundingClientRect().right <= right) continue;
+      if (el.parentElement.closest(".katex")) continue;  // KaTeX's inner boxes (its hidden MathML, clipped SVG): the formula's box counts
+      let box = el.parentElement, held = false;
+      for (; box && box !== column; box = box.parentElement) {
+        if (["auto", "scroll"].includes(getComputedStyle(box).overflowX) && box.getBoundingClientRect().right <= right) { held = true; break; }
+      }
+      if (!held) report.push(el.tagName.toLowerCase() + "." + [...el.classList].join(".") + ": " + (el.textContent || "").trim().slice(0, 60));
+    }
+  }
+  const out = document.createElement("pre");
+  out.id = "overflow-report";
+  out.textContent = JSON.stringify(report);
+  document.body.appendChild(out);
+}, 2000));
+</script>"""
+
 
 @contextlib.contextmanager
-def serve(site: Path = SITE):
-    """Serve ``site`` on a free local port; yields the base URL."""
-    handler = functools.partial(_QuietHandler, directory=str(site))
+def serve(site: Path = SITE, inject: bytes = b""):
+    """Serve ``site`` on a free local port (``inject``: markup added to every HTML page); yields the base URL."""
+    handler = functools.partial(type("_Handler", (_QuietHandler,), {"inject": inject}), directory=str(site))
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
@@ -76,6 +123,19 @@ def _run(args: list[str], timeout: float) -> subprocess.CompletedProcess:
 def rendered_dom(url: str, timeout: float = 90) -> str:
     """The page's DOM after its scripts ran."""
     return _run(["--dump-dom", url], timeout).stdout
+
+
+def overflowing(url: str, width: int = 1280, timeout: float = 90) -> list[str]:
+    """The elements of a page's content column wider than it at ``width`` pixels that nothing
+    scrolls (a page served by ``serve(site, inject=OVERFLOW_SCRIPT)``)."""
+    dom = _run([f"--window-size={width},2000", "--dump-dom", url], timeout).stdout
+    report = re.search(r'<pre id="overflow-report">(.*?)</pre>', dom, re.S)
+    if report is None:
+        raise RuntimeError(f"{url}: the overflow report did not run")
+    return json.loads(html.unescape(report.group(1)))
+
+
+OVERFLOW_SCRIPT = _OVERFLOW_SCRIPT
 
 
 def screenshot(url: str, path: Path, width: int = 1280, height: int = 2000, timeout: float = 90) -> Path:

@@ -66,6 +66,13 @@ def kv_bytes_hit(lag, band, window, q_heads=32, kv_heads=8, head_dim=128, bytes_
     return band_tail + ring_scan + rows
 
 
+def context_ticks(ax, contexts) -> None:
+    """A context axis labelled in K (1K, 2K, … 128K), one tick per point."""
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(contexts, [f"{n // 1024}K" for n in contexts])
+    ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
+
+
 def fig_bytes_per_step(path: Path) -> None:
     contexts = [2**k for k in range(10, 18)]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.8), dpi=DPI)
@@ -75,6 +82,7 @@ def fig_bytes_per_step(path: Path) -> None:
         ax1.loglog(contexts, hit, "--", label=f"MAC hit, W={window}, lag 64, r=256")
     ax1.set(xlabel="context N (tokens)", ylabel="MiB read per layer per step",
             title="bytes per decode step (Llama-3.1-8B shapes, bf16)")
+    context_ticks(ax1, contexts)
     ax1.legend(fontsize=7)
     ax1.grid(True, which="both", alpha=0.3)
 
@@ -86,7 +94,9 @@ def fig_bytes_per_step(path: Path) -> None:
         ax2.loglog(ns, [v[2] for _, v in rows], marker + ":", color="C2", label=f"torch SDPA, batch {batch}")
     ax2.set(xlabel="context N (tokens)", ylabel="µs per decode step (one layer)",
             title="measured on one H100 (Hq=32, Hkv=8, D=128)")
-    ax2.legend(fontsize=7)
+    context_ticks(ax2, ns)
+    ax2.set_ylim(top=ax2.get_ylim()[1] * 12)  # room above the lines for the legend
+    ax2.legend(fontsize=7, loc="upper left", ncol=2)
     ax2.grid(True, which="both", alpha=0.3)
     fig.tight_layout()
     fig.savefig(path)
@@ -186,7 +196,41 @@ def fig_threshold(path: Path, head_dim: int = 128) -> None:
 
 
 # ---------------------------------------------------------------------------------------
-# 4. amend: where the mass sits, what the band buys
+# 4. accept: which candidates the rules take
+
+
+def fig_accept(path: Path) -> None:
+    """The plane of a candidate's distance and mass share: what each rule accepts (the presets' τ, τ_m)."""
+    paper, demo = mac_ref.PRESETS["paper"], mac_ref.PRESETS["demo"]
+    x = torch.linspace(0, 1, 801)  # √(d / 2D) / s_h
+    w = torch.linspace(0, 1, 801)[:, None]
+    by_paper = x < 1 - paper.tau
+    by_mass = (x < 1 - demo.tau) & (x * w < 1 - demo.rule.tau_m)
+    # 0: neither, 1: the paper's rule only, 2: the mass rule only, 3: both
+    region = by_paper.expand_as(by_mass).int() + 2 * by_mass.int()
+    colors = ["white", "#f4c7a1", "#a9cce3", "#b5ddb0"]
+    fig, ax = plt.subplots(figsize=(10, 4.2), dpi=DPI)
+    ax.imshow(region, origin="lower", extent=(0, 1, 0, 1), aspect="auto", interpolation="nearest",
+              cmap=matplotlib.colors.ListedColormap(colors), vmin=0, vmax=3)
+    ax.axvline(1 - paper.tau, color="k", lw=1.2, ls="--")
+    ax.axvline(1 - demo.tau, color="k", lw=1.2, ls=":")
+    xs = torch.linspace(1 - demo.rule.tau_m, 1 - demo.tau, 200)
+    ax.plot(xs, (1 - demo.rule.tau_m) / xs, color="k", lw=1.2)
+    labels = [(colors[3], "a hit under both rules"), (colors[1], "a hit under the paper's rule only:\nnear, but the row carries most of the mass"),
+              (colors[2], "a hit under the mass rule only:\nfar, but the row carries little mass"), (colors[0], "a miss under both")]
+    handles = [patches.Patch(facecolor=c, edgecolor="grey", label=text) for c, text in labels]
+    handles += [plt.Line2D([], [], color="k", ls="--", label=f"paper's radius, τ = {paper.tau:g}"),
+                plt.Line2D([], [], color="k", ls=":", label=f"candidate cap, τ = {demo.tau:g}"),
+                plt.Line2D([], [], color="k", label=f"mass rule: √(d/2D)·w = 1 − τ_m, τ_m = {demo.rule.tau_m:g}")]
+    ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.02, 1), fontsize=8, frameon=False)
+    ax.set(xlabel="distance of the candidate, √(d_j* / 2D) / s_h", ylabel="mass share of its row, w",
+           title="which candidates are hits (presets \"paper\" and \"demo\")")
+    fig.savefig(path, bbox_inches="tight")  # the legend sits outside the axes
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------------------------------
+# 5. amend: where the mass sits, what the band buys
 
 
 def related_neighbours_toy(T: int = 2048, D: int = 64, corr: float = 0.98, sharp: float = 2.0, seed: int = 4):
@@ -263,7 +307,7 @@ def fig_band(path: Path) -> None:
 
 
 # ---------------------------------------------------------------------------------------
-# 5. the decode step: the ranges and the ring
+# 6. the decode step: the ranges and the ring
 
 
 def fig_ranges(path: Path) -> None:
@@ -346,6 +390,7 @@ FIGURES = {
     "remove_error.png": fig_remove_error,
     "rope_distance.png": fig_rope_distance,
     "threshold.png": fig_threshold,
+    "accept.png": fig_accept,
     "band.png": fig_band,
     "ranges.png": fig_ranges,
     "split_kv.png": fig_split_kv,
