@@ -81,7 +81,7 @@ class GGUFFile:
         if not path.is_file():
             raise ValueError(f"model path {path}: no such file (expected a Llama GGUF file)")
         try:
-            self.reader = reader = gguf.GGUFReader(str(path))
+            self.reader = gguf.GGUFReader(str(path))
         except (ValueError, OSError) as err:
             raise ValueError(f"model path {path}: not a readable GGUF file ({err})") from None
         arch = self._meta("general.architecture")

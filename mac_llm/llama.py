@@ -171,20 +171,22 @@ class LlamaModel(torch.nn.Module):
         )
 
     @classmethod
-    def random(cls, config: ModelConfig, seed: int = 0) -> "LlamaModel":
-        """Random weights of the right scale (norms near 1): a model for tests and benchmarks."""
-        gen = torch.Generator().manual_seed(seed)
+    def random(cls, config: ModelConfig, seed: int = 0, device=None, dtype=torch.float32) -> "LlamaModel":
+        """Random weights of the right scale (norms near 1, matrices that keep activations at
+        unit scale), made on ``device`` in ``dtype``: a model for tests and benchmarks that need
+        a shape, not a trained model (an 8B-shaped one is 16 GB in bf16, made on the GPU)."""
+        gen = torch.Generator(device=device).manual_seed(seed)
         D, dim, ffn = config.head_dim, config.dim, config.ffn_dim
         shapes = {"attn_norm": (dim,), "attn_q": (config.n_heads * D, dim), "attn_k": (config.n_kv_heads * D, dim),
                   "attn_v": (config.n_kv_heads * D, dim), "attn_output": (dim, config.n_heads * D), "ffn_norm": (dim,),
                   "ffn_gate": (ffn, dim), "ffn_up": (ffn, dim), "ffn_down": (dim, ffn)}  # fmt: skip
 
-        def draw(shape):  # a norm's gain near 1; a matrix that keeps activations at unit scale
-            if len(shape) == 1:
-                return 1 + 0.1 * torch.randn(shape, generator=gen)
-            return torch.randn(shape, generator=gen) * shape[1] ** -0.5
+        def draw(shape):
+            w = torch.randn(shape, generator=gen, device=device, dtype=dtype)
+            return w.mul_(0.1).add_(1.0) if len(shape) == 1 else w.mul_(shape[1] ** -0.5)
 
-        weights = {"token_embd.weight": torch.randn(config.vocab_size, dim, generator=gen), "output_norm.weight": draw((dim,))}
+        weights = {"token_embd.weight": torch.randn(config.vocab_size, dim, generator=gen, device=device, dtype=dtype),
+                   "output_norm.weight": draw((dim,))}  # fmt: skip
         for i in range(config.n_layers):
             for _, gguf, _ in LAYER_WEIGHTS:
                 weights[f"blk.{i}.{gguf}.weight"] = draw(shapes[gguf])
@@ -206,7 +208,11 @@ class LlamaModel(torch.nn.Module):
         return {name: w.detach() for name, w in weights.items()}
 
     def converted(self, dtype: torch.dtype, device) -> "LlamaModel":
-        """A copy with its weights in ``dtype`` on ``device`` (this model is left as it is)."""
+        """A copy with its weights in ``dtype`` on ``device`` (this model is left as it is), or
+        the model itself when it is there already (no second copy of a large model)."""
+        target, here = torch.device(device), self.embed.device
+        if self.embed.dtype == dtype and here.type == target.type and target.index in (None, here.index):
+            return self
         return LlamaModel(self.config, {name: w.to(dtype=dtype, device=device) for name, w in self.gguf_weights().items()})
 
     def rope_table(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
