@@ -19,8 +19,14 @@ do_bench_cudagraph``, median):
 - ``floor``: the KV bytes a full decode must read over the measured copy bandwidth.
 
 Hits are planted exactly (``harness.planted_state``); the measured hit rate is checked
-against the planted one. Shapes: Hq = 32, D = 128, bf16, ring 1024 (and 2048 for the comparison with
-the authors' kernel), band 256, lag 64.
+against the planted one. Shapes (:data:`SHAPES`): the paper's, Hq = 32, D = 128 with Hkv 8
+and 4, ring 1024 (and 2048 for the comparison with the authors' kernel); and the real
+model's, SmolLM2-135M's Hq = 9, Hkv = 3, D = 64 with the demo's ring of 256; bf16, band
+256, lag 64. Every row carries the bytes its provider must move (a full decode: the keys
+and values; a MAC step: the keys and values its KV groups read, the match scan of the rings
+and the rows read and written, from the step's own statistics,
+:meth:`mac_core.step.StepStats.bytes_moved`), the achieved TB/s and the share of that byte
+floor at the measured copy bandwidth.
 
 Usage (from the repository root): ``python -m benchmarks.bench_decode [--quick] [--out benchmarks/results]``.
 Writes ``decode.csv`` and ``decode.md`` (every point) into ``--out``, then the headline table and
@@ -61,19 +67,29 @@ from .harness import (
 
 
 MASS_RATES = (0.95, 1.0)  # where the issue bounds the mass rule's cost over the paper's
+# the shapes (Hq, D): the paper's (an 8B Llama's attention) and the real model's (SmolLM2-135M)
+SHAPES = {"paper": (Q_HEADS, HEAD_DIM), "smollm2": (9, 64)}
 
 
-def run_config(hkv, batch, ctx, window, hit_rates, rep_ms, bandwidth, providers_done, rows, check):
+def bytes_columns(nbytes: float, us: float, bandwidth: float) -> dict:
+    """The CSV's byte columns of a row: MB moved, achieved TB/s, and the byte floor's share of the time."""
+    return dict(mbytes=round(nbytes / 1e6, 3), tb_per_s=round(nbytes / (us * 1e-6) / 1e12, 3), byte_floor_fraction=round(floor_us(nbytes, bandwidth) / us, 3))
+
+
+def run_config(hkv, batch, ctx, window, hit_rates, rep_ms, bandwidth, providers_done, rows, check, shape="paper"):
     device = torch.device("cuda")
+    q_heads, head_dim = SHAPES[shape]
     gen = torch.Generator(device=device).manual_seed(1234 + ctx + batch + hkv + window)
     t = ctx - 1
-    positions, k, v, q_pre, q_post = step_inputs(hkv, batch, ctx, gen)
-    scale = softmax_scale(HEAD_DIM)
-    floor = floor_us(kv_bytes(batch, hkv, ctx, HEAD_DIM), bandwidth)
-    base = dict(gpu=torch.cuda.get_device_name(), hkv=hkv, batch=batch, ctx=ctx, window=window, floor_us=round(floor, 2))
+    positions, k, v, q_pre, q_post = step_inputs(hkv, batch, ctx, gen, q_heads, head_dim)
+    scale = softmax_scale(head_dim)
+    full_bytes = kv_bytes(batch, hkv, ctx, head_dim)
+    floor = floor_us(full_bytes, bandwidth)
+    base = dict(gpu=torch.cuda.get_device_name(), hkv=hkv, batch=batch, ctx=ctx, window=window, q_heads=q_heads, head_dim=head_dim,
+                floor_us=round(floor, 2))
     results = {}
 
-    key = (hkv, batch, ctx)
+    key = (hkv, batch, ctx, q_heads, head_dim)
     if key not in providers_done:  # the full-decode providers do not depend on the window
         providers_done[key] = {}
         runners = {"triton_full": lambda: mac_triton.full_step(q_post, k, v, positions, scale), "sdpa": sdpa_runner(q_post, k, v, scale)}
@@ -93,14 +109,16 @@ def run_config(hkv, batch, ctx, window, hit_rates, rep_ms, bandwidth, providers_
 
     for name, (us, mode) in providers_done[key].items():
         rows.append(dict(base, provider=name, hit_rate=0.0, measured_hit_rate="", median_us=round(us, 2), timing=mode,
-                         speedup_vs_flashinfer=round(fi_best / us, 3), floor_fraction=round(floor / us, 3)))
+                         speedup_vs_flashinfer=round(fi_best / us, 3), floor_fraction=round(floor / us, 3),
+                         **bytes_columns(full_bytes, us, bandwidth)))
 
     config = MACConfig(window=window, band=BAND, tau=0.45)
     ring = planted_state(q_pre, window, t, 0.0, gen)[0].ring_q
     us, mode = timed_us(match_only(q_pre, ring, positions), rep_ms)  # the match alone: the all-hit floor
     ring_bytes = ring.numel() * ring.element_size()
     rows.append(dict(base, provider="mac_match_only", hit_rate="", measured_hit_rate="", median_us=round(us, 2), timing=mode,
-                     speedup_vs_flashinfer="", floor_fraction=round(floor_us(ring_bytes, bandwidth) / us, 3)))
+                     speedup_vs_flashinfer="", floor_fraction=round(floor_us(ring_bytes, bandwidth) / us, 3),
+                     **bytes_columns(ring_bytes, us, bandwidth)))
     results["match_only"] = (us, mode)
     del ring
     for rate in hit_rates:
@@ -109,22 +127,25 @@ def run_config(hkv, batch, ctx, window, hit_rates, rep_ms, bandwidth, providers_
         _, _, stats = step()
         measured = stats.hit.float().mean().item()
         keys = stats.keys_read.float().mean().item()
-        if abs(measured - n_hit / (batch * Q_HEADS)) > 1e-9:
+        if abs(measured - n_hit / (batch * q_heads)) > 1e-9:
             print(f"    WARNING planted {n_hit} hits, measured rate {measured:.4f}")
         us, mode = timed_us(step, rep_ms)
+        moved = stats.bytes_moved(hkv, head_dim, window, k.element_size(), q_pre.element_size())
         rows.append(dict(base, provider="mac", hit_rate=rate, measured_hit_rate=round(measured, 4), median_us=round(us, 2),
                          timing=mode, speedup_vs_flashinfer=round(fi_best / us, 3), floor_fraction=round(floor / us, 3),
-                         mean_keys_read=round(keys, 1)))
+                         mean_keys_read=round(keys, 1), **bytes_columns(moved["kv"] + moved["scan"] + moved["rows"], us, bandwidth)))
         results[f"mac@{rate}"] = (us, mode)
-        if rate in MASS_RATES and window == 1024:  # the mass-aware rule on the same planted rings
+        if rate in MASS_RATES and window == 1024 and shape == "paper":  # the mass-aware rule on the same planted rings
             mass_config = MACConfig(window=window, band=BAND, tau=0.45, rule=MassRule(tau_m=0.5))
             mass_step = ring_restoring_step(q_pre, q_post, k, v, state, positions, mass_config)
             _, _, mass_stats = mass_step()
             assert torch.equal(mass_stats.hit, stats.hit), "the mass rule should accept every planted hit"
             us, mode = timed_us(mass_step, rep_ms)
+            moved = mass_stats.bytes_moved(hkv, head_dim, window, k.element_size(), q_pre.element_size())
             rows.append(dict(base, provider="mac_mass", hit_rate=rate, measured_hit_rate=round(mass_stats.hit.float().mean().item(), 4),
                              median_us=round(us, 2), timing=mode, speedup_vs_flashinfer=round(fi_best / us, 3),
-                             floor_fraction=round(floor / us, 3), mean_keys_read=round(mass_stats.keys_read.float().mean().item(), 1)))
+                             floor_fraction=round(floor / us, 3), mean_keys_read=round(mass_stats.keys_read.float().mean().item(), 1),
+                             **bytes_columns(moved["kv"] + moved["scan"] + moved["rows"], us, bandwidth)))
             results[f"mass@{rate}"] = (us, mode)
     del k, v
     torch.cuda.empty_cache()
@@ -146,9 +167,11 @@ def main():
     hkvs, batches, ctxs, hits = [8, 4], [1, 16], [8192, 32768, 131072], [0.0, 0.5, 0.95, 1.0]
     if args.quick:
         hkvs, ctxs, hits = [8], [8192, 131072], [0.0, 0.95, 1.0]
-    plan = [(hkv, b, c, 1024, hits) for hkv in hkvs for b in batches for c in ctxs]
+    plan = [(hkv, b, c, 1024, hits, "paper") for hkv in hkvs for b in batches for c in ctxs]
     # the authors' ring of 2048, beside their committed H100 figures (benchmarks/RESULTS.md)
-    plan += [(8, b, c, 2048, [0.0, 0.95, 1.0]) for b in batches for c in (ctxs[0], ctxs[-1])]
+    plan += [(8, b, c, 2048, [0.0, 0.95, 1.0], "paper") for b in batches for c in (ctxs[0], ctxs[-1])]
+    # the real model's shape at its contexts and the end-to-end batches (the demo's ring of 256)
+    plan += [(3, b, c, 256, hits, "smollm2") for b in (1, 16, 64) for c in ctxs[:2]]
 
     bandwidth = copy_bandwidth(torch.device("cuda"))
     versions = environment()
@@ -156,15 +179,15 @@ def main():
     rows, providers_done, summary = [], {}, []
     from tqdm import tqdm
 
-    for hkv, batch, ctx, window, rates in tqdm(plan, desc="configs", file=sys.stdout):
+    for hkv, batch, ctx, window, rates, shape in tqdm(plan, desc="configs", file=sys.stdout):
         t0 = time.time()
-        results, fi_best, floor_us = run_config(hkv, batch, ctx, window, rates, args.rep_ms, bandwidth, providers_done, rows, args.check)
+        results, fi_best, floor_us = run_config(hkv, batch, ctx, window, rates, args.rep_ms, bandwidth, providers_done, rows, args.check, shape)
         summary.append((hkv, batch, ctx, window, results, fi_best, floor_us))
-        print(f"  Hkv={hkv} B={batch} ctx={ctx} W={window}: " + ", ".join(f"{n} {u:.1f}" for n, (u, _) in results.items())
+        print(f"  {shape} Hkv={hkv} B={batch} ctx={ctx} W={window}: " + ", ".join(f"{n} {u:.1f}" for n, (u, _) in results.items())
               + f"  [{time.time() - t0:.0f}s]", flush=True)
 
-    fields = ["gpu", "hkv", "batch", "ctx", "window", "provider", "hit_rate", "measured_hit_rate", "median_us", "timing",
-              "speedup_vs_flashinfer", "floor_us", "floor_fraction", "mean_keys_read"]
+    fields = ["gpu", "hkv", "batch", "ctx", "window", "q_heads", "head_dim", "provider", "hit_rate", "measured_hit_rate", "median_us",
+              "timing", "speedup_vs_flashinfer", "floor_us", "floor_fraction", "mean_keys_read", "mbytes", "tb_per_s", "byte_floor_fraction"]
     with open(out / "decode.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=fields)
         writer.writeheader()

@@ -66,11 +66,14 @@ class Point:
         return row["speedup_vs_flashinfer"] if row and row["speedup_vs_flashinfer"] else None
 
 
-def read_points(csv_path: Path = RESULTS / "decode.csv") -> list[Point]:
-    """The CSV's points, in the order the benchmark ran them."""
+def read_points(csv_path: Path = RESULTS / "decode.csv", shape: tuple[int, int] = (32, 128)) -> list[Point]:
+    """The CSV's points of one shape ``(Hq, D)`` (the paper's by default; rows of a CSV without
+    these columns are of that shape), in the order the benchmark ran them."""
     points: dict[tuple, Point] = {}
     with open(csv_path, newline="") as f:
         for row in csv.DictReader(f):
+            if (int(row.get("q_heads") or 32), int(row.get("head_dim") or 128)) != shape:
+                continue
             key = (int(row["hkv"]), int(row["batch"]), int(row["ctx"]), int(row["window"]))
             point = points.setdefault(key, Point(row["gpu"], *key))
             provider = row["provider"]
