@@ -154,15 +154,17 @@ class StepStats:
         """Share of (step, request, head) decisions that were hits (0 when no step is held)."""
         return self.hit.float().mean().item() if self.hit.numel() else 0.0
 
+    def group_reads(self, kv_heads: int) -> torch.Tensor:
+        """``[..., Hkv]`` keys read per KV group: the union of its heads' spans, which all end at
+        ``t + 1``, so its longest one (what a kernel loading each K/V tile once for the group reads)."""
+        *lead, Hq = self.keys_read.shape
+        return self.keys_read.reshape(*lead, kv_heads, Hq // kv_heads).amax(-1)
+
     def skipped_fraction(self, kv_heads: int | None = None) -> float:
         """Share of full attention's key reads that were skipped, ``1 − Σ reads / Σ (t+1)``:
-        per query head (``kv_heads=None``), or per KV group of ``Hq / kv_heads`` heads, which
-        reads the union of its heads' spans (all end at ``t + 1``, so the longest one) and
-        is what a kernel that loads each K/V tile once for its group saves in bytes."""
-        reads = self.keys_read
-        if kv_heads is not None:
-            *lead, Hq = reads.shape
-            reads = reads.reshape(*lead, kv_heads, Hq // kv_heads).amax(-1)  # [..., Hkv]
+        per query head (``kv_heads=None``), or per KV group of ``Hq / kv_heads`` heads
+        (:meth:`group_reads`: what a kernel that loads each K/V tile once for its group saves in bytes)."""
+        reads = self.keys_read if kv_heads is None else self.group_reads(kv_heads)
         full = self.context.unsqueeze(-1).expand_as(reads)
         if not full.numel():
             return 0.0  # no step held: nothing skipped
@@ -193,8 +195,7 @@ class StepStats:
         """
         D = head_dim
         reads = self.keys_read.double()
-        *lead, Hq = reads.shape
-        group_reads = reads.reshape(*lead, kv_heads, Hq // kv_heads).amax(-1)  # [..., Hkv]
+        group_reads = self.group_reads(kv_heads).double()
         context = self.context.double()  # [...]
         scanned = (context - 1).clamp(max=window).unsqueeze(-1).expand_as(reads)  # rows per head
         row_write = D * query_itemsize + 4 * D + 4 + 4

@@ -67,7 +67,8 @@ _IMPLEMENTED = {"position_ids", "use_cache", "sliding_window", "softcap", "outpu
 
 
 def _attention_modules(model) -> list:
-    return [m for m in model.modules() if hasattr(m, "q_proj") and hasattr(m, "layer_idx")]
+    """The model's attention modules, in layer order."""
+    return sorted((m for m in model.modules() if hasattr(m, "q_proj") and hasattr(m, "layer_idx")), key=lambda m: m.layer_idx)
 
 
 def _check_call(module, query, key, attention_mask, dropout, kwargs) -> torch.Tensor | None:
@@ -224,7 +225,7 @@ def enable_mac_attention(model, configs, step_fn=auto_step) -> MACAttention:
         raise ValueError(f"MAC-Attention supports the model types {MODEL_TYPES}, got {model_type!r}")
     backend = MACAttention(configs, len(attentions), step_fn=step_fn)
     previous = model.__dict__.get("mac_previous_attention") or model.config._attn_implementation
-    for module, layer in zip(sorted(attentions, key=lambda m: m.layer_idx), backend.layers):
+    for module, layer in zip(attentions, backend.layers):
         module.__dict__["mac_layer"] = layer
     model.__dict__["mac_previous_attention"] = previous if previous != ATTENTION_NAME else "sdpa"
     model.set_attn_implementation(ATTENTION_NAME)
@@ -233,7 +234,7 @@ def enable_mac_attention(model, configs, step_fn=auto_step) -> MACAttention:
 
 def mac_backend(model) -> MACAttention:
     """The :class:`~mac_llm.attention.MACAttention` view of a model's MAC layers (either way in)."""
-    layers = [m.__dict__.get("mac_layer") for m in sorted(_attention_modules(model), key=lambda m: m.layer_idx)]
+    layers = [m.__dict__.get("mac_layer") for m in _attention_modules(model)]
     if not layers or any(layer is None for layer in layers):
         raise ValueError("this model has not run MAC-Attention: enable_mac_attention(model, config), or load it with "
                          "attn_implementation='mac' and run a forward pass first")
