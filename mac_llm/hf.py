@@ -211,9 +211,10 @@ def enable_mac_attention(model, configs, step_fn=auto_step) -> MACAttention:
         >>> from mac_core import MACConfig
         >>> cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
         ...     num_attention_heads=4, num_key_value_heads=2, pad_token_id=0, eos_token_id=1, bos_token_id=2)
+        >>> _ = torch.manual_seed(0)
         >>> model = transformers.LlamaForCausalLM(cfg).eval()
         >>> mac = enable_mac_attention(model, MACConfig(window=16, band=4, tau=0.5))
-        >>> out = model.generate(torch.randint(3, 64, (1, 20)), max_new_tokens=4, do_sample=False)
+        >>> out = model.generate(torch.randint(3, 64, (1, 20)), max_new_tokens=4, min_new_tokens=4, do_sample=False)
         >>> mac.layer_stats().hit.shape            # [steps, layers, B, Hq]: 3 decode steps after the prompt
         torch.Size([3, 2, 1, 4])
     """
