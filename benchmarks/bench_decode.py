@@ -7,8 +7,8 @@ do_bench_cudagraph``, median):
   write), plus a one-slot copy that restores the ring slot the step overwrote, so that
   every replay sees the same planted ring (``harness.ring_restoring_step``; the copy is
   timed with the step);
-- ``mac_mass``: the same step with the mass-aware rule (``MassRule(tau_m=0.5)``, two
-  phases: match, attend, decide, attend over the rejected prefixes, reduce) on the same
+- ``mac_mass``: the same step with the mass-aware rule (``MassRule(tau_m=0.5)``, decided
+  inside the attend kernel, which then reads the rejected prefixes) on the same
   planted rings, at 95 % and 100 % hits: what the rule costs over the paper's, in the
   same run (every planted hit is accepted: ``w·d`` is tiny; the 5 % are no candidates);
 - ``triton_full``: :func:`mac_triton.full_decode` (every head a miss);

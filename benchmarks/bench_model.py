@@ -55,7 +55,7 @@ FULL = ("flashinfer", "triton", "sdpa")
 BEST_RULE = dict(tau=0.3, rule=MassRule(tau_m=0.85, per_group=True))  # chosen on the pydoc topics (studies/rule_frontier.py)
 PAPER_RULE = dict(tau=0.5, rule=PaperRule())
 MAC = {"mac_paper": PAPER_RULE, "mac_paper_policy": PAPER_RULE, "mac_mass": BEST_RULE, "mac_mass_policy": BEST_RULE}  # changes to the demo preset
-# --diagnose: where the two-phase step's cost comes from (the verification or the group decision)
+# --diagnose: where the verifying step's cost comes from (the verification or the group decision)
 DIAGNOSTIC = {"mac_mass_per_head": dict(tau=0.3, rule=MassRule(tau_m=0.85)), "mac_paper_per_group": dict(tau=0.45, rule=PaperRule(per_group=True))}
 
 
@@ -87,7 +87,7 @@ def breakdown(engine: DecodeEngine, steps: int = 2) -> tuple[dict[str, float], d
         name = event.name.lower()
         if "_match_kernel" in name:
             kind = "match"
-        elif any(key in name for key in ("_attend_kernel", "_reduce_kernel", "_decide_kernel", "flash", "attention", "decode", "fmha", "mha")):
+        elif any(key in name for key in ("_attend_kernel", "_reduce_kernel", "flash", "attention", "decode", "fmha", "mha")):
             kind = "attention"
         else:
             kind = "other"

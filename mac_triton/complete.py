@@ -14,15 +14,13 @@ and sinks ⊕ tail beside ``out``).
 
 from __future__ import annotations
 
-import torch
-
 from mac_core.state import LayerState
 from mac_core.step import Completion, MatchResult, Spans, Summary
 
 from .attend import launch_attend
 from .launch import Launch, launch_for
 from .numerics import LIMITS
-from .reduce import launch_reduce
+from .reduce import launch_spans_reduce
 
 
 def amend_complete(
@@ -51,8 +49,5 @@ def amend_complete(
     Hkv = k_cache.shape[1]
     launch = launch or launch_for(B * Hkv)
     partials = launch_attend(q_post, k_cache, v_cache, None, launch, scale, band_source="spans", spans=spans, softcap=softcap)
-    res = launch_reduce(
-        partials, launch, band_source="spans", row_out="return", out_dtype=torch.float32, batch=B, q_heads=Hq,
-        kv_heads=Hkv, head_dim=D, result=result, state=state,
-    )
-    return Completion(Summary(res.out, res.lse), Summary(res.cached_o, res.cached_lse), Summary(res.rest_o, res.rest_lse))
+    out, cached, rest = launch_spans_reduce(partials, launch, result=result, state=state, batch=B, q_heads=Hq, kv_heads=Hkv, head_dim=D)
+    return Completion(Summary(*out), Summary(*cached), Summary(*rest))

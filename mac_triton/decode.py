@@ -1,6 +1,5 @@
 r"""The decode step in Triton: match → amend + complete → row update, fused into three
-launches with no host synchronisation (five for a rule that verifies its candidates); and
-the full-attention decode baseline.
+launches with no host synchronisation; and the full-attention decode baseline.
 
 Twin of :func:`mac_ref.decode.decode_step` (same signature, same
 :class:`~mac_core.step.StepStats`, the same validation: :func:`mac_core.checks.check_step_inputs`).
@@ -10,26 +9,24 @@ The stages map onto kernels as follows:
 mac_ref                      mac_triton
 ===========================  ==============================================================
 ``find_match``               ``match._match_kernel`` → one int64 key per head (1 launch)
-``step_spans``               ``plan.plan_units``, evaluated inside both kernels below
+``step_spans``               ``plan.plan_units``, evaluated inside the attend kernel
 ``amend_complete``           ``attend._attend_kernel`` (split-KV partials per unit)
-``accept_candidates``,       ``reduce._reduce_kernel`` (⊕ partials, the rule, the cached row,
-``update_row``,              the ring write, the match report)
+``accept_candidates``,       ``reduce._step_reduce_kernel`` (⊕ partials, the rule, the cached
+``update_row``,              row, the ring write, the match report)
 ``LayerState.write``
 ===========================  ==============================================================
 
 A rule that verifies its candidates (:class:`~mac_core.rules.MassRule`), and the
-group-aware variants, run the step in two phases: phase 1 is the attend kernel above for
-the distance test's candidates (sinks, band and tail of every head, partial states kept);
-``decide._decide_kernel`` takes each head's verdict from those partial states; phase 2 is
-the attend kernel over the prefix ``[S, P)`` of the rejected candidates only (nothing for
-the others: at 100 % acceptance an empty launch); one reduce merges both phases. A
-rejected head reads what a miss reads.
+group-aware variants, decide inside the attend kernel once a group's fresh part (sinks,
+band, tail) is stored, and the same launch reads the prefixes of the rejected candidates
+(:mod:`mac_triton.attend`, :mod:`mac_triton.decide`): still three launches, each group's
+keys streamed once. A rejected head reads what a miss reads.
 
 Differences: float32 arithmetic only (float64 inputs are a ``TypeError``); the ring
 write happens inside the reduce kernel rather than through ``LayerState.write``. A step's
-match keys live in a :class:`DecodeWorkspace` that the caller owns: :func:`mac_step` is
-the part a CUDA graph can capture (validation and ``state.next_pos`` stay outside), with
-one workspace per captured step.
+match keys and counters live in a :class:`DecodeWorkspace` that the caller owns:
+:func:`mac_step` is the part a CUDA graph can capture (validation and ``state.next_pos``
+stay outside), with one workspace per captured step.
 """
 
 from __future__ import annotations
@@ -45,12 +42,11 @@ from mac_core.state import LayerState
 from mac_core.step import StepStats
 from mac_core.numerics import softmax_scale
 
-from .attend import launch_attend
-from .decide import launch_decide
+from .attend import COUNTER_RESET, COUNTER_ROWS, Verify, launch_attend
 from .launch import MATCH, Launch, MatchLaunch, launch_for
 from .match import match_keys, new_keys, radius_sq_per_head
 from .numerics import LIMITS
-from .reduce import launch_reduce
+from .reduce import launch_full_reduce, launch_step_reduce
 
 FULL_BAND = 2**30  # a band longer than any context: no row, every key in the "tail"
 
@@ -67,18 +63,24 @@ class DecodeWorkspace:
         rule_radius_sq: ``[Hq]`` float32 squared radii of the rule's own threshold
             (``2D(1 − τ_m)² s_h²`` for the mass rule; the distance test's otherwise).
         config: the configuration the radii were made for.
+        counters: ``[3, B·Hq]`` int32 per-group counters of a verifying step's attend kernel
+            (``mac_triton.attend``), reset by the reduce kernel.
     """
 
     keys: torch.Tensor
     radius_sq: torch.Tensor
     rule_radius_sq: torch.Tensor
     config: MACConfig
+    counters: torch.Tensor
 
     @classmethod
     def new(cls, config: MACConfig, batch: int, q_heads: int, head_dim: int, device) -> "DecodeWorkspace":
         tau = getattr(config.rule, "tau_m", config.tau)
         rule_radius = torch.tensor(config.radius_sq_per_head(q_heads, head_dim, tau=tau), dtype=torch.float32, device=device)
-        return cls(new_keys(device, batch * q_heads), radius_sq_per_head(config, q_heads, head_dim, device), rule_radius, config)
+        return cls(
+            new_keys(device, batch * q_heads), radius_sq_per_head(config, q_heads, head_dim, device), rule_radius, config,
+            new_counters(batch * q_heads, device),
+        )
 
     def check(self, config: MACConfig, batch: int, q_heads: int, device) -> None:
         if self.config != config or self.keys.shape != (batch * q_heads,) or self.keys.device != torch.device(device):
@@ -86,6 +88,11 @@ class DecodeWorkspace:
                 f"workspace was made for B·Hq = {self.keys.shape[0]} on {self.keys.device} with {self.config}; "
                 f"the step has B·Hq = {batch * q_heads} on {device} with {config}: make one with DecodeWorkspace.new"
             )
+
+
+def new_counters(n: int, device) -> torch.Tensor:
+    """``[3, n]`` int32 counters in their between-steps state (``n ≥ B·Hkv``)."""
+    return torch.tensor(COUNTER_RESET, dtype=torch.int32, device=device)[:, None].expand(COUNTER_ROWS, n).contiguous()
 
 
 def mac_step(
@@ -102,7 +109,7 @@ def mac_step(
         positions: ``[B]`` int64 positions ``t``.
         config: the MAC configuration (``config.softcap`` caps the scores).
         scale: softmax scale.
-        workspace: the step's :class:`DecodeWorkspace` (its keys are left clean).
+        workspace: the step's :class:`DecodeWorkspace` (its keys and counters are left clean).
         launch: attend and reduce launch settings (default: :func:`mac_triton.launch.launch_for`).
         match_launch: the match scan's launch settings.
         match: ``False`` skips the scan: every head is a miss, so the step is full attention
@@ -119,25 +126,15 @@ def mac_step(
     keys = workspace.keys  # all NO_CANDIDATE without a scan: every head misses
     if match:
         keys = match_keys(q_pre, state.ring_q, positions, keys, state.ring_depth, config.max_chain, match_launch)
+    verify = None
+    if match and (rule.verifies or rule.per_group):  # decided inside the attend kernel, after the fresh part
+        verify = Verify(rule.name, rule.per_group, workspace.rule_radius_sq, state, workspace.counters)
     partials = launch_attend(
         q_post, k_cache, v_cache, positions, launch, scale, band_source="match", band=config.band, sinks=config.sinks,
-        keys=keys, radius_sq=workspace.radius_sq, min_context=config.min_context, softcap=config.softcap,
+        keys=keys, radius_sq=workspace.radius_sq, min_context=config.min_context, softcap=config.softcap, verify=verify,
     )
-    decided = prefix = None
-    if match and (rule.verifies or rule.per_group):  # the two-phase step: decide, then the rejected candidates' prefixes
-        decided = launch_decide(
-            partials, launch, keys=keys, radius_sq=workspace.radius_sq, rule_radius_sq=workspace.rule_radius_sq, state=state,
-            batch=B, q_heads=Hq, kv_heads=Hkv, band=config.band, min_context=config.min_context, rule=rule.name,
-            per_group=rule.per_group,
-        )
-        prefix = launch_attend(
-            q_post, k_cache, v_cache, positions, launch, scale, band_source="prefix", band=config.band, sinks=config.sinks,
-            prefix_end=decided.prefix_end, softcap=config.softcap,
-        )
-    res = launch_reduce(
-        partials, launch, band_source="match", row_out="ring", out_dtype=q_pre.dtype, batch=B, q_heads=Hq, kv_heads=Hkv,
-        head_dim=D, band=config.band, min_context=config.min_context, keys=keys, radius_sq=workspace.radius_sq,
-        state=state, q_pre=q_pre, subtract=config.row_update == "subtract", rule=rule.name, decided=decided, prefix=prefix,
+    res = launch_step_reduce(
+        partials, launch, q_pre=q_pre, state=state, workspace=workspace, config=config, out_dtype=q_pre.dtype, kv_heads=Hkv,
     )
     stats = StepStats(
         hit=res.hit, matched_pos=res.matched_pos, distance=res.distance, keys_read=res.keys_read, context=res.context,
@@ -229,5 +226,4 @@ def full_step(
     scale = softmax_scale(D, scale)
     launch = launch or launch_for(B * Hkv)
     partials = launch_attend(q_post, k_cache, v_cache, positions, launch, scale, band_source="full", band=FULL_BAND, softcap=softcap)
-    res = launch_reduce(partials, launch, band_source="full", row_out="none", out_dtype=q_post.dtype, batch=B, q_heads=Hq, kv_heads=Hkv, head_dim=D)
-    return res.out, res.lse
+    return launch_full_reduce(partials, launch, out_dtype=q_post.dtype, batch=B, q_heads=Hq, kv_heads=Hkv, head_dim=D)

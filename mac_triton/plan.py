@@ -20,11 +20,15 @@ misses: ``benchmarks/RESULTS.md``).
 Where the heads' band starts come from (``BAND_SOURCE``):
 
 - :data:`BAND_FROM_SPANS`: a :class:`~mac_core.step.Spans` tuple (``mac_triton.amend_complete``);
-- :data:`BAND_FROM_MATCH`: the match keys and the distance test (the fused decode step,
-  and the first phase of a step whose rule verifies its candidates);
-- :data:`BAND_FROM_PREFIX`: the second phase of such a step: per head the prefix
-  ``[S, P)`` its rejected candidate still needs (nothing for the others), no sinks, no tail;
+- :data:`BAND_FROM_MATCH`: the match keys and the distance test (the fused decode step);
 - :data:`NO_BAND`: no row, every key in the tail (full attention).
+
+A step whose rule verifies its candidates adds, per group, up to ``max_pieces`` units of
+the prefix ``[S, lo)`` that its rejected candidates still need, taken by whichever program
+is free once the group is decided (:mod:`mac_triton.attend`); their partial states sit
+after the planned units, at ``prefix_base + group · max_pieces``.
+
+The plan is stored per group as :data:`PLAN_FIELDS` int64s, read by name (``plan_field``).
 """
 
 from __future__ import annotations
@@ -36,13 +40,33 @@ from .match import NO_CANDIDATE, decode_key
 
 BAND_FROM_SPANS: tl.constexpr = tl.constexpr("spans")
 BAND_FROM_MATCH: tl.constexpr = tl.constexpr("match")
-BAND_FROM_PREFIX: tl.constexpr = tl.constexpr("prefix")
 NO_BAND: tl.constexpr = tl.constexpr("full")
-BAND_SOURCES = (BAND_FROM_SPANS.value, BAND_FROM_MATCH.value, BAND_FROM_PREFIX.value, NO_BAND.value)
+BAND_SOURCES = (BAND_FROM_SPANS.value, BAND_FROM_MATCH.value, NO_BAND.value)
 
-PLAN_FIELDS = 6  # per group, as the reduce kernel reads it: first unit, sink units, band units, units, S, t + 1
+# the fields of a group's stored plan
+PLAN_FIRST: tl.constexpr = tl.constexpr(0)  # its first planned unit
+PLAN_SINK_UNITS: tl.constexpr = tl.constexpr(1)  # units of the sinks, then of the band, then all of its units
+PLAN_BAND_UNITS: tl.constexpr = tl.constexpr(2)
+PLAN_UNITS: tl.constexpr = tl.constexpr(3)
+PLAN_SINK_END: tl.constexpr = tl.constexpr(4)  # S
+PLAN_TAIL_END: tl.constexpr = tl.constexpr(5)  # t + 1
+PLAN_PREFIX_FIRST: tl.constexpr = tl.constexpr(6)  # its first prefix unit (a verifying step)
+PLAN_PREFIX_UNITS: tl.constexpr = tl.constexpr(7)  # its prefix units, written once the group is decided
+PLAN_FIELDS = 8
 _PLAN_FIELDS: tl.constexpr = tl.constexpr(PLAN_FIELDS)
 _NO_CANDIDATE: tl.constexpr = tl.constexpr(NO_CANDIDATE)
+
+
+@triton.jit
+def plan_field(plan_ptr, grp, FIELD: tl.constexpr):
+    """Field ``FIELD`` (one of the ``PLAN_*`` constants) of group ``grp``'s stored plan."""
+    return tl.load(plan_ptr + grp * _PLAN_FIELDS + FIELD)
+
+
+@triton.jit
+def band_start(hit, matched, band, sink_end):
+    """A head's band start: ``max(E(j*), S)`` on a hit (``E(j) = max(j + 1 − r, 0)``), ``S`` otherwise."""
+    return tl.where(hit, tl.maximum(tl.maximum(matched + 1 - band, 0), sink_end), sink_end)
 
 
 @triton.jit
@@ -60,27 +84,22 @@ def request_bounds(b, mask, pos_ptr, sink_end_ptr, band_end_ptr, tail_end_ptr, s
 
 
 @triton.jit
-def band_bounds(
-    b, h, mask, sink_end, band_end, tail_end, key_ptr, radius_ptr, band_start_ptr, stride_sb, stride_sh,
+def head_band_start(
+    b, h, mask, sink_end, tail_end, key_ptr, radius_ptr, band_start_ptr, stride_sb, stride_sh,
     Hq, band, min_context, BAND_SOURCE: tl.constexpr,
 ):
-    """Each head's band ``[start, end)`` (int64): ``[max(E(j*), S), N)`` on a candidate hit,
-    ``[S, N)`` on a miss; in the prefix phase ``[S, P)`` of a rejected candidate, ``[S, S)``
-    for the others."""
-    end = band_end + tl.zeros(h.shape, tl.int64)
+    """Each head's band start (int64; its band is ``[start, N)``): ``max(E(j*), S)`` on a
+    candidate hit, ``S`` on a miss."""
     if BAND_SOURCE == BAND_FROM_SPANS:
         start = tl.load(band_start_ptr + b * stride_sb + h * stride_sh, mask=mask, other=0).to(tl.int64)
     elif BAND_SOURCE == BAND_FROM_MATCH:
         key = tl.load(key_ptr + b * Hq + h, mask=mask, other=_NO_CANDIDATE)
         radius_sq = tl.load(radius_ptr + h, mask=mask, other=0.0)
         hit, matched, dist = decode_key(key, tail_end - 1, min_context, radius_sq)
-        start = tl.where(hit, tl.maximum(tl.maximum(matched + 1 - band, 0), sink_end), sink_end)
-    elif BAND_SOURCE == BAND_FROM_PREFIX:  # band_start_ptr: the [B·Hq] prefix ends of the decide kernel
-        start = sink_end + tl.zeros(h.shape, tl.int64)
-        end = tl.load(band_start_ptr + b * Hq + h, mask=mask, other=0).to(tl.int64)
+        start = band_start(hit, matched, band, sink_end)
     else:
         start = sink_end + tl.zeros(h.shape, tl.int64)
-    return start, end
+    return start
 
 
 @triton.jit
@@ -94,8 +113,7 @@ def plan_units(
 
     Returns ``[NG_BLOCK]`` vectors (first unit, sink units, band units, units, the ends of
     the sinks, the band's start and end, the tail's end, offset in the concatenation),
-    ``chunk`` and the total cost. In the prefix phase the sinks and the tail are empty and
-    the band ends where the group's longest prefix does.
+    ``chunk`` and the total cost.
     """
     groups = tl.arange(0, NG_BLOCK)
     valid = groups < NG
@@ -106,15 +124,11 @@ def plan_units(
     lanes = tl.arange(0, G_BLOCK)[None, :]
     mask = valid[:, None] & (lanes < G)
     h = (groups % Hkv)[:, None] * G + lanes
-    start, end = band_bounds(
-        b[:, None], h, mask, sink_end[:, None], band_end[:, None], tail_end[:, None], key_ptr, radius_ptr, band_start_ptr,
+    start = head_band_start(
+        b[:, None], h, mask, sink_end[:, None], tail_end[:, None], key_ptr, radius_ptr, band_start_ptr,
         stride_sb, stride_sh, Hkv * G, band, min_context, BAND_SOURCE,
     )  # [NG, G]
     band_lo = tl.min(tl.where(mask, start, 2**62), axis=1)  # the union of the group's bands
-    if BAND_SOURCE == BAND_FROM_PREFIX:  # one segment: the longest prefix of the group's heads
-        band_end = tl.maximum(tl.max(tl.where(mask, end, 0), axis=1), band_lo)
-        sink_end = sink_end * 0
-        tail_end = band_end
     sink_len = tl.where(valid, sink_end, 0)
     band_len = tl.where(valid, band_end - band_lo, 0)
     tail_len = tl.where(valid, tail_end - band_end, 0)

@@ -120,3 +120,25 @@ def test_mass_rule_steps_match_reference_on_gpu(rule):
             assert_states_close(state, twin, torch.bfloat16, config)
         state = twin  # both continue from the reference's rings
     assert rejected > 0 and differ <= 2
+
+
+@pytest.mark.parametrize("per_group", [False, True], ids=["per-head", "per-group"])
+def test_verifying_step_at_many_groups_is_exact_where_rejected_and_deterministic(per_group):
+    """The one-launch verifying step with 128 KV groups (the wide launch) and ragged contexts
+    up to 6K: every rejected head is full attention within the band, and ten runs from the
+    same state are bitwise identical, however the programs happened to share the prefix units."""
+    config = MACConfig(window=256, band=64, tau=-0.5, sinks=4, rule=MassRule(tau_m=0.9, per_group=per_group))
+    prompts = [6000 - 347 * i for i in range(16)]
+    q_pre, q_post, k, v, state, pos = prefilled_step(16, 32, 8, 128, torch.bfloat16, 5, prompts, config, reuse=0.3)
+    runs = []
+    for _ in range(10):
+        s = state.clone()
+        out, lse, stats = mac_triton.decode_step(q_pre, k, v, s, pos, config, q_post=q_post)
+        runs.append((out, lse, stats.hit, s.ring_o, s.ring_lse))
+    rejected = stats.candidate & ~stats.hit
+    assert rejected.float().mean() > 0.2 and (stats.hit.any() or per_group)
+    want_o, want_lse = mac_ref.full_attention(q_post, k, v, pos + 1)
+    assert_close(out[rejected], want_o[rejected], "exact", torch.bfloat16)
+    assert_close(lse[rejected], want_lse[rejected], "triton_lse", torch.bfloat16)
+    for run in runs[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(run, runs[0]))
