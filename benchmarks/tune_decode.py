@@ -1,8 +1,10 @@
 """Sweep the launch parameters of the Triton decode kernels on a CUDA GPU.
 
-Times the match scan alone (``MatchLaunch``: slots per tile, warps, programs per SM) and
-the attention kernels on full decodes and on MAC steps with planted hits, at the
-benchmark's shapes (Hq = 32, Hkv = 8, D = 128, bf16), CUDA-graph medians. The settings are
+Times the match scan alone (``MatchLaunch``: slots per tile, warps, programs per SM; at
+the paper's shape, Hq 32, D 128, ring 1024, and the real model's, Hq 9, D 64, ring 256,
+with the achieved TB/s of the rings' bytes) and the attention kernels on full decodes and
+on MAC steps with planted hits, at the benchmark's shapes (Hq = 32, Hkv = 8, D = 128,
+bf16), CUDA-graph medians. The settings are
 *passed* to the launchers (``launch=``), never written into ``mac_triton``. By default it
 sweeps tiles, warps, stages, programs per SM and the fewest keys per program (one setting
 for every batch size); ``--sweep FIELD=V1,V2,...`` varies one field of the current
@@ -11,7 +13,7 @@ Prints the settings ranked by their worst ratio to the best and writes ``tune.cs
 ``--out``. The defaults in ``mac_triton.launch`` come from runs of this script (see
 ``benchmarks/RESULTS.md``).
 
-    python -m benchmarks.tune_decode [--skip-match] [--sweep FIELD=V1,V2,...]
+    python -m benchmarks.tune_decode [--skip-match | --match-only] [--sweep FIELD=V1,V2,...]
 """
 
 from __future__ import annotations
@@ -30,6 +32,9 @@ from mac_triton.launch import NARROW, WIDE, Launch, MatchLaunch, launch_for
 
 from .harness import match_only, planted_state, ring_restoring_step, timed_us
 
+# the match scan's cases: (batch, Hq, D, ring W)
+MATCH_CASES = [(1, 32, 128, 1024), (16, 32, 128, 1024), (16, 9, 64, 256), (64, 9, 64, 256)]
+MATCH_SETTINGS = list(itertools.product((16, 32, 64, 128, 256), (1, 2, 4, 8), (4, 8, 16)))  # block_w, warps, programs per SM
 # (batch, context, hit rates; None: the full decode), Hkv 8
 ATTEND_CASES = [(1, 8192, (None, 1.0)), (1, 131072, (None, 1.0, 0.95, 0.5)), (16, 8192, (None, 1.0)), (16, 131072, (None, 0.95, 0.5))]
 SHAPES = [  # block_n, min_chunk, programs per SM, warps, stages
@@ -66,6 +71,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
     parser.add_argument("--skip-match", action="store_true", help="only the attention kernels")
+    parser.add_argument("--match-only", action="store_true", help="only the match scan")
     parser.add_argument("--sweep", metavar="FIELD=V1,V2,...",
                         help="vary one field of the current WIDE and NARROW settings (e.g. unit_cost=0,256,512) "
                              "instead of sweeping tiles, warps and stages")  # fmt: skip
@@ -74,16 +80,20 @@ def main():
     gen = torch.Generator(device=device).manual_seed(0)
     rows = []
 
-    for batch in () if args.skip_match else (1, 16):  # the match scan
-        q = torch.randn(batch, 32, 128, generator=gen, device=device).bfloat16()
-        ring = torch.randn(batch, 32, 1024, 128, generator=gen, device=device).bfloat16()
+    for batch, q_heads, head_dim, window in () if args.skip_match else MATCH_CASES:  # the match scan
+        q = torch.randn(batch, q_heads, head_dim, generator=gen, device=device).bfloat16()
+        ring = torch.randn(batch, q_heads, window, head_dim, generator=gen, device=device).bfloat16()
         pos = torch.full((batch,), 131071, dtype=torch.int64, device=device)
-        for block_w, warps, per_sm in itertools.product((16, 32, 64), (2, 4, 8), (4, 8, 16)):
+        for block_w, warps, per_sm in MATCH_SETTINGS:
+            if block_w > window:
+                continue
             us = graph_us(match_only(q, ring, pos, MatchLaunch(block_w, warps, per_sm)))
-            rows.append(dict(kernel="match", batch=batch, ctx=1024, block_n=block_w, warps=warps, programs_per_sm=per_sm, us=round(us, 2)))
-
-    cases = attend_cases(gen, MACConfig(window=1024, band=256, tau=0.45))
-    if args.sweep is None:  # one setting for every batch size
+            rows.append(dict(kernel="match", batch=batch, ctx=window, q_heads=q_heads, head_dim=head_dim, block_n=block_w,
+                             warps=warps, programs_per_sm=per_sm, us=round(us, 2), tb_per_s=round(ring.nbytes / us / 1e6, 3)))  # fmt: skip
+    cases = {} if args.match_only else attend_cases(gen, MACConfig(window=1024, band=256, tau=0.45))
+    if args.match_only:
+        candidates = []
+    elif args.sweep is None:  # one setting for every batch size
         launches = [dataclasses.replace(WIDE, block_n=n, min_chunk=m, programs_per_sm=p, warps=w, stages=st) for n, m, p, w, st in SHAPES]
         candidates = [(launch, launch) for launch in launches]
     else:  # one field of the current settings
@@ -103,13 +113,16 @@ def main():
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     with open(out / "tune.csv", "w", newline="") as f:
-        fields = ["kernel", "batch", "ctx", "candidate", *(f.name for f in dataclasses.fields(Launch)), "us"]
+        fields = ["kernel", "batch", "ctx", "q_heads", "head_dim", "candidate", *(f.name for f in dataclasses.fields(Launch)), "us", "tb_per_s"]
         writer = csv.DictWriter(f, fieldnames=fields)
         writer.writeheader()
         writer.writerows(rows)
-    for batch in () if args.skip_match else (1, 16):
-        best = sorted((r for r in rows if r["kernel"] == "match" and r["batch"] == batch), key=lambda r: r["us"])[:3]
-        print("match batch", batch, [(r["block_n"], r["warps"], r["programs_per_sm"], r["us"]) for r in best])
+    for batch, q_heads, head_dim, window in () if args.skip_match else MATCH_CASES:
+        mine = [r for r in rows if r["kernel"] == "match" and (r["batch"], r["q_heads"], r["head_dim"], r["ctx"]) == (batch, q_heads, head_dim, window)]
+        now = next(r for r in mine if (r["block_n"], r["warps"], r["programs_per_sm"]) == dataclasses.astuple(mac_triton.MATCH))
+        best = sorted(mine, key=lambda r: r["us"])[:3]
+        print(f"match B {batch} Hq {q_heads} D {head_dim} W {window}: default {now['us']} µs ({now['tb_per_s']} TB/s); best",
+              [(r["block_n"], r["warps"], r["programs_per_sm"], r["us"], r["tb_per_s"]) for r in best])
     times = [[r["us"] for r in rows if r.get("candidate") == i] for i in range(len(candidates))]
     if candidates:  # ranked by the worst ratio to the best candidate of each case
         best = [min(t[c] for t in times) for c in range(len(cases))]
