@@ -220,3 +220,10 @@ def check_attention_inputs(q_post, k_cache, v_cache, positions, limits: BackendL
     check_int_tensor("positions", positions, (B,))
     check_same_device(q_post=q_post, **cache_device_tensors(k_cache, v_cache), positions=positions)
     check_positions_in_cache(positions, k_cache)
+
+
+def check_group(q_heads: int, kv_heads: int | None) -> int:
+    """The group size ``Hq / Hkv`` of a group match; a ``ValueError`` naming ``kv_heads`` otherwise."""
+    if isinstance(kv_heads, bool) or not isinstance(kv_heads, int) or kv_heads <= 0 or q_heads % kv_heads:
+        raise ValueError(f"kv_heads must be a positive divisor of Hq = {q_heads} for MACConfig.group_match, got {kv_heads!r}")
+    return q_heads // kv_heads

@@ -27,6 +27,11 @@ class MACConfig:
         rule: the acceptance rule (:mod:`mac_core.rules`): :class:`~mac_core.rules.PaperRule`
             (the distance test alone, the default) or :class:`~mac_core.rules.MassRule`
             (candidates verified by the mass their row carries).
+        group_match: ``False`` (the paper: each query head matches its own row) or ``True``:
+            one matched row per KV group, ``j*_g = argmin_j Σ_{h∈g} d_h(j)`` (ties to the most
+            recent; a row some head of the group may not reuse, by ``max_chain``, is no
+            candidate for the group), each head's distance test and rule at its own
+            ``d_h(j*_g)``; the heads of a group then reuse the same step and read the same span.
         radius_scale: ``None`` (``s_h = 1``, the paper) or one positive factor ``s_h`` per
             query head, e.g. from a calibration.
         calibration: ``None`` or the name of a radius calibration
@@ -52,6 +57,7 @@ class MACConfig:
     band: int = 256
     tau: float = 0.45
     rule: AcceptanceRule = PaperRule()
+    group_match: bool = False
     radius_scale: tuple[float, ...] | None = None
     calibration: str | None = None
     min_context: int = 0
@@ -79,6 +85,8 @@ class MACConfig:
             raise ValueError(f"MACConfig.max_chain must be None or an int >= 1, got {self.max_chain!r}")
         if isinstance(self.tau, bool) or not isinstance(self.tau, (int, float)) or not math.isfinite(self.tau):
             raise ValueError(f"MACConfig.tau must be a finite number, got {self.tau!r}")
+        if not isinstance(self.group_match, bool):
+            raise TypeError(f"MACConfig.group_match must be a bool, got {self.group_match!r}")
         if not isinstance(self.rule, tuple(RULES.values())):
             raise TypeError(f"MACConfig.rule must be one of the rules {sorted(RULES)} (mac_core.rules), got {self.rule!r}")
         if self.radius_scale is not None and not (

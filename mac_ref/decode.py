@@ -89,7 +89,7 @@ def decode_step(q_pre, k_cache, v_cache, state: LayerState, positions, config: M
     if q_post is None:
         q_post = apply_rope(q_pre, positions[:, None], config.rope_base)
 
-    candidates = find_match(q_pre, state, positions, config)
+    candidates = find_match(q_pre, state, positions, config, kv_heads=k_cache.shape[1])
     # the sinks and the tail do not depend on the decisions: attended once, for the rule and the output
     sinks, tail = edge_summaries(q_post, k_cache, v_cache, step_spans(positions, candidates, config), scale, config.softcap)
     decision = accept_candidates(config, candidates, state, q_post, k_cache, v_cache, positions, scale, merge(sinks, tail))

@@ -125,7 +125,8 @@ def mac_step(
     rule = config.rule
     keys = workspace.keys  # all NO_CANDIDATE without a scan: every head misses
     if match:
-        keys = match_keys(q_pre, state.ring_q, positions, keys, state.ring_depth, config.max_chain, match_launch)
+        group = Hq // Hkv if config.group_match else None
+        keys = match_keys(q_pre, state.ring_q, positions, keys, state.ring_depth, config.max_chain, match_launch, group)
     verify = None
     if match and (rule.verifies or rule.per_group):  # decided inside the attend kernel, after the fresh part
         verify = Verify(rule.name, rule.per_group, workspace.rule_radius_sq, state, workspace.counters)

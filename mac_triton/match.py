@@ -16,6 +16,10 @@ How it maps onto the GPU:
   ``key = bits(d) << 32 | lag``. Non-negative float32 bit patterns order like the floats,
   so the smallest key is the smallest distance and, among equal distances, the smallest
   lag: exactly the reference's tie rule, whatever the order the programs finish in;
+- a group match (``config.group_match``): program ``b·Hkv + g`` scans the whole window of
+  the group's ``G`` heads, sums their distances per slot and keeps, beside the best
+  ``(Σ_h d, lag)``, each head's own distance there; it stores each head's key
+  ``bits(d_h) << 32 | lag`` directly (one program per group: no atomics, no split);
 - :func:`decode_key` turns the key back into ``(candidate, j*, d)``; the fused decode step
   does that inside its attention kernels instead of launching :func:`find_match`'s
   finalize kernel. The keys live in a workspace of the step's (``mac_triton.decode.
@@ -31,6 +35,7 @@ import torch
 import triton
 import triton.language as tl
 
+from mac_core.checks import check_group
 from mac_core.config import MACConfig
 from mac_core.state import LayerState
 from mac_core.step import MatchResult
@@ -81,6 +86,55 @@ def _match_kernel(
 
 
 @triton.jit
+def _group_match_kernel(
+    q_ptr, ring_ptr, depth_ptr, pos_ptr, key_ptr,
+    stride_qb, stride_qh, stride_rb, stride_rh, stride_rw, stride_db, stride_dh,
+    Hkv, G, W, max_chain,
+    D: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_D: tl.constexpr, G_PAD: tl.constexpr, BOUNDED: tl.constexpr,
+):
+    grp = tl.program_id(0)
+    b = grp // Hkv
+    first_head = (grp % Hkv) * G
+    t = tl.load(pos_ptr + b).to(tl.int64)
+    t_slot = (t % W).to(tl.int32)
+    cols = tl.arange(0, BLOCK_D)
+    col_mask = cols < D
+    lanes = tl.arange(0, G_PAD)
+    best = tl.full((), _NO_CANDIDATE, tl.int64)  # bits(Σ_h d) << 32 | lag of the best slot so far
+    best_dist = tl.full([G_PAD], float("inf"), tl.float32)  # each head's own distance there
+    for w0 in range(0, W, BLOCK_W):
+        slots = w0 + tl.arange(0, BLOCK_W)  # [BLOCK_W]
+        slot_mask = slots < W
+        lag = t_slot - slots  # slot j mod W holds token j = t − lag, lag ∈ [1, W]
+        lag = tl.where(lag <= 0, lag + W, lag)
+        total = tl.zeros([BLOCK_W], tl.float32)
+        per_head = tl.zeros([G_PAD, BLOCK_W], tl.float32)
+        for g in range(G):
+            h = first_head + g
+            q = tl.load(q_ptr + b * stride_qb + h * stride_qh + cols, mask=col_mask, other=0.0).to(tl.float32)
+            rows = tl.load(
+                ring_ptr + b.to(tl.int64) * stride_rb + h * stride_rh + slots[:, None] * stride_rw + cols[None, :],
+                mask=slot_mask[:, None] & col_mask[None, :], other=0.0,
+            ).to(tl.float32)  # [BLOCK_W, D]
+            diff = rows - q[None, :]
+            dist = tl.sum(diff * diff, axis=1)  # [BLOCK_W]
+            if BOUNDED:  # a row this head may not reuse is no candidate for the group
+                depth = tl.load(depth_ptr + b * stride_db + h * stride_dh + slots, mask=slot_mask, other=0)
+                dist = tl.where(depth < max_chain, dist, float("inf"))
+            total += dist
+            per_head = tl.where(lanes[:, None] == g, dist[None, :], per_head)
+        valid = slot_mask & (lag <= t) & (total < float("inf"))
+        key = tl.where(valid, (total.to(tl.int32, bitcast=True).to(tl.int64) << 32) | lag.to(tl.int64), _NO_CANDIDATE)
+        tile_best = tl.min(key, axis=0)
+        if tile_best < best:  # (lags are distinct: one slot holds the tile's best key)
+            best = tile_best
+            best_dist = tl.sum(tl.where(key[None, :] == tile_best, per_head, 0.0), axis=1)
+    head_key = (best_dist.to(tl.int32, bitcast=True).to(tl.int64) << 32) | (best & 0xFFFFFFFF)
+    head_key = tl.where(best == _NO_CANDIDATE, _NO_CANDIDATE, head_key)
+    tl.store(key_ptr + b * Hkv * G + first_head + lanes, head_key, mask=lanes < G)
+
+
+@triton.jit
 def decode_key(key, t, min_context, radius_sq):
     """``(candidate, j*, d)`` of a head's match key at position ``t``: the distance test
     ``d < radius_sq`` at ``t ≥ min_context`` (``j* = −1``, ``d = inf``: no candidate)."""
@@ -121,25 +175,37 @@ def new_keys(device, n: int) -> torch.Tensor:
 def match_keys(
     q_pre: torch.Tensor, ring_q: torch.Tensor, positions: torch.Tensor, keys: torch.Tensor,
     ring_depth: torch.Tensor | None = None, max_chain: int | None = None, launch: MatchLaunch = MATCH,
+    group: int | None = None,
 ) -> torch.Tensor:
     """Launch the scan (no validation, no host sync): fold ``bits(d_{j*}) << 32 | lag`` into
     the ``[B·Hq]`` int64 ``keys`` (all :data:`NO_CANDIDATE` on entry; see the module doc),
     which the caller must consume and reset. With ``max_chain``, rows whose
-    ``ring_depth [B, Hq, W]`` is ``≥ max_chain`` are skipped. Returns ``keys``."""
+    ``ring_depth [B, Hq, W]`` is ``≥ max_chain`` are skipped; with ``group = Hq / Hkv``, the
+    group match. Returns ``keys``."""
     B, Hq, D = q_pre.shape
     W = ring_q.shape[2]
     if B * Hq == 0:
+        return keys
+    bounded = max_chain is not None
+    depth = ring_depth if bounded else None
+    depth_strides = (depth.stride(0), depth.stride(1)) if bounded else (0, 0)
+    if group is not None:
+        _group_match_kernel[(B * Hq // group,)](
+            q_ptr=q_pre, ring_ptr=ring_q, depth_ptr=depth, pos_ptr=positions, key_ptr=keys,
+            stride_qb=q_pre.stride(0), stride_qh=q_pre.stride(1), stride_rb=ring_q.stride(0), stride_rh=ring_q.stride(1),
+            stride_rw=ring_q.stride(2), stride_db=depth_strides[0], stride_dh=depth_strides[1],
+            Hkv=Hq // group, G=group, W=W, max_chain=max_chain or 0,
+            D=D, BLOCK_W=launch.block_w, BLOCK_D=triton.next_power_of_2(D), G_PAD=triton.next_power_of_2(group), BOUNDED=bounded,
+            num_warps=launch.warps,
+        )
         return keys
     # split the window until there are enough programs to keep every SM's loads in flight
     splits = max(1, min(triton.cdiv(W, launch.block_w), triton.cdiv(launch.programs_per_sm * num_sms(q_pre.device), B * Hq)))
     slots_per_program = triton.cdiv(triton.cdiv(W, splits), launch.block_w) * launch.block_w
     splits = triton.cdiv(W, slots_per_program)
-    bounded = max_chain is not None
-    depth = ring_depth if bounded else None
     _match_kernel[(B * Hq, splits)](
         q_pre, ring_q, depth, positions, keys,
-        q_pre.stride(0), q_pre.stride(1), ring_q.stride(0), ring_q.stride(1), ring_q.stride(2),
-        depth.stride(0) if bounded else 0, depth.stride(1) if bounded else 0,
+        q_pre.stride(0), q_pre.stride(1), ring_q.stride(0), ring_q.stride(1), ring_q.stride(2), *depth_strides,
         Hq, W, slots_per_program, max_chain or 0,
         D=D, BLOCK_W=launch.block_w, BLOCK_D=triton.next_power_of_2(D), BOUNDED=bounded,
         num_warps=launch.warps,
@@ -148,7 +214,8 @@ def match_keys(
 
 
 def find_match(
-    q_pre: torch.Tensor, state: LayerState, positions: torch.Tensor, config: MACConfig, launch: MatchLaunch = MATCH
+    q_pre: torch.Tensor, state: LayerState, positions: torch.Tensor, config: MACConfig, kv_heads: int | None = None,
+    launch: MatchLaunch = MATCH,
 ) -> MatchResult:
     """Match each query head against its ring window (see :func:`mac_ref.match.find_match`).
 
@@ -156,7 +223,8 @@ def find_match(
         q_pre: ``[B, Hq, D]`` pre-RoPE queries (float16 / bfloat16 / float32).
         state: the layer's rings; ``state.ring_q`` is ``[B, Hq, W, D]``.
         positions: ``[B]`` int32/int64 current positions ``t``.
-        config: ``τ``, ``radius_scale``, ``min_context`` and ``max_chain`` (the window is the ring's).
+        config: ``τ``, ``radius_scale``, ``min_context``, ``max_chain`` and ``group_match`` (the window is the ring's).
+        kv_heads: ``Hkv``, the KV groups of ``config.group_match`` (needed only there).
 
     Returns:
         :class:`~mac_core.step.MatchResult`: ``hit [B, Hq]`` bool (the distance test),
@@ -166,7 +234,8 @@ def find_match(
     LIMITS.check_dtype("q_pre", q_pre)
     LIMITS.check_dtype("state.ring_q", state.ring_q)
     B, Hq, D = q_pre.shape
-    keys = match_keys(q_pre, state.ring_q, positions, new_keys(q_pre.device, B * Hq), state.ring_depth, config.max_chain, launch)
+    group = check_group(Hq, kv_heads) if config.group_match else None
+    keys = match_keys(q_pre, state.ring_q, positions, new_keys(q_pre.device, B * Hq), state.ring_depth, config.max_chain, launch, group)
     hit = torch.empty(B, Hq, dtype=torch.int8, device=q_pre.device)
     matched = torch.empty(B, Hq, dtype=torch.int64, device=q_pre.device)
     dist = torch.empty(B, Hq, dtype=torch.float32, device=q_pre.device)

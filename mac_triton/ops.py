@@ -69,13 +69,14 @@ def _mac_step_op(
     ring_q: Tensor, ring_o: Tensor, ring_lse: Tensor, ring_depth: Tensor, positions: Tensor,
     keys: Tensor, radius_sq: Tensor, rule_radius_sq: Tensor, counters: Tensor,
     band: int, sinks: int, min_context: int, max_chain: int, row_update: str, rule: str, per_group: bool,
-    scale: float, softcap: float, scan: bool,
+    group_match: bool, scale: float, softcap: float, scan: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
     # (``scan`` is mac_step's ``match``: Inductor's pattern matcher reserves that keyword)
     # the fields mac_step reads; τ (and τ_m) arrive as the workspace's radii
     config = MACConfig(
         window=ring_q.shape[2], band=band, sinks=sinks, min_context=min_context, max_chain=None if max_chain < 0 else max_chain,
-        row_update=row_update, rule=RULES[rule](per_group=per_group), softcap=None if softcap == NO_CAP else softcap,
+        row_update=row_update, rule=RULES[rule](per_group=per_group), group_match=group_match,
+        softcap=None if softcap == NO_CAP else softcap,
     )
     state = LayerState(ring_q, ring_o, ring_lse, ring_depth, positions)
     workspace = decode.DecodeWorkspace(keys, radius_sq, rule_radius_sq, config, counters)
@@ -125,7 +126,7 @@ def mac_step(q_pre, q_post, k_cache, v_cache, state: LayerState, positions, conf
     out, lse, *stats = torch.ops.mac_triton.mac_step(
         q_pre, q_post, *_cache_args(k_cache, v_cache), state.ring_q, state.ring_o, state.ring_lse, state.ring_depth,
         positions, workspace.keys, workspace.radius_sq, workspace.rule_radius_sq, workspace.counters, config.band, config.sinks,
-        config.min_context, max_chain, config.row_update, config.rule.name, config.rule.per_group, scale,
+        config.min_context, max_chain, config.row_update, config.rule.name, config.rule.per_group, config.group_match, scale,
         NO_CAP if config.softcap is None else config.softcap, match,
     )
     return out, lse, StepStats(**dict(zip(STATS, stats)))

@@ -3,7 +3,7 @@ literally as possible, against ``mac_ref``.
 
 :func:`literal_stream` uses Python floats and loops only: no tensors, no ``mac_ref``
 internals. It follows the spec line by line (match with most-recent tie-break and
-``min_context`` and ``max_chain``, the acceptance rules with ``w`` and their group-aware
+``min_context`` and ``max_chain``, per head or shared by a KV group, the acceptance rules with ``w`` and their group-aware
 variant, amend, complete, sinks, both row rules, exact prefill seeding, chain depths), so
 a disagreement points at one side or the other rather than at a shared helper.
 """
@@ -137,16 +137,23 @@ def literal_stream(q_pre, k, v, prompt_lengths, config: MACConfig):
             N = E(t)
             S = min(F, N)
             found = []
+
+            def distance(h, j):  # d_j of head h; inf for a row at the end of a reuse chain of max_chain links
+                if config.max_chain is not None and depth[h][j] >= config.max_chain:
+                    return math.inf
+                return sum((x - y) ** 2 for x, y in zip(q_pre[b][h][t], q_pre[b][h][j]))
+
             for h in range(Hq):
-                # 1. match: nearest of the last W queries, ties to the most recent; rows at the
-                #    end of a reuse chain of max_chain links are no candidates
-                best_j, best_d = -1, math.inf
+                # 1. match: nearest of the last W queries, ties to the most recent; rows at the end
+                #    of a reuse chain are no candidates. A group match: the group's heads share the
+                #    row nearest in the sum of their distances; each keeps its own distance to it.
+                heads = range(h - h % group, h - h % group + group) if config.group_match else [h]
+                best_j, best_sum = -1, math.inf
                 for j in range(t - 1, max(0, t - W) - 1, -1):
-                    if config.max_chain is not None and depth[h][j] >= config.max_chain:
-                        continue
-                    d = sum((x - y) ** 2 for x, y in zip(q_pre[b][h][t], q_pre[b][h][j]))
-                    if d < best_d:
-                        best_j, best_d = j, d
+                    total = sum(distance(g, j) for g in heads)
+                    if total < best_sum:
+                        best_j, best_sum = j, total
+                best_d = distance(h, best_j) if best_j >= 0 else math.inf
                 radius_sq = 2.0 * D * (1.0 - tau) ** 2 * scales[h] ** 2  # only used when tau < 1
                 candidate = best_j >= 0 and t >= config.min_context and tau < 1 and best_d < radius_sq
                 # 2. the rule: what the reused row would carry against the fresh keys [0, S) and [P, t+1)
@@ -243,12 +250,13 @@ def check_against_literal(q_pre, k, v, prompt_lengths, config: MACConfig):
     max_chain=st.sampled_from([None, 1, 3]),
     row_update=st.sampled_from(["split", "subtract"]),
     rule=st.sampled_from([PaperRule(), PaperRule(per_group=True), MassRule(tau_m=0.45), MassRule(tau_m=0.75, per_group=True), MassRule(tau_m=1.0)]),
+    group_match=st.booleans(),
     noise=st.sampled_from([0.0, 0.05]),  # 0: exact repeats, so distance ties
     seed=st.integers(0, 2**31),
 )
 def test_mac_ref_equals_the_literal_recurrence(
     batch, kv_heads, group, head_dim, prompt_lengths, steps, window, band, tau, radius_scale, sinks, min_context,
-    max_chain, row_update, rule, noise, seed,
+    max_chain, row_update, rule, group_match, noise, seed,
 ):
     prompt_lengths = prompt_lengths[:batch]
     T = max(prompt_lengths) + steps
@@ -259,6 +267,7 @@ def test_mac_ref_equals_the_literal_recurrence(
     config = MACConfig(
         window=window, band=band, tau=tau, sinks=sinks, min_context=min_context, max_chain=max_chain,
         row_update=row_update, radius_scale=None if radius_scale is None else tuple(radius_scale[:q_heads]), rule=rule,
+        group_match=group_match,
     )
     n_hits, n_steps = check_against_literal(q, k, v, prompt_lengths, config)
     event(f"hit share {round(n_hits / n_steps, 1)}")
@@ -317,3 +326,17 @@ def test_long_fuzz_against_the_literal_recurrence(
     )
     config = MACConfig(window=window, band=band, tau=tau, sinks=sinks, min_context=min_context, row_update=row_update)
     check_against_literal(q, k, v, prompt_lengths, config)
+
+
+@pytest.mark.parametrize("group", [1, 3, 4, 8])
+@pytest.mark.parametrize("rule", [PaperRule(), MassRule(tau_m=0.6)], ids=["paper", "mass"])
+def test_long_stream_with_a_group_match(group, rule):
+    """A group match along 60 steps at GQA ratios 1, 3, 4 and 8: the literal loop's decisions,
+    outputs and rows (to 1e-10), and every head of a KV group on the same row."""
+    q, k, v = synthetic_stream(2, 2 * group, 2, 70, 8, reuse=0.8, noise=0.05, max_lag=12, seed=9, dtype=torch.float64)
+    config = MACConfig(window=16, band=6, tau=0.1, sinks=2, max_chain=2, rule=rule, group_match=True)
+    n_hits, n_steps = check_against_literal(q, k, v, [10, 4], config)
+    assert 0.1 < n_hits / n_steps < 0.95, n_hits / n_steps
+    matched = run_stream(q, k, v, torch.tensor([10, 4]), config).stats.matched_pos  # [S, B, Hq]
+    by_group = matched.view(*matched.shape[:2], 2, group)
+    assert (by_group == by_group[..., :1]).all()

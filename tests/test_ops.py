@@ -71,7 +71,7 @@ def test_opcheck():
     args = (
         q_pre, q_post, k, v, None, None, None, ops.CONTIGUOUS, state.ring_q, state.ring_o, state.ring_lse, state.ring_depth,
         pos, ws.keys, ws.radius_sq, ws.rule_radius_sq, ws.counters, CONFIG.band, CONFIG.sinks, CONFIG.min_context, -1,
-        CONFIG.row_update, CONFIG.rule.name, CONFIG.rule.per_group, CONFIG.softmax_scale(D), ops.NO_CAP, True,
+        CONFIG.row_update, CONFIG.rule.name, CONFIG.rule.per_group, CONFIG.group_match, CONFIG.softmax_scale(D), ops.NO_CAP, True,
     )  # fmt: skip
     torch.library.opcheck(torch.ops.mac_triton.mac_step.default, args, test_utils=("test_schema", "test_faketensor"))
     full_args = (q_post, k, v, None, None, None, ops.CONTIGUOUS, pos, 0.25, 50.0)  # a soft-capped full step

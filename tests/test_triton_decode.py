@@ -126,6 +126,8 @@ SECOND_STREAMS = {
         torch.bfloat16, 8, 2, 16, [19, 9, 27], "wide",
         MACConfig(window=8, band=0, tau=0.2, sinks=1, max_chain=2, row_update="subtract", rule=PaperRule(per_group=True)),
     ),
+    # a group match (one row per KV group, GQA 4) with the mass rule: shared rows, per-head tests
+    "group-match": (torch.float32, 8, 2, 16, [19, 9, 27], "narrow", MACConfig(window=8, band=3, tau=0.0, sinks=1, rule=MassRule(tau_m=0.7), group_match=True)),
 }  # fmt: skip
 
 

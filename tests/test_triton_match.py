@@ -114,3 +114,23 @@ def test_max_chain_skips_deep_rows_as_in_reference():
         found = want.matched_pos >= 0
         assert (state.depths(want.matched_pos.clamp(min=0))[found] < K).all()
     assert not torch.equal(mac_ref.find_match(q, state, pos, MACConfig(window=16, band=4, tau=0.45, max_chain=1)).matched_pos, free.matched_pos)
+
+
+@pytest.mark.parametrize("group", [1, 3, 4, 8])
+@pytest.mark.parametrize("max_chain", [None, 2])
+def test_group_match_matches_reference(group, max_chain):
+    """``config.group_match`` at GQA ratios 1, 3, 4 and 8 (two KV groups, ragged positions, t < W
+    included): the same shared row per group, each head's own distance to it, the same tests;
+    rows some head of the group may not reuse (``max_chain``) are no candidates for the group."""
+    q_heads = 2 * group
+    state, q, pos = ring_and_queries(2, q_heads, 32, 64, [100, 30], torch.float32, group, repeats=2)
+    gen = torch.Generator().manual_seed(group)
+    state.ring_depth.copy_(torch.randint(0, 3, state.ring_depth.shape, generator=gen, dtype=torch.int32))
+    config = MACConfig(window=64, band=4, tau=0.45, max_chain=max_chain, group_match=True)
+    got = mac_triton.find_match(q, state, pos, config, kv_heads=2)
+    want = mac_ref.find_match(q, state, pos, config, kv_heads=2)
+    assert_same_match(got, want, q, state, pos, torch.float32)
+    by_group = want.matched_pos.view(2, 2, group)
+    assert (by_group == by_group[..., :1]).all() and want.hit.any()
+    with pytest.raises(ValueError, match="kv_heads"):
+        mac_triton.find_match(q, state, pos, config, kv_heads=3 if group != 3 else 5)
