@@ -55,6 +55,8 @@ def add_mac_options(parser: argparse.ArgumentParser, defaults: MACConfig) -> Non
     parser.set_defaults(default_tau_m=tau_m)
     group.add_argument("--per-group", action=argparse.BooleanOptionalAction, default=defaults.rule.per_group,
                        help="group-aware decisions: a KV group reuses only if all its heads would")
+    group.add_argument("--group-match", action=argparse.BooleanOptionalAction, default=defaults.group_match,
+                       help="one matched row per KV group (the nearest in the sum of its heads' distances), each head tested at its own distance")
     group.add_argument("--tau", type=float, default=defaults.tau, help="match threshold τ of the distance test (higher is stricter; ≥ 1: no hits)")
     group.add_argument("--window", type=positive_int, default=defaults.window, help="ring size / match window W")
     group.add_argument("--band", type=int, default=defaults.band, help="band r: a ring row leaves out its token's last r keys")
@@ -79,7 +81,7 @@ def config_from(args: argparse.Namespace, **extra) -> MACConfig:
             params["tau_m"] = args.tau_m if args.tau_m is not None else args.default_tau_m
         return MACConfig(
             window=args.window, band=args.band, tau=args.tau, sinks=args.sinks, max_chain=args.max_chain,
-            calibration=args.calibration, rule=RULES[args.rule](**params), **extra,
+            calibration=args.calibration, rule=RULES[args.rule](**params), group_match=args.group_match, **extra,
         )
     except (TypeError, ValueError) as err:
         raise InvalidOption(str(err)) from None
