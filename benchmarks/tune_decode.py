@@ -34,7 +34,7 @@ from .harness import match_only, planted_state, ring_restoring_step, timed_us
 
 # the match scan's cases: (batch, Hq, D, ring W)
 MATCH_CASES = [(1, 32, 128, 1024), (16, 32, 128, 1024), (16, 9, 64, 256), (64, 9, 64, 256)]
-MATCH_SETTINGS = list(itertools.product((16, 32, 64, 128, 256), (1, 2, 4, 8), (4, 8, 16)))  # block_w, warps, programs per SM
+MATCH_SETTINGS = list(itertools.product((32, 64, 128, 256), (2, 4, 8), (4, 16)))  # block_w, warps, programs per SM (splits at batch 1)
 # (batch, context, hit rates; None: the full decode), Hkv 8
 ATTEND_CASES = [(1, 8192, (None, 1.0)), (1, 131072, (None, 1.0, 0.95, 0.5)), (16, 8192, (None, 1.0)), (16, 131072, (None, 0.95, 0.5))]
 SHAPES = [  # block_n, min_chunk, programs per SM, warps, stages
