@@ -1,0 +1,131 @@
+"""Compile every Triton kernel of a decode step for a GPU, on a machine without one.
+
+The interpreter (``TRITON_INTERPRET=1``) runs the kernels' Python, not the compiler: code the
+interpreter accepts can still fail to lower (a loop-carried value changing type, a
+constexpr expression the code generator refuses) or spill registers. This script runs the
+launchers on CPU tensors with ``JITFunction.run`` replaced by a recorder, then compiles each
+recorded launch with ``triton.compile`` for the target (``ptxas`` ships with Triton's
+wheel) and prints each kernel's registers, stack (spilled bytes) and shared memory, from
+``cuobjdump --dump-resource-usage``. The cases: the paper's rule, the mass rule per group
+(the verifying step), the group match with the subtract row rule, each under the narrow and
+the wide launch, and the full decode, at the real model's shape (Hq 9, Hkv 3, D 64) and the
+paper's (Hq 32, Hkv 8, D 128), bf16.
+
+    python -m benchmarks.compile_kernels [--arch 90]
+
+Exits 1 when a kernel fails to compile. Run it with ``TRITON_INTERPRET`` unset.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import subprocess
+import sys
+import tempfile
+
+import torch
+import triton
+import triton.runtime.jit as jit
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+POINTER = {torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.float32: "*fp32", torch.int64: "*i64",
+           torch.int32: "*i32", torch.int8: "*i8"}  # fmt: skip
+
+
+def record_launches(run) -> list[tuple]:
+    """``(kernel, arguments by name, options)`` of every launch ``run()`` makes; nothing runs."""
+    launches = []
+
+    def recorder(self, *args, grid, warmup, **kwargs):
+        bound = dict(zip(self.arg_names, args)) | kwargs
+        options = {k: bound.pop(k) for k in ("num_warps", "num_stages") if k in bound}
+        launches.append((self, bound, options))
+
+    saved, jit.JITFunction.run = jit.JITFunction.run, recorder
+    try:
+        run()
+    finally:
+        jit.JITFunction.run = saved
+    return launches
+
+
+def specialise(kernel, bound: dict) -> tuple[dict, dict]:
+    """The signature and constants ``ASTSource`` takes, from one launch's arguments."""
+    signature, constants = {}, {}
+    for name, param in zip(kernel.arg_names, kernel.params):
+        value = bound[name]
+        if param.is_constexpr or value is None:
+            signature[name], constants[name] = "constexpr", value
+        elif isinstance(value, torch.Tensor):
+            signature[name] = POINTER[value.dtype]
+        elif isinstance(value, bool):
+            signature[name] = "i1"
+        elif isinstance(value, int):
+            signature[name] = "i64" if abs(value) >= 2**31 else "i32"
+        else:
+            signature[name] = "fp32"
+    return signature, constants
+
+
+def resources(cubin: bytes) -> str:
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+        out = subprocess.run([tool, "--dump-resource-usage", f.name], capture_output=True, text=True).stdout
+    found = re.search(r"REG:(\d+)\s+STACK:(\d+)\s+SHARED:(\d+)", out)
+    return f"registers {found[1]:>3}, stack {found[2]:>3} B, shared {found[3]:>6} B" if found else "resources unknown"
+
+
+def cases():
+    """``(name, run)`` of each case: a callable that makes one decode step's launches."""
+    from mac_core import LayerState, MACConfig, MassRule
+    from mac_triton import NARROW, WIDE, decode
+
+    for shape, (B, Hq, Hkv, D, W) in {"smollm2": (4, 9, 3, 64, 256), "paper": (2, 32, 8, 128, 1024)}.items():
+        q = torch.randn(B, Hq, D).bfloat16()
+        k = torch.randn(B, Hkv, 1200, D).bfloat16()
+        pos = torch.full((B,), 1100, dtype=torch.int64)
+        configs = {
+            "paper rule": MACConfig(window=W, band=256, tau=0.5),
+            "mass rule per group": MACConfig(window=W, band=256, tau=0.3, max_chain=2, rule=MassRule(tau_m=0.85, per_group=True)),
+            "group match, subtract": MACConfig(window=W, band=256, tau=0.5, group_match=True, row_update="subtract"),
+        }
+        for label, config in configs.items():
+            for launch_name, launch in (("narrow", NARROW), ("wide", WIDE)):
+                def step(config=config, launch=launch, B=B, Hq=Hq, D=D, W=W, q=q, k=k, pos=pos):
+                    state = LayerState.empty(B, Hq, D, W, dtype=torch.bfloat16, device="cpu")
+                    workspace = decode.DecodeWorkspace.new(config, B, Hq, D, "cpu")
+                    decode.mac_step(q, q, k, k, state, pos, config, 0.125, workspace, launch)
+
+                yield f"{shape}, {label}, {launch_name}", step
+        yield f"{shape}, full decode", lambda q=q, k=k, pos=pos: decode.full_step(q, k, k, pos)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--arch", type=int, default=90, help="the CUDA compute capability, e.g. 90 (H100, H200) or 80 (A100)")
+    args = parser.parse_args(argv)
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        sys.exit("unset TRITON_INTERPRET: under the interpreter there is nothing to compile")
+    target = GPUTarget("cuda", args.arch, 32)
+    failed = 0
+    for name, run in cases():
+        print(name, flush=True)
+        for kernel, bound, options in record_launches(run):
+            signature, constants = specialise(kernel, bound)
+            try:
+                compiled = triton.compile(ASTSource(kernel, signature, constants), target=target, options=options)
+                print(f"  {kernel.__name__:<22} {resources(compiled.asm['cubin'])}, {options.get('num_warps')} warps", flush=True)
+            except Exception as err:  # noqa: BLE001 - report every failure, then exit 1
+                failed += 1
+                print(f"  {kernel.__name__:<22} FAILED: {type(err).__name__}: {str(err)[:2000]}", flush=True)
+    print(f"{failed} kernel(s) failed to compile for sm_{args.arch}" if failed else f"every kernel compiled for sm_{args.arch}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
