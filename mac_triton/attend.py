@@ -113,7 +113,7 @@ def _attend_kernel(
     stride_qb, stride_qh, stride_kb, stride_kh, stride_kt, stride_vb, stride_vh, stride_vt,
     indptr_ptr, indices_ptr,
     below_o_ptr, below_lse_ptr, rule_radius_ptr, ring_lse_ptr, stride_rlb, stride_rlh, W,
-    hit_ptr, candidate_ptr, share_ptr, counter_ptr, counter_stride, prefix_base, max_pieces,
+    hit_ptr, candidate_ptr, share_ptr, counter_ptr, counter_stride, scratch_ptr, prefix_base, max_pieces,
     NG, Hkv, G, band, sinks, min_context, n_split, scale_log2, cap_log2,
     BAND_SOURCE: tl.constexpr, VERIFY: tl.constexpr, RULE: tl.constexpr, PER_GROUP: tl.constexpr, HELP_SPINS: tl.constexpr,
     PAGED: tl.constexpr, PAGE_SIZE: tl.constexpr, NG_BLOCK: tl.constexpr, G_BLOCK: tl.constexpr, MIN_CHUNK: tl.constexpr,
@@ -211,7 +211,7 @@ def _attend_kernel(
 
     if VERIFY:
         _take_prefix_units(
-            q_ptr, k_ptr, v_ptr, part_o_ptr, part_lse_ptr, hit_ptr, candidate_ptr, counter_ptr, counter_stride, prefix_base,
+            q_ptr, k_ptr, v_ptr, part_o_ptr, part_lse_ptr, hit_ptr, candidate_ptr, counter_ptr, counter_stride, scratch_ptr, prefix_base,
             max_pieces, sink_end, band_lo, in_plan, Hkv, G, stride_qb, stride_qh, stride_kb, stride_kh, stride_kt,
             stride_vb, stride_vh, stride_vt, scale_log2, cap_log2, indptr_ptr, indices_ptr,
             HELP_SPINS, PAGED, PAGE_SIZE, SOFTCAP, NG_BLOCK, D, BLOCK_D, G_PAD, BLOCK_N, UPCAST,
@@ -220,7 +220,7 @@ def _attend_kernel(
 
 @triton.jit
 def _take_prefix_units(
-    q_ptr, k_ptr, v_ptr, part_o_ptr, part_lse_ptr, hit_ptr, candidate_ptr, counter_ptr, counter_stride, prefix_base,
+    q_ptr, k_ptr, v_ptr, part_o_ptr, part_lse_ptr, hit_ptr, candidate_ptr, counter_ptr, counter_stride, scratch_ptr, prefix_base,
     max_pieces, sink_end, band_lo, in_plan, Hkv, G, stride_qb, stride_qh, stride_kb, stride_kh, stride_kt,
     stride_vb, stride_vh, stride_vt, scale_log2, cap_log2, indptr_ptr, indices_ptr,
     HELP_SPINS: tl.constexpr, PAGED: tl.constexpr, PAGE_SIZE: tl.constexpr, SOFTCAP: tl.constexpr, NG_BLOCK: tl.constexpr,
@@ -241,32 +241,43 @@ def _take_prefix_units(
         decided_pieces = tl.load(counter_ptr + PIECES * counter_stride + groups, mask=in_plan, other=0, volatile=True)
         claimed = tl.load(counter_ptr + CLAIMED * counter_stride + groups, mask=in_plan, other=0, volatile=True)
         open_groups = in_plan & (decided_pieces > claimed)
-        if tl.max(open_groups.to(tl.int32), axis=0) > 0:
-            open_grp = tl.min(tl.where(open_groups, groups, NG_BLOCK), axis=0)
-            start = pick(sink_end, groups, open_grp)
-            end = pick(band_lo, groups, open_grp)
-            req = open_grp // Hkv
-            open_kvh = open_grp % Hkv
+        choice = tl.where(
+            tl.max(open_groups.to(tl.int32), axis=0) > 0, tl.min(tl.where(open_groups, groups, NG_BLOCK), axis=0),
+            tl.where(tl.min(tl.where(in_plan, decided_pieces, 0), axis=0) >= 0, NG_BLOCK, NG_BLOCK + 1),
+        )  # a group to take from; NG_BLOCK: every group decided and taken; NG_BLOCK + 1: some undecided
+        # The counters change while they are read: threads holding copies of one element can read
+        # different values, so the choice is made uniform, one thread's read handed to all
+        tl.store(scratch_ptr + tl.program_id(0), choice)
+        tl.debug_barrier()
+        choice = tl.atomic_add(scratch_ptr + tl.program_id(0), 0, sem="relaxed")
+        if choice < NG_BLOCK:
+            start = pick(sink_end, groups, choice)
+            end = pick(band_lo, groups, choice)
+            req = choice // Hkv
+            open_kvh = choice % Hkv
             open_heads = open_kvh * G + lanes
-            n = tl.atomic_add(counter_ptr + PIECES * counter_stride + open_grp, 0, sem="acquire")  # the decider's stores are seen
+            tl.debug_barrier()
+            n = tl.atomic_add(counter_ptr + PIECES * counter_stride + choice, 0, sem="acquire")  # the decider's stores are seen
             piece_len = tl.cdiv(end - start, n)
             verdict = req * Hq + open_heads
             rejected = (tl.load(candidate_ptr + verdict, mask=lane_mask, other=0, volatile=True) != 0) & (
                 tl.load(hit_ptr + verdict, mask=lane_mask, other=1, volatile=True) == 0
             )
-            k = tl.atomic_add(counter_ptr + CLAIMED * counter_stride + open_grp, 1, sem="relaxed")
+            tl.debug_barrier()
+            k = tl.atomic_add(counter_ptr + CLAIMED * counter_stride + choice, 1, sem="relaxed")
             while k < n:
                 lo = (start + k * piece_len).to(tl.int32)
                 hi = tl.minimum(lo + piece_len, end).to(tl.int32)
                 hi_all = hi + tl.zeros([G_PAD], tl.int32)
                 _attend_unit(
                     q_ptr, k_ptr, v_ptr, part_o_ptr, part_lse_ptr, part_o_ptr, part_lse_ptr, req, open_kvh, open_heads, lane_mask,
-                    tl.where(rejected, lo, hi_all), hi_all, hi_all, lo, hi, prefix_base + open_grp * max_pieces + k, G,
+                    tl.where(rejected, lo, hi_all), hi_all, hi_all, lo, hi, prefix_base + choice * max_pieces + k, G,
                     stride_qb, stride_qh, stride_kb, stride_kh, stride_kt, stride_vb, stride_vh, stride_vt, scale_log2, cap_log2,
                     indptr_ptr, indices_ptr, PAGED, PAGE_SIZE, SOFTCAP, False, D, BLOCK_D, G_PAD, BLOCK_N, UPCAST,
                 )
-                k = tl.atomic_add(counter_ptr + CLAIMED * counter_stride + open_grp, 1, sem="relaxed")
-        elif tl.min(tl.where(in_plan, decided_pieces, 0), axis=0) >= 0:  # every group decided and taken
+                tl.debug_barrier()
+                k = tl.atomic_add(counter_ptr + CLAIMED * counter_stride + choice, 1, sem="relaxed")
+        elif choice == NG_BLOCK:
             spins = HELP_SPINS + 1
         else:
             spins += 1
@@ -429,7 +440,7 @@ def launch_attend(
     )
     verify_args = dict(
         below_o_ptr=None, below_lse_ptr=None, rule_radius_ptr=None, ring_lse_ptr=None, stride_rlb=0, stride_rlh=0, W=1,
-        hit_ptr=None, candidate_ptr=None, share_ptr=None, counter_ptr=None, counter_stride=0,
+        hit_ptr=None, candidate_ptr=None, share_ptr=None, counter_ptr=None, counter_stride=0, scratch_ptr=None,
     )
     if verify is not None:
         partials = partials._replace(
@@ -442,6 +453,7 @@ def launch_attend(
             ring_lse_ptr=ring_lse, stride_rlb=ring_lse.stride(0), stride_rlh=ring_lse.stride(1), W=verify.state.window,
             hit_ptr=partials.verdicts.hit, candidate_ptr=partials.verdicts.candidate, share_ptr=partials.verdicts.mass_share,
             counter_ptr=verify.counters, counter_stride=verify.counters.stride(0),
+            scratch_ptr=torch.empty(n_split, dtype=torch.int32, device=device),
         )
     span_ptrs, (stride_sb, stride_sh) = (None,) * 4, (0, 0)
     if band_source == BAND_FROM_SPANS.value:
