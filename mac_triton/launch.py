@@ -64,14 +64,16 @@ class MatchLaunch:
         programs_per_sm: the window is split until the scan has about this many programs per SM.
     """
 
-    block_w: int = 64
-    warps: int = 2
-    programs_per_sm: int = 4
+    block_w: int
+    warps: int
+    programs_per_sm: int
 
 
-# benchmarks/tune_decode.py on an H100 (ring 1024, Hq 32, D 128, bf16): 48.4 µs for the
-# 134 MB of rings at batch 16 (the sweep spanned 48.0 … 61.9 µs), 4.5 µs at batch 1 (4.5 … 6.7 µs)
-MATCH = MatchLaunch()
+# benchmarks/tune_decode.py --match-only on an H200 (benchmarks/results/h200_one_launch/tune_match.csv):
+# within 2.3 % of the best of 24 settings at every case (Hq 32, D 128, ring 1024 at batch 1 and 16;
+# Hq 9, D 64, ring 256 at batch 16 and 64); at the real model's batch 64 6.12 µs for its 18.9 MB of
+# rings (3.1 TB/s, 1.39× the copy-bandwidth floor) where the old 64-slot, 2-warp tiles took 8.37 µs
+MATCH = MatchLaunch(block_w=128, warps=4, programs_per_sm=4)
 
 
 def interpreting() -> bool:
