@@ -120,6 +120,22 @@ def decode_tables(file=DECODE) -> str:
 
 
 @region
+def kernel_bytes(file, q_heads, ctx, window) -> str:
+    """Per batch at one shape (``q_heads``), context and ring: each provider's step time, the bytes
+    it moves, the achieved TB/s and the byte floor's share of its time (``bench_decode``)."""
+    names = {"flashinfer_tcon": "FlashInfer (tensor cores)", "flashinfer_tcoff": "FlashInfer", "sdpa": "SDPA",
+             "triton_full": "Triton full", "mac_match_only": "MAC match scan alone"}  # fmt: skip
+    chosen = [r for r in rows(file) if r["q_heads"] == str(q_heads) and r["ctx"] == str(keys(ctx)) and r["window"] == str(window)]
+    header = ["batch", "provider", "µs", "MB moved", "TB/s", "of the byte floor"]
+    lines = [plots._row(header), plots._row(["---"] * len(header))]
+    for r in sorted(chosen, key=lambda r: (int(r["batch"]), r["provider"] != "mac", r["provider"], float(r["hit_rate"] or 0))):
+        name = f"MAC, {percent(r['hit_rate'], 0)} hits" if r["provider"] == "mac" else names.get(r["provider"], r["provider"])
+        cells = [r["batch"], name, fixed(r["median_us"], 1), fixed(r["mbytes"], 1), fixed(r["tb_per_s"], 2), percent(r["byte_floor_fraction"], 0)]
+        lines.append(plots._row(cells))
+    return "\n".join(lines)
+
+
+@region
 def rule_cost(file=DECODE) -> str:
     """The mass-aware rule's step time over the paper's (``plots.rule_cost_table``)."""
     return plots.rule_cost_table(points(file))
