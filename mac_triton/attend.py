@@ -6,25 +6,19 @@ once for all ``g`` query heads of the group (one ``tl.dot`` of ``[g, D] × [D, B
 and keeps a partial state per head; band units mask the keys below each head's own band
 start. Partial states go to a workspace that :mod:`mac_triton.reduce` merges.
 
-**A rule that verifies its candidates, in the same launch** (``verify``). Such a rule
-decides from the LSE of the fresh part, sinks, band and tail, which the plan's units of
-the group compute; a rejected candidate then also needs its prefix ``[S, P)``. One launch
-streams each group's keys once:
+**A rule that verifies its candidates** (``verify``) decides from the LSE of the fresh
+part, sinks, band and tail, which the plan's units of the group compute; a rejected
+candidate then also needs its prefix ``[S, P)``. Each group's keys are streamed once, in
+two launches that share nothing but their outputs (no program waits for another):
 
-- band units keep a second partial state per head over the keys of the group's band that
-  lie below the head's own start (``[lo, P)``, read anyway for the group's other heads);
-- each program counts the units it stores per group (an atomic counter, after a barrier
-  so that the stores precede the count); the one that stores a group's last unit decides
-  the group (:func:`mac_triton.decide.decide_group`) and publishes how many *prefix units*
-  ``[S, lo)`` the group's rejected candidates need (none when nothing is rejected);
-- a program whose planned units are done takes prefix units of decided groups (a second
-  counter hands out each unit once) until none is left; the reduce kernel merges them.
-
-No program ever waits for another to make progress: a program that finds no unit to take
-while groups are still undecided looks again a bounded number of times
-(``Launch.help_spins``, to share late decisions) and leaves; every decider takes what is
-left of its own group after its planned units. The counters live in the step's workspace
-and the reduce kernel resets them.
+- in the attend kernel, band units keep a second partial state per head over the keys of
+  the group's band that lie below the head's own start (``[lo, P)``: read anyway for the
+  group's other heads);
+- the prefix kernel runs ``max_pieces`` programs per group; each decides the group from
+  its stored units (:func:`mac_triton.decide.decide_group`: every program of a group
+  takes the same decision, the first writes it) and, when some candidate is rejected,
+  reads its piece of ``[S, lo)``, the group's prefix split into up to ``max_pieces``
+  pieces of at least ``4 · Launch.min_chunk`` keys. The reduce kernel merges it all.
 
 Soft-capping (``MACConfig.softcap``, Gemma 2's) caps each score in base 2: with
 ``C₂ = log2(e)·c``, ``s₂ = C₂·tanh(log2(e)·scale·q·k / C₂) = log2(e)·c·tanh(scale·q·k / c)``,
@@ -51,11 +45,12 @@ from mac_core.numerics import LOG2E
 from mac_core.state import LayerState
 
 from .decide import Verdicts, decide_group
-from .launch import Launch, interpreting, num_sms, upcast_dots
+from .launch import Launch, num_sms, upcast_dots
 from .numerics import LN2, tanh
 from .plan import (
-    _PLAN_FIELDS, BAND_FROM_SPANS, BAND_SOURCES, PLAN_BAND_UNITS, PLAN_FIELDS, PLAN_FIRST, PLAN_PREFIX_FIRST, PLAN_PREFIX_UNITS,
-    PLAN_SINK_END, PLAN_SINK_UNITS, PLAN_TAIL_END, PLAN_UNITS, head_band_start, keys_at, pick, pieces, plan_units, segment_cost,
+    _PLAN_FIELDS, BAND_FROM_SPANS, BAND_SOURCES, PLAN_BAND_START, PLAN_BAND_UNITS, PLAN_FIELDS, PLAN_FIRST, PLAN_PREFIX_FIRST,
+    PLAN_PREFIX_UNITS, PLAN_SINK_END, PLAN_SINK_UNITS, PLAN_TAIL_END, PLAN_UNITS, head_band_start, keys_at, pick, pieces,
+    plan_field, plan_units, segment_cost,
 )
 
 
@@ -81,44 +76,31 @@ class Partials(NamedTuple):
 
 
 class Verify(NamedTuple):
-    """What the attend kernel of a verifying step needs beyond the match.
+    """What a verifying step's prefix kernel needs beyond the match.
 
     Attributes:
         rule: the rule's name (:mod:`mac_triton.accept`); ``per_group``: its group-aware variant.
         rule_radius_sq: ``[Hq]`` float32 squared radii of the rule (``2D(1 − τ_m)² s_h²``).
         state: the rings (the matched rows' LSEs).
-        counters: the workspace's ``[3, B·Hq]`` int32 counters (:data:`COUNTER_RESET` between steps).
     """
 
     rule: str
     per_group: bool
     rule_radius_sq: torch.Tensor
     state: LayerState
-    counters: torch.Tensor
-
-
-# a verifying step's counters per group, rows of the workspace's ``[3, B·Hq]`` int32
-# (reset by the reduce kernel): units stored, prefix units (−1 until decided), prefix units claimed
-ARRIVED: tl.constexpr = tl.constexpr(0)
-PIECES: tl.constexpr = tl.constexpr(1)
-CLAIMED: tl.constexpr = tl.constexpr(2)
-COUNTER_ROWS = 3
-COUNTER_RESET = (0, -1, 0)
 
 
 @triton.jit
 def _attend_kernel(
-    q_ptr, k_ptr, v_ptr, part_o_ptr, part_lse_ptr, plan_ptr,
+    q_ptr, k_ptr, v_ptr, part_o_ptr, part_lse_ptr, below_o_ptr, below_lse_ptr, plan_ptr,
     pos_ptr, key_ptr, radius_ptr, band_start_ptr, sink_end_ptr, band_end_ptr, tail_end_ptr, stride_sb, stride_sh,
     stride_qb, stride_qh, stride_kb, stride_kh, stride_kt, stride_vb, stride_vh, stride_vt,
-    indptr_ptr, indices_ptr,
-    below_o_ptr, below_lse_ptr, rule_radius_ptr, ring_lse_ptr, stride_rlb, stride_rlh, W,
-    hit_ptr, candidate_ptr, share_ptr, counter_ptr, counter_stride, scratch_ptr, prefix_base, max_pieces,
+    indptr_ptr, indices_ptr, prefix_base, max_pieces,
     NG, Hkv, G, band, sinks, min_context, n_split, scale_log2, cap_log2,
-    BAND_SOURCE: tl.constexpr, VERIFY: tl.constexpr, RULE: tl.constexpr, PER_GROUP: tl.constexpr, HELP_SPINS: tl.constexpr,
+    BAND_SOURCE: tl.constexpr, VERIFY: tl.constexpr,
     PAGED: tl.constexpr, PAGE_SIZE: tl.constexpr, NG_BLOCK: tl.constexpr, G_BLOCK: tl.constexpr, MIN_CHUNK: tl.constexpr,
     UNIT_COST: tl.constexpr, SOFTCAP: tl.constexpr,
-    D: tl.constexpr, BLOCK_D: tl.constexpr, G_PAD: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr, BLOCK_U: tl.constexpr,
+    D: tl.constexpr, BLOCK_D: tl.constexpr, G_PAD: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr,
 ):
     first, n_sink, n_band, n_units, sink_end, band_lo, band_end, tail_end, offset, chunk, total = plan_units(
         pos_ptr, key_ptr, radius_ptr, band_start_ptr, sink_end_ptr, band_end_ptr, tail_end_ptr, stride_sb, stride_sh,
@@ -130,16 +112,17 @@ def _attend_kernel(
     lane_mask = lanes < G
     Hq = Hkv * G
     pid = tl.program_id(0)
-    if pid == 0:  # the reduce kernel reads the plan: the match keys are reset before it ends
+    if pid == 0:  # the reduce kernel (and a verifying step's prefix kernel) read the plan
         row = plan_ptr + groups * _PLAN_FIELDS
         tl.store(row + PLAN_FIRST, first, mask=in_plan)
         tl.store(row + PLAN_SINK_UNITS, n_sink, mask=in_plan)
         tl.store(row + PLAN_BAND_UNITS, n_band, mask=in_plan)
         tl.store(row + PLAN_UNITS, n_units, mask=in_plan)
         tl.store(row + PLAN_SINK_END, sink_end, mask=in_plan)
+        tl.store(row + PLAN_BAND_START, band_lo, mask=in_plan)
         tl.store(row + PLAN_TAIL_END, tail_end, mask=in_plan)
         tl.store(row + PLAN_PREFIX_FIRST, prefix_base + groups.to(tl.int64) * max_pieces, mask=in_plan)
-        if not VERIFY:  # (a verifying step's decider writes it)
+        if not VERIFY:  # (a verifying step's prefix kernel writes it)
             tl.store(row + PLAN_PREFIX_UNITS, tl.zeros([NG_BLOCK], tl.int64), mask=in_plan)
     range_lo = pid * chunk  # this program's share [range_lo, range_hi) of the concatenation
     range_hi = tl.minimum(range_lo + chunk, total)
@@ -147,7 +130,6 @@ def _attend_kernel(
     grp_start = pick(offset, groups, grp)
     while (grp < NG) & (grp_start < range_hi):
         g_first = pick(first, groups, grp)
-        g_units = pick(n_units, groups, grp)
         g_sink_end = pick(sink_end, groups, grp)
         g_band_lo = pick(band_lo, groups, grp)
         g_band_end = pick(band_end, groups, grp)
@@ -189,98 +171,56 @@ def _attend_kernel(
                     stride_qb, stride_qh, stride_kb, stride_kh, stride_kt, stride_vb, stride_vh, stride_vt, scale_log2, cap_log2,
                     indptr_ptr, indices_ptr, PAGED, PAGE_SIZE, SOFTCAP, VERIFY and seg == 1, D, BLOCK_D, G_PAD, BLOCK_N, UPCAST,
                 )
-                if VERIFY:  # the program that stores the group's last unit decides it
-                    tl.debug_barrier()  # the unit's stores, from every thread, precede the count
-                    if tl.atomic_add(counter_ptr + ARRIVED * counter_stride + grp, 1, sem="acq_rel") == g_units - 1:
-                        rejected = decide_group(
-                            part_lse_ptr, g_first, g_units, b, heads, lanes, lane_mask, g_tail_end - 1, key_ptr, radius_ptr,
-                            rule_radius_ptr, ring_lse_ptr, stride_rlb, stride_rlh, hit_ptr, candidate_ptr, share_ptr,
-                            Hq, G, min_context, W, RULE, PER_GROUP, BLOCK_U,
-                        )
-                        # a rejected candidate's prefix [S, P): [lo, P) is in its band units' parts below its start, [S, lo) is read here
-                        prefix_len = g_band_lo - g_sink_end
-                        n_pieces = tl.minimum(tl.cdiv(prefix_len, chunk), max_pieces)
-                        n_pieces = tl.where((tl.max(rejected.to(tl.int32), axis=0) > 0) & (prefix_len > 0), n_pieces, 0)
-                        tl.store(plan_ptr + grp * _PLAN_FIELDS + PLAN_PREFIX_UNITS, n_pieces.to(tl.int64))
-                        tl.debug_barrier()
-                        tl.atomic_xchg(counter_ptr + PIECES * counter_stride + grp, n_pieces.to(tl.int32), sem="release")
             units_before += pieces(seg_keys_at, seg_len, chunk)
             seg_offset += segment_cost(seg_len, UNIT_COST)
         grp += 1
         grp_start = seg_offset
 
-    if VERIFY:
-        _take_prefix_units(
-            q_ptr, k_ptr, v_ptr, part_o_ptr, part_lse_ptr, hit_ptr, candidate_ptr, counter_ptr, counter_stride, scratch_ptr, prefix_base,
-            max_pieces, sink_end, band_lo, in_plan, Hkv, G, stride_qb, stride_qh, stride_kb, stride_kh, stride_kt,
-            stride_vb, stride_vh, stride_vt, scale_log2, cap_log2, indptr_ptr, indices_ptr,
-            HELP_SPINS, PAGED, PAGE_SIZE, SOFTCAP, NG_BLOCK, D, BLOCK_D, G_PAD, BLOCK_N, UPCAST,
-        )
-
 
 @triton.jit
-def _take_prefix_units(
-    q_ptr, k_ptr, v_ptr, part_o_ptr, part_lse_ptr, hit_ptr, candidate_ptr, counter_ptr, counter_stride, scratch_ptr, prefix_base,
-    max_pieces, sink_end, band_lo, in_plan, Hkv, G, stride_qb, stride_qh, stride_kb, stride_kh, stride_kt,
-    stride_vb, stride_vh, stride_vt, scale_log2, cap_log2, indptr_ptr, indices_ptr,
-    HELP_SPINS: tl.constexpr, PAGED: tl.constexpr, PAGE_SIZE: tl.constexpr, SOFTCAP: tl.constexpr, NG_BLOCK: tl.constexpr,
-    D: tl.constexpr, BLOCK_D: tl.constexpr, G_PAD: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr,
+def _prefix_kernel(
+    q_ptr, k_ptr, v_ptr, part_o_ptr, part_lse_ptr, plan_ptr, key_ptr, radius_ptr, rule_radius_ptr, ring_lse_ptr,
+    stride_rlb, stride_rlh, W, hit_ptr, candidate_ptr, share_ptr,
+    stride_qb, stride_qh, stride_kb, stride_kh, stride_kt, stride_vb, stride_vh, stride_vt,
+    indptr_ptr, indices_ptr, Hkv, G, min_context, min_piece, scale_log2, cap_log2,
+    RULE: tl.constexpr, PER_GROUP: tl.constexpr, PAGED: tl.constexpr, PAGE_SIZE: tl.constexpr, SOFTCAP: tl.constexpr,
+    D: tl.constexpr, BLOCK_D: tl.constexpr, G_PAD: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr, BLOCK_U: tl.constexpr,
 ):
-    """A program's work once its planned units are done: prefix units of decided groups
-    (``[S, lo)`` split in ``n`` equal pieces, each claimed with an atomic counter) until
-    none is left. While some group is undecided and none is open it looks again, up to
-    ``HELP_SPINS`` times: correctness never waits on it (a group's decider takes its
-    group's units itself after its own planned units), so no program waits on one that
-    is not running, and the interpreter, which runs programs one after another, looks once."""
-    groups = tl.arange(0, NG_BLOCK)
+    grp = tl.program_id(0)
+    piece = tl.program_id(1)
+    max_pieces = tl.num_programs(1)
+    b = grp // Hkv
+    kvh = grp % Hkv
+    Hq = Hkv * G
     lanes = tl.arange(0, G_PAD)
     lane_mask = lanes < G
-    Hq = Hkv * G
-    spins = 0
-    while spins <= HELP_SPINS:
-        decided_pieces = tl.load(counter_ptr + PIECES * counter_stride + groups, mask=in_plan, other=0, volatile=True)
-        claimed = tl.load(counter_ptr + CLAIMED * counter_stride + groups, mask=in_plan, other=0, volatile=True)
-        open_groups = in_plan & (decided_pieces > claimed)
-        choice = tl.where(
-            tl.max(open_groups.to(tl.int32), axis=0) > 0, tl.min(tl.where(open_groups, groups, NG_BLOCK), axis=0),
-            tl.where(tl.min(tl.where(in_plan, decided_pieces, 0), axis=0) >= 0, NG_BLOCK, NG_BLOCK + 1),
-        )  # a group to take from; NG_BLOCK: every group decided and taken; NG_BLOCK + 1: some undecided
-        # The counters change while they are read: threads holding copies of one element can read
-        # different values, so the choice is made uniform, one thread's read handed to all
-        tl.store(scratch_ptr + tl.program_id(0), choice)
-        tl.debug_barrier()
-        choice = tl.atomic_add(scratch_ptr + tl.program_id(0), 0, sem="relaxed")
-        if choice < NG_BLOCK:
-            start = pick(sink_end, groups, choice)
-            end = pick(band_lo, groups, choice)
-            req = choice // Hkv
-            open_kvh = choice % Hkv
-            open_heads = open_kvh * G + lanes
-            tl.debug_barrier()
-            n = tl.atomic_add(counter_ptr + PIECES * counter_stride + choice, 0, sem="acquire")  # the decider's stores are seen
-            piece_len = tl.cdiv(end - start, n)
-            verdict = req * Hq + open_heads
-            rejected = (tl.load(candidate_ptr + verdict, mask=lane_mask, other=0, volatile=True) != 0) & (
-                tl.load(hit_ptr + verdict, mask=lane_mask, other=1, volatile=True) == 0
-            )
-            tl.debug_barrier()
-            k = tl.atomic_add(counter_ptr + CLAIMED * counter_stride + choice, 1, sem="relaxed")
-            while k < n:
-                lo = (start + k * piece_len).to(tl.int32)
-                hi = tl.minimum(lo + piece_len, end).to(tl.int32)
-                hi_all = hi + tl.zeros([G_PAD], tl.int32)
-                _attend_unit(
-                    q_ptr, k_ptr, v_ptr, part_o_ptr, part_lse_ptr, part_o_ptr, part_lse_ptr, req, open_kvh, open_heads, lane_mask,
-                    tl.where(rejected, lo, hi_all), hi_all, hi_all, lo, hi, prefix_base + choice * max_pieces + k, G,
-                    stride_qb, stride_qh, stride_kb, stride_kh, stride_kt, stride_vb, stride_vh, stride_vt, scale_log2, cap_log2,
-                    indptr_ptr, indices_ptr, PAGED, PAGE_SIZE, SOFTCAP, False, D, BLOCK_D, G_PAD, BLOCK_N, UPCAST,
-                )
-                tl.debug_barrier()
-                k = tl.atomic_add(counter_ptr + CLAIMED * counter_stride + choice, 1, sem="relaxed")
-        elif choice == NG_BLOCK:
-            spins = HELP_SPINS + 1
-        else:
-            spins += 1
+    heads = kvh * G + lanes
+    g_first = plan_field(plan_ptr, grp, PLAN_FIRST)
+    sink_end = plan_field(plan_ptr, grp, PLAN_SINK_END)
+    band_lo = plan_field(plan_ptr, grp, PLAN_BAND_START)
+    # every program of the group takes the same decision from the same stored units; the first writes it
+    rejected = decide_group(
+        part_lse_ptr, g_first, plan_field(plan_ptr, grp, PLAN_UNITS), b, heads, lanes, lane_mask,
+        plan_field(plan_ptr, grp, PLAN_TAIL_END) - 1, key_ptr, radius_ptr, rule_radius_ptr, ring_lse_ptr,
+        stride_rlb, stride_rlh, hit_ptr, candidate_ptr, share_ptr, Hq, G, min_context, W, piece == 0, RULE, PER_GROUP, BLOCK_U,
+    )
+    # a rejected candidate's prefix [S, P): [lo, P) is in its band units' states below its start; [S, lo) is read here
+    prefix_len = band_lo - sink_end
+    n_pieces = tl.minimum(tl.cdiv(prefix_len, min_piece), max_pieces)
+    n_pieces = tl.where((tl.max(rejected.to(tl.int32), axis=0) > 0) & (prefix_len > 0), n_pieces, 0)
+    if piece == 0:
+        tl.store(plan_ptr + grp * _PLAN_FIELDS + PLAN_PREFIX_UNITS, n_pieces.to(tl.int64))
+    if piece < n_pieces:
+        piece_len = tl.cdiv(prefix_len, n_pieces)
+        lo = (sink_end + piece * piece_len).to(tl.int32)
+        hi = tl.minimum(lo + piece_len, band_lo).to(tl.int32)
+        hi_all = hi + tl.zeros([G_PAD], tl.int32)
+        _attend_unit(
+            q_ptr, k_ptr, v_ptr, part_o_ptr, part_lse_ptr, part_o_ptr, part_lse_ptr, b, kvh, heads, lane_mask,
+            tl.where(rejected, lo, hi_all), hi_all, hi_all, lo, hi, plan_field(plan_ptr, grp, PLAN_PREFIX_FIRST) + piece, G,
+            stride_qb, stride_qh, stride_kb, stride_kh, stride_kt, stride_vb, stride_vh, stride_vt, scale_log2, cap_log2,
+            indptr_ptr, indices_ptr, PAGED, PAGE_SIZE, SOFTCAP, False, D, BLOCK_D, G_PAD, BLOCK_N, UPCAST,
+        )
 
 
 @triton.jit
@@ -397,7 +337,7 @@ def _store_state(o_ptr, lse_ptr, part, m, den, acc, lane_mask, D: tl.constexpr, 
 
 def launch_attend(
     q_post, k_cache, v_cache, positions, launch: Launch, scale: float, *, band_source: str, band: int = 0, sinks: int = 0,
-    spans=None, keys=None, radius_sq=None, min_context: int = 0, softcap: float | None = None, verify=None,
+    spans=None, keys=None, radius_sq=None, min_context: int = 0, softcap: float | None = None, verify: Verify | None = None,
 ) -> Partials:
     """Plan and attend one step (no validation, no host sync).
 
@@ -413,8 +353,9 @@ def launch_attend(
             ``sinks`` and ``min_context``; ``"full"`` attends over ``[0, t+1)``.
         softcap: ``None`` or the soft-cap ``c`` of the scores (``MACConfig.softcap``).
         verify: for a rule that decides after the fresh part (band source ``"match"``), a
-            :class:`Verify`; the kernel then decides each group and reads its rejected
-            candidates' prefixes in the same launch.
+            :class:`Verify`: the attend kernel keeps each band unit's keys below each head's
+            start apart, and the prefix kernel decides each group and reads its rejected
+            candidates' prefixes (two launches).
 
     Returns:
         :class:`Partials`.
@@ -428,7 +369,7 @@ def launch_attend(
     device = q_post.device
     n_split = num_sms(device) * launch.programs_per_sm
     planned = n_split + 3 * NG  # each segment adds at most one piece to the programs' ranges
-    max_pieces = triton.cdiv(2 * n_split, NG)  # a group's prefix: about two programs' shares of the SMs at most
+    max_pieces = triton.cdiv(2 * n_split, NG)  # a group's prefix: up to two programs' shares of the SMs
     units = planned + (NG * max_pieces if verify is not None else 0)
     # tiles of at most 32 KB (float32 K/V or wide heads get fewer keys per tile)
     block_n = max(16, min(launch.block_n, 32768 // (triton.next_power_of_2(D) * k_cache.element_size())))
@@ -438,22 +379,10 @@ def launch_attend(
         lse=torch.empty(units, G, dtype=f32, device=device),
         plan=torch.empty(NG, PLAN_FIELDS, dtype=torch.int64, device=device),
     )
-    verify_args = dict(
-        below_o_ptr=None, below_lse_ptr=None, rule_radius_ptr=None, ring_lse_ptr=None, stride_rlb=0, stride_rlh=0, W=1,
-        hit_ptr=None, candidate_ptr=None, share_ptr=None, counter_ptr=None, counter_stride=0, scratch_ptr=None,
-    )
     if verify is not None:
         partials = partials._replace(
             below_o=torch.empty(planned, G, D, dtype=f32, device=device), below_lse=torch.empty(planned, G, dtype=f32, device=device),
             verdicts=Verdicts.empty(B * Hq, device),
-        )
-        ring_lse = verify.state.ring_lse
-        verify_args = dict(
-            below_o_ptr=partials.below_o, below_lse_ptr=partials.below_lse, rule_radius_ptr=verify.rule_radius_sq,
-            ring_lse_ptr=ring_lse, stride_rlb=ring_lse.stride(0), stride_rlh=ring_lse.stride(1), W=verify.state.window,
-            hit_ptr=partials.verdicts.hit, candidate_ptr=partials.verdicts.candidate, share_ptr=partials.verdicts.mass_share,
-            counter_ptr=verify.counters, counter_stride=verify.counters.stride(0),
-            scratch_ptr=torch.empty(n_split, dtype=torch.int32, device=device),
         )
     span_ptrs, (stride_sb, stride_sh) = (None,) * 4, (0, 0)
     if band_source == BAND_FROM_SPANS.value:
@@ -461,22 +390,31 @@ def launch_attend(
         stride_sb, stride_sh = span_ptrs[0].stride()
     k, (stride_kb, stride_kh, stride_kt), (indptr, indices), page_size = _kv_operand(k_cache)
     v, (stride_vb, stride_vh, stride_vt), _, _ = _kv_operand(v_cache)
-    _attend_kernel[(n_split,)](
+    cache = dict(
         q_ptr=q_post, k_ptr=k, v_ptr=v, part_o_ptr=partials.o, part_lse_ptr=partials.lse, plan_ptr=partials.plan,
-        pos_ptr=positions, key_ptr=keys, radius_ptr=radius_sq, band_start_ptr=span_ptrs[0], sink_end_ptr=span_ptrs[1],
-        band_end_ptr=span_ptrs[2], tail_end_ptr=span_ptrs[3], stride_sb=stride_sb, stride_sh=stride_sh,
         stride_qb=q_post.stride(0), stride_qh=q_post.stride(1), stride_kb=stride_kb, stride_kh=stride_kh, stride_kt=stride_kt,
         stride_vb=stride_vb, stride_vh=stride_vh, stride_vt=stride_vt, indptr_ptr=indptr, indices_ptr=indices,
-        **verify_args, prefix_base=planned, max_pieces=max_pieces,
-        NG=NG, Hkv=Hkv, G=G, band=band, sinks=sinks, min_context=min_context, n_split=n_split, scale_log2=scale * LOG2E,
-        cap_log2=0.0 if softcap is None else softcap * LOG2E,
-        BAND_SOURCE=band_source, VERIFY=verify is not None, RULE=verify.rule if verify is not None else "paper",
-        PER_GROUP=verify is not None and verify.per_group, HELP_SPINS=0 if interpreting() else launch.help_spins,
-        PAGED=isinstance(k_cache, PagedKV), PAGE_SIZE=page_size, NG_BLOCK=triton.next_power_of_2(NG), G_BLOCK=triton.next_power_of_2(G),
-        MIN_CHUNK=launch.min_chunk, UNIT_COST=launch.unit_cost, SOFTCAP=softcap is not None,
+        Hkv=Hkv, G=G, min_context=min_context, scale_log2=scale * LOG2E, cap_log2=0.0 if softcap is None else softcap * LOG2E,
+        PAGED=isinstance(k_cache, PagedKV), PAGE_SIZE=page_size, SOFTCAP=softcap is not None,
         D=D, BLOCK_D=max(16, triton.next_power_of_2(D)), G_PAD=max(16, triton.next_power_of_2(G)), BLOCK_N=block_n,  # tl.dot needs K >= 16
-        UPCAST=upcast_dots(k_cache.dtype), BLOCK_U=launch.reduce_units, num_warps=launch.warps, num_stages=launch.stages,
+        UPCAST=upcast_dots(k_cache.dtype), num_warps=launch.warps, num_stages=launch.stages,
+    )  # what both kernels read the same way
+    _attend_kernel[(n_split,)](
+        **cache, below_o_ptr=partials.below_o, below_lse_ptr=partials.below_lse,
+        pos_ptr=positions, key_ptr=keys, radius_ptr=radius_sq, band_start_ptr=span_ptrs[0], sink_end_ptr=span_ptrs[1],
+        band_end_ptr=span_ptrs[2], tail_end_ptr=span_ptrs[3], stride_sb=stride_sb, stride_sh=stride_sh,
+        prefix_base=planned, max_pieces=max_pieces, NG=NG, band=band, sinks=sinks, n_split=n_split,
+        BAND_SOURCE=band_source, VERIFY=verify is not None, NG_BLOCK=triton.next_power_of_2(NG), G_BLOCK=triton.next_power_of_2(G),
+        MIN_CHUNK=launch.min_chunk, UNIT_COST=launch.unit_cost,
     )
+    if verify is not None:
+        ring_lse = verify.state.ring_lse
+        _prefix_kernel[(NG, max_pieces)](
+            **cache, key_ptr=keys, radius_ptr=radius_sq, rule_radius_ptr=verify.rule_radius_sq, ring_lse_ptr=ring_lse,
+            stride_rlb=ring_lse.stride(0), stride_rlh=ring_lse.stride(1), W=verify.state.window,
+            hit_ptr=partials.verdicts.hit, candidate_ptr=partials.verdicts.candidate, share_ptr=partials.verdicts.mass_share,
+            min_piece=launch.min_chunk * 4, RULE=verify.rule, PER_GROUP=verify.per_group, BLOCK_U=launch.reduce_units,
+        )
     return partials
 
 

@@ -1,13 +1,13 @@
-r"""The decision of a step whose rule verifies its candidates, taken inside the attend kernel.
+r"""The decision of a step whose rule verifies its candidates, taken by the prefix kernel.
 
 The attend kernel (:mod:`mac_triton.attend`, band source ``"match"``) reads every head's
-sinks, band and tail with the current query. The program that stores the last of a GQA
-group's units knows the group's fresh part: it calls :func:`decide_group`, which takes,
-per head, the LSE of all the group's units (``ℓ_fresh``), the matched row's LSE,
-``w = σ(ℓ_row − ℓ_fresh)`` and the rule's verdict (:func:`mac_triton.accept.accept_candidate`;
-with ``per_group`` a group keeps its hits only if all of its heads accept). A rejected
-candidate then needs its prefix ``[S, P)``, ``P = max(E(j*), S)``: the part a miss reads
-that its band did not. The attend kernel reads it in the same launch.
+sinks, band and tail with the current query. Each program of the prefix kernel that
+follows calls :func:`decide_group` for its GQA group, which takes, per head, the LSE of all
+the group's units (``ℓ_fresh``), the matched row's LSE, ``w = σ(ℓ_row − ℓ_fresh)`` and the
+rule's verdict (:func:`mac_triton.accept.accept_candidate`; with ``per_group`` a group keeps
+its hits only if all of its heads accept). A rejected candidate then needs its prefix
+``[S, P)``, ``P = max(E(j*), S)``: the part a miss reads that its band did not, which the
+same program reads.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ _NO_CANDIDATE: tl.constexpr = tl.constexpr(NO_CANDIDATE)
 
 
 class Verdicts(NamedTuple):
-    """A verifying step's decisions, each ``[B·Hq]``, written by the attend kernel.
+    """A verifying step's decisions, each ``[B·Hq]``, written by the prefix kernel.
 
     Attributes:
         hit: int8 (1: the row is reused).
@@ -48,22 +48,18 @@ class Verdicts(NamedTuple):
 @triton.jit
 def decide_group(
     part_lse_ptr, g_first, g_units, b, heads, lanes, lane_mask, t, key_ptr, radius_ptr, rule_radius_ptr,
-    ring_lse_ptr, stride_rlb, stride_rlh, hit_ptr, candidate_ptr, share_ptr, Hq, G, min_context, W,
+    ring_lse_ptr, stride_rlb, stride_rlh, hit_ptr, candidate_ptr, share_ptr, Hq, G, min_context, W, write,
     RULE: tl.constexpr, PER_GROUP: tl.constexpr, BLOCK_U: tl.constexpr,
 ):
     """Decide the group's heads (``heads`` ``[G_PAD]``, request ``b``, ``t``) from its
-    ``g_units`` stored units; write the verdicts; return the rejected candidates ``[G_PAD]``.
-
-    The units were stored by other programs of this launch: read past the SM's L1 cache
-    (``.cg``), which other programs' stores do not update."""
+    ``g_units`` stored units; write the verdicts if ``write``; return the rejected
+    candidates ``[G_PAD]``."""
     m = tl.full(lanes.shape, float("-inf"), tl.float32)  # ℓ_fresh: log-sum-exp of the group's units, per head
     den = tl.zeros(lanes.shape, tl.float32)
     for u0 in range(0, g_units, BLOCK_U):
         local = u0 + tl.arange(0, BLOCK_U)
         part = (g_first + local).to(tl.int64)[:, None] * G + lanes[None, :]
-        lse = tl.load(
-            part_lse_ptr + part, mask=(local < g_units)[:, None] & lane_mask[None, :], other=float("-inf"), cache_modifier=".cg"
-        )
+        lse = tl.load(part_lse_ptr + part, mask=(local < g_units)[:, None] & lane_mask[None, :], other=float("-inf"))
         m_new = tl.maximum(m, tl.max(lse, axis=0))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         den = den * tl.exp(m - m_safe) + tl.sum(tl.exp(lse - m_safe[None, :]), axis=0)
@@ -80,7 +76,8 @@ def decide_group(
     if PER_GROUP:  # a group reuses only if each of its heads would
         hit = hit & (tl.min(tl.where(lane_mask, hit.to(tl.int32), 1), axis=0) == 1)
     out = b * Hq + heads
-    tl.store(hit_ptr + out, hit.to(tl.int8), mask=lane_mask)
-    tl.store(candidate_ptr + out, candidate.to(tl.int8), mask=lane_mask)
-    tl.store(share_ptr + out, w, mask=lane_mask)
+    written = lane_mask & ((lanes * 0 + write.to(tl.int32)) != 0)  # (the interpreter refuses `mask & scalar`)
+    tl.store(hit_ptr + out, hit.to(tl.int8), mask=written)
+    tl.store(candidate_ptr + out, candidate.to(tl.int8), mask=written)
+    tl.store(share_ptr + out, w, mask=written)
     return candidate & ~hit & lane_mask

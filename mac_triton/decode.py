@@ -1,5 +1,6 @@
 r"""The decode step in Triton: match → amend + complete → row update, fused into three
-launches with no host synchronisation; and the full-attention decode baseline.
+launches with no host synchronisation (four for a rule that verifies its candidates); and
+the full-attention decode baseline.
 
 Twin of :func:`mac_ref.decode.decode_step` (same signature, same
 :class:`~mac_core.step.StepStats`, the same validation: :func:`mac_core.checks.check_step_inputs`).
@@ -17,14 +18,14 @@ mac_ref                      mac_triton
 ===========================  ==============================================================
 
 A rule that verifies its candidates (:class:`~mac_core.rules.MassRule`), and the
-group-aware variants, decide inside the attend kernel once a group's fresh part (sinks,
-band, tail) is stored, and the same launch reads the prefixes of the rejected candidates
-(:mod:`mac_triton.attend`, :mod:`mac_triton.decide`): still three launches, each group's
-keys streamed once. A rejected head reads what a miss reads.
+group-aware variants, add one launch: the prefix kernel decides each group from the
+attend kernel's stored units and reads the prefixes of the rejected candidates
+(:mod:`mac_triton.attend`, :mod:`mac_triton.decide`); each group's keys are streamed once.
+A rejected head reads what a miss reads.
 
 Differences: float32 arithmetic only (float64 inputs are a ``TypeError``); the ring
 write happens inside the reduce kernel rather than through ``LayerState.write``. A step's
-match keys and counters live in a :class:`DecodeWorkspace` that the caller owns:
+match keys live in a :class:`DecodeWorkspace` that the caller owns:
 :func:`mac_step` is the part a CUDA graph can capture (validation and ``state.next_pos``
 stay outside), with one workspace per captured step.
 """
@@ -42,7 +43,7 @@ from mac_core.state import LayerState
 from mac_core.step import StepStats
 from mac_core.numerics import softmax_scale
 
-from .attend import COUNTER_RESET, COUNTER_ROWS, Verify, launch_attend
+from .attend import Verify, launch_attend
 from .launch import MATCH, Launch, MatchLaunch, launch_for
 from .match import match_keys, new_keys, radius_sq_per_head
 from .numerics import LIMITS
@@ -63,24 +64,18 @@ class DecodeWorkspace:
         rule_radius_sq: ``[Hq]`` float32 squared radii of the rule's own threshold
             (``2D(1 − τ_m)² s_h²`` for the mass rule; the distance test's otherwise).
         config: the configuration the radii were made for.
-        counters: ``[3, B·Hq]`` int32 per-group counters of a verifying step's attend kernel
-            (``mac_triton.attend``), reset by the reduce kernel.
     """
 
     keys: torch.Tensor
     radius_sq: torch.Tensor
     rule_radius_sq: torch.Tensor
     config: MACConfig
-    counters: torch.Tensor
 
     @classmethod
     def new(cls, config: MACConfig, batch: int, q_heads: int, head_dim: int, device) -> "DecodeWorkspace":
         tau = getattr(config.rule, "tau_m", config.tau)
         rule_radius = torch.tensor(config.radius_sq_per_head(q_heads, head_dim, tau=tau), dtype=torch.float32, device=device)
-        return cls(
-            new_keys(device, batch * q_heads), radius_sq_per_head(config, q_heads, head_dim, device), rule_radius, config,
-            new_counters(batch * q_heads, device),
-        )
+        return cls(new_keys(device, batch * q_heads), radius_sq_per_head(config, q_heads, head_dim, device), rule_radius, config)
 
     def check(self, config: MACConfig, batch: int, q_heads: int, device) -> None:
         if self.config != config or self.keys.shape != (batch * q_heads,) or self.keys.device != torch.device(device):
@@ -88,11 +83,6 @@ class DecodeWorkspace:
                 f"workspace was made for B·Hq = {self.keys.shape[0]} on {self.keys.device} with {self.config}; "
                 f"the step has B·Hq = {batch * q_heads} on {device} with {config}: make one with DecodeWorkspace.new"
             )
-
-
-def new_counters(n: int, device) -> torch.Tensor:
-    """``[3, n]`` int32 counters in their between-steps state (``n ≥ B·Hkv``)."""
-    return torch.tensor(COUNTER_RESET, dtype=torch.int32, device=device)[:, None].expand(COUNTER_ROWS, n).contiguous()
 
 
 def mac_step(
@@ -109,7 +99,7 @@ def mac_step(
         positions: ``[B]`` int64 positions ``t``.
         config: the MAC configuration (``config.softcap`` caps the scores).
         scale: softmax scale.
-        workspace: the step's :class:`DecodeWorkspace` (its keys and counters are left clean).
+        workspace: the step's :class:`DecodeWorkspace` (its keys are left clean).
         launch: attend and reduce launch settings (default: :func:`mac_triton.launch.launch_for`).
         match_launch: the match scan's launch settings.
         match: ``False`` skips the scan: every head is a miss, so the step is full attention
@@ -128,8 +118,8 @@ def mac_step(
         group = Hq // Hkv if config.group_match else None
         keys = match_keys(q_pre, state.ring_q, positions, keys, state.ring_depth, config.max_chain, match_launch, group)
     verify = None
-    if match and (rule.verifies or rule.per_group):  # decided inside the attend kernel, after the fresh part
-        verify = Verify(rule.name, rule.per_group, workspace.rule_radius_sq, state, workspace.counters)
+    if match and (rule.verifies or rule.per_group):  # decided after the fresh part, by the prefix kernel
+        verify = Verify(rule.name, rule.per_group, workspace.rule_radius_sq, state)
     partials = launch_attend(
         q_post, k_cache, v_cache, positions, launch, scale, band_source="match", band=config.band, sinks=config.sinks,
         keys=keys, radius_sq=workspace.radius_sq, min_context=config.min_context, softcap=config.softcap, verify=verify,

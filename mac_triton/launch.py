@@ -27,8 +27,6 @@ class Launch:
         warps: warps per attend program.
         stages: software-pipelining stages of the attend loop.
         reduce_units: partial states the reduce kernel merges per iteration.
-        help_spins: how many times a program with nothing left looks again for prefix
-            units of a verifying step while groups are undecided (``mac_triton.attend``).
     """
 
     block_n: int
@@ -38,7 +36,6 @@ class Launch:
     warps: int
     stages: int
     reduce_units: int
-    help_spins: int = 256
 
 
 # the best of benchmarks/tune_decode.py on an H200 (Hq 32, Hkv 8, D 128, bf16; full decodes

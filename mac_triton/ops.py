@@ -7,8 +7,7 @@ model that calls it is one graph, and the op's body is the graph-capturable kern
 :mod:`mac_triton.decode` (no host synchronisation). Two ops:
 
 - ``torch.ops.mac_triton.mac_step``: :func:`mac_triton.decode.mac_step`; it writes the
-  rings and resets the workspace's match keys and counters in place (declared as mutated
-  arguments);
+  rings and resets the workspace's match keys in place (declared as mutated arguments);
 - ``torch.ops.mac_triton.full_step``: :func:`mac_triton.decode.full_step`.
 
 Ops take tensors and scalars only, so a cache travels as its tensors (a paged one as its
@@ -62,12 +61,12 @@ def _cache_args(k_cache, v_cache) -> tuple:
 STATS = ("hit", "matched_pos", "distance", "keys_read", "context", "ill_conditioned", "chain_depth", "candidate", "mass_share")
 
 
-@torch.library.custom_op("mac_triton::mac_step", mutates_args=("ring_q", "ring_o", "ring_lse", "ring_depth", "keys", "counters"))
+@torch.library.custom_op("mac_triton::mac_step", mutates_args=("ring_q", "ring_o", "ring_lse", "ring_depth", "keys"))
 def _mac_step_op(
     q_pre: Tensor, q_post: Tensor, k_cache: Tensor, v_cache: Tensor,
     kv_indptr: Tensor | None, kv_indices: Tensor | None, kv_last_page_len: Tensor | None, kv_layout: str,
     ring_q: Tensor, ring_o: Tensor, ring_lse: Tensor, ring_depth: Tensor, positions: Tensor,
-    keys: Tensor, radius_sq: Tensor, rule_radius_sq: Tensor, counters: Tensor,
+    keys: Tensor, radius_sq: Tensor, rule_radius_sq: Tensor,
     band: int, sinks: int, min_context: int, max_chain: int, row_update: str, rule: str, per_group: bool,
     group_match: bool, scale: float, softcap: float, scan: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
@@ -79,7 +78,7 @@ def _mac_step_op(
         softcap=None if softcap == NO_CAP else softcap,
     )
     state = LayerState(ring_q, ring_o, ring_lse, ring_depth, positions)
-    workspace = decode.DecodeWorkspace(keys, radius_sq, rule_radius_sq, config, counters)
+    workspace = decode.DecodeWorkspace(keys, radius_sq, rule_radius_sq, config)
     k = _cache(k_cache, kv_indptr, kv_indices, kv_last_page_len, kv_layout)
     v = _cache(v_cache, kv_indptr, kv_indices, kv_last_page_len, kv_layout)
     out, lse, stats = decode.mac_step(q_pre, q_post, k, v, state, positions, config, scale, workspace, match=scan)
@@ -120,12 +119,12 @@ def mac_step(q_pre, q_post, k_cache, v_cache, state: LayerState, positions, conf
     """:func:`mac_triton.decode.mac_step` through the custom op (default launch settings).
 
     Same arguments and results: ``(out [B, Hq, D], lse [B, Hq] float32, StepStats)``; the
-    rings of ``state``, ``workspace.keys`` and ``workspace.counters`` are written in place.
+    rings of ``state`` and ``workspace.keys`` are written in place.
     """
     max_chain = -1 if config.max_chain is None else config.max_chain
     out, lse, *stats = torch.ops.mac_triton.mac_step(
         q_pre, q_post, *_cache_args(k_cache, v_cache), state.ring_q, state.ring_o, state.ring_lse, state.ring_depth,
-        positions, workspace.keys, workspace.radius_sq, workspace.rule_radius_sq, workspace.counters, config.band, config.sinks,
+        positions, workspace.keys, workspace.radius_sq, workspace.rule_radius_sq, config.band, config.sinks,
         config.min_context, max_chain, config.row_update, config.rule.name, config.rule.per_group, config.group_match, scale,
         NO_CAP if config.softcap is None else config.softcap, match,
     )

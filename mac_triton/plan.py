@@ -24,9 +24,9 @@ Where the heads' band starts come from (``BAND_SOURCE``):
 - :data:`NO_BAND`: no row, every key in the tail (full attention).
 
 A step whose rule verifies its candidates adds, per group, up to ``max_pieces`` units of
-the prefix ``[S, lo)`` that its rejected candidates still need, taken by whichever program
-is free once the group is decided (:mod:`mac_triton.attend`); their partial states sit
-after the planned units, at ``prefix_base + group · max_pieces``.
+the prefix ``[S, lo)`` that its rejected candidates still need, read by the prefix kernel
+once the group is decided (:mod:`mac_triton.attend`); their partial states sit after the
+planned units, at ``prefix_base + group · max_pieces``.
 
 The plan is stored per group as :data:`PLAN_FIELDS` int64s, read by name (``plan_field``).
 """
@@ -49,10 +49,11 @@ PLAN_SINK_UNITS: tl.constexpr = tl.constexpr(1)  # units of the sinks, then of t
 PLAN_BAND_UNITS: tl.constexpr = tl.constexpr(2)
 PLAN_UNITS: tl.constexpr = tl.constexpr(3)
 PLAN_SINK_END: tl.constexpr = tl.constexpr(4)  # S
-PLAN_TAIL_END: tl.constexpr = tl.constexpr(5)  # t + 1
-PLAN_PREFIX_FIRST: tl.constexpr = tl.constexpr(6)  # its first prefix unit (a verifying step)
-PLAN_PREFIX_UNITS: tl.constexpr = tl.constexpr(7)  # its prefix units, written once the group is decided
-PLAN_FIELDS = 8
+PLAN_BAND_START: tl.constexpr = tl.constexpr(5)  # lo, the start of the union of its heads' bands
+PLAN_TAIL_END: tl.constexpr = tl.constexpr(6)  # t + 1
+PLAN_PREFIX_FIRST: tl.constexpr = tl.constexpr(7)  # its first prefix unit (a verifying step)
+PLAN_PREFIX_UNITS: tl.constexpr = tl.constexpr(8)  # its prefix units, written by the prefix kernel
+PLAN_FIELDS = 9
 _PLAN_FIELDS: tl.constexpr = tl.constexpr(PLAN_FIELDS)
 _NO_CANDIDATE: tl.constexpr = tl.constexpr(NO_CANDIDATE)
 

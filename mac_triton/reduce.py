@@ -15,7 +15,7 @@ Per (request, query head): ⊕ of its band units into ``C`` (with the cached row
   units' states below its start and the prefix units); it reports the decisions, ``w``
   and the keys read, writes ``(q̃_t, R_t)`` and the row's chain depth into the rings
   (``split``: ``R_t = C``; ``subtract``: ``R_t = out ⊖ rest``) and leaves the workspace
-  clean for the next step (match keys, counters).
+  clean for the next step (the match keys).
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ import triton.language as tl
 from mac_core.numerics import removal_epsilon
 
 from .accept import accept_candidate, mass_share
-from .attend import ARRIVED, CLAIMED, COUNTER_RESET, PIECES, Partials
+from .attend import Partials
 from .match import NO_CANDIDATE, decode_key
 from .numerics import merge_weights, online_finish, online_merge, remove_weights
 from .plan import (
@@ -38,7 +38,6 @@ from .plan import (
 )
 
 _NO_CANDIDATE: tl.constexpr = tl.constexpr(NO_CANDIDATE)
-_UNDECIDED: tl.constexpr = tl.constexpr(COUNTER_RESET[1])
 
 
 class Reduced(NamedTuple):
@@ -167,7 +166,7 @@ def _spans_reduce_kernel(
 @triton.jit
 def _step_reduce_kernel(
     part_o_ptr, part_lse_ptr, plan_ptr, below_o_ptr, below_lse_ptr, key_ptr, radius_ptr, rule_radius_ptr,
-    verdict_hit_ptr, verdict_share_ptr, counter_ptr, counter_stride,
+    verdict_hit_ptr, verdict_share_ptr,
     hit_ptr, matched_ptr, dist_ptr, keys_read_ptr, candidate_ptr, share_ptr, context_ptr, depth_out_ptr, ill_ptr,
     ring_q_ptr, ring_o_ptr, ring_lse_ptr, ring_depth_ptr, q_pre_ptr, out_ptr, lse_ptr,
     stride_rqb, stride_rqh, stride_rqw, stride_rob, stride_roh, stride_row, stride_rlb, stride_rlh, stride_rdb, stride_rdh,
@@ -203,10 +202,6 @@ def _step_reduce_kernel(
         rejected = candidate & ~hit
         reused_o = tl.where(hit, row_o, prefix_o)
         reused_lse = tl.where(hit, row_lse, tl.where(rejected, prefix_lse, float("-inf")))
-        if lane == 0:  # the group's counters, as the next step expects them
-            tl.store(counter_ptr + ARRIVED * counter_stride + grp, 0)
-            tl.store(counter_ptr + PIECES * counter_stride + grp, _UNDECIDED)
-            tl.store(counter_ptr + CLAIMED * counter_stride + grp, 0)
     else:
         _, fresh_lse = merge(c_o, c_lse, rest_o, rest_lse)  # what the step read with the current query
         w = mass_share(candidate, row_lse, fresh_lse)
@@ -302,8 +297,8 @@ def launch_step_reduce(
         launch: the launch settings (``reduce_units``).
         q_pre: ``[B, Hq, D]`` pre-RoPE queries (the rings' new rows).
         state: the rings, written in place.
-        workspace: the step's :class:`~mac_triton.decode.DecodeWorkspace` (match keys, radii,
-            counters), left clean for the next step.
+        workspace: the step's :class:`~mac_triton.decode.DecodeWorkspace` (match keys and
+            radii), its keys left clean for the next step.
         config: the :class:`~mac_core.config.MACConfig` (band, min_context, row rule, rule).
         out_dtype: dtype of ``out``.
         kv_heads: ``Hkv``.
@@ -327,8 +322,7 @@ def launch_step_reduce(
         part_o_ptr=partials.o, part_lse_ptr=partials.lse, plan_ptr=partials.plan, below_o_ptr=partials.below_o,
         below_lse_ptr=partials.below_lse, key_ptr=workspace.keys, radius_ptr=workspace.radius_sq,
         rule_radius_ptr=workspace.rule_radius_sq, verdict_hit_ptr=verdicts.hit if verdicts else None,
-        verdict_share_ptr=verdicts.mass_share if verdicts else None, counter_ptr=workspace.counters,
-        counter_stride=workspace.counters.stride(0),
+        verdict_share_ptr=verdicts.mass_share if verdicts else None,
         hit_ptr=res.hit, matched_ptr=res.matched_pos, dist_ptr=res.distance, keys_read_ptr=res.keys_read,
         candidate_ptr=res.candidate, share_ptr=res.mass_share, context_ptr=res.context, depth_out_ptr=res.chain_depth,
         ill_ptr=res.ill_conditioned, ring_q_ptr=state.ring_q, ring_o_ptr=state.ring_o, ring_lse_ptr=state.ring_lse,

@@ -70,7 +70,7 @@ def test_opcheck():
     ws = decode.DecodeWorkspace.new(CONFIG, B, HQ, D, DEVICE)
     args = (
         q_pre, q_post, k, v, None, None, None, ops.CONTIGUOUS, state.ring_q, state.ring_o, state.ring_lse, state.ring_depth,
-        pos, ws.keys, ws.radius_sq, ws.rule_radius_sq, ws.counters, CONFIG.band, CONFIG.sinks, CONFIG.min_context, -1,
+        pos, ws.keys, ws.radius_sq, ws.rule_radius_sq, CONFIG.band, CONFIG.sinks, CONFIG.min_context, -1,
         CONFIG.row_update, CONFIG.rule.name, CONFIG.rule.per_group, CONFIG.group_match, CONFIG.softmax_scale(D), ops.NO_CAP, True,
     )  # fmt: skip
     torch.library.opcheck(torch.ops.mac_triton.mac_step.default, args, test_utils=("test_schema", "test_faketensor"))

@@ -237,15 +237,3 @@ def test_rejected_candidates_are_full_attention(dtype):
     assert_close(lse.cpu()[rejected], want_lse[rejected], "triton_lse", dtype)
     assert torch.equal(stats.keys_read.cpu()[rejected], (pos + 1)[:, None].expand_as(stats.keys_read).cpu()[rejected])
 
-
-def test_a_verifying_step_leaves_its_workspace_clean():
-    """The one-launch verifying step counts units, decisions and claimed prefix units per group
-    in the workspace; the reduce kernel must leave them, and the match keys, as a fresh
-    workspace holds them, or the next step would decide from stale counts."""
-    config = MACConfig(window=16, band=8, tau=-0.5, sinks=2, rule=MassRule(tau_m=0.9))
-    q_pre, q_post, k, v, state, pos = prefilled_step(2, 6, 2, 32, torch.float32, 9, [60, 47], config, reuse=0.3)
-    workspace = mac_triton.DecodeWorkspace.new(config, 2, 6, 32, q_pre.device)
-    fresh = mac_triton.DecodeWorkspace.new(config, 2, 6, 32, q_pre.device)
-    _, _, stats = mac_triton.mac_step(q_pre, q_post, k, v, state, pos, config, config.softmax_scale(32), workspace)
-    assert (stats.candidate & ~stats.hit).any(), "the step should reject candidates (and read prefix units)"
-    assert torch.equal(workspace.counters, fresh.counters) and torch.equal(workspace.keys, fresh.keys)

@@ -124,9 +124,9 @@ def test_mass_rule_steps_match_reference_on_gpu(rule):
 
 @pytest.mark.parametrize("per_group", [False, True], ids=["per-head", "per-group"])
 def test_verifying_step_at_many_groups_is_exact_where_rejected_and_deterministic(per_group):
-    """The one-launch verifying step with 128 KV groups (the wide launch) and ragged contexts
+    """The verifying step with 128 KV groups (the wide launch) and ragged contexts
     up to 1200 keys: every rejected head is full attention within the band, and ten runs from the
-    same state are bitwise identical, however the programs happened to share the prefix units."""
+    same state are bitwise identical."""
     config = MACConfig(window=256, band=32, tau=-0.5, sinks=4, rule=MassRule(tau_m=0.9, per_group=per_group))
     prompts = [1200 - 37 * i for i in range(16)]
     q_pre, q_post, k, v, state, pos = prefilled_step(16, 32, 8, 128, torch.bfloat16, 5, prompts, config, reuse=0.3)
