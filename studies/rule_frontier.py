@@ -13,6 +13,12 @@ float32, the Triton kernels), from one shared prefill per text source:
   at several caps and thresholds, each with and without ``max_chain = 1``, and the
   group-aware variants; window 256, band 256, 4 sinks (the demo's).
 
+Beside the MAC points, the **noise floor** (:data:`NOISE_POINTS`, ``--noise-floor``): full
+attention itself under a change of numerics nobody calls a quality loss, on the same
+prompts and measured the same way: bf16 weights, activations and cache instead of float32,
+and (on a GPU) SDPA instead of the Triton full decode. MAC's greedy agreement is read
+against these rows.
+
 Every number of a point comes from the same requests and the same full-attention reference.
 The points of :data:`EXTRA_POINTS` (the mass rule at a stricter threshold, chosen after the
 first run) ran on a CPU with the reference backend: the same requests and measures,
@@ -20,6 +26,7 @@ first run) ran on a CPU with the reference backend: the same requests and measur
 
     python studies/rule_frontier.py --model PATH.gguf [--out studies/results/rule_frontier]   # on a GPU
     python studies/rule_frontier.py --device cpu --backend ref --extra                         # on a CPU: ~15-20 min a point
+    python studies/rule_frontier.py --noise-floor [--device cpu]                              # the noise floor's rows
     python studies/rule_frontier.py --report                                                  # tables and plot from the CSV
 """
 
@@ -66,6 +73,11 @@ EXTRA_POINTS = [
 ]
 
 
+# the noise floor: (label, the reference engine's attention on a GPU, dtype); full attention
+# against itself, so no MAC statistics. On a CPU the reference is SDPA and only bf16 runs.
+NOISE_POINTS = [("noise: bf16 full attention", "triton", torch.bfloat16), ("noise: SDPA full attention", "sdpa", torch.float32)]
+
+
 def segments(tokenizer, text: str, n: int, length: int, follow: int):
     ids = tokenizer.encode(text).ids
     span = length + follow
@@ -90,7 +102,7 @@ def run(args) -> None:
     path = out / "runs.csv"
     done = {(r["source"], r["label"], r["max_chain"]) for r in csv.DictReader(path.open())} if path.exists() else set()
     sources = {"pydoc topics": default_prose(), "stdlib docstrings": module_docstrings()}
-    chosen = EXTRA_POINTS if args.extra else POINTS
+    chosen = [] if args.noise_floor else EXTRA_POINTS if args.extra else POINTS
     chosen = chosen[: args.points] if args.points else chosen
     for source, text in sources.items():
         prompts, follow = segments(tokenizer, text, args.prompts, args.prompt_len, max(args.teacher_steps, args.greedy_steps) + 1)
@@ -104,6 +116,26 @@ def run(args) -> None:
         reference = torch.stack([engine.step(targets[s]).clone() for s in range(args.teacher_steps)])  # [S, B, V]
         greedy_full = greedy_tokens(engine, checkpoint, args.greedy_steps)
         print(f"{source}: {args.prompts} prompts of {args.prompt_len} tokens, reference done", flush=True)
+        if args.noise_floor:
+            for label, attention, noise_dtype in NOISE_POINTS:
+                attention = attention if device.type == "cuda" else reference_attention
+                if (source, label, "") in done or (attention == reference_attention and noise_dtype == dtype):
+                    continue  # (on a CPU the SDPA point is the reference itself)
+                start = time.perf_counter()
+                other = DecodeEngine(model, args.prompts, capacity, attention, base, dtype=noise_dtype, device=device)
+                other.prefill(prompts)
+                other_checkpoint = other.checkpoint()
+                logits = torch.stack([other.step(targets[s]).clone() for s in range(args.teacher_steps)])
+                row = compare_logits(reference, logits, targets)
+                greedy = greedy_tokens(other, other_checkpoint, args.greedy_steps)
+                row.update(source=source, backend=f"{attention} {str(noise_dtype).removeprefix('torch.')} on {device.type}", label=label,
+                           rule="full", requests=args.prompts, skipped_head=0.0, skipped_group=0.0, hit_rate=0.0, candidate_rate=0.0,
+                           seconds=time.perf_counter() - start,
+                           **greedy_agreement(greedy, greedy_full, args.greedy_steps))
+                write_row(path, row)
+                print(f"  {label:30s}: Δppl {100 * row['ppl_change']:+.2f} ± {100 * row['ppl_change_se']:.2f} %, KL {row['kl_mean']:.5f}, "
+                      f"top-1 {row['top1']:.1%}, greedy {row['greedy_identical']:.1%}, first difference {row['greedy_first_diff']:.0f}", flush=True)
+                del other, logits
         for label, rule, tau, chain in chosen:
             if (source, label, str(chain or "")) in done:
                 continue
@@ -117,12 +149,10 @@ def run(args) -> None:
             row = {**compare_logits(reference, torch.stack(logits), targets), **StepStats.stack(stats).summary(kv_heads)}
             del logits
             greedy = greedy_tokens(engine, checkpoint, args.greedy_steps)
-            same = (greedy == greedy_full)  # [S, B]
-            first = torch.where(same.all(0), args.greedy_steps, (~same).int().argmax(0))  # first difference per request
             row.update(
                 source=source, backend=f"mac_{args.backend} on {device.type}", label=label, rule=rule.name, tau=tau, tau_m=getattr(rule, "tau_m", ""), max_chain=chain or "",
-                per_group=rule.per_group, requests=args.prompts, greedy_identical=same.double().mean().item(),
-                greedy_first_diff=first.double().mean().item(), seconds=time.perf_counter() - start,
+                per_group=rule.per_group, requests=args.prompts, seconds=time.perf_counter() - start,
+                **greedy_agreement(greedy, greedy_full, args.greedy_steps),
             )
             write_row(path, row)
             print(f"  {label:30s} K={chain or '–'}: skipped {row['skipped_head']:.1%} / {row['skipped_group']:.1%}, "
@@ -131,6 +161,13 @@ def run(args) -> None:
         del engine, reference
         if device.type == "cuda":
             torch.cuda.empty_cache()
+
+
+def greedy_agreement(greedy: torch.Tensor, reference: torch.Tensor, steps: int) -> dict:
+    """The share of ``greedy [S, B]`` equal to ``reference``'s tokens, and the mean first difference (``steps``: none)."""
+    same = greedy == reference
+    first = torch.where(same.all(0), steps, (~same).int().argmax(0))  # first difference per request
+    return dict(greedy_identical=same.double().mean().item(), greedy_first_diff=first.double().mean().item())
 
 
 def greedy_tokens(engine, checkpoint: dict, steps: int) -> torch.Tensor:
@@ -163,21 +200,26 @@ def report(out: Path) -> None:
         here = sorted((r for r in rows if r["source"] == source), key=lambda r: -r["skipped_group"])
         first = here[0]
         lines += [f"### {source}", "",
-                  "| rule | K | skipped per head / group | Δppl ± SE | KL mean | top-1 | greedy identical | hits (candidates) | run on |",
+                  "| rule | K | skipped per head / group | Δppl ± SE | KL mean | top-1 | greedy identical (first difference) | hits (candidates) | run on |",
                   "|---|---|---|---|---|---|---|---|---|"]
         for r in here:
             lines.append(f"| {r['label']} | {r['max_chain'] or '–'} | {r['skipped_head']:.1%} / {r['skipped_group']:.1%} | "
                          f"{100 * r['ppl_change']:+.2f} ± {100 * r['ppl_change_se']:.2f} % | {r['kl_mean']:.4f} | {r['top1']:.1%} | "
-                         f"{r['greedy_identical']:.1%} | {r['hit_rate']:.1%} ({r['candidate_rate']:.1%}) | {r.get('backend') or '–'} |")
+                         f"{r['greedy_identical']:.1%} ({first_difference(r)}) | {r['hit_rate']:.1%} ({r['candidate_rate']:.1%}) | {r.get('backend') or '–'} |")
         lines += ["", f"*{first['requests']} prompts of 4,096 tokens × {int(first['scored_tokens']) // int(first['requests'])} scored tokens each (teacher forcing), "
                   "window 256, band 256, 4 sinks, float32 (mac_triton on an H200, or mac_ref on a CPU: the last column); "
-                  "greedy: the share of 128 generated tokens equal to full attention's. Sorted by KV reads skipped per group.*", ""]
+                  "greedy: the share of 128 generated tokens equal to full attention's, and the mean position of the first that is not; "
+                  "rows \"noise\": full attention under other numerics (the noise floor). Sorted by KV reads skipped per group.*", ""]
     (out / "summary.md").write_text("\n".join(lines), encoding="utf-8")
     plot(rows, out / "frontier.png")
     if out.resolve() == RESULTS.resolve():  # the real-model page shows it
         import shutil
 
         shutil.copy(out / "frontier.png", HERE.parent / "docs" / "assets" / "real_model" / "rule_frontier.png")
+
+
+def first_difference(row: dict) -> str:
+    return f"{float(row['greedy_first_diff']):.0f}" if row.get("greedy_first_diff") not in (None, "") else "–"
 
 
 def plot(rows, path: Path) -> None:
@@ -198,6 +240,8 @@ def plot(rows, path: Path) -> None:
                 ax.errorbar([100 * r["skipped_group"] for r in pts], [100 * r["ppl_change"] for r in pts],
                             yerr=[100 * r["ppl_change_se"] for r in pts], fmt=marker, color=color, mfc=fill, capsize=2,
                             label=f"{rule}{' per group' if group else ''}, K={chain or '–'}")
+        for r in (r for r in rows if r["source"] == source and r["rule"] == "full"):  # the noise floor
+            ax.axhline(100 * r["ppl_change"], color="k", ls="--", lw=0.8, label=r["label"])
         ax.axhline(1.0, color="grey", ls=":", lw=0.8)
         ax.set(xlabel="KV reads skipped per KV group (%)", title=source)
     axes[0][0].set_ylabel("perplexity change (%), ± SE")
@@ -220,6 +264,7 @@ def main():
     parser.add_argument("--points", type=int, default=0, help="only the first N points (0: all)")
     parser.add_argument("--backend", choices=("triton", "ref"), default="triton", help="MAC's step: mac_triton (a GPU) or mac_ref (a CPU)")
     parser.add_argument("--extra", action="store_true", help="the points of EXTRA_POINTS instead of POINTS (stricter mass thresholds)")
+    parser.add_argument("--noise-floor", action="store_true", help="only the noise floor's rows (NOISE_POINTS): full attention under other numerics")
     args = parser.parse_args()
     if args.report:
         report(Path(args.out))
