@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import math
 import os
 import statistics
 import time
@@ -188,23 +187,6 @@ def print_engine_speed(rates: dict[str, float], batch: int, context: int) -> Non
     print(f"  (one prompt of {context} tokens; other batches and contexts: benchmarks/RESULTS.md, section 'End to end')")
 
 
-def repeated_ngrams(tokens: list[int], n: int = 4) -> float:
-    """Share of the text's ``n``-grams that already occurred earlier in it (degeneration: loops)."""
-    grams = [tuple(tokens[i : i + n]) for i in range(len(tokens) - n + 1)]
-    seen, repeats = set(), 0
-    for gram in grams:
-        repeats += gram in seen
-        seen.add(gram)
-    return repeats / len(grams) if grams else 0.0
-
-
-def scored_perplexity(logits: torch.Tensor, first_logits: torch.Tensor, tokens: torch.Tensor) -> float:
-    """Perplexity of ``tokens [N]`` under full attention: ``first_logits [V]`` predict the first,
-    ``logits [N, V]`` (full attention after each token) the rest."""
-    predictions = torch.cat([first_logits[None], logits[:-1]]).double().log_softmax(-1)  # [N, V]
-    return math.exp(-predictions.gather(-1, tokens[:, None]).mean().item())
-
-
 def text(tokenizer, ids) -> str:
     return repr(tokenizer.decode(list(ids))[:160])
 
@@ -286,8 +268,8 @@ def run_demo(args: argparse.Namespace) -> int:
     else:
         # both continuations scored by full attention: MAC's own text needs one full-attention pass over it
         mac_scored = decoding.full_block_logits(model, prefilled, mac_tokens)[0]
-        ppl_full = scored_perplexity(full_logits[0], prefilled.last_logits[0], full_tokens[0])
-        ppl_mac = scored_perplexity(mac_scored, prefilled.last_logits[0], mac_tokens[0])
+        ppl_full = fidelity.scored_perplexity(full_logits[0], prefilled.last_logits[0], full_tokens[0])
+        ppl_mac = fidelity.scored_perplexity(mac_scored, prefilled.last_logits[0], mac_tokens[0])
         top2 = full_logits[0, first_diff - 1].topk(2).values if first_diff else prefilled.last_logits[0].topk(2).values
         margin = (top2[0] - top2[1]).item()
         print(f"Where the greedy texts part (token {first_diff} of {N})")
@@ -297,7 +279,7 @@ def run_demo(args: argparse.Namespace) -> int:
         print(f"  the top-2 gap by {r['gap_err_median']:.2f} logits at the median step ({r['gap_err_p99']:.2f} at the 99th percentile),")
         print(f"  and {r['near_ties']:.0%} of full attention's steps are near-ties (gap < {fidelity.NEAR_TIE}): one flip there changes the rest")
         print(f"  scored by full attention: perplexity {ppl_full:.2f} of its own text, {ppl_mac:.2f} of MAC's; "
-              f"repeated 4-grams {repeated_ngrams(full_list):.0%} and {repeated_ngrams(mac_list):.0%}")
+              f"repeated 4-grams {fidelity.repeated_ngrams(full_list):.0%} and {fidelity.repeated_ngrams(mac_list):.0%}")
 
     print()
     print("What this run shows")

@@ -129,3 +129,20 @@ def compare_logits(reference: torch.Tensor, logits: torch.Tensor, targets: torch
         "ppl_change": change, "ppl_change_se": (change + 1) * (diff.std() / math.sqrt(diff.numel())).item(),
         "scored_tokens": diff.numel(),
     }
+
+
+def repeated_ngrams(tokens: list[int], n: int = 4) -> float:
+    """Share of the text's ``n``-grams that already occurred earlier in it (degeneration: loops)."""
+    grams = [tuple(tokens[i : i + n]) for i in range(len(tokens) - n + 1)]
+    seen, repeats = set(), 0
+    for gram in grams:
+        repeats += gram in seen
+        seen.add(gram)
+    return repeats / len(grams) if grams else 0.0
+
+
+def scored_perplexity(logits: torch.Tensor, first_logits: torch.Tensor, tokens: torch.Tensor) -> float:
+    """Perplexity of ``tokens [N]`` under full attention: ``first_logits [V]`` predict the first,
+    ``logits [N, V]`` (full attention after each token) the rest."""
+    predictions = torch.cat([first_logits[None], logits[:-1]]).double().log_softmax(-1)  # [N, V]
+    return math.exp(-predictions.gather(-1, tokens[:, None]).mean().item())

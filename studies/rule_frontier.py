@@ -7,11 +7,14 @@ float32, the Triton kernels), from one shared prefill per text source:
   library's modules (``mac_llm.decoding.module_docstrings``), both shipped with Python;
 - per source, ``--prompts`` prompts of ``--prompt-len`` tokens spread over the text; then per
   point ``--teacher-steps`` teacher-forced tokens (the text that follows each prompt: KL,
-  top-1, Δppl with its standard error) and ``--greedy-steps`` greedy tokens (how many are
-  full attention's);
+  top-1, Δppl with its standard error) and ``--greedy-steps`` greedy tokens: how many are
+  full attention's, where the first difference falls, and the free generation's quality (the
+  continuation's perplexity under full attention, beside full attention's own continuation
+  scored the same way, and its share of repeated 4-grams: degeneration);
 - the points (:data:`POINTS`): the paper's rule at several thresholds, the mass-aware rule
   at several caps and thresholds, each with and without ``max_chain = 1``, and the
-  group-aware variants; window 256, band 256, 4 sinks (the demo's).
+  group-aware variants, and the group match (``MACConfig.group_match``: one row per KV
+  group); window 256, band 256, 4 sinks (the demo's).
 
 Beside the MAC points, the **noise floor** (:data:`NOISE_POINTS`, ``--noise-floor``): full
 attention itself under a change of numerics nobody calls a quality loss, on the same
@@ -41,12 +44,14 @@ from pathlib import Path
 import torch
 
 from mac_core import MassRule, PaperRule, preset
+from mac_llm.fidelity import repeated_ngrams
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results" / "rule_frontier"
 FIELDS = ["source", "backend", "label", "rule", "tau", "tau_m", "max_chain", "per_group", "requests", "scored_tokens", "skipped_head",
           "skipped_group", "ppl_change", "ppl_change_se", "kl_mean", "top1", "greedy_identical", "greedy_first_diff",
-          "hit_rate", "candidate_rate", "mass_share_mean", "seconds"]  # fmt: skip
+          "hit_rate", "candidate_rate", "mass_share_mean", "seconds", "group_match", "generated_ppl", "generated_ppl_full",
+          "generated_repeat4", "generated_repeat4_full"]  # fmt: skip
 
 
 def points() -> list[tuple[str, object, float, int | None]]:
@@ -70,6 +75,13 @@ POINTS = points()
 EXTRA_POINTS = [
     ("mass τ=0.3 τm=0.85", MassRule(tau_m=0.85), 0.3, 1),
     ("mass τ=0.3 τm=0.85 per group", MassRule(tau_m=0.85, per_group=True), 0.3, 1),
+]
+# the group match (issue 19): the heads of a KV group share one row, so they reuse the same step
+GROUP_MATCH_POINTS = [
+    ("paper τ=0.5 group match", PaperRule(), 0.5, 1),
+    ("paper τ=0.45 group match", PaperRule(), 0.45, 1),
+    ("mass τ=0.3 τm=0.85 group match", MassRule(tau_m=0.85), 0.3, 1),
+    ("mass τ=0.3 τm=0.85 per group, group match", MassRule(tau_m=0.85, per_group=True), 0.3, 1),
 ]
 
 
@@ -102,7 +114,7 @@ def run(args) -> None:
     path = out / "runs.csv"
     done = {(r["source"], r["label"], r["max_chain"]) for r in csv.DictReader(path.open())} if path.exists() else set()
     sources = {"pydoc topics": default_prose(), "stdlib docstrings": module_docstrings()}
-    chosen = [] if args.noise_floor else EXTRA_POINTS if args.extra else POINTS
+    chosen = [] if args.noise_floor else EXTRA_POINTS if args.extra else GROUP_MATCH_POINTS if args.group_match else POINTS
     chosen = chosen[: args.points] if args.points else chosen
     for source, text in sources.items():
         prompts, follow = segments(tokenizer, text, args.prompts, args.prompt_len, max(args.teacher_steps, args.greedy_steps) + 1)
@@ -115,6 +127,7 @@ def run(args) -> None:
         targets = follow[:, : args.teacher_steps].T.contiguous()  # [S, B]
         reference = torch.stack([engine.step(targets[s]).clone() for s in range(args.teacher_steps)])  # [S, B, V]
         greedy_full = greedy_tokens(engine, checkpoint, args.greedy_steps)
+        free_full = free_generation(engine, checkpoint, greedy_full)
         print(f"{source}: {args.prompts} prompts of {args.prompt_len} tokens, reference done", flush=True)
         if args.noise_floor:
             for label, attention, noise_dtype in NOISE_POINTS:
@@ -128,10 +141,11 @@ def run(args) -> None:
                 logits = torch.stack([other.step(targets[s]).clone() for s in range(args.teacher_steps)])
                 row = compare_logits(reference, logits, targets)
                 greedy = greedy_tokens(other, other_checkpoint, args.greedy_steps)
+                engine.rewind(checkpoint)
                 row.update(source=source, backend=f"{attention} {str(noise_dtype).removeprefix('torch.')} on {device.type}", label=label,
                            rule="full", requests=args.prompts, skipped_head=0.0, skipped_group=0.0, hit_rate=0.0, candidate_rate=0.0,
-                           seconds=time.perf_counter() - start,
-                           **greedy_agreement(greedy, greedy_full, args.greedy_steps))
+                           seconds=time.perf_counter() - start, **greedy_agreement(greedy, greedy_full, args.greedy_steps),
+                           **free_generation(engine, checkpoint, greedy, free_full))
                 write_row(path, row)
                 print(f"  {label:30s}: Δppl {100 * row['ppl_change']:+.2f} ± {100 * row['ppl_change_se']:.2f} %, KL {row['kl_mean']:.5f}, "
                       f"top-1 {row['top1']:.1%}, greedy {row['greedy_identical']:.1%}, first difference {row['greedy_first_diff']:.0f}", flush=True)
@@ -140,7 +154,7 @@ def run(args) -> None:
             if (source, label, str(chain or "")) in done:
                 continue
             start = time.perf_counter()
-            engine.switch("mac", preset("demo", rule=rule, tau=tau, max_chain=chain))
+            engine.switch("mac", preset("demo", rule=rule, tau=tau, max_chain=chain, group_match="group match" in label))
             engine.rewind(checkpoint)
             logits, stats = [], []
             for s in range(args.teacher_steps):
@@ -149,10 +163,11 @@ def run(args) -> None:
             row = {**compare_logits(reference, torch.stack(logits), targets), **StepStats.stack(stats).summary(kv_heads)}
             del logits
             greedy = greedy_tokens(engine, checkpoint, args.greedy_steps)
+            engine.switch(reference_attention)
             row.update(
                 source=source, backend=f"mac_{args.backend} on {device.type}", label=label, rule=rule.name, tau=tau, tau_m=getattr(rule, "tau_m", ""), max_chain=chain or "",
-                per_group=rule.per_group, requests=args.prompts, seconds=time.perf_counter() - start,
-                **greedy_agreement(greedy, greedy_full, args.greedy_steps),
+                per_group=rule.per_group, group_match="group match" in label, requests=args.prompts, seconds=time.perf_counter() - start,
+                **greedy_agreement(greedy, greedy_full, args.greedy_steps), **free_generation(engine, checkpoint, greedy, free_full),
             )
             write_row(path, row)
             print(f"  {label:30s} K={chain or '–'}: skipped {row['skipped_head']:.1%} / {row['skipped_group']:.1%}, "
@@ -170,6 +185,22 @@ def greedy_agreement(greedy: torch.Tensor, reference: torch.Tensor, steps: int) 
     return dict(greedy_identical=same.double().mean().item(), greedy_first_diff=first.double().mean().item())
 
 
+def free_generation(engine, checkpoint: dict, tokens: torch.Tensor, full: dict | None = None) -> dict:
+    """What a user sees of ``tokens [S, B]`` (greedy, after the prompt's own next token): its
+    perplexity under ``engine`` (full attention: each token fed after the one before,
+    teacher-forced from ``checkpoint``) and its share of repeated 4-grams, each averaged over
+    the requests; with ``full`` (this function's result for full attention's own
+    continuation), those too, under ``*_full``."""
+    engine.rewind(checkpoint)
+    fed = torch.cat([engine.tokens[None], tokens[:-1]])  # [S, B]: the token before each generated one
+    nll = torch.stack([-engine.step(fed[s]).double().log_softmax(-1).gather(-1, tokens[s][:, None]).squeeze(-1) for s in range(len(tokens))])
+    row = dict(generated_ppl=nll.mean(0).exp().mean().item(),
+               generated_repeat4=sum(repeated_ngrams(tokens[:, b].tolist()) for b in range(tokens.shape[1])) / tokens.shape[1])  # fmt: skip
+    if full is not None:
+        row.update(generated_ppl_full=full["generated_ppl"], generated_repeat4_full=full["generated_repeat4"])
+    return row
+
+
 def greedy_tokens(engine, checkpoint: dict, steps: int) -> torch.Tensor:
     """``[steps, B]`` greedy tokens from the checkpoint (each step's argmax, fed to the next)."""
     engine.rewind(checkpoint)
@@ -181,11 +212,12 @@ def greedy_tokens(engine, checkpoint: dict, steps: int) -> torch.Tensor:
 
 
 def write_row(path: Path, row: dict) -> None:
-    new = not path.exists()
-    with path.open("a", newline="") as f:
+    """Append ``row``; a file written before :data:`FIELDS` grew is rewritten with the new columns (empty)."""
+    rows = list(csv.DictReader(path.open())) if path.exists() else []
+    with path.open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=FIELDS, extrasaction="ignore")
-        if new:
-            writer.writeheader()
+        writer.writeheader()
+        writer.writerows(rows)
         writer.writerow({k: round(v, 6) if isinstance(v, float) else v for k, v in row.items()})
 
 
@@ -200,15 +232,18 @@ def report(out: Path) -> None:
         here = sorted((r for r in rows if r["source"] == source), key=lambda r: -r["skipped_group"])
         first = here[0]
         lines += [f"### {source}", "",
-                  "| rule | K | skipped per head / group | Δppl ± SE | KL mean | top-1 | greedy identical (first difference) | hits (candidates) | run on |",
-                  "|---|---|---|---|---|---|---|---|---|"]
+                  "| rule | K | skipped per head / group | Δppl ± SE | KL mean | top-1 | greedy identical (first difference) "
+                  "| generated text: ppl (full's), repeated 4-grams (full's) | hits (candidates) | run on |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
         for r in here:
             lines.append(f"| {r['label']} | {r['max_chain'] or '–'} | {r['skipped_head']:.1%} / {r['skipped_group']:.1%} | "
                          f"{100 * r['ppl_change']:+.2f} ± {100 * r['ppl_change_se']:.2f} % | {r['kl_mean']:.4f} | {r['top1']:.1%} | "
-                         f"{r['greedy_identical']:.1%} ({first_difference(r)}) | {r['hit_rate']:.1%} ({r['candidate_rate']:.1%}) | {r.get('backend') or '–'} |")
+                         f"{r['greedy_identical']:.1%} ({first_difference(r)}) | {generated(r)} | {r['hit_rate']:.1%} ({r['candidate_rate']:.1%}) | "
+                         f"{r.get('backend') or '–'} |")
         lines += ["", f"*{first['requests']} prompts of 4,096 tokens × {int(first['scored_tokens']) // int(first['requests'])} scored tokens each (teacher forcing), "
                   "window 256, band 256, 4 sinks, float32 (mac_triton on an H200, or mac_ref on a CPU: the last column); "
-                  "greedy: the share of 128 generated tokens equal to full attention's, and the mean position of the first that is not; "
+                  "greedy: the share of the generated tokens equal to full attention's, and the mean position of the first that is not; "
+                  "generated text: the greedy continuation's perplexity under full attention and its share of repeated 4-grams; "
                   "rows \"noise\": full attention under other numerics (the noise floor). Sorted by KV reads skipped per group.*", ""]
     (out / "summary.md").write_text("\n".join(lines), encoding="utf-8")
     plot(rows, out / "frontier.png")
@@ -216,6 +251,14 @@ def report(out: Path) -> None:
         import shutil
 
         shutil.copy(out / "frontier.png", HERE.parent / "docs" / "assets" / "real_model" / "rule_frontier.png")
+
+
+def generated(row: dict) -> str:
+    """The free generation's cell: perplexity under full attention and repeated 4-grams, full attention's own beside."""
+    if not row.get("generated_ppl"):
+        return "–"
+    return (f"{float(row['generated_ppl']):.2f} ({float(row['generated_ppl_full']):.2f}), "
+            f"{float(row['generated_repeat4']):.0%} ({float(row['generated_repeat4_full']):.0%})")
 
 
 def first_difference(row: dict) -> str:
@@ -260,10 +303,11 @@ def main():
     parser.add_argument("--prompts", type=int, default=8, help="prompts per source")
     parser.add_argument("--prompt-len", type=int, default=4096, help="tokens per prompt")
     parser.add_argument("--teacher-steps", type=int, default=640, help="teacher-forced tokens per prompt")
-    parser.add_argument("--greedy-steps", type=int, default=128, help="greedy tokens per prompt")
+    parser.add_argument("--greedy-steps", type=int, default=256, help="greedy tokens per prompt (free generation)")
     parser.add_argument("--points", type=int, default=0, help="only the first N points (0: all)")
     parser.add_argument("--backend", choices=("triton", "ref"), default="triton", help="MAC's step: mac_triton (a GPU) or mac_ref (a CPU)")
     parser.add_argument("--extra", action="store_true", help="the points of EXTRA_POINTS instead of POINTS (stricter mass thresholds)")
+    parser.add_argument("--group-match", action="store_true", help="the points of GROUP_MATCH_POINTS (one matched row per KV group)")
     parser.add_argument("--noise-floor", action="store_true", help="only the noise floor's rows (NOISE_POINTS): full attention under other numerics")
     args = parser.parse_args()
     if args.report:
