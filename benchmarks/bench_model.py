@@ -57,6 +57,8 @@ PAPER_RULE = dict(tau=0.5, rule=PaperRule())
 MAC = {"mac_paper": PAPER_RULE, "mac_paper_policy": PAPER_RULE, "mac_mass": BEST_RULE, "mac_mass_policy": BEST_RULE}  # changes to the demo preset
 # --diagnose: where the verifying step's cost comes from (the verification or the group decision)
 DIAGNOSTIC = {"mac_mass_per_head": dict(tau=0.3, rule=MassRule(tau_m=0.85)), "mac_paper_per_group": dict(tau=0.45, rule=PaperRule(per_group=True))}
+# --group-match: the demo's rule with one matched row per KV group (its heads then read the same span)
+GROUP_MATCH = {"mac_mass_group_match": dict(BEST_RULE, group_match=True)}
 
 
 def prose_prompts(tokenizer, n: int, length: int, follow: int) -> tuple[list[list[int]], list[list[int]]]:
@@ -121,7 +123,7 @@ def run(args) -> None:
     env = environment()
     print(", ".join(f"{k} {v}" for k, v in env.items()), flush=True)
     rows, fidelity_rows, kernel_rows = [], [], []
-    mac = {**MAC, **(DIAGNOSTIC if args.diagnose else {})}
+    mac = {**MAC, **(DIAGNOSTIC if args.diagnose else {}), **(GROUP_MATCH if args.group_match else {})}
     for ctx in args.contexts:
         prompts, follow = prose_prompts(tokenizer, max(args.batches), ctx, args.steps + args.fidelity_steps + 8)
         for batch in args.batches:
@@ -238,6 +240,7 @@ def main():
     parser.add_argument("--fidelity-requests", type=int, default=32, help="requests the fidelity is measured on (the first ones; 0: none)")
     parser.add_argument("--fidelity-steps", type=int, default=256, help="teacher-forced tokens per request for the fidelity")
     parser.add_argument("--diagnose", action="store_true", help=f"also time {', '.join(DIAGNOSTIC)} (where the mass rule's cost comes from)")
+    parser.add_argument("--group-match", action="store_true", help=f"also time and score {', '.join(GROUP_MATCH)} (MACConfig.group_match)")
     parser.add_argument("--dtype", choices=("bf16", "fp16"), default="bf16", help="weights, activations and KV cache")
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
                         help="compile everything but the attention (torch.compile) for every provider: the baseline a serving engine is")
