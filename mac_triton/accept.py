@@ -5,8 +5,8 @@ verdict (``candidate``), the distance, the rule's squared radius and the share `
 step's mass the candidate's row carries (:func:`mass_share`, from the LSE of the keys the
 step read with the current query and the row's LSE). It switches on the rule's name, a
 compile-time constant, so each rule compiles to its own kernel. The paper's rule decides in
-the reduce kernel of a one-phase step; a rule that verifies its candidates decides in the
-decide kernel between the two phases (:mod:`mac_triton.decide`). Adding a rule: see
+the reduce kernel; a rule that verifies its candidates decides in the prefix kernel, after
+the attend kernel has read the fresh part (:mod:`mac_triton.decide`). Adding a rule: see
 :mod:`mac_core.rules`. Spec: [acceptance rules][spec-acceptance].
 """
 
