@@ -204,11 +204,11 @@ def match_keys(
     slots_per_program = triton.cdiv(triton.cdiv(W, splits), launch.block_w) * launch.block_w
     splits = triton.cdiv(W, slots_per_program)
     _match_kernel[(B * Hq, splits)](
-        q_pre, ring_q, depth, positions, keys,
-        q_pre.stride(0), q_pre.stride(1), ring_q.stride(0), ring_q.stride(1), ring_q.stride(2), *depth_strides,
-        Hq, W, slots_per_program, max_chain or 0,
-        D=D, BLOCK_W=launch.block_w, BLOCK_D=triton.next_power_of_2(D), BOUNDED=bounded,
-        num_warps=launch.warps,
+        q_ptr=q_pre, ring_ptr=ring_q, depth_ptr=depth, pos_ptr=positions, key_ptr=keys,
+        stride_qb=q_pre.stride(0), stride_qh=q_pre.stride(1), stride_rb=ring_q.stride(0), stride_rh=ring_q.stride(1),
+        stride_rw=ring_q.stride(2), stride_db=depth_strides[0], stride_dh=depth_strides[1],
+        Hq=Hq, W=W, slots_per_program=slots_per_program, max_chain=max_chain or 0,
+        D=D, BLOCK_W=launch.block_w, BLOCK_D=triton.next_power_of_2(D), BOUNDED=bounded, num_warps=launch.warps,
     )
     return keys
 
@@ -243,7 +243,7 @@ def find_match(
     if n:
         block = 128
         _finalize_kernel[(triton.cdiv(n, block),)](
-            keys, positions, radius_sq_per_head(config, Hq, D, q_pre.device), hit, matched, dist, n, Hq,
-            config.min_context, BLOCK=block,
+            key_ptr=keys, pos_ptr=positions, radius_ptr=radius_sq_per_head(config, Hq, D, q_pre.device), hit_ptr=hit,
+            matched_ptr=matched, dist_ptr=dist, n_heads=n, Hq=Hq, min_context=config.min_context, BLOCK=block,
         )
     return MatchResult(hit.view(torch.bool), matched, dist)
