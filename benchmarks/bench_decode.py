@@ -152,6 +152,17 @@ def run_config(hkv, batch, ctx, window, hit_rates, rep_ms, bandwidth, providers_
     return results, fi_best, floor
 
 
+CSV_FIELDS = ["gpu", "hkv", "batch", "ctx", "window", "q_heads", "head_dim", "provider", "hit_rate", "measured_hit_rate", "median_us",
+              "timing", "speedup_vs_flashinfer", "floor_us", "floor_fraction", "mean_keys_read", "mbytes", "tb_per_s", "byte_floor_fraction"]
+
+
+def write_csv(rows: list[dict], path: Path) -> None:
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=CSV_FIELDS)
+        writer.writeheader()
+        writer.writerows(rows)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="a subset: Hkv 8, contexts 8K and 128K, hits 0, 0.95 and 1")
@@ -185,13 +196,7 @@ def main():
         summary.append((hkv, batch, ctx, window, results, fi_best, floor_us))
         print(f"  {shape} Hkv={hkv} B={batch} ctx={ctx} W={window}: " + ", ".join(f"{n} {u:.1f}" for n, (u, _) in results.items())
               + f"  [{time.time() - t0:.0f}s]", flush=True)
-
-    fields = ["gpu", "hkv", "batch", "ctx", "window", "q_heads", "head_dim", "provider", "hit_rate", "measured_hit_rate", "median_us",
-              "timing", "speedup_vs_flashinfer", "floor_us", "floor_fraction", "mean_keys_read", "mbytes", "tb_per_s", "byte_floor_fraction"]
-    with open(out / "decode.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=fields)
-        writer.writeheader()
-        writer.writerows(rows)
+        write_csv(rows, out / "decode.csv")  # after every configuration: a run cut short keeps what it measured
 
     lines = [f"{versions['gpu']}, copy bandwidth {bandwidth / 1e12:.2f} TB/s, "
              + ", ".join(f"{k} {v}" for k, v in versions.items() if k != "gpu"), "",
