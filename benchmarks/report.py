@@ -188,7 +188,7 @@ def targets(*files, hkv="8") -> str:
 @region
 def profile(file=PROFILE) -> str:
     """Per-kernel device times of a step, per point (``profile_step.py``): µs, one decimal."""
-    kernels = {"match_kernel": "match", "attend_kernel": "attend", "decide_kernel": "decide", "reduce_kernel": "reduce",
+    kernels = {"match_kernel": "match", "attend_kernel": "attend", "decide_kernel": "decide", "prefix_kernel": "prefix", "reduce_kernel": "reduce",
                "copy (ring restore)": "ring restore copy", "between kernels": "between"}  # fmt: skip
     by_point: dict[str, dict] = {}
     for r in rows(file):
@@ -268,7 +268,7 @@ def fidelity(file=FIDELITY) -> str:
 
 def kernel_kind(name: str) -> str:
     """What a kernel of the end-to-end step does: one of MAC's stages, full attention, or the rest of the model."""
-    for stage in ("attend", "match", "decide", "reduce"):
+    for stage in ("attend", "match", "decide", "prefix", "reduce"):
         if f"_{stage}_kernel" in name:
             return stage
     return "attention" if re.search(r"sdpa|flashinfer", name) else "rest"
@@ -288,8 +288,8 @@ def kernel_times(ctx, batch, provider, file=KERNELS) -> dict[str, tuple[float, i
 @region
 def model_kernels(ctx, batch, file=KERNELS) -> str:
     """Where an end-to-end step's time goes, per provider: ms per step (launches) of each kind of kernel."""
-    kinds = ["attention", "attend", "match", "decide", "reduce", "rest"]
-    header = ["provider", "full attention", "attend", "match", "decide", "reduce", "rest of the model", "sum"]
+    kinds = ["attention", "attend", "match", "decide", "prefix", "reduce", "rest"]
+    header = ["provider", "full attention", "attend", "match", "decide", "prefix", "reduce", "rest of the model", "sum"]
     lines = [plots._row(header), plots._row(["---"] * len(header))]
     providers = dict.fromkeys(r["provider"] for r in rows(file))
     for provider in providers:
