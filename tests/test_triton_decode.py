@@ -237,3 +237,27 @@ def test_rejected_candidates_are_full_attention(dtype):
     assert_close(lse.cpu()[rejected], want_lse[rejected], "triton_lse", dtype)
     assert torch.equal(stats.keys_read.cpu()[rejected], (pos + 1)[:, None].expand_as(stats.keys_read).cpu()[rejected])
 
+
+
+@pytest.mark.parametrize("batch, kv_heads, prompts", [(1, 1, [170]), (2, 2, [160, 131])], ids=["one-group", "four-groups"])
+def test_rejected_prefixes_split_into_many_pieces(batch, kv_heads, prompts):
+    """The prefix kernel splits a group's rejected prefix ``[S, lo)`` into up to ``max_pieces``
+    pieces of at least ``4 · min_chunk`` keys. With short pieces (``min_chunk`` 4) groups take
+    several pieces, and every rejected head is still full attention over ``[0, t+1)``."""
+    config = MACConfig(window=16, band=8, tau=-0.5, sinks=2, rule=MassRule(tau_m=0.9))
+    q_pre, q_post, k, v, state, pos = prefilled_step(batch, 4 * kv_heads, kv_heads, 32, torch.float32, 9, prompts, config, reuse=0.3)
+    launch = dataclasses.replace(mac_triton.NARROW, min_chunk=4)
+    workspace = mac_triton.DecodeWorkspace.new(config, batch, 4 * kv_heads, 32, q_pre.device)
+    keys = mac_triton.match.match_keys(q_pre, state.ring_q, pos, workspace.keys.clone(), state.ring_depth)
+    verify = mac_triton.attend.Verify(config.rule.name, False, workspace.rule_radius_sq, state)
+    partials = mac_triton.attend.launch_attend(
+        q_post, k, v, pos, launch, config.softmax_scale(32), band_source="match", band=config.band, sinks=config.sinks, keys=keys,
+        radius_sq=workspace.radius_sq, verify=verify,
+    )
+    assert partials.plan[:, mac_triton.plan.PLAN_PREFIX_UNITS.value].max() > 1, "no group took several pieces"
+    out, lse, stats = mac_triton.decode_step(q_pre, k, v, state, pos, config, q_post=q_post, launch=launch)
+    rejected = stats.candidate & ~stats.hit
+    assert rejected.any()
+    want_o, want_lse = mac_ref.full_attention(q_post, k, v, pos + 1)
+    assert_close(out[rejected], want_o[rejected], "exact", torch.float32)
+    assert_close(lse[rejected], want_lse[rejected], "triton_lse", torch.float32)
