@@ -722,29 +722,31 @@ def pages() -> list[Path]:
     return sorted(path for pattern in PAGES for path in REPO.glob(pattern))
 
 
-def stale() -> list[str]:
-    """The pages whose regions differ from what the result files give, with the first differing region of each."""
+def changed_pages():
+    """``(path, old text, refreshed text)`` of every page whose regions differ from the result files."""
     clear()
-    found = []
     for path in pages():
         old = path.read_text(encoding="utf-8")
         new = refreshed(old)
         if new != old:
-            first = next(o.group(2) for o, n in zip(_REGION.finditer(old), _REGION.finditer(new)) if o.group(3) != n.group(3))
-            found.append(f"{path.relative_to(REPO)}: <!-- report: {first} -->")
+            yield path, old, new
+
+
+def stale() -> list[str]:
+    """The pages whose regions differ from what the result files give, with the first differing region of each."""
+    found = []
+    for path, old, new in changed_pages():
+        first = next(o.group(2) for o, n in zip(_REGION.finditer(old), _REGION.finditer(new)) if o.group(3) != n.group(3))
+        found.append(f"{path.relative_to(REPO)}: <!-- report: {first} -->")
     return found
 
 
 def refresh() -> list[Path]:
     """Rewrite every region of the pages; returns the pages that changed."""
-    clear()
     changed = []
-    for path in pages():
-        old = path.read_text(encoding="utf-8")
-        new = refreshed(old)
-        if new != old:
-            path.write_text(new, encoding="utf-8")
-            changed.append(path)
+    for path, _, new in changed_pages():
+        path.write_text(new, encoding="utf-8")
+        changed.append(path)
     return changed
 
 
