@@ -57,9 +57,9 @@ class Point:
 
     @property
     def flashinfer(self) -> str:
-        """FlashInfer's time: the faster of tensor cores on and off (the benchmark's baseline)."""
+        """FlashInfer's time: the faster of tensor cores on and off (the benchmark's baseline); "nan" where it did not import."""
         times = [r["median_us"] for p, r in self.rows.items() if p.startswith("flashinfer")]
-        return min(times, key=float)
+        return min(times, key=float) if times else "nan"
 
     def speedup(self, provider: str) -> str | None:
         row = self.rows.get(provider)
