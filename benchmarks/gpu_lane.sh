@@ -30,7 +30,7 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | 
 status=0
 if [[ $what == all || $what == tests ]]; then
     tests=(tests/test_triton_summary.py tests/test_triton_match.py tests/test_triton_decode.py tests/test_triton_gpu.py tests/test_benchmark_harness.py
-           tests/test_paged.py tests/test_ops.py tests/test_interop.py tests/test_engine_gpu.py tests/test_softcap.py tests/test_hf.py tests/test_real_model.py)
+           tests/test_paged.py tests/test_ops.py tests/test_interop.py tests/test_engine_gpu.py tests/test_softcap.py tests/test_hf.py tests/test_real_model.py tests/test_lossless.py)
     echo "\$ python3 -m pytest -n 8 -q ${tests[*]} -m 'gpu or not gpu'   # $(nvidia-smi --query-gpu=name --format=csv,noheader), compiled" | tee "$out/gpu_tests.log"
     (time python3 -m pytest -n 8 -q -p no:cacheprovider "${tests[@]}" -m "gpu or not gpu") 2>&1 | tee -a "$out/gpu_tests.log" || status=1
 fi

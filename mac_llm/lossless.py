@@ -1,0 +1,376 @@
+r"""Lossless MAC: the model's own MAC steps draft, full attention verifies, the output is full attention's.
+
+Self-speculative decoding with MAC as the draft (docs: the real-model page, "Lossless MAC").
+One *round* for a batch whose request ``b`` stands at position ``p_b`` with input token ``t_0``:
+
+1. **draft**: ``k`` ordinary MAC steps of the engine give ``d_1 … d_k`` (greedy: each step's
+   argmax; sampled: a draw from each step's distribution ``q_i``);
+2. **verify**: one full-attention pass over ``[t_0, d_1, …, d_k]`` at positions ``p … p+k``,
+   causal inside the block, gives full attention's next-token distributions ``p_0 … p_k``;
+3. **accept**: greedy: the longest prefix with ``d_{i+1} = argmax p_i`` (``n`` tokens), then
+   ``argmax p_n``. Sampled: ``d_{i+1}`` is kept with probability ``min(1, p_i(d)/q_i(d))``; at
+   the first refusal a token is drawn from ``(p_i − q_i)_+`` normalised, after ``k``
+   acceptances from ``p_k``. Either way a round emits ``n + 1`` tokens, distributed exactly as
+   full attention's (greedy: identical to them);
+4. **repair**: the verify pass wrote the K/V of ``p … p+k`` from full attention's hidden
+   states. Positions ``p … p+n`` get full attention's exact ring rows
+   ``R_t = A(q_t, [min(F, E(t)), E(t)))`` at chain depth 0, which the verify pass computes
+   anyway (it attends each query as ``sinks ⊕ R_t ⊕ band``); the slots that the draft wrote
+   for refused positions get back what they held. After a round the cache below each
+   request's position and the rings are those of full attention that keeps its rings
+   (MAC's miss step): nothing of the draft remains.
+
+``k`` adapts to the recent acceptance (:class:`DraftLength`): when drafts are refused often,
+rounds draft nothing (``k = 0``: a plain full-attention step through the verify pass) and a
+probe drafts again now and then.
+
+The verify pass here is eager PyTorch (``mac_ref.attend`` for the three key ranges of each
+query): exact and readable, run on a CPU by the tests; on a GPU it is correct but not yet fast.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+import mac_ref
+from mac_core.step import row_range
+
+from .engine import DecodeEngine
+from .llama import finish, output_logits, project
+
+
+# -- accepting a draft: pure functions ------------------------------------------------------------
+
+
+def accept_greedy(full_logits: torch.Tensor, drafts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Greedy acceptance: the longest drafted prefix that full attention would have chosen.
+
+    Args:
+        full_logits: ``[B, k+1, V]`` full attention's logits after ``t_0, d_1, …, d_k``.
+        drafts: ``[B, k]`` int64 drafted tokens ``d_1 … d_k``.
+
+    Returns:
+        ``(accepted [B], next_token [B])``: ``n`` (``0 … k``) and ``argmax p_n``.
+
+    Example:
+        >>> import torch
+        >>> logits = torch.eye(5)[[1, 2, 4]][None]      # [1, 3, 5]: full attention picks 1, 2, 4
+        >>> accept_greedy(logits, torch.tensor([[1, 3]]))  # d_1 = 1 agrees, d_2 = 3 does not
+        (tensor([1]), tensor([2]))
+    """
+    _check_block(full_logits, drafts)
+    choice = full_logits.argmax(-1)  # [B, k+1]
+    accepted = (drafts == choice[:, :-1]).int().cumprod(-1).sum(-1)  # [B]
+    return accepted, choice.gather(1, accepted[:, None])[:, 0]
+
+
+def accept_sampled(p: torch.Tensor, q: torch.Tensor, drafts: torch.Tensor, generator: torch.Generator | None = None):
+    r"""Speculative sampling's acceptance: the emitted tokens are distributed as ``p``'s, whatever ``q`` is.
+
+    Token ``d_{i+1} ~ q_i`` is kept with probability ``min(1, p_i(d)/q_i(d))``; at the first
+    refusal the next token is drawn from :math:`(p_i - q_i)_+ / \sum (p_i - q_i)_+`, and after
+    ``k`` acceptances from ``p_k``.
+
+    Args:
+        p: ``[B, k+1, V]`` full attention's probabilities.
+        q: ``[B, k, V]`` the draft's probabilities (each ``d_{i+1}`` was drawn from ``q_i``).
+        drafts: ``[B, k]`` int64.
+        generator: the random numbers' source (on ``p``'s device).
+
+    Returns:
+        ``(accepted [B], next_token [B])``.
+
+    Example:
+        >>> import torch
+        >>> p = torch.tensor([[[0.0, 1.0], [0.5, 0.5]]])      # [1, 2, 2]
+        >>> q = torch.tensor([[[1.0, 0.0]]])                  # the draft is sure of token 0
+        >>> accept_sampled(p, q, torch.tensor([[0]]))         # p_0(0) = 0: refused, resampled
+        (tensor([0]), tensor([1]))
+    """
+    _check_block(p, drafts)
+    B, k = drafts.shape
+    if q.shape != (B, k, p.shape[-1]):
+        raise ValueError(f"q must have shape [B, k, V] = {[B, k, p.shape[-1]]}, got {list(q.shape)}")
+    p_d = p[:, :k].gather(-1, drafts[..., None])[..., 0]  # [B, k]
+    q_d = q.gather(-1, drafts[..., None])[..., 0]
+    u = torch.rand(B, k, generator=generator, device=p.device, dtype=p.dtype)
+    accepted = (u * q_d < p_d).int().cumprod(-1).sum(-1)  # u < p/q without dividing by q
+    rows = torch.arange(B, device=p.device)
+    q_next = torch.cat([q, torch.zeros_like(p[:, :1])], dim=1)[rows, accepted]  # q_k = 0: after k acceptances, p_k itself
+    residual = (p[rows, accepted] - q_next).clamp_min(0)  # [B, V]
+    empty = residual.sum(-1, keepdim=True) <= 0  # p = q there, so a refusal had probability 0; keep p
+    residual = torch.where(empty, p[rows, accepted], residual)
+    return accepted, torch.multinomial(residual, 1, generator=generator)[:, 0]
+
+
+def _check_block(full: torch.Tensor, drafts: torch.Tensor) -> None:
+    if drafts.dim() != 2 or drafts.dtype != torch.int64:
+        raise TypeError(f"drafts must be an int64 tensor [B, k], got {drafts.dtype} {list(drafts.shape)}")
+    if full.dim() != 3 or full.shape[:2] != (drafts.shape[0], drafts.shape[1] + 1):
+        raise ValueError(f"full attention's block must have shape [B, k+1, V] with [B, k] = {list(drafts.shape)}, got {list(full.shape)}")
+
+
+# -- the verify pass --------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def verify_block(engine: DecodeEngine, block: torch.Tensor):
+    """Full attention over ``block [B, L]`` at positions ``engine.positions + 0 … L−1``, causal inside it.
+
+    Writes the block's K/V into the engine's cache and returns what a round needs: the
+    logits ``[B, L, V]`` (float32), and per layer the pre-RoPE queries ``[B, Hq, L, D]`` and
+    the exact ring rows ``Summary(o [B, Hq, L, D], lse [B, Hq, L])`` of the block's positions.
+    Each query's attention is ``sinks ⊕ R_t ⊕ band``, so the rows cost no extra reads.
+    """
+    e, model = engine, engine.model
+    cfg, config = model.config, engine.config
+    B, L = block.shape
+    pos = e.positions[:, None] + torch.arange(L, device=e.device)  # [B, L]
+    rows_b = torch.arange(B, device=e.device)[:, None]  # [B, 1]
+    cos, sin = e.cos[pos], e.sin[pos]  # [B, L, 1, D]
+    start, end = row_range(pos[:, None, :], config.band, config.sinks)  # [B, 1, L] each: R_t's keys
+    last = pos[:, None, :] + 1  # [B, 1, L]: causal
+    h = model.embed[block]  # [B, L, dim]
+    queries, rows = [], []
+    for i, w in enumerate(e.weights):
+        q_pre, q_post, k, v = project(cfg, w, h, cos, sin)  # [B, L, H, D]
+        e.k[i][rows_b, :, pos] = k
+        e.v[i][rows_b, :, pos] = v
+        q = q_post.transpose(1, 2)  # [B, Hq, L, D]
+        attend = lambda a, b: mac_ref.attend(q, e.k[i], e.v[i], a, b, e.scale, config.softcap)  # noqa: E731
+        row = attend(start, end)
+        out = mac_ref.merge(mac_ref.merge(attend(0, start), row), attend(end, last))  # [0, F) ⊕ R_t ⊕ [E(t), t+1)
+        h = finish(cfg, w, h, out.o.transpose(1, 2).to(h.dtype))
+        queries.append(q_pre.transpose(1, 2))
+        rows.append(row)
+    logits = output_logits(cfg, model.out_norm, model.output_head, h).float()  # [B, L, V]
+    return logits, queries, rows
+
+
+# -- how long a draft -------------------------------------------------------------------------------
+
+
+@dataclass
+class DraftLength:
+    """``k`` for the next round, from the batch's recent mean of accepted drafts per round.
+
+    ``k = clamp(round(mean) + 1, 1, k_max)``: one more than recent rounds kept. Below
+    ``min_accepted`` drafting does not pay: rounds draft nothing (``k = 0``, a plain verified
+    full-attention step), and one round in ``probe_every`` drafts ``k_max`` to measure again.
+    ``adaptive=False``: always ``k_max``.
+    """
+
+    k_max: int = 4
+    min_accepted: float = 0.5
+    probe_every: int = 16
+    smoothing: float = 0.5
+    adaptive: bool = True
+    recent: float = field(default=math.inf, repr=False)  # mean accepted drafts per round (exponential average)
+    rounds: int = field(default=0, repr=False)
+
+    def __post_init__(self):
+        if isinstance(self.k_max, bool) or not isinstance(self.k_max, int) or self.k_max < 0:
+            raise ValueError(f"DraftLength.k_max must be an int >= 0, got {self.k_max!r}")
+        if not 0 < self.smoothing <= 1:
+            raise ValueError(f"DraftLength.smoothing must lie in (0, 1], got {self.smoothing!r}")
+
+    def next_k(self) -> int:
+        self.rounds += 1
+        if not self.adaptive or self.recent == math.inf:
+            return self.k_max
+        if self.recent < self.min_accepted:
+            return self.k_max if self.rounds % self.probe_every == 0 else 0
+        return min(self.k_max, max(1, round(self.recent) + 1))
+
+    def observe(self, k: int, accepted_mean: float) -> None:
+        if k:
+            self.recent = accepted_mean if self.recent == math.inf else self.smoothing * accepted_mean + (1 - self.smoothing) * self.recent
+
+
+# -- the decoder ------------------------------------------------------------------------------------
+
+
+@dataclass
+class RoundLog:
+    """What the rounds of a run did: per round its ``k`` and each request's accepted drafts."""
+
+    k: list[int] = field(default_factory=list)
+    accepted: list[list[int]] = field(default_factory=list)
+
+    def histogram(self) -> dict[int, int]:
+        """Requests·rounds per accepted length (rounds that drafted)."""
+        counts: dict[int, int] = {}
+        for k, row in zip(self.k, self.accepted):
+            for n in row if k else ():
+                counts[n] = counts.get(n, 0) + 1
+        return dict(sorted(counts.items()))
+
+    @property
+    def draft_share(self) -> float:
+        """The share of rounds that drafted (``k > 0``)."""
+        return sum(1 for k in self.k if k) / max(len(self.k), 1)
+
+
+class LosslessDecoder:
+    """Decodes a :class:`~mac_llm.engine.DecodeEngine` losslessly: MAC drafts, full attention verifies.
+
+    Args:
+        engine: a prefilled engine with ``attention="mac"`` and no ``policy`` (the decoder
+            chooses between drafting and plain steps itself).
+        draft: a :class:`DraftLength` (``DraftLength(k_max=4)`` by default); ``k_max < W``.
+        temperature: ``0``: greedy (identical to full attention's greedy tokens); ``> 0``:
+            sampling from ``softmax(logits / temperature)`` (distributed as full attention's).
+        generator: the random numbers' source for sampling (on the engine's device).
+
+    Example:
+        >>> import torch
+        >>> from mac_core import MACConfig
+        >>> from mac_llm.engine import DecodeEngine
+        >>> from mac_llm.llama import LlamaModel, ModelConfig
+        >>> from mac_llm.lossless import DraftLength, LosslessDecoder
+        >>> cfg = ModelConfig(n_layers=1, dim=16, n_heads=2, n_kv_heads=1, ffn_dim=32, vocab_size=20, context_length=64, rope_base=1e4, norm_eps=1e-5)
+        >>> model = LlamaModel.random(cfg)
+        >>> engine = DecodeEngine(model, 2, 48, "mac", MACConfig(window=8, band=2), dtype=torch.float32, device="cpu", mac_backend="ref")
+        >>> _ = engine.prefill([[1, 2, 3, 4, 5, 6, 7, 8, 9, 10], [3, 1, 4, 1, 5, 9, 2, 6]])
+        >>> tokens = LosslessDecoder(engine, DraftLength(k_max=3)).generate(6)
+        >>> [len(t) for t in tokens]
+        [6, 6]
+    """
+
+    def __init__(self, engine: DecodeEngine, draft: DraftLength | None = None, temperature: float = 0.0,
+                 generator: torch.Generator | None = None):
+        if not isinstance(engine, DecodeEngine):
+            raise TypeError(f"engine must be a DecodeEngine, got {type(engine).__name__}")
+        if engine.attention != "mac" or engine.policy is not None:
+            raise ValueError("engine must decode with attention='mac' and policy=None: the lossless decoder drafts with MAC's "
+                             f"step and decides itself when not to draft (got attention={engine.attention!r}, policy={engine.policy!r})")
+        if not engine.states:
+            raise ValueError("engine has no rings: prefill it first")
+        if engine.rings_stale:
+            raise ValueError("engine's rings are stale (full-attention steps ran): rewind it to a checkpoint first")
+        self.draft = DraftLength() if draft is None else draft
+        if not isinstance(self.draft, DraftLength):
+            raise TypeError(f"draft must be a DraftLength, got {type(self.draft).__name__}")
+        if self.draft.k_max >= engine.config.window:
+            raise ValueError(f"draft.k_max must be below the window W={engine.config.window} (a round's rows need distinct slots), got {self.draft.k_max}")
+        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not (math.isfinite(temperature) and temperature >= 0):
+            raise ValueError(f"temperature must be a finite number >= 0, got {temperature!r}")
+        self.engine, self.temperature, self.generator = engine, float(temperature), generator
+        self.log = RoundLog()
+        self.emitted: list[list[int]] = [[] for _ in range(engine.batch)]  # every token each request emitted, via generate
+
+    def _probabilities(self, logits: torch.Tensor) -> torch.Tensor:
+        return torch.softmax(logits.float() / self.temperature, dim=-1)
+
+    def first_token(self) -> torch.Tensor:
+        """The token after each prompt ``[B]`` (full attention's: the prefill is exact), set as the next input."""
+        e = self.engine
+        if self.temperature:
+            e.tokens.copy_(torch.multinomial(self._probabilities(e.logits), 1, generator=self.generator)[:, 0])
+        return e.tokens.clone()
+
+    @torch.no_grad()
+    def round(self, k: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """One round (the module docstring): draft ``k`` (``None``: :class:`DraftLength`'s choice), verify, accept, repair.
+
+        Returns:
+            ``(emitted [B, k+1], counts [B])``: request ``b`` emitted ``emitted[b, :counts[b]]``
+            (its accepted drafts, then full attention's token); the rest is ``-1``.
+        """
+        e = self.engine
+        k = self.draft.next_k() if k is None else k
+        if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k < e.config.window:
+            raise ValueError(f"k must be an int in [0, W={e.config.window}), got {k!r}")
+        if max(e.host_positions) + k >= e.capacity:
+            raise ValueError(f"a round of k={k} drafts reaches position {max(e.host_positions) + k}, past the capacity {e.capacity}")
+        start, t0 = e.positions.clone(), e.tokens.clone()  # [B]
+        W = e.config.window
+        slots = [torch.remainder(start + j, W) for j in range(k + 1)]  # the round's ring slots, [B] each
+        saved = [[_slot_rows(state, s) for s in slots] for state in e.states]
+        drafts, draft_probs, token = [], [], t0
+        for _ in range(k):
+            logits = e.step(token)
+            if self.temperature:
+                draft_probs.append(self._probabilities(logits))
+                token = torch.multinomial(draft_probs[-1], 1, generator=self.generator)[:, 0]
+            else:
+                token = logits.argmax(-1)
+            drafts.append(token)
+        drafts = torch.stack(drafts, dim=1) if k else torch.zeros(e.batch, 0, dtype=torch.int64, device=e.device)  # [B, k]
+        e.positions.copy_(start)
+        logits, queries, rows = verify_block(e, torch.cat([t0[:, None], drafts], dim=1))
+        if self.temperature:
+            q = torch.stack(draft_probs, dim=1) if k else logits.new_zeros(e.batch, 0, logits.shape[-1])
+            accepted, nxt = accept_sampled(self._probabilities(logits), q, drafts, self.generator)
+        else:
+            accepted, nxt = accept_greedy(logits, drafts)
+        for state, saved_rows, q_pre, row in zip(e.states, saved, queries, rows):
+            _repair(state, slots, saved_rows, accepted, q_pre, row)
+            state.next_pos = start + accepted + 1
+        b = torch.arange(e.batch, device=e.device)
+        e.positions.copy_(start + accepted + 1)
+        e.host_positions = e.positions.tolist()
+        e.tokens.copy_(nxt)
+        e.logits.copy_(logits[b, accepted])
+        emitted = torch.cat([drafts, torch.full_like(t0[:, None], -1)], dim=1)  # [B, k+1]
+        emitted[b, accepted] = nxt
+        emitted[torch.arange(k + 1, device=e.device)[None, :] > accepted[:, None]] = -1
+        self.draft.observe(k, accepted.float().mean().item())
+        self.log.k.append(k)
+        self.log.accepted.append(accepted.tolist())
+        return emitted, accepted + 1
+
+    def generate(self, n: int, progress: bool = False) -> list[list[int]]:
+        """The next ``n`` tokens of each request (a fresh decoder's first is the prompt's next token).
+
+        Rounds run until every request has ``n``; a request that got further keeps its extra
+        tokens for the next call (:attr:`emitted` holds them all)."""
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ValueError(f"n must be an int >= 1, got {n!r}")
+        begin = [len(h) for h in self.emitted]
+        if not any(begin):
+            for h, t in zip(self.emitted, self.first_token().tolist()):
+                h.append(t)
+        bar = _progress(n, progress)
+        done = lambda: min(len(h) - b for h, b in zip(self.emitted, begin))  # noqa: E731
+        while done() < n:
+            before = done()
+            emitted, counts = self.round()
+            for h, tokens, c in zip(self.emitted, emitted.tolist(), counts.tolist()):
+                h.extend(tokens[:c])
+            if bar is not None:
+                bar.update(min(done(), n) - before)
+        if bar is not None:
+            bar.close()
+        return [h[b : b + n] for h, b in zip(self.emitted, begin)]
+
+
+def _progress(n: int, on: bool):
+    if not on:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=n, desc="lossless MAC", unit="tok")
+
+
+def _slot_rows(state, slots: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Each request's ring row in slot ``slots[b]``: ``(q [B, Hq, D], o [B, Hq, D], lse [B, Hq], depth [B, Hq])`` (copies)."""
+    b = torch.arange(slots.shape[0], device=slots.device)
+    return tuple(t[b, :, slots].clone() for t in (state.ring_q, state.ring_o, state.ring_lse, state.ring_depth))
+
+
+def _repair(state, slots, saved, accepted, q_pre, row) -> None:
+    """Slot of position ``p + j``: full attention's exact row where ``j ≤ accepted`` (depth 0), else what it held before the round."""
+    b = torch.arange(accepted.shape[0], device=accepted.device)
+    for j, (slot, old) in enumerate(zip(slots, saved)):
+        exact = j <= accepted  # [B]
+        new = (q_pre[:, :, j], row.o[:, :, j], row.lse[:, :, j], torch.zeros_like(old[3]))
+        for ring, value, before in zip((state.ring_q, state.ring_o, state.ring_lse, state.ring_depth), new, old):
+            keep = exact.view(-1, *([1] * (before.dim() - 1)))
+            ring[b, :, slot] = torch.where(keep, value.to(ring.dtype), before)
+
+
+__all__ = ["DraftLength", "LosslessDecoder", "RoundLog", "accept_greedy", "accept_sampled", "verify_block"]

@@ -1,0 +1,217 @@
+"""Lossless MAC (``mac_llm.lossless``): MAC drafts, full attention verifies.
+
+On the CPU in float32 at a tiny size: greedy tokens identical to full attention's (ragged
+prompts, prompts shorter than the band, several ``k``, adaptive or not), the cache and the
+rings after a run equal those of full attention that keeps its rings (MAC's miss step) and
+differ when the repair is skipped, and speculative sampling's acceptance distributed as
+full attention's by a chi-square test that fails when the rule is broken on purpose.
+"""
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+
+from mac_core import MACConfig
+from mac_llm.engine import DecodeEngine, FallbackPolicy
+from mac_llm.lossless import DraftLength, LosslessDecoder, accept_greedy, accept_sampled
+import mac_llm.lossless as lossless
+from test_engine import prompts, tiny_model
+from tolerances import assert_close
+
+CAPACITY = 96
+# τ −0.5: most heads hit, so drafts are often refused and the repair has work to do
+CONFIG = MACConfig(window=8, band=3, tau=-0.5, sinks=1, max_chain=4)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_model()
+
+
+def engine_for(model, batch, attention="mac", config=CONFIG, backend="ref", policy=None, device="cpu"):
+    engine = DecodeEngine(model, len(batch), CAPACITY, attention, config, dtype=torch.float32, device=device, mac_backend=backend, policy=policy)
+    engine.prefill(batch)
+    return engine
+
+
+def full_greedy(model, batch, n, device="cpu"):
+    """Full attention's greedy tokens (SDPA), ``n`` per request."""
+    engine = engine_for(model, batch, "sdpa", device=device)
+    out = [engine.tokens.clone()]
+    for _ in range(n - 1):
+        out.append(engine.step().argmax(-1).clone())
+    return torch.stack(out, dim=1).tolist()
+
+
+LENGTHS = [[11, 2, 17], [5], [2, 30]]  # ragged; 2 is shorter than the band
+DRAFTS = [dict(k_max=1, adaptive=False), dict(k_max=3, adaptive=False), dict(k_max=5)]
+
+
+def assert_greedy_is_full_attentions(model, lengths, draft, backend, n, device="cpu"):
+    batch = prompts(lengths, seed=len(lengths))
+    decoder = LosslessDecoder(engine_for(model, batch, backend=backend, device=device), DraftLength(**draft))
+    assert decoder.generate(n) == full_greedy(model, batch, n, device)
+    drafted = [a for k, row in zip(decoder.log.k, decoder.log.accepted) if k for a in row]
+    assert max(drafted) > 0, "no draft was kept: the tokens came from the verify pass alone"
+
+
+@pytest.mark.parametrize("lengths", LENGTHS, ids=["ragged", "one", "short"])
+@pytest.mark.parametrize("draft", DRAFTS, ids=["k1", "k3", "adaptive5"])
+def test_greedy_tokens_are_full_attentions(model, lengths, draft):
+    """The reference MAC step drafts (``mac_ref``)."""
+    assert_greedy_is_full_attentions(model, lengths, draft, "ref", 24)
+
+
+def test_greedy_tokens_with_the_triton_draft(model):
+    """The Triton MAC step drafts (the interpreter: one short case)."""
+    assert_greedy_is_full_attentions(model, [2, 9], DRAFTS[1], "triton", 10)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("draft", DRAFTS, ids=["k1", "k3", "adaptive5"])
+def test_greedy_tokens_with_the_triton_draft_on_the_gpu(model, draft):
+    """Compiled kernels, the draft steps replayed as a CUDA graph; float32 (SDPA's greedy tokens as the reference)."""
+    assert_greedy_is_full_attentions(model, [11, 2, 17, 40, 33], draft, "triton", 40, device="cuda")
+
+
+def miss_run(model, prompt, inputs):
+    """One request under full attention that keeps its rings, fed ``inputs``: MAC at τ = 1,
+    where no query is near enough to reuse a row, so every step is a miss (exact row, depth 0)."""
+    engine = engine_for(model, [prompt], config=dataclasses.replace(CONFIG, tau=1.0))
+    for token in inputs:
+        engine.step(torch.tensor([token]))
+    assert not engine.step_stats().hit.any()
+    return engine
+
+
+def assert_request_matches(got: DecodeEngine, b: int, want: DecodeEngine):
+    """Request ``b`` of ``got`` against the one request of ``want``: position, cache below it, rings."""
+    p = int(want.positions[0])
+    assert int(got.positions[b]) == p
+    for layer, (gs, ws) in enumerate(zip(got.states, want.states)):
+        assert_close(got.k[layer][b, :, :p], want.k[layer][0, :, :p], "model_logits", msg=f"k, layer {layer}")
+        assert_close(got.v[layer][b, :, :p], want.v[layer][0, :, :p], "model_logits", msg=f"v, layer {layer}")
+        seeded = torch.isfinite(ws.ring_lse[0])
+        assert torch.equal(torch.isfinite(gs.ring_lse[b]), seeded), f"layer {layer}: other slots hold rows"
+        assert torch.equal(gs.ring_depth[b], ws.ring_depth[0]), f"layer {layer}: chain depths"
+        assert_close(gs.ring_q[b], ws.ring_q[0], "model_logits", msg=f"ring q, layer {layer}")
+        assert_close(gs.ring_o[b], ws.ring_o[0], "model_logits", msg=f"ring o, layer {layer}")
+        assert_close(gs.ring_lse[b][seeded], ws.ring_lse[0][seeded], "model_logits", msg=f"ring lse, layer {layer}")
+        assert int(gs.next_pos[b]) == p
+
+
+def lossless_run(model, batch, steps=20):
+    decoder = LosslessDecoder(engine_for(model, batch), DraftLength(k_max=4, adaptive=False))
+    decoder.generate(steps)
+    return decoder
+
+
+def test_cache_and_rings_after_a_run_are_full_attentions(model):
+    """Each request's cache and rings equal those of a full-attention run that keeps its rings, fed the same tokens."""
+    batch = prompts([13, 4, 21], seed=5)
+    decoder = lossless_run(model, batch)
+    assert sum(n < 4 for row in decoder.log.accepted for n in row) > 0, "no draft was refused: the repair went untested"
+    for b, prompt in enumerate(batch):
+        emitted = decoder.emitted[b]  # the last is the next input, not yet in the cache
+        assert_request_matches(decoder.engine, b, miss_run(model, prompt, emitted[:-1]))
+
+
+def test_skipping_the_repair_leaves_the_drafts_rows(model, monkeypatch):
+    """The test above fails when the repair is skipped: the draft's reused rows stay in the rings."""
+    monkeypatch.setattr(lossless, "_repair", lambda *args: None)
+    batch = prompts([13, 4, 21], seed=5)
+    decoder = lossless_run(model, batch)
+    with pytest.raises(AssertionError):
+        for b, prompt in enumerate(batch):
+            assert_request_matches(decoder.engine, b, miss_run(model, prompt, decoder.emitted[b][:-1]))
+
+
+# -- sampling ---------------------------------------------------------------------------------------
+
+
+def chi_square_p_value(counts: np.ndarray, probs: np.ndarray) -> float:
+    """Pearson's test of ``counts`` against ``probs`` (bins with expected count < 5 pooled)."""
+    expected = probs * counts.sum()
+    small = expected < 5
+    if small.any():
+        counts = np.append(counts[~small], counts[small].sum())
+        expected = np.append(expected[~small], expected[small].sum())
+    stat = float(((counts - expected) ** 2 / expected).sum())
+    return float(torch.special.gammaincc(torch.tensor((len(counts) - 1) / 2, dtype=torch.float64), torch.tensor(stat / 2, dtype=torch.float64)))
+
+
+def broken_accept(p, q, drafts, generator=None):
+    """The rule broken on purpose: every draft kept (the output follows the draft's ``q``)."""
+    accepted = torch.full((drafts.shape[0],), drafts.shape[1], dtype=torch.int64)
+    return accepted, torch.multinomial(p[:, -1], 1, generator=generator)[:, 0]
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_speculative_sampling_is_distributed_as_the_target(k):
+    """First emitted token of 40 000 rounds on a 6-token vocabulary where the draft is far from
+    the target (total variation 0.45): its frequencies pass a chi-square test against ``p_0``
+    (p > 1e-3); with every draft kept they follow ``q_0`` and fail it. Power: the broken rule's
+    noncentrality is N·Σ(q−p)²/p ≈ 2·10⁴, so it fails at any seed."""
+    gen = torch.Generator().manual_seed(3)
+    N, V = 40_000, 6
+    p = torch.softmax(torch.randn(k + 1, V, generator=gen) * 2, -1).expand(N, -1, -1)
+    q = torch.softmax(torch.randn(k, V, generator=gen) * 2, -1).expand(N, -1, -1)
+    drafts = torch.multinomial(q.reshape(-1, V), 1, generator=gen).view(N, k)
+    target = p[0, 0].double().numpy()
+    for rule, passes in ((accept_sampled, True), (broken_accept, False)):
+        accepted, nxt = rule(p, q, drafts, gen)
+        first = torch.where(accepted > 0, drafts[:, 0], nxt)
+        counts = np.bincount(first.numpy(), minlength=V)
+        assert (chi_square_p_value(counts, target) > 1e-3) == passes, (rule.__name__, counts / N, target)
+
+
+def test_lossless_sampling_on_a_model_follows_full_attention(model):
+    """512 copies of one prompt, one sampled round each (k 2, temperature 1.5, drafts mostly
+    reused rows): the first token's frequencies match full attention's distribution, and
+    fail to with every draft kept."""
+    N, T = 512, 1.5
+    prompt = prompts([14], seed=9)[0]
+    full = engine_for(model, [prompt], "sdpa")
+    target = torch.softmax(full.step().double() / T, -1)[0].numpy()  # after the prompt's greedy next token
+    loose = MACConfig(window=8, band=2, tau=-1.0, sinks=1)  # nearly every head reuses a row: q far from p
+    results = {}
+    for name, rule in (("lossless", accept_sampled), ("broken", broken_accept)):
+        engine = engine_for(model, [prompt] * N, config=loose)
+        decoder = LosslessDecoder(engine, DraftLength(k_max=2, adaptive=False), temperature=T, generator=torch.Generator().manual_seed(11))
+        lossless.accept_sampled, saved = rule, lossless.accept_sampled
+        try:
+            emitted, _ = decoder.round()
+        finally:
+            lossless.accept_sampled = saved
+        results[name] = chi_square_p_value(np.bincount(emitted[:, 0].numpy(), minlength=len(target)), target)
+    assert results["lossless"] > 1e-3 and results["broken"] < 1e-3, results
+
+
+# -- errors -----------------------------------------------------------------------------------------
+
+
+def test_errors_name_the_argument(model):
+    batch = prompts([6, 7])
+    with pytest.raises(ValueError, match="attention='mac'"):
+        LosslessDecoder(engine_for(model, batch, "sdpa"))
+    with pytest.raises(ValueError, match="policy"):
+        LosslessDecoder(engine_for(model, batch, policy=FallbackPolicy()))
+    with pytest.raises(ValueError, match="k_max"):
+        LosslessDecoder(engine_for(model, batch), DraftLength(k_max=8))
+    with pytest.raises(ValueError, match="temperature"):
+        LosslessDecoder(engine_for(model, batch), temperature=-1.0)
+    decoder = LosslessDecoder(engine_for(model, batch))
+    with pytest.raises(ValueError, match="k must be"):
+        decoder.round(8)
+    small = DecodeEngine(model, 2, 9, "mac", CONFIG, dtype=torch.float32, device="cpu", mac_backend="ref")
+    small.prefill(batch)
+    with pytest.raises(ValueError, match="capacity"):
+        LosslessDecoder(small).round(3)
+    with pytest.raises(ValueError, match="n must be"):
+        decoder.generate(0)
+    with pytest.raises(TypeError, match="drafts"):
+        accept_greedy(torch.zeros(1, 2, 5), torch.zeros(1, 1, dtype=torch.int32))
+    with pytest.raises(ValueError, match=r"\[B, k\+1, V\]"):
+        accept_greedy(torch.zeros(1, 3, 5), torch.zeros(1, 1, dtype=torch.int64))
