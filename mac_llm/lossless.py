@@ -273,8 +273,14 @@ class LosslessDecoder:
         return e.tokens.clone()
 
     @torch.no_grad()
-    def round(self, k: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def round(self, k: int | None = None, active: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """One round (the module docstring): draft ``k`` (``None``: :class:`DraftLength`'s choice), verify, accept, repair.
+
+        Args:
+            k: drafted tokens, ``0 … W−1``.
+            active: ``[B]`` bool, the requests that advance (``None``: all). The others are
+                stepped with the batch but keep their position, token and rings: what the
+                round wrote for them lies past their position.
 
         Returns:
             ``(emitted [B, k+1], counts [B])``: request ``b`` emitted ``emitted[b, :counts[b]]``
@@ -286,7 +292,9 @@ class LosslessDecoder:
             raise ValueError(f"k must be an int in [0, W={e.config.window}), got {k!r}")
         if max(e.host_positions) + k >= e.capacity:
             raise ValueError(f"a round of k={k} drafts reaches position {max(e.host_positions) + k}, past the capacity {e.capacity}")
-        start, t0 = e.positions.clone(), e.tokens.clone()  # [B]
+        if active is not None and (not isinstance(active, torch.Tensor) or active.dtype != torch.bool or active.shape != (e.batch,)):
+            raise ValueError(f"active must be a bool tensor [B={e.batch}], got {getattr(active, 'dtype', type(active).__name__)} {list(getattr(active, 'shape', []))}")
+        start, t0, logits_before = e.positions.clone(), e.tokens.clone(), e.logits.clone()  # [B], [B], [B, V]
         W = e.config.window
         slots = [torch.remainder(start + j, W) for j in range(k + 1)]  # the round's ring slots, [B] each
         saved = [[_slot_rows(state, s) for s in slots] for state in e.states]
@@ -307,6 +315,9 @@ class LosslessDecoder:
             accepted, nxt = accept_sampled(self._probabilities(logits), q, drafts, self.generator)
         else:
             accepted, nxt = accept_greedy(logits, drafts)
+        if active is not None:  # an idle request accepts "−1 tokens": it stays where it was
+            active = active.to(e.device)
+            accepted, nxt = torch.where(active, accepted, -1), torch.where(active, nxt, t0)
         for state, saved_rows, q_pre, row in zip(e.states, saved, queries, rows):
             _repair(state, slots, saved_rows, accepted, q_pre, row)
             state.next_pos = start + accepted + 1
@@ -314,20 +325,23 @@ class LosslessDecoder:
         e.positions.copy_(start + accepted + 1)
         e.host_positions = e.positions.tolist()
         e.tokens.copy_(nxt)
-        e.logits.copy_(logits[b, accepted])
+        e.logits.copy_(torch.where((accepted >= 0)[:, None], logits[b, accepted.clamp_min(0)], logits_before))
         emitted = torch.cat([drafts, torch.full_like(t0[:, None], -1)], dim=1)  # [B, k+1]
-        emitted[b, accepted] = nxt
+        emitted[b, accepted.clamp_min(0)] = nxt
         emitted[torch.arange(k + 1, device=e.device)[None, :] > accepted[:, None]] = -1
-        self.draft.observe(k, accepted.float().mean().item())
+        counted = accepted[accepted >= 0]
+        if counted.numel():
+            self.draft.observe(k, counted.float().mean().item())
         self.log.k.append(k)
-        self.log.accepted.append(accepted.tolist())
+        self.log.accepted.append(counted.tolist())
         return emitted, accepted + 1
 
     def generate(self, n: int, progress: bool = False) -> list[list[int]]:
         """The next ``n`` tokens of each request (a fresh decoder's first is the prompt's next token).
 
-        Rounds run until every request has ``n``; a request that got further keeps its extra
-        tokens for the next call (:attr:`emitted` holds them all)."""
+        Rounds run until every request has ``n``; a request that has them waits (``active``)
+        while the others go on, so no request runs more than ``k_max`` past its ``n``; its
+        extra tokens are kept for the next call (:attr:`emitted` holds them all)."""
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:
             raise ValueError(f"n must be an int >= 1, got {n!r}")
         begin = [len(h) for h in self.emitted]
@@ -338,7 +352,8 @@ class LosslessDecoder:
         done = lambda: min(len(h) - b for h, b in zip(self.emitted, begin))  # noqa: E731
         while done() < n:
             before = done()
-            emitted, counts = self.round()
+            active = torch.tensor([len(h) - b < n for h, b in zip(self.emitted, begin)])
+            emitted, counts = self.round(active=active)
             for h, tokens, c in zip(self.emitted, emitted.tolist(), counts.tolist()):
                 h.extend(tokens[:c])
             if bar is not None:

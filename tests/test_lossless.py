@@ -53,6 +53,8 @@ def assert_greedy_is_full_attentions(model, lengths, draft, backend, n, device="
     batch = prompts(lengths, seed=len(lengths))
     decoder = LosslessDecoder(engine_for(model, batch, backend=backend, device=device), DraftLength(**draft))
     assert decoder.generate(n) == full_greedy(model, batch, n, device)
+    past = [p - length for p, length in zip(decoder.engine.host_positions, lengths)]
+    assert max(past) <= n - 1 + draft["k_max"], "a request that had its tokens went on (idle requests must wait)"
     drafted = [a for k, row in zip(decoder.log.k, decoder.log.accepted) if k for a in row]
     assert max(drafted) > 0, "no draft was kept: the tokens came from the verify pass alone"
 
