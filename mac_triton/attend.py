@@ -369,7 +369,7 @@ def launch_attend(
     device = q_post.device
     n_split = num_sms(device) * launch.programs_per_sm
     planned = n_split + 3 * NG  # each segment adds at most one piece to the programs' ranges
-    max_pieces = triton.cdiv(2 * n_split, NG)  # a group's prefix: up to two programs' shares of the SMs
+    max_pieces = triton.cdiv(launch.prefix_per_sm * num_sms(device), NG)  # pieces of a group's rejected prefix
     units = planned + (NG * max_pieces if verify is not None else 0)
     # tiles of at most 32 KB (float32 K/V or wide heads get fewer keys per tile)
     block_n = max(16, min(launch.block_n, 32768 // (triton.next_power_of_2(D) * k_cache.element_size())))
