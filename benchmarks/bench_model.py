@@ -61,6 +61,15 @@ DIAGNOSTIC = {"mac_mass_per_head": dict(tau=0.3, rule=MassRule(tau_m=0.85)), "ma
 GROUP_MATCH = {"mac_mass_group_match": dict(BEST_RULE, group_match=True)}
 
 
+def prefix_launch(provider: str, groups: int):
+    """``mac_mass@prefixN``: the default launch with ``prefix_per_sm = N``; other providers: ``None`` (the default)."""
+    if "@prefix" not in provider:
+        return None
+    from mac_triton import launch_for
+
+    return dataclasses.replace(launch_for(groups), prefix_per_sm=int(provider.split("@prefix")[1]))
+
+
 def prose_prompts(tokenizer, n: int, length: int, follow: int) -> tuple[list[list[int]], list[list[int]]]:
     """``n`` prompts of ``length`` tokens spread over the prose, and the ``follow`` tokens after each."""
     ids = tokenizer.encode(default_prose()).ids
@@ -123,7 +132,8 @@ def run(args) -> None:
     env = environment()
     print(", ".join(f"{k} {v}" for k, v in env.items()), flush=True)
     rows, fidelity_rows, kernel_rows = [], [], []
-    mac = {**MAC, **(DIAGNOSTIC if args.diagnose else {}), **(GROUP_MATCH if args.group_match else {})}
+    mac = {**MAC, **(DIAGNOSTIC if args.diagnose else {}), **(GROUP_MATCH if args.group_match else {}),
+           **{f"mac_mass@prefix{n}": BEST_RULE for n in args.prefix_per_sm}}
     for ctx in args.contexts:
         prompts, follow = prose_prompts(tokenizer, max(args.batches), ctx, args.steps + args.fidelity_steps + 8)
         for batch in args.batches:
@@ -140,6 +150,7 @@ def run(args) -> None:
                     except Exception as err:  # noqa: BLE001
                         print(f"  flashinfer not importable: {err}")
                         continue
+                engine.launch = prefix_launch(provider, batch * kv_heads)
                 if provider in mac:
                     policy = FallbackPolicy() if provider.endswith("policy") else None
                     engine.switch("mac", dataclasses.replace(base, **mac[provider]), policy)
@@ -191,8 +202,8 @@ def fidelity_at(model, prompts, follow, ctx, args, base, dtype, device, kv_heads
     reference = torch.stack([engine.step(targets[s]).clone() for s in range(args.fidelity_steps)])  # [S, B, V]
     rows = []
     for provider, changes in mac.items():
-        if provider.endswith("policy"):
-            continue  # the policy changes speed, not the rows (a fallback step is exact): see the timing rows
+        if provider.endswith("policy") or "@prefix" in provider:
+            continue  # the policy and the launch change speed, not the rows (a fallback step is exact): see the timing rows
         engine.switch("mac", dataclasses.replace(base, **changes))
         r = fidelity(engine, checkpoint, follow, reference, kv_heads)
         rows.append(dict(gpu=env["gpu"], dtype=args.dtype, context=ctx, requests=len(prompts), provider=provider, **{k: round(v, 5) if isinstance(v, float) else v for k, v in r.items()}))
@@ -240,6 +251,8 @@ def main():
     parser.add_argument("--fidelity-requests", type=int, default=32, help="requests the fidelity is measured on (the first ones; 0: none)")
     parser.add_argument("--fidelity-steps", type=int, default=256, help="teacher-forced tokens per request for the fidelity")
     parser.add_argument("--diagnose", action="store_true", help=f"also time {', '.join(DIAGNOSTIC)} (where the mass rule's cost comes from)")
+    parser.add_argument("--prefix-per-sm", type=lambda s: [int(x) for x in s.split(",")], default=[],
+                        help="also time mac_mass with these Launch.prefix_per_sm values (mac_mass@prefixN; an A/B of the prefix kernel's grid)")
     parser.add_argument("--group-match", action="store_true", help=f"also time and score {', '.join(GROUP_MATCH)} (MACConfig.group_match)")
     parser.add_argument("--dtype", choices=("bf16", "fp16"), default="bf16", help="weights, activations and KV cache")
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,

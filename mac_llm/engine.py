@@ -64,11 +64,13 @@ class DecodeEngine:
             the readable reference, eager; for studies on a CPU).
         compile: compile everything of the step but its attention with ``torch.compile``
             (Inductor; captured in the same CUDA graph): the baseline a serving engine is.
+        launch: the MAC step's ``mac_triton.Launch`` (``None``: ``mac_triton.launch_for``'s
+            default; benchmarks set it to compare launch settings end to end).
     """
 
     def __init__(self, model: LlamaModel, batch: int, capacity: int, attention: str, config: MACConfig | None = None,
                  dtype=torch.bfloat16, device="cuda", policy: FallbackPolicy | None = None, mac_backend: str = "triton",
-                 compile: bool = False):
+                 compile: bool = False, launch=None):
         if attention not in ATTENTIONS:
             raise ValueError(f"attention must be one of {ATTENTIONS}, got {attention!r}")
         if attention == "mac" and config is None:
@@ -94,6 +96,7 @@ class DecodeEngine:
         self.config = None if config is None else dataclasses.replace(config, rope_base=cfg.rope_base)
         self.policy = policy if attention == "mac" else None
         self.mac_backend = mac_backend
+        self.launch = launch
         self.scale = softmax_scale(cfg.head_dim)
         self.cos, self.sin = self.model.rope_table(torch.arange(capacity, device=self.device))  # [capacity, 1, D]
         cache = self.model.new_cache(batch, capacity)

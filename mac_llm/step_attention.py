@@ -170,7 +170,7 @@ class Mac(_Attention):
 
         e = self.engine
         out, _, e.stats[i] = mac_triton.mac_step(
-            q_pre, q_post, e.k[i], e.v[i], e.states[i], e.positions, e.config, e.scale, e.workspaces[i], match=self.match,
+            q_pre, q_post, e.k[i], e.v[i], e.states[i], e.positions, e.config, e.scale, e.workspaces[i], e.launch, match=self.match,
         )  # fmt: skip
         return out
 
