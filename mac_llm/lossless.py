@@ -24,8 +24,9 @@ One *round* for a batch whose request ``b`` stands at position ``p_b`` with inpu
 rounds draft nothing (``k = 0``: a plain full-attention step through the verify pass) and a
 probe drafts again now and then.
 
-The verify pass here is eager PyTorch (``mac_ref.attend`` for the three key ranges of each
-query): exact and readable, run on a CPU by the tests; on a GPU it is correct but not yet fast.
+The verify pass runs each layer's attention as one MAC miss step over the ``B·(k+1)``
+queries (:func:`verify_block`), through the engine's backend, and the rest of the layer
+through the engine's (compiled) functions; it is not captured in a CUDA graph yet.
 """
 
 from __future__ import annotations
@@ -36,10 +37,9 @@ from dataclasses import dataclass, field
 import torch
 
 import mac_ref
-from mac_core.step import row_range
+from mac_core import LayerState, MatchResult, PagedKV, PageTable, Summary, step_spans
 
 from .engine import DecodeEngine
-from .llama import finish, output_logits, project
 
 
 # -- accepting a draft: pure functions ------------------------------------------------------------
@@ -123,31 +123,51 @@ def verify_block(engine: DecodeEngine, block: torch.Tensor):
     Writes the block's K/V into the engine's cache and returns what a round needs: the
     logits ``[B, L, V]`` (float32), and per layer the pre-RoPE queries ``[B, Hq, L, D]`` and
     the exact ring rows ``Summary(o [B, Hq, L, D], lse [B, Hq, L])`` of the block's positions.
-    Each query's attention is ``sinks ⊕ R_t ⊕ band``, so the rows cost no extra reads.
+
+    Each layer's attention is one MAC *miss* step over ``B·L`` virtual requests: virtual
+    request ``(b, i)`` is query ``i`` of request ``b``, reading request ``b``'s cache (the
+    dense cache seen as one ``HND`` page per request, shared, no copy) up to its own
+    position. A miss step computes ``sinks ⊕ R_t ⊕ tail`` and returns ``R_t`` as the row it
+    would cache (``amend_complete``'s ``cached``), so the rows cost no extra reads. The
+    engine's ``mac_backend`` runs it: ``mac_ref.amend_complete`` or its Triton twin. The rest
+    of the layer is the engine's (compiled where the engine is: one compilation per block
+    length).
     """
     e, model = engine, engine.model
     cfg, config = model.config, engine.config
     B, L = block.shape
+    Hq, D = cfg.n_heads, cfg.head_dim
     pos = e.positions[:, None] + torch.arange(L, device=e.device)  # [B, L]
+    flat = pos.reshape(-1)  # [B·L]: the virtual requests' positions
     rows_b = torch.arange(B, device=e.device)[:, None]  # [B, 1]
+    table = PageTable(indptr=torch.arange(B * L + 1, device=e.device), indices=rows_b.expand(B, L).reshape(-1), last_page_len=flat + 1)
+    miss = MatchResult(torch.zeros(B * L, Hq, dtype=torch.bool, device=e.device), torch.full((B * L, Hq), -1, device=e.device),
+                       torch.full((B * L, Hq), math.inf, device=e.device))
+    spans = step_spans(flat, miss, config)
+    no_rings = LayerState.empty(B * L, Hq, D, 1, dtype=e.dtype, device=e.device)  # a miss reads no row
+    amend_complete = _amend_complete(e.mac_backend)
     cos, sin = e.cos[pos], e.sin[pos]  # [B, L, 1, D]
-    start, end = row_range(pos[:, None, :], config.band, config.sinks)  # [B, 1, L] each: R_t's keys
-    last = pos[:, None, :] + 1  # [B, 1, L]: causal
     h = model.embed[block]  # [B, L, dim]
     queries, rows = [], []
     for i, w in enumerate(e.weights):
-        q_pre, q_post, k, v = project(cfg, w, h, cos, sin)  # [B, L, H, D]
+        q_pre, q_post, k, v = e._project(cfg, w, h, cos, sin)  # [B, L, H, D]
         e.k[i][rows_b, :, pos] = k
         e.v[i][rows_b, :, pos] = v
-        q = q_post.transpose(1, 2)  # [B, Hq, L, D]
-        attend = lambda a, b: mac_ref.attend(q, e.k[i], e.v[i], a, b, e.scale, config.softcap)  # noqa: E731
-        row = attend(start, end)
-        out = mac_ref.merge(mac_ref.merge(attend(0, start), row), attend(end, last))  # [0, F) ⊕ R_t ⊕ [E(t), t+1)
-        h = finish(cfg, w, h, out.o.transpose(1, 2).to(h.dtype))
-        queries.append(q_pre.transpose(1, 2))
-        rows.append(row)
-    logits = output_logits(cfg, model.out_norm, model.output_head, h).float()  # [B, L, V]
+        paged = [PagedKV(cache, table, "HND") for cache in (e.k[i], e.v[i])]  # [B, Hkv, capacity, D]: B pages
+        out, row, _ = amend_complete(q_post.reshape(B * L, Hq, D), *paged, no_rings, miss, spans, e.scale, config.softcap)
+        h = e._finish(cfg, w, h, out.o.view(B, L, Hq, D).to(h.dtype))
+        queries.append(q_pre.transpose(1, 2))  # [B, Hq, L, D]
+        rows.append(Summary(row.o.view(B, L, Hq, D).transpose(1, 2), row.lse.view(B, L, Hq).transpose(1, 2)))
+    logits = e._logits(cfg, model.out_norm.detach(), model.output_head.detach(), h).float()  # [B, L, V]
     return logits, queries, rows
+
+
+def _amend_complete(backend: str):
+    if backend == "ref":
+        return mac_ref.amend_complete
+    import mac_triton
+
+    return mac_triton.amend_complete
 
 
 # -- how long a draft -------------------------------------------------------------------------------

@@ -14,6 +14,7 @@ and sinks ⊕ tail beside ``out``).
 
 from __future__ import annotations
 
+from mac_core.kv import PagedKV
 from mac_core.state import LayerState
 from mac_core.step import Completion, MatchResult, Spans, Summary
 
@@ -31,7 +32,7 @@ def amend_complete(
 
     Args:
         q_post: ``[B, Hq, D]`` post-RoPE queries.
-        k_cache, v_cache: ``[B, Hkv, T, D]``.
+        k_cache, v_cache: ``[B, Hkv, T, D]``, or two :class:`~mac_core.kv.PagedKV` of one table.
         state: the rings; the row of ``result.matched_pos`` is read on hits.
         result: which heads reuse their row (``hit``) and the rows (``matched_pos``).
         spans: from :func:`mac_core.step.step_spans` (``sink_end``, ``band_end`` and
@@ -44,7 +45,7 @@ def amend_complete(
         :class:`~mac_core.step.Completion` of float32 summaries ``[B, Hq, D]`` / ``[B, Hq]``.
     """
     for name, x in (("q_post", q_post), ("k_cache", k_cache), ("v_cache", v_cache)):
-        LIMITS.check_dtype(name, x)
+        LIMITS.check_dtype(name, x.pages if isinstance(x, PagedKV) else x)
     B, Hq, D = q_post.shape
     Hkv = k_cache.shape[1]
     launch = launch or launch_for(B * Hkv)

@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 
 import mac_ref
 import mac_triton
-from mac_ref import MACConfig, MassRule, PaperRule
+from mac_ref import MACConfig, MassRule, PaperRule, to_paged
 from tolerances import assert_close
 from triton_cases import DEVICE, assert_states_close, assert_summary_close, prefilled_step, stream_inputs
 
@@ -48,10 +48,12 @@ def test_amend_complete_matches_reference(batch, kv_heads, group, head_dim, wind
     result = mac_ref.find_match(q_pre, state, pos, config)
     spans = mac_ref.step_spans(pos, result, config)
     scale = config.softmax_scale(head_dim)
-    got = mac_triton.amend_complete(q_post, k, v, state, result, spans, scale)
     want = mac_ref.amend_complete(q_post, k, v, state, result, spans, scale)
-    for name in ("out", "cached", "rest"):
-        assert_summary_close(getattr(got, name), getattr(want, name), dtype, name)
+    paged = to_paged(k, v, pos + 1, page_size=8, layout=["NHD", "HND"][seed % 2], generator=gen)  # the same keys in shuffled pages
+    for cache in ((k, v), paged):
+        got = mac_triton.amend_complete(q_post, *cache, state, result, spans, scale)
+        for name in ("out", "cached", "rest"):
+            assert_summary_close(getattr(got, name), getattr(want, name), dtype, name)
 
 
 STREAMS = [
