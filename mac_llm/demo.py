@@ -74,6 +74,9 @@ def add_demo_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-n", "--new-tokens", type=positive_int, default=DEFAULT_NEW_TOKENS, help="tokens N to decode")
     parser.add_argument("--plot", type=Path, default=Path("mac_demo_layers.png"), help="where to save the per-layer plot")
     parser.add_argument("--threads", type=positive_int, help="CPU threads for torch (default: torch's choice)")
+    parser.add_argument("--lossless", action="store_true",
+                        help="also decode losslessly: MAC drafts, full attention verifies (mac_llm.lossless); its tokens are full attention's")
+    parser.add_argument("--k-max", type=positive_int, default=4, help="with --lossless: the most tokens a round drafts (below --window)")
 
 
 def resolve_device(name: str) -> torch.device:
@@ -187,6 +190,32 @@ def print_engine_speed(rates: dict[str, float], batch: int, context: int) -> Non
     print(f"  (one prompt of {context} tokens; other batches and contexts: benchmarks/RESULTS.md, section 'End to end')")
 
 
+def lossless_run(model, prompt: list[int], config, device, backend: str, new_tokens: int, k_max: int) -> dict:
+    """``new_tokens`` greedy tokens of lossless MAC (:class:`~mac_llm.lossless.LosslessDecoder`)
+    after ``prompt``, in float32 like the demo's other runs, with the round log."""
+    from .engine import DecodeEngine
+    from .lossless import DraftLength, LosslessDecoder
+
+    engine = DecodeEngine(model, 1, len(prompt) + new_tokens + k_max + 1, "mac", config, dtype=torch.float32, device=device, mac_backend=backend)
+    engine.prefill([list(prompt)])
+    decoder = LosslessDecoder(engine, DraftLength(k_max=k_max))
+    start = time.perf_counter()
+    tokens = decoder.generate(new_tokens, progress=True)[0]
+    return dict(tokens=tokens, seconds=time.perf_counter() - start, log=decoder.log)
+
+
+def print_lossless(run: dict, full_list: list[int], k_max: int, device, backend: str) -> None:
+    log, N = run["log"], len(full_list)
+    same = sum(a == b for a, b in zip(run["tokens"], full_list))
+    accepted = [a for k, row in zip(log.k, log.accepted) if k for a in row]
+    print(f"\nLossless MAC (MAC drafts up to {k_max} tokens, one full-attention pass verifies them; mac_llm.lossless)")
+    print(f"  greedy tokens identical to full attention's {same:4d} / {N}")
+    by_length = ", ".join(f"{n} in {c}" for n, c in log.histogram().items())
+    print(f"  rounds {len(log.k)} for {N} tokens: {log.draft_share:.0%} drafted, {sum(accepted) / max(len(accepted), 1):.2f} drafts accepted "
+          f"per round (drafts accepted in rounds: {by_length})")
+    print(f"  tokens per second                {N / run['seconds']:8.2f} ({device}, {backend}; the verify pass is eager: speed is a GPU matter)")
+
+
 def text(tokenizer, ids) -> str:
     return repr(tokenizer.decode(list(ids))[:160])
 
@@ -195,6 +224,10 @@ def run_demo(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     config = config_from(args)  # validate the options before the slow load
+    if args.lossless and args.k_max >= config.window:
+        raise DemoError(f"--k-max {args.k_max} must be below --window {config.window} (a round's rows need distinct ring slots)")
+    if args.lossless and config.calibration is not None:
+        raise DemoError("--lossless decodes in the batched engine, which does not calibrate radii: drop --calibration")
     check_prompt_file(args.prompt_file)
     device = resolve_device(args.device)
     if args.backend == "auto":
@@ -295,6 +328,9 @@ def run_demo(args: argparse.Namespace) -> int:
         print("  - speed: the tokens per second above compare two implementations, not the method (mac_ref is the readable")
         print("    reference, a dozen small tensor operations per layer and token); MAC's speed is measured on a GPU:")
         print("    benchmarks/RESULTS.md (the kernels, and the model end to end in batches) and docs/real_model.md")
+    if args.lossless:
+        run = lossless_run(model, ids, config, device, args.backend, N, args.k_max)
+        print_lossless(run, full_list, args.k_max, device, args.backend)
     if device.type == "cuda" and args.backend == "triton":
         print_engine_speed(engine_speed(model, ids, config, device, args.engine_batch), args.engine_batch, n)
     chain = f" K={config.max_chain}" if config.max_chain else ""

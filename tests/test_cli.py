@@ -153,3 +153,10 @@ def test_a_model_path_that_is_not_a_gguf_file_is_a_one_line_error(tmp_path, caps
     assert cli.main(["demo", "--model", str(junk), "--device", "cpu"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "not a readable GGUF file" in err
+
+
+def test_demo_lossless_options_are_checked_before_the_model_loads(capsys):
+    assert cli.main(["demo", "--lossless", "--k-max", "300", "--window", "256", "--device", "cpu"]) == 2
+    assert "--k-max 300 must be below --window 256" in capsys.readouterr().err
+    assert cli.main(["demo", "--lossless", "--calibration", "keynorm", "--device", "cpu"]) == 2
+    assert "drop --calibration" in capsys.readouterr().err
