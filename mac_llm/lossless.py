@@ -55,7 +55,7 @@ def accept_greedy(full_logits: torch.Tensor, drafts: torch.Tensor) -> tuple[torc
     Returns:
         ``(accepted [B], next_token [B])``: ``n`` (``0 … k``) and ``argmax p_n``.
 
-    Example:
+    Examples:
         >>> import torch
         >>> logits = torch.eye(5)[[1, 2, 4]][None]      # [1, 3, 5]: full attention picks 1, 2, 4
         >>> accept_greedy(logits, torch.tensor([[1, 3]]))  # d_1 = 1 agrees, d_2 = 3 does not
@@ -83,7 +83,7 @@ def accept_sampled(p: torch.Tensor, q: torch.Tensor, drafts: torch.Tensor, gener
     Returns:
         ``(accepted [B], next_token [B])``.
 
-    Example:
+    Examples:
         >>> import torch
         >>> p = torch.tensor([[[0.0, 1.0], [0.5, 0.5]]])      # [1, 2, 2]
         >>> q = torch.tensor([[[1.0, 0.0]]])                  # the draft is sure of token 0
@@ -245,7 +245,7 @@ class LosslessDecoder:
             sampling from ``softmax(logits / temperature)`` (distributed as full attention's).
         generator: the random numbers' source for sampling (on the engine's device).
 
-    Example:
+    Examples:
         >>> import torch
         >>> from mac_core import MACConfig
         >>> from mac_llm.engine import DecodeEngine
