@@ -36,10 +36,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-import mac_ref
 from mac_core import LayerState, MatchResult, PagedKV, PageTable, Summary, step_spans
 
 from .engine import DecodeEngine
+from .step_attention import backend_module
 
 
 # -- accepting a draft: pure functions ------------------------------------------------------------
@@ -145,7 +145,7 @@ def verify_block(engine: DecodeEngine, block: torch.Tensor):
                        torch.full((B * L, Hq), math.inf, device=e.device))
     spans = step_spans(flat, miss, config)
     no_rings = LayerState.empty(B * L, Hq, D, 1, dtype=e.dtype, device=e.device)  # a miss reads no row
-    amend_complete = _amend_complete(e.mac_backend)
+    amend_complete = backend_module(e.mac_backend).amend_complete
     cos, sin = e.cos[pos], e.sin[pos]  # [B, L, 1, D]
     h = model.embed[block]  # [B, L, dim]
     queries, rows = [], []
@@ -160,14 +160,6 @@ def verify_block(engine: DecodeEngine, block: torch.Tensor):
         rows.append(Summary(row.o.view(B, L, Hq, D).transpose(1, 2), row.lse.view(B, L, Hq).transpose(1, 2)))
     logits = e._logits(cfg, model.out_norm.detach(), model.output_head.detach(), h).float()  # [B, L, V]
     return logits, queries, rows
-
-
-def _amend_complete(backend: str):
-    if backend == "ref":
-        return mac_ref.amend_complete
-    import mac_triton
-
-    return mac_triton.amend_complete
 
 
 # -- how long a draft -------------------------------------------------------------------------------
@@ -315,9 +307,7 @@ class LosslessDecoder:
         if active is not None and (not isinstance(active, torch.Tensor) or active.dtype != torch.bool or active.shape != (e.batch,)):
             raise ValueError(f"active must be a bool tensor [B={e.batch}], got {getattr(active, 'dtype', type(active).__name__)} {list(getattr(active, 'shape', []))}")
         start, t0, logits_before = e.positions.clone(), e.tokens.clone(), e.logits.clone()  # [B], [B], [B, V]
-        W = e.config.window
-        slots = [torch.remainder(start + j, W) for j in range(k + 1)]  # the round's ring slots, [B] each
-        saved = [[_slot_rows(state, s) for s in slots] for state in e.states]
+        saved = [[_slot_rows(state, start + j) for j in range(k + 1)] for state in e.states]  # the round's slots, as they were
         drafts, draft_probs, token = [], [], t0
         for _ in range(k):
             logits = e.step(token)
@@ -339,7 +329,7 @@ class LosslessDecoder:
             active = active.to(e.device)
             accepted, nxt = torch.where(active, accepted, -1), torch.where(active, nxt, t0)
         for state, saved_rows, q_pre, row in zip(e.states, saved, queries, rows):
-            _repair(state, slots, saved_rows, accepted, q_pre, row)
+            _repair(state, start, saved_rows, accepted, q_pre, row)
             state.next_pos = start + accepted + 1
         b = torch.arange(e.batch, device=e.device)
         e.positions.copy_(start + accepted + 1)
@@ -391,21 +381,19 @@ def _progress(n: int, on: bool):
     return tqdm(total=n, desc="lossless MAC", unit="tok")
 
 
-def _slot_rows(state, slots: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """Each request's ring row in slot ``slots[b]``: ``(q [B, Hq, D], o [B, Hq, D], lse [B, Hq], depth [B, Hq])`` (copies)."""
-    b = torch.arange(slots.shape[0], device=slots.device)
+def _slot_rows(state, positions: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Each request's ring row of token ``positions[b]``: ``(q [B, Hq, D], o [B, Hq, D], lse [B, Hq], depth [B, Hq])`` (copies)."""
+    b, slots = torch.arange(positions.shape[0], device=positions.device), torch.remainder(positions, state.window)
     return tuple(t[b, :, slots].clone() for t in (state.ring_q, state.ring_o, state.ring_lse, state.ring_depth))
 
 
-def _repair(state, slots, saved, accepted, q_pre, row) -> None:
-    """Slot of position ``p + j``: full attention's exact row where ``j ≤ accepted`` (depth 0), else what it held before the round."""
-    b = torch.arange(accepted.shape[0], device=accepted.device)
-    for j, (slot, old) in enumerate(zip(slots, saved)):
+def _repair(state, start, saved, accepted, q_pre, row) -> None:
+    """Row of position ``start + j``: full attention's exact row where ``j ≤ accepted`` (depth 0), else what it held before the round."""
+    for j, old in enumerate(saved):
         exact = j <= accepted  # [B]
         new = (q_pre[:, :, j], row.o[:, :, j], row.lse[:, :, j], torch.zeros_like(old[3]))
-        for ring, value, before in zip((state.ring_q, state.ring_o, state.ring_lse, state.ring_depth), new, old):
-            keep = exact.view(-1, *([1] * (before.dim() - 1)))
-            ring[b, :, slot] = torch.where(keep, value.to(ring.dtype), before)
+        q, o, lse, depth = (torch.where(exact.view(-1, *([1] * (was.dim() - 1))), now.to(was.dtype), was) for now, was in zip(new, old))
+        state.write(start + j, q, Summary(o, lse), depth)
 
 
 __all__ = ["DraftLength", "LosslessDecoder", "RoundLog", "accept_greedy", "accept_sampled", "verify_block"]

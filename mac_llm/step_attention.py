@@ -33,17 +33,23 @@ FULL_ATTENTIONS = ATTENTIONS[1:]
 MAC_BACKENDS = ("triton", "ref")
 
 
-def mac_decode_step(backend: str):
-    """``mac_ref.decode_step`` (``"ref"``) or ``mac_triton.decode_step`` (``"triton"``)."""
+def backend_module(backend: str):
+    """The module a MAC backend names: ``mac_ref`` (``"ref"``) or ``mac_triton`` (``"triton"``),
+    whose stage functions share their signatures."""
     if backend not in MAC_BACKENDS:
         raise ValueError(f"backend must be one of {MAC_BACKENDS}, got {backend!r}")
     if backend == "ref":
-        return mac_ref.decode_step
+        return mac_ref
     try:
         import mac_triton
     except ImportError as err:
         raise ImportError(f"the Triton backend needs triton: pip install 'mac-attention[triton]' ({err})") from None
-    return mac_triton.decode_step
+    return mac_triton
+
+
+def mac_decode_step(backend: str):
+    """``mac_ref.decode_step`` (``"ref"``) or ``mac_triton.decode_step`` (``"triton"``)."""
+    return backend_module(backend).decode_step
 
 
 @dataclass
@@ -205,4 +211,4 @@ def new_workspaces(config, batch: int, model_config, device) -> list:
     return [DecodeWorkspace.new(config, batch, model_config.n_heads, model_config.head_dim, device) for _ in range(model_config.n_layers)]
 
 
-__all__ = ["ATTENTIONS", "FULL_ATTENTIONS", "MAC_BACKENDS", "FallbackPolicy", "mac_decode_step", "step_attention", "new_workspaces"]
+__all__ = ["ATTENTIONS", "FULL_ATTENTIONS", "MAC_BACKENDS", "FallbackPolicy", "backend_module", "mac_decode_step", "step_attention", "new_workspaces"]
