@@ -8,7 +8,7 @@ recorded launch with ``triton.compile`` for the target (``ptxas`` ships with Tri
 wheel) and prints each kernel's registers, stack (spilled bytes) and shared memory, from
 ``cuobjdump --dump-resource-usage``. The cases: the paper's rule, the mass rule per group
 (the verifying step), the group match with the subtract row rule, each under the narrow and
-the wide launch, and the full decode, at the real model's shape (Hq 9, Hkv 3, D 64) and the
+the wide launch, the full decode and the verify pass (a block of 5), at the real model's shape (Hq 9, Hkv 3, D 64) and the
 paper's (Hq 32, Hkv 8, D 128), bf16.
 
     python -m benchmarks.compile_kernels [--arch 90]
@@ -84,6 +84,7 @@ def cases():
     """``(name, run)`` of each case: a callable that makes one decode step's launches."""
     from mac_core import LayerState, MACConfig, MassRule
     from mac_triton import NARROW, WIDE, decode
+    from mac_triton.verify import verify_step
 
     for shape, (B, Hq, Hkv, D, W) in {"smollm2": (4, 9, 3, 64, 256), "paper": (2, 32, 8, 128, 1024)}.items():
         q = torch.randn(B, Hq, D).bfloat16()
@@ -103,6 +104,8 @@ def cases():
 
                 yield f"{shape}, {label}, {launch_name}", step
         yield f"{shape}, full decode", lambda q=q, k=k, pos=pos: decode.full_step(q, k, k, pos)
+        block = torch.randn(B, Hq, 5, D).bfloat16()  # lossless MAC's verify pass: a block of 5 queries per request
+        yield f"{shape}, verify a block of 5", lambda q=block, k=k, pos=pos, W=W: verify_step(q, k, k, pos, MACConfig(window=W, band=256, sinks=4), 0.125)
 
 
 def main(argv=None) -> int:

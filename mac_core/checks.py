@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .config import MACConfig
 from .kv import PagedKV, cache_lengths
 
 
@@ -220,6 +221,23 @@ def check_attention_inputs(q_post, k_cache, v_cache, positions, limits: BackendL
     check_int_tensor("positions", positions, (B,))
     check_same_device(q_post=q_post, **cache_device_tensors(k_cache, v_cache), positions=positions)
     check_positions_in_cache(positions, k_cache)
+
+
+def check_verify_inputs(q_post, k_cache, v_cache, positions, config, limits: BackendLimits = REFERENCE) -> None:
+    """Validate a verify pass: ``q_post [B, Hq, L, D]``, a dense ``[B, Hkv, T, D]`` cache,
+    ``positions [B]`` with ``positions + L ≤ T``, a ``MACConfig``."""
+    check_query("q_post", q_post, None, 4, "[B, Hq, L, D]", limits)
+    B, Hq, L, D = q_post.shape
+    if L < 1:
+        raise ValueError(f"q_post must hold at least one query per head (L >= 1), got shape {tuple(q_post.shape)}")
+    if not isinstance(k_cache, torch.Tensor):
+        raise TypeError(f"k_cache must be a dense [B, Hkv, T, D] tensor for the verify pass (paged KV is not supported), got {type(k_cache).__name__}")
+    check_cache(k_cache, v_cache, B, Hq, D, limits, names=("q_post", "k_cache", "v_cache"))
+    check_int_tensor("positions", positions, (B,))
+    check_same_device(q_post=q_post, k_cache=k_cache, v_cache=v_cache, positions=positions)
+    check_positions_in_cache(positions + (L - 1), k_cache)  # the block's last query, too
+    if not isinstance(config, MACConfig):
+        raise TypeError(f"config must be a MACConfig, got {type(config).__name__}")
 
 
 def check_group(q_heads: int, kv_heads: int | None) -> int:

@@ -24,9 +24,10 @@ One *round* for a batch whose request ``b`` stands at position ``p_b`` with inpu
 rounds draft nothing (``k = 0``: a plain full-attention step through the verify pass) and a
 probe drafts again now and then.
 
-The verify pass runs each layer's attention as one MAC miss step over the ``B·(k+1)``
-queries (:func:`verify_block`), through the engine's backend, and the rest of the layer
-through the engine's (compiled) functions; it is not captured in a CUDA graph yet.
+The verify pass (:func:`verify_block`) runs each layer's attention through the verify
+stage of the engine's backend (``verify_attention``: each KV group's keys streamed once for
+the block's ``k+1`` queries) and the rest of the layer through the engine's (compiled)
+functions; it is not captured in a CUDA graph yet.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from mac_core import LayerState, MatchResult, PagedKV, PageTable, Summary, step_spans
+from mac_core import Summary
 
 from .engine import DecodeEngine
 from .step_attention import backend_module
@@ -124,28 +125,18 @@ def verify_block(engine: DecodeEngine, block: torch.Tensor):
     logits ``[B, L, V]`` (float32), and per layer the pre-RoPE queries ``[B, Hq, L, D]`` and
     the exact ring rows ``Summary(o [B, Hq, L, D], lse [B, Hq, L])`` of the block's positions.
 
-    Each layer's attention is one MAC *miss* step over ``B·L`` virtual requests: virtual
-    request ``(b, i)`` is query ``i`` of request ``b``, reading request ``b``'s cache (the
-    dense cache seen as one ``HND`` page per request, shared, no copy) up to its own
-    position. A miss step computes ``sinks ⊕ R_t ⊕ tail`` and returns ``R_t`` as the row it
-    would cache (``amend_complete``'s ``cached``), so the rows cost no extra reads. The
-    engine's ``mac_backend`` runs it: ``mac_ref.amend_complete`` or its Triton twin. The rest
-    of the layer is the engine's (compiled where the engine is: one compilation per block
-    length).
+    Each layer's attention is the verify stage (``verify_attention`` of the engine's
+    ``mac_backend``: :func:`mac_ref.verify.verify_attention` or its Triton twin, which streams
+    each KV group's keys once for the block's ``L`` queries): full attention, split as a miss
+    step splits it, so the exact rows ``R_t`` cost no extra reads. The rest of the layer is
+    the engine's (compiled where the engine is: one compilation per block length).
     """
     e, model = engine, engine.model
     cfg, config = model.config, engine.config
     B, L = block.shape
-    Hq, D = cfg.n_heads, cfg.head_dim
     pos = e.positions[:, None] + torch.arange(L, device=e.device)  # [B, L]
-    flat = pos.reshape(-1)  # [B·L]: the virtual requests' positions
     rows_b = torch.arange(B, device=e.device)[:, None]  # [B, 1]
-    table = PageTable(indptr=torch.arange(B * L + 1, device=e.device), indices=rows_b.expand(B, L).reshape(-1), last_page_len=flat + 1)
-    miss = MatchResult(torch.zeros(B * L, Hq, dtype=torch.bool, device=e.device), torch.full((B * L, Hq), -1, device=e.device),
-                       torch.full((B * L, Hq), math.inf, device=e.device))
-    spans = step_spans(flat, miss, config)
-    no_rings = LayerState.empty(B * L, Hq, D, 1, dtype=e.dtype, device=e.device)  # a miss reads no row
-    amend_complete = backend_module(e.mac_backend).amend_complete
+    verify_attention = backend_module(e.mac_backend).verify_attention
     cos, sin = e.cos[pos], e.sin[pos]  # [B, L, 1, D]
     h = model.embed[block]  # [B, L, dim]
     queries, rows = [], []
@@ -153,11 +144,10 @@ def verify_block(engine: DecodeEngine, block: torch.Tensor):
         q_pre, q_post, k, v = e._project(cfg, w, h, cos, sin)  # [B, L, H, D]
         e.k[i][rows_b, :, pos] = k
         e.v[i][rows_b, :, pos] = v
-        paged = [PagedKV(cache, table, "HND") for cache in (e.k[i], e.v[i])]  # [B, Hkv, capacity, D]: B pages
-        out, row, _ = amend_complete(q_post.reshape(B * L, Hq, D), *paged, no_rings, miss, spans, e.scale, config.softcap)
-        h = e._finish(cfg, w, h, out.o.view(B, L, Hq, D).to(h.dtype))
+        res = verify_attention(q_post.transpose(1, 2), e.k[i], e.v[i], e.positions, config, e.scale)  # [B, Hq, L, D]
+        h = e._finish(cfg, w, h, res.out.o.transpose(1, 2).to(h.dtype))
         queries.append(q_pre.transpose(1, 2))  # [B, Hq, L, D]
-        rows.append(Summary(row.o.view(B, L, Hq, D).transpose(1, 2), row.lse.view(B, L, Hq).transpose(1, 2)))
+        rows.append(res.cached)
     logits = e._logits(cfg, model.out_norm.detach(), model.output_head.detach(), h).float()  # [B, L, V]
     return logits, queries, rows
 
@@ -236,6 +226,13 @@ class LosslessDecoder:
         temperature: ``0``: greedy (identical to full attention's greedy tokens); ``> 0``:
             sampling from ``softmax(logits / temperature)`` (distributed as full attention's).
         generator: the random numbers' source for sampling (on the engine's device).
+        block: ``None``: each round verifies its ``k + 1`` tokens. An int ``≥ k_max + 1``:
+            every round verifies ``block`` positions (the drafts padded), so every verify
+            pass has the same shapes, and a token's numerics do not depend on its round
+            (with the Triton verify kernel, a row's result depends only on its own query
+            and keys): the tokens are then those of full attention decoded through the same
+            pass, ``LosslessDecoder(engine, DraftLength(k_max=0), block=block)``, bit for bit
+            in bf16 too. The padding's K/V lie past the position and are overwritten.
 
     Examples:
         >>> import torch
@@ -253,7 +250,7 @@ class LosslessDecoder:
     """
 
     def __init__(self, engine: DecodeEngine, draft: DraftLength | None = None, temperature: float = 0.0,
-                 generator: torch.Generator | None = None):
+                 generator: torch.Generator | None = None, block: int | None = None):
         if not isinstance(engine, DecodeEngine):
             raise TypeError(f"engine must be a DecodeEngine, got {type(engine).__name__}")
         if engine.attention != "mac" or engine.policy is not None:
@@ -270,7 +267,9 @@ class LosslessDecoder:
             raise ValueError(f"draft.k_max must be below the window W={engine.config.window} (a round's rows need distinct slots), got {self.draft.k_max}")
         if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not (math.isfinite(temperature) and temperature >= 0):
             raise ValueError(f"temperature must be a finite number >= 0, got {temperature!r}")
-        self.engine, self.temperature, self.generator = engine, float(temperature), generator
+        if block is not None and (isinstance(block, bool) or not isinstance(block, int) or block < self.draft.k_max + 1):
+            raise ValueError(f"block must be None or an int >= draft.k_max + 1 = {self.draft.k_max + 1}, got {block!r}")
+        self.engine, self.temperature, self.generator, self.block = engine, float(temperature), generator, block
         self.log = RoundLog()
         self.emitted: list[list[int]] = [[] for _ in range(engine.batch)]  # every token each request emitted, via generate
 
@@ -302,8 +301,12 @@ class LosslessDecoder:
         k = self.draft.next_k() if k is None else k
         if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k < e.config.window:
             raise ValueError(f"k must be an int in [0, W={e.config.window}), got {k!r}")
-        if max(e.host_positions) + k >= e.capacity:
-            raise ValueError(f"a round of k={k} drafts reaches position {max(e.host_positions) + k}, past the capacity {e.capacity}")
+        if self.block is not None and k >= self.block:
+            raise ValueError(f"k must be below the decoder's block={self.block}, got {k}")
+        width = self.block or k + 1  # positions the verify pass writes
+        if max(e.host_positions) + width > e.capacity:
+            raise ValueError(f"a round of k={k} drafts (a verified block of {width}) reaches position "
+                             f"{max(e.host_positions) + width - 1}, past the capacity {e.capacity}")
         if active is not None and (not isinstance(active, torch.Tensor) or active.dtype != torch.bool or active.shape != (e.batch,)):
             raise ValueError(f"active must be a bool tensor [B={e.batch}], got {getattr(active, 'dtype', type(active).__name__)} {list(getattr(active, 'shape', []))}")
         start, t0, logits_before = e.positions.clone(), e.tokens.clone(), e.logits.clone()  # [B], [B], [B, V]
@@ -319,7 +322,9 @@ class LosslessDecoder:
             drafts.append(token)
         drafts = torch.stack(drafts, dim=1) if k else torch.zeros(e.batch, 0, dtype=torch.int64, device=e.device)  # [B, k]
         e.positions.copy_(start)
-        logits, queries, rows = verify_block(e, torch.cat([t0[:, None], drafts], dim=1))
+        padding = t0[:, None].expand(-1, width - k - 1)  # (any token: its results are not used)
+        logits, queries, rows = verify_block(e, torch.cat([t0[:, None], drafts, padding], dim=1))
+        logits = logits[:, : k + 1]
         if self.temperature:
             q = torch.stack(draft_probs, dim=1) if k else logits.new_zeros(e.batch, 0, logits.shape[-1])
             accepted, nxt = accept_sampled(self._probabilities(logits), q, drafts, self.generator)

@@ -30,8 +30,8 @@ def model():
     return tiny_model()
 
 
-def engine_for(model, batch, attention="mac", config=CONFIG, backend="ref", policy=None, device="cpu"):
-    engine = DecodeEngine(model, len(batch), CAPACITY, attention, config, dtype=torch.float32, device=device, mac_backend=backend, policy=policy)
+def engine_for(model, batch, attention="mac", config=CONFIG, backend="ref", policy=None, device="cpu", dtype=torch.float32):
+    engine = DecodeEngine(model, len(batch), CAPACITY, attention, config, dtype=dtype, device=device, mac_backend=backend, policy=policy)
     engine.prefill(batch)
     return engine
 
@@ -76,6 +76,32 @@ def test_greedy_tokens_with_the_triton_draft(model):
 def test_greedy_tokens_with_the_triton_draft_on_the_gpu(model, draft):
     """Compiled kernels, the draft steps replayed as a CUDA graph; float32 (SDPA's greedy tokens as the reference)."""
     assert_greedy_is_full_attentions(model, [11, 2, 17, 40, 33], draft, "triton", 40, device="cuda")
+
+
+def assert_bitwise_full_attention_through_the_verify_pass(model, device, dtype, n):
+    """A fixed block: the cache (so every logit) is bit for bit that of full attention decoded
+    through the same verify pass (``k_max = 0``), the tokens identical; drafts were kept."""
+    batch = prompts([11, 2, 17], seed=3)
+    runs = [LosslessDecoder(engine_for(model, batch, backend="triton", device=device, dtype=dtype), DraftLength(k_max=k_max), block=4)
+            for k_max in (0, 3)]  # fmt: skip
+    full, drafted = (run.generate(n) for run in runs)
+    assert drafted == full
+    assert sum(n for row in runs[1].log.accepted for n in row) > 0, "no draft was kept"
+    for b in range(len(batch)):
+        p = min(run.engine.host_positions[b] for run in runs)
+        for layer, (k_full, k_drafted) in enumerate(zip(runs[0].engine.k, runs[1].engine.k)):
+            assert torch.equal(k_drafted[b, :, :p], k_full[b, :, :p]), f"request {b}, layer {layer}: keys differ"
+
+
+def test_a_fixed_block_is_full_attention_through_the_verify_pass_bit_for_bit(model):
+    """The Triton verify kernel under the interpreter, float32 (the reference's attend is not batch-invariant)."""
+    assert_bitwise_full_attention_through_the_verify_pass(model, "cpu", torch.float32, 12)
+
+
+@pytest.mark.gpu
+def test_a_fixed_block_is_full_attention_through_the_verify_pass_bit_for_bit_in_bf16(model):
+    """bf16 on the GPU: the same tokens and cache bits as full attention through the same pass."""
+    assert_bitwise_full_attention_through_the_verify_pass(model, "cuda", torch.bfloat16, 40)
 
 
 def miss_run(model, prompt, inputs):
@@ -204,6 +230,10 @@ def test_errors_name_the_argument(model):
         LosslessDecoder(engine_for(model, batch), DraftLength(k_max=8))
     with pytest.raises(ValueError, match="temperature"):
         LosslessDecoder(engine_for(model, batch), temperature=-1.0)
+    with pytest.raises(ValueError, match=r"block must be None or an int >= draft.k_max \+ 1 = 5"):
+        LosslessDecoder(engine_for(model, batch), DraftLength(k_max=4), block=4)
+    with pytest.raises(ValueError, match="k must be below the decoder's block=4"):
+        LosslessDecoder(engine_for(model, batch), DraftLength(k_max=3), block=4).round(4)
     decoder = LosslessDecoder(engine_for(model, batch))
     with pytest.raises(ValueError, match="k must be"):
         decoder.round(8)

@@ -1,4 +1,4 @@
-"""Every Triton kernel of a decode step compiles for a Hopper GPU (sm_90), checked on the CPU.
+"""Every Triton kernel of a decode step (and of the verify pass) compiles for a Hopper GPU (sm_90), checked on the CPU.
 
 The interpreter runs the kernels' Python; this compiles them (``benchmarks/compile_kernels.py``,
 in a subprocess without ``TRITON_INTERPRET``), so code the compiler would refuse fails here,
@@ -21,3 +21,4 @@ def test_every_kernel_compiles_for_hopper():
     assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:]
     assert "every kernel compiled for sm_90" in run.stdout
     assert run.stdout.count("_attend_kernel") == 14  # 2 shapes × (3 configurations × 2 launches + the full decode)
+    assert run.stdout.count("_verify_kernel") == 2  # lossless MAC's verify pass, both shapes
