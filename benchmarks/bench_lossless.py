@@ -6,14 +6,16 @@ greedy tokens per request:
 
 - ``full``: the engine's SDPA step (one CUDA graph, everything but the attention compiled);
 - ``mac``: plain (lossy) MAC with the demo's rule, the same engine;
-- ``lossless``: :class:`~mac_llm.lossless.LosslessDecoder` (``--k-max``, adaptive): MAC steps
-  draft, one eager full-attention pass verifies each round.
+- ``verified``: full attention decoded through the verify pass alone (``k_max = 0``, the same
+  fixed block of ``k_max + 1`` positions): the tokens lossless MAC must reproduce bit for bit;
+- ``lossless``: :class:`~mac_llm.lossless.LosslessDecoder` (``--k-max``, adaptive, a fixed
+  block of ``k_max + 1``): MAC steps draft, one eager pass of the verify kernel checks each round.
 
 Per point: tokens per second (``B · tokens`` over the wall time, the device synchronised),
-the speed-up over ``full``, the share of the lossless tokens equal to ``full``'s (greedy
-decoding through two attention kernels: a near-tie may part them; the CPU tests prove
-identity through one), the mean accepted drafts per round, the share of rounds that
-drafted, and the histogram of accepted lengths.
+the speed-up over ``full``, the share of each provider's tokens equal to ``full``'s (greedy
+decoding through two attention kernels: a near-tie may part them) and to ``verified``'s
+(lossless MAC: 100 % by construction, in bf16 too), the mean accepted drafts per round, the
+share of rounds that drafted, and the histogram of accepted lengths.
 
     python -m benchmarks.bench_lossless --model PATH/SmolLM2-135M-Instruct.Q4_1.gguf [--contexts 2048,8192] [--batches 1,64]
     TRITON_INTERPRET=1 python -m benchmarks.bench_lossless --smoke   # a tiny random model on the CPU: the script's logic only
@@ -37,7 +39,7 @@ from mac_llm.lossless import DraftLength, LosslessDecoder
 from .bench_model import BEST_RULE, prose_prompts
 from .harness import environment
 
-PROVIDERS = ("full", "mac", "lossless")
+PROVIDERS = ("full", "mac", "verified", "lossless")
 
 
 def synchronize(device: torch.device) -> None:
@@ -49,8 +51,8 @@ def decode(engine: DecodeEngine, provider: str, tokens: int, k_max: int) -> tupl
     """``tokens`` greedy tokens per request from the engine's current state; ``(tokens, seconds, decoder)``."""
     synchronize(engine.device)
     start = time.perf_counter()
-    if provider == "lossless":
-        decoder = LosslessDecoder(engine, DraftLength(k_max=k_max))
+    if provider in ("verified", "lossless"):
+        decoder = lossless_decoder(engine, provider, k_max)
         out = decoder.generate(tokens)
     else:
         decoder, steps = None, [engine.tokens.clone()]
@@ -61,12 +63,17 @@ def decode(engine: DecodeEngine, provider: str, tokens: int, k_max: int) -> tupl
     return out, time.perf_counter() - start, decoder
 
 
+def lossless_decoder(engine: DecodeEngine, provider: str, k_max: int) -> LosslessDecoder:
+    """Lossless MAC (``k_max``) or full attention through its verify pass (``k_max = 0``), one fixed block of ``k_max + 1``."""
+    return LosslessDecoder(engine, DraftLength(k_max=k_max if provider == "lossless" else 0), block=k_max + 1)
+
+
 def warm_up(engine: DecodeEngine, provider: str, k_max: int) -> None:
-    """Graph captures and compilations before the timed run: the verify pass compiles once
-    per block length, so a lossless warm-up runs one round of every ``k`` (the caller rewinds)."""
-    if provider == "lossless":
-        decoder = LosslessDecoder(engine, DraftLength(k_max=k_max))
-        for k in range(k_max + 1):
+    """Graph captures and compilations before the timed run: a lossless warm-up runs one
+    round of every ``k`` (the caller rewinds)."""
+    if provider in ("verified", "lossless"):
+        decoder = lossless_decoder(engine, provider, k_max)
+        for k in range(decoder.draft.k_max + 1):
             decoder.round(k)
     else:
         for _ in range(3):
@@ -89,18 +96,20 @@ def run_point(model, prompts, ctx: int, batch: int, args, device, dtype, env) ->
         results[provider] = (out, seconds)
         row = dict(gpu=env["gpu"], context=ctx, batch=batch, provider=provider, tokens=args.tokens, seconds=round(seconds, 4),
                    tokens_per_s=round(batch * args.tokens / seconds, 1))
-        if decoder is not None:
+        if provider == "lossless":
             drafted = [a for k, acc in zip(decoder.log.k, decoder.log.accepted) if k for a in acc]
             row.update(k_max=args.k_max, rounds=len(decoder.log.k), draft_share=round(decoder.log.draft_share, 3),
                        mean_accepted=round(sum(drafted) / max(len(drafted), 1), 3))
             hist += [dict(context=ctx, batch=batch, accepted=n, count=c) for n, c in decoder.log.histogram().items()]
         rows.append(row)
-    full_tokens, full_s = results["full"]
+    full_s = results["full"][1]
     for row in rows:
         row["speedup_vs_full"] = round(full_s / results[row["provider"]][1], 3)
-        same = [a == b for x, y in zip(results[row["provider"]][0], full_tokens) for a, b in zip(x, y)]
-        row["same_as_full"] = round(sum(same) / len(same), 4)
-    print(f"  ctx={ctx} B={batch}: " + ", ".join(f"{r['provider']} {r['tokens_per_s']} tok/s ({r['speedup_vs_full']}×, same {r['same_as_full']:.1%})" for r in rows), flush=True)
+        for reference in ("full", "verified"):
+            same = [a == b for x, y in zip(results[row["provider"]][0], results[reference][0]) for a, b in zip(x, y)]
+            row[f"same_as_{reference}"] = round(sum(same) / len(same), 4)
+    print(f"  ctx={ctx} B={batch}: " + ", ".join(f"{r['provider']} {r['tokens_per_s']} tok/s ({r['speedup_vs_full']}×, same as full "
+                                                 f"{r['same_as_full']:.1%}, as verified {r['same_as_verified']:.1%})" for r in rows), flush=True)
     return rows, hist
 
 
@@ -112,12 +121,14 @@ def write(rows: list[dict], hist: list[dict], out: Path, env: dict) -> None:
                 writer.writeheader()
                 writer.writerows(data)
     lines = [f"SmolLM2-135M-Instruct, {env['gpu']}, " + ", ".join(f"{k} {v}" for k, v in env.items() if k != "gpu"), "",
-             "| context | batch | full tok/s | MAC ×, same tokens | lossless ×, same tokens | accepted / round | rounds drafting |", "|---|---|---|---|---|---|---|"]
+             "| context | batch | full tok/s | MAC ×, same tokens | full through the verify pass × | lossless ×, same tokens (as verified) "
+             "| accepted / round | rounds drafting |", "|---|---|---|---|---|---|---|---|"]
     for ctx, batch in sorted({(r["context"], r["batch"]) for r in rows}):
         here = {r["provider"]: r for r in rows if (r["context"], r["batch"]) == (ctx, batch)}
-        f, m, s = here["full"], here["mac"], here["lossless"]
-        lines.append(f"| {ctx} | {batch} | {f['tokens_per_s']} | {m['speedup_vs_full']}×, {m['same_as_full']:.1%} | "
-                     f"{s['speedup_vs_full']}×, {s['same_as_full']:.1%} | {s['mean_accepted']} of ≤ {s['k_max']} | {s['draft_share']:.0%} |")
+        f, m, v, s = here["full"], here["mac"], here["verified"], here["lossless"]
+        lines.append(f"| {ctx} | {batch} | {f['tokens_per_s']} | {m['speedup_vs_full']}×, {m['same_as_full']:.1%} | {v['speedup_vs_full']}× | "
+                     f"{s['speedup_vs_full']}×, {s['same_as_full']:.1%} ({s['same_as_verified']:.1%}) | {s['mean_accepted']} of ≤ {s['k_max']} | "
+                     f"{s['draft_share']:.0%} |")
     (out / "lossless.md").write_text("\n".join(lines) + "\n")
     if hist:
         import matplotlib

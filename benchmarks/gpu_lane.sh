@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU lane, in one call on a CUDA machine, from the repository root:
-#   bash benchmarks/gpu_lane.sh [OUT_DIR] [tests|bench|paged|profile|demo|hf|model|scale|lossless|study|all, or several: model,study]
+#   bash benchmarks/gpu_lane.sh [OUT_DIR] [tests|bench|paged|profile|demo|hf|model|scale|verify|lossless|study|all, or several: model,study]
 # 1. the Triton differential tests compiled (no interpreter) and the GPU-only ones,
 #    the harness test, the transformers tests, and the real model's tests when the model is there;
 # 2. the kernel benchmark (python -m benchmarks.bench_decode --check), tables and plots;
@@ -10,7 +10,8 @@
 # 6. transformers' generate with MAC against SDPA (python -m benchmarks.bench_hf);
 # 7. the model end to end (python -m benchmarks.bench_model --model $MAC_GGUF $MODEL_ARGS);
 # 8. the Llama-3.1-8B-shaped engine at planted hit rates (python -m benchmarks.bench_scale $SCALE_ARGS);
-# 9. lossless MAC end to end (python -m benchmarks.bench_lossless --model $MAC_GGUF $LOSSLESS_ARGS);
+# 9. the verify kernel against L decode steps (python -m benchmarks.bench_verify $VERIFY_ARGS), and
+#    lossless MAC end to end (python -m benchmarks.bench_lossless --model $MAC_GGUF $LOSSLESS_ARGS);
 # 10. the rules' frontier on the real model (python -m studies.rule_frontier --model $MAC_GGUF $STUDY_ARGS; not in "all").
 # STEP_TIMEOUT=SECONDS stops each step's python after that long (a call's limit then leaves time for the next
 # steps and for the results to come back; the benchmarks write their files after every point).
@@ -36,7 +37,7 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | 
 status=0
 if wants tests; then
     tests=(tests/test_triton_summary.py tests/test_triton_match.py tests/test_triton_decode.py tests/test_triton_gpu.py tests/test_benchmark_harness.py
-           tests/test_paged.py tests/test_ops.py tests/test_interop.py tests/test_engine_gpu.py tests/test_softcap.py tests/test_hf.py tests/test_real_model.py tests/test_lossless.py)
+           tests/test_paged.py tests/test_ops.py tests/test_interop.py tests/test_engine_gpu.py tests/test_softcap.py tests/test_hf.py tests/test_real_model.py tests/test_lossless.py tests/test_verify.py)
     echo "\$ python3 -m pytest -n 8 -q ${tests[*]} -m 'gpu or not gpu'   # $(nvidia-smi --query-gpu=name --format=csv,noheader), compiled" | tee "$out/gpu_tests.log"
     (time timeout "$step_timeout" python3 -m pytest -n 8 -q -p no:cacheprovider "${tests[@]}" -m "gpu or not gpu") 2>&1 | tee -a "$out/gpu_tests.log" || status=1
 fi
@@ -62,6 +63,10 @@ fi
 if wants scale; then
     # shellcheck disable=SC2086
     timeout "$step_timeout" python3 -m benchmarks.bench_scale --out "$out" ${SCALE_ARGS:-} 2>&1 | tee "$out/scale.log" || status=1
+fi
+if wants verify; then
+    # shellcheck disable=SC2086
+    timeout "$step_timeout" python3 -m benchmarks.bench_verify --out "$out" ${VERIFY_ARGS:-} 2>&1 | tee "$out/verify.log" || status=1
 fi
 if wants lossless; then
     # shellcheck disable=SC2086
