@@ -25,9 +25,11 @@ rounds draft nothing (``k = 0``: a plain full-attention step through the verify 
 probe drafts again now and then.
 
 The verify pass (:func:`verify_block`) runs each layer's attention through the verify
-stage of the engine's backend (``verify_attention``: each KV group's keys streamed once for
+stage of the engine's backend (``verify_step``: each KV group's keys streamed once for
 the block's ``k+1`` queries) and the rest of the layer through the engine's (compiled)
-functions; it is not captured in a CUDA graph yet.
+functions. With a fixed block (``LosslessDecoder(block=...)``) every round's verify pass has
+the same shapes: one CUDA graph replays it (the Triton backend on a GPU), and a token's
+numerics do not depend on its round.
 """
 
 from __future__ import annotations
@@ -125,8 +127,8 @@ def verify_block(engine: DecodeEngine, block: torch.Tensor):
     logits ``[B, L, V]`` (float32), and per layer the pre-RoPE queries ``[B, Hq, L, D]`` and
     the exact ring rows ``Summary(o [B, Hq, L, D], lse [B, Hq, L])`` of the block's positions.
 
-    Each layer's attention is the verify stage (``verify_attention`` of the engine's
-    ``mac_backend``: :func:`mac_ref.verify.verify_attention` or its Triton twin, which streams
+    Each layer's attention is the verify stage (``verify_step`` of the engine's
+    ``mac_backend``: :func:`mac_ref.verify.verify_step` or its Triton twin, which streams
     each KV group's keys once for the block's ``L`` queries): full attention, split as a miss
     step splits it, so the exact rows ``R_t`` cost no extra reads. The rest of the layer is
     the engine's (compiled where the engine is: one compilation per block length).
@@ -136,7 +138,7 @@ def verify_block(engine: DecodeEngine, block: torch.Tensor):
     B, L = block.shape
     pos = e.positions[:, None] + torch.arange(L, device=e.device)  # [B, L]
     rows_b = torch.arange(B, device=e.device)[:, None]  # [B, 1]
-    verify_attention = backend_module(e.mac_backend).verify_attention
+    verify_step = backend_module(e.mac_backend).verify_step  # (no checks, no host sync: the round checked the block)
     cos, sin = e.cos[pos], e.sin[pos]  # [B, L, 1, D]
     h = model.embed[block]  # [B, L, dim]
     queries, rows = [], []
@@ -144,7 +146,7 @@ def verify_block(engine: DecodeEngine, block: torch.Tensor):
         q_pre, q_post, k, v = e._project(cfg, w, h, cos, sin)  # [B, L, H, D]
         e.k[i][rows_b, :, pos] = k
         e.v[i][rows_b, :, pos] = v
-        res = verify_attention(q_post.transpose(1, 2), e.k[i], e.v[i], e.positions, config, e.scale)  # [B, Hq, L, D]
+        res = verify_step(q_post.transpose(1, 2), e.k[i], e.v[i], e.positions, config, e.scale)  # [B, Hq, L, D]
         h = e._finish(cfg, w, h, res.out.o.transpose(1, 2).to(h.dtype))
         queries.append(q_pre.transpose(1, 2))  # [B, Hq, L, D]
         rows.append(res.cached)
@@ -233,6 +235,8 @@ class LosslessDecoder:
             and keys): the tokens are then those of full attention decoded through the same
             pass, ``LosslessDecoder(engine, DraftLength(k_max=0), block=block)``, bit for bit
             in bf16 too. The padding's K/V lie past the position and are overwritten.
+        graph: with a fixed ``block``, the Triton backend and a CUDA engine, replay the verify
+            pass as a CUDA graph (captured at its first round); elsewhere it runs eagerly.
 
     Examples:
         >>> import torch
@@ -250,7 +254,7 @@ class LosslessDecoder:
     """
 
     def __init__(self, engine: DecodeEngine, draft: DraftLength | None = None, temperature: float = 0.0,
-                 generator: torch.Generator | None = None, block: int | None = None):
+                 generator: torch.Generator | None = None, block: int | None = None, graph: bool = True):
         if not isinstance(engine, DecodeEngine):
             raise TypeError(f"engine must be a DecodeEngine, got {type(engine).__name__}")
         if engine.attention != "mac" or engine.policy is not None:
@@ -270,6 +274,8 @@ class LosslessDecoder:
         if block is not None and (isinstance(block, bool) or not isinstance(block, int) or block < self.draft.k_max + 1):
             raise ValueError(f"block must be None or an int >= draft.k_max + 1 = {self.draft.k_max + 1}, got {block!r}")
         self.engine, self.temperature, self.generator, self.block = engine, float(temperature), generator, block
+        self.graphed = graph and block is not None and engine.device.type == "cuda" and engine.mac_backend == "triton"
+        self._verify_graph = None  # (CUDA graph, its input block [B, block], its outputs), at the first round
         self.log = RoundLog()
         self.emitted: list[list[int]] = [[] for _ in range(engine.batch)]  # every token each request emitted, via generate
 
@@ -323,7 +329,7 @@ class LosslessDecoder:
         drafts = torch.stack(drafts, dim=1) if k else torch.zeros(e.batch, 0, dtype=torch.int64, device=e.device)  # [B, k]
         e.positions.copy_(start)
         padding = t0[:, None].expand(-1, width - k - 1)  # (any token: its results are not used)
-        logits, queries, rows = verify_block(e, torch.cat([t0[:, None], drafts, padding], dim=1))
+        logits, queries, rows = self._verify(torch.cat([t0[:, None], drafts, padding], dim=1))
         logits = logits[:, : k + 1]
         if self.temperature:
             q = torch.stack(draft_probs, dim=1) if k else logits.new_zeros(e.batch, 0, logits.shape[-1])
@@ -350,6 +356,28 @@ class LosslessDecoder:
         self.log.k.append(k)
         self.log.accepted.append(counted.tolist())
         return emitted, accepted + 1
+
+    def _verify(self, block: torch.Tensor):
+        """:func:`verify_block`, replayed from a CUDA graph where :attr:`graphed` (its outputs
+        are the graph's: overwritten by the next round)."""
+        if not self.graphed:
+            return verify_block(self.engine, block)
+        if self._verify_graph is None:
+            static = block.clone()
+            stream = torch.cuda.Stream()  # warm-up (compilation) off the capture; it writes only the block's K/V
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                for _ in range(2):
+                    verify_block(self.engine, static)
+            torch.cuda.current_stream().wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                outputs = verify_block(self.engine, static)
+            self._verify_graph = (graph, static, outputs)
+        graph, static, outputs = self._verify_graph
+        static.copy_(block)
+        graph.replay()
+        return outputs
 
     def generate(self, n: int, progress: bool = False) -> list[list[int]]:
         """The next ``n`` tokens of each request (a fresh decoder's first is the prompt's next token).

@@ -8,7 +8,7 @@ One module per stage, read top to bottom:
 - :mod:`mac_ref.amend`    ``amend_row``: the reused row ⊕ the band (the ranges: ``mac_core.step.step_spans``)
 - :mod:`mac_ref.complete` ``edge_summaries``, ``complete_output``, ``amend_complete``: sinks ⊕ C ⊕ tail
 - :mod:`mac_ref.decode`   ``decode_step`` for a batch, ``prefill``, the row update
-- :mod:`mac_ref.verify`   ``verify_attention``: full attention of a block of queries with their exact rows (lossless MAC)
+- :mod:`mac_ref.verify`   ``verify_attention`` (``verify_step`` unchecked): full attention of a block of queries with their exact rows (lossless MAC)
 - :mod:`mac_ref.stream`   ``run_stream``: a whole stream through one layer
 - :mod:`mac_ref.oracle`   float64 dense full attention
 - :mod:`mac_ref.synthetic` synthetic streams with controllable query reuse
@@ -49,12 +49,12 @@ from mac_core.rope import apply_rope, invert_rope
 from .stream import StreamResult, run_stream
 from .summary import attend, merge, merge_all, merge_state, remove
 from .synthetic import synthetic_stream
-from .verify import verify_attention
+from .verify import verify_attention, verify_step
 
 __all__ = [
     "MACConfig", "PRESETS", "preset", "PagedKV", "PageTable", "to_paged", "PaperRule", "MassRule", "LayerState", "new_state", "Summary", "empty_summary",
     "attend", "merge", "merge_all", "merge_state", "remove", "removal_epsilon", "apply_rope", "invert_rope", "MatchResult",
     "find_match", "accept_candidates", "Decision", "mass_share", "Spans", "prefix_end", "step_spans", "amend_row", "Completion", "edge_summaries", "complete_output",
     "amend_complete", "update_row", "StepStats", "decode_step", "prefill", "StreamResult", "run_stream",
-    "full_attention", "causal_attention", "synthetic_stream", "verify_attention",
+    "full_attention", "causal_attention", "synthetic_stream", "verify_attention", "verify_step",
 ]  # fmt: skip

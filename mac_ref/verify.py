@@ -58,6 +58,11 @@ def verify_attention(q_post, k_cache, v_cache, positions, config: MACConfig, sca
         True
     """
     check_verify_inputs(q_post, k_cache, v_cache, positions, config)
+    return verify_step(q_post, k_cache, v_cache, positions, config, scale)
+
+
+def verify_step(q_post, k_cache, v_cache, positions, config: MACConfig, scale: float | None = None) -> Completion:
+    """:func:`verify_attention` without its checks (the twin of :func:`mac_triton.verify.verify_step`)."""
     L = q_post.shape[2]
     t = (positions.to(torch.int64)[:, None] + torch.arange(L, device=q_post.device))[:, None]  # [B, 1, L]: broadcast over heads
     start, end = row_range(t, config.band, config.sinks)  # S_t, N_t
@@ -67,4 +72,4 @@ def verify_attention(q_post, k_cache, v_cache, positions, config: MACConfig, sca
     return Completion(out=merge(merge(sinks, row), tail), cached=row, rest=merge(sinks, tail))
 
 
-__all__ = ["verify_attention"]
+__all__ = ["verify_attention", "verify_step"]

@@ -80,17 +80,21 @@ def test_greedy_tokens_with_the_triton_draft_on_the_gpu(model, draft):
 
 def assert_bitwise_full_attention_through_the_verify_pass(model, device, dtype, n):
     """A fixed block: the cache (so every logit) is bit for bit that of full attention decoded
-    through the same verify pass (``k_max = 0``), the tokens identical; drafts were kept."""
+    through the same verify pass (``k_max = 0``), the tokens identical; drafts were kept. On a
+    GPU the verify pass is a CUDA graph, and an eager run gives the same bits too."""
     batch = prompts([11, 2, 17], seed=3)
-    runs = [LosslessDecoder(engine_for(model, batch, backend="triton", device=device, dtype=dtype), DraftLength(k_max=k_max), block=4)
-            for k_max in (0, 3)]  # fmt: skip
-    full, drafted = (run.generate(n) for run in runs)
-    assert drafted == full
+    kinds = [(0, True), (3, True)] + ([(3, False)] if device == "cuda" else [])  # (k_max, graph)
+    runs = [LosslessDecoder(engine_for(model, batch, backend="triton", device=device, dtype=dtype), DraftLength(k_max=k_max), block=4, graph=graph)
+            for k_max, graph in kinds]  # fmt: skip
+    assert runs[1].graphed == (device == "cuda")
+    full, *others = (run.generate(n) for run in runs)
+    assert all(tokens == full for tokens in others)
     assert sum(n for row in runs[1].log.accepted for n in row) > 0, "no draft was kept"
     for b in range(len(batch)):
         p = min(run.engine.host_positions[b] for run in runs)
-        for layer, (k_full, k_drafted) in enumerate(zip(runs[0].engine.k, runs[1].engine.k)):
-            assert torch.equal(k_drafted[b, :, :p], k_full[b, :, :p]), f"request {b}, layer {layer}: keys differ"
+        for other in runs[1:]:
+            for layer, (k_full, k_other) in enumerate(zip(runs[0].engine.k, other.engine.k)):
+                assert torch.equal(k_other[b, :, :p], k_full[b, :, :p]), f"request {b}, layer {layer}: keys differ"
 
 
 def test_a_fixed_block_is_full_attention_through_the_verify_pass_bit_for_bit(model):
@@ -100,7 +104,7 @@ def test_a_fixed_block_is_full_attention_through_the_verify_pass_bit_for_bit(mod
 
 @pytest.mark.gpu
 def test_a_fixed_block_is_full_attention_through_the_verify_pass_bit_for_bit_in_bf16(model):
-    """bf16 on the GPU: the same tokens and cache bits as full attention through the same pass."""
+    """bf16 on the GPU: the same tokens and cache bits as full attention through the same pass, graphed or not."""
     assert_bitwise_full_attention_through_the_verify_pass(model, "cuda", torch.bfloat16, 40)
 
 
