@@ -34,6 +34,7 @@ numerics do not depend on its round.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 
@@ -278,6 +279,14 @@ class LosslessDecoder:
         self._verify_graph = None  # (CUDA graph, its input block [B, block], its outputs), at the first round
         self.log = RoundLog()
         self.emitted: list[list[int]] = [[] for _ in range(engine.batch)]  # every token each request emitted, via generate
+
+    def reset(self) -> None:
+        """Start afresh after the engine was rewound (:meth:`~mac_llm.engine.DecodeEngine.rewind`):
+        no tokens emitted, no rounds logged, the draft length's history cleared; a captured
+        verify graph is kept (it reads the engine's tensors, which a rewind restores in place)."""
+        self.log = RoundLog()
+        self.emitted = [[] for _ in range(self.engine.batch)]
+        self.draft = dataclasses.replace(self.draft, recent=math.inf, rounds=0)
 
     def _probabilities(self, logits: torch.Tensor) -> torch.Tensor:
         return torch.softmax(logits.float() / self.temperature, dim=-1)
