@@ -108,6 +108,17 @@ def test_a_fixed_block_is_full_attention_through_the_verify_pass_bit_for_bit_in_
     assert_bitwise_full_attention_through_the_verify_pass(model, "cuda", torch.bfloat16, 40)
 
 
+def test_a_reset_decoder_decodes_the_same_again_after_a_rewind(model):
+    engine = engine_for(model, prompts([9, 14], seed=2))
+    checkpoint = engine.checkpoint()
+    decoder = LosslessDecoder(engine, DraftLength(k_max=3), block=4)
+    first, rounds = decoder.generate(10), len(decoder.log.k)
+    engine.rewind(checkpoint)
+    decoder.reset()
+    assert decoder.log.k == [] and decoder.emitted == [[], []]
+    assert decoder.generate(10) == first and len(decoder.log.k) == rounds
+
+
 def miss_run(model, prompt, inputs):
     """One request under full attention that keeps its rings, fed ``inputs``: MAC at τ = 1,
     where no query is near enough to reuse a row, so every step is a miss (exact row, depth 0)."""
