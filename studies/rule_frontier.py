@@ -29,7 +29,7 @@ first run) ran on a CPU with the reference backend: the same requests and measur
 
     python studies/rule_frontier.py --model PATH.gguf [--out studies/results/rule_frontier]   # on a GPU
     python studies/rule_frontier.py --device cpu --backend ref --extra                         # on a CPU: ~15-20 min a point
-    python studies/rule_frontier.py --noise-floor [--device cpu]                              # the noise floor's rows
+    python studies/rule_frontier.py --noise-floor [--device cpu] [--group-match]              # the noise floor's rows (then the points)
     python studies/rule_frontier.py --report                                                  # tables and plot from the CSV
 """
 
@@ -77,11 +77,12 @@ EXTRA_POINTS = [
     ("mass τ=0.3 τm=0.85 per group", MassRule(tau_m=0.85, per_group=True), 0.3, 1),
 ]
 # the group match (issue 19): the heads of a KV group share one row, so they reuse the same step
+# (the demo's rule first: the points a CPU run reaches with --points)
 GROUP_MATCH_POINTS = [
-    ("paper τ=0.5 group match", PaperRule(), 0.5, 1),
-    ("paper τ=0.45 group match", PaperRule(), 0.45, 1),
     ("mass τ=0.3 τm=0.85 group match", MassRule(tau_m=0.85), 0.3, 1),
     ("mass τ=0.3 τm=0.85 per group, group match", MassRule(tau_m=0.85, per_group=True), 0.3, 1),
+    ("paper τ=0.5 group match", PaperRule(), 0.5, 1),
+    ("paper τ=0.45 group match", PaperRule(), 0.45, 1),
 ]
 
 
@@ -113,8 +114,9 @@ def run(args) -> None:
     out.mkdir(parents=True, exist_ok=True)
     path = out / "runs.csv"
     done = {(r["source"], r["label"], r["max_chain"]) for r in csv.DictReader(path.open())} if path.exists() else set()
-    sources = {"pydoc topics": default_prose(), "stdlib docstrings": module_docstrings()}
-    chosen = [] if args.noise_floor else EXTRA_POINTS if args.extra else GROUP_MATCH_POINTS if args.group_match else POINTS
+    sources = {"pydoc topics": default_prose, "stdlib docstrings": module_docstrings}
+    sources = {name: text() for name, text in sources.items() if not args.sources or name.split()[0] in args.sources}
+    chosen = EXTRA_POINTS if args.extra else GROUP_MATCH_POINTS if args.group_match else [] if args.noise_floor else POINTS
     chosen = chosen[: args.points] if args.points else chosen
     for source, text in sources.items():
         prompts, follow = segments(tokenizer, text, args.prompts, args.prompt_len, max(args.teacher_steps, args.greedy_steps) + 1)
@@ -266,29 +268,51 @@ def first_difference(row: dict) -> str:
 
 
 def plot(rows, path: Path) -> None:
+    """Per source (a column): the teacher-forced frontier (perplexity change against the reads
+    skipped per KV group), and where the rows have them, the free generation: the greedy
+    text's perplexity under full attention against full attention's own text, and the
+    share of greedy tokens equal to full attention's; the noise floor's rows as lines."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     sources = list(dict.fromkeys(r["source"] for r in rows))
-    fig, axes = plt.subplots(1, len(sources), figsize=(5.5 * len(sources), 4.2), squeeze=False, sharey=True)
+    free = any(r.get("generated_ppl") for r in rows)
+    panels = 3 if free else 1
+    fig, axes = plt.subplots(panels, len(sources), figsize=(5.5 * len(sources), 3.6 * panels), squeeze=False, sharex="col")
     styles = {("paper", False): ("o", "C0"), ("mass", False): ("s", "C3"), ("paper", True): ("^", "C2"), ("mass", True): ("D", "C1")}
-    for ax, source in zip(axes[0], sources):
-        for (rule, group), (marker, color) in styles.items():
-            for chain, fill in (("", "none"), ("1", color)):
-                pts = [r for r in rows if r["source"] == source and r["rule"] == rule and (r["per_group"] == "True") == group and r["max_chain"] == chain]
-                if not pts:
-                    continue
-                ax.errorbar([100 * r["skipped_group"] for r in pts], [100 * r["ppl_change"] for r in pts],
-                            yerr=[100 * r["ppl_change_se"] for r in pts], fmt=marker, color=color, mfc=fill, capsize=2,
-                            label=f"{rule}{' per group' if group else ''}, K={chain or '–'}")
-        for r in (r for r in rows if r["source"] == source and r["rule"] == "full"):  # the noise floor
-            ax.axhline(100 * r["ppl_change"], color="k", ls="--", lw=0.8, label=r["label"])
-        ax.axhline(1.0, color="grey", ls=":", lw=0.8)
-        ax.set(xlabel="KV reads skipped per KV group (%)", title=source)
-    axes[0][0].set_ylabel("perplexity change (%), ± SE")
-    axes[0][-1].legend(fontsize=7)
+    measures = [("perplexity change (%), teacher forcing, ± SE", lambda r: 100 * r["ppl_change"], lambda r: 100 * r["ppl_change_se"])]
+    if free:
+        measures += [("generated text's perplexity\nunder full attention, vs full's own (%)",
+                      lambda r: 100 * (float(r["generated_ppl"]) / float(r["generated_ppl_full"]) - 1), None),
+                     ("greedy tokens equal to full attention's (%)", lambda r: 100 * r["greedy_identical"], None)]  # fmt: skip
+    for column, source in enumerate(sources):
+        here = [r for r in rows if r["source"] == source]
+        for line, (label, value, error) in enumerate(measures):
+            ax = axes[line][column]
+            usable = (lambda r: True) if line == 0 else (lambda r: bool(r.get("generated_ppl")))
+            for (rule, group), (marker, color) in styles.items():
+                for match, hollow in ((False, False), (True, True)):
+                    for chain, fill in (("", "none"), ("1", color)):
+                        pts = [r for r in here if usable(r) and r["rule"] == rule and (r["per_group"] == "True") == group
+                               and r["max_chain"] == chain and (r.get("group_match") == "True") == match]  # fmt: skip
+                        if not pts:
+                            continue
+                        ax.errorbar([100 * r["skipped_group"] for r in pts], [value(r) for r in pts],
+                                    yerr=[error(r) for r in pts] if error else None, fmt=marker, color=color,
+                                    mfc="white" if hollow else fill, mew=2 if hollow else 1, capsize=2,
+                                    label=f"{rule}{' per group' if group else ''}{', group match' if match else ''}, K={chain or '–'}")
+            for r in (r for r in here if r["rule"] == "full" and usable(r)):  # the noise floor
+                ax.axhline(value(r), color="k", ls="--", lw=0.8, label=r["label"])
+            if line == 0:
+                ax.axhline(1.0, color="grey", ls=":", lw=0.8)
+                ax.set_title(source)
+            if column == 0:
+                ax.set_ylabel(label)
+            if line == panels - 1:
+                ax.set_xlabel("KV reads skipped per KV group (%)")
+    axes[0][-1].legend(fontsize=6)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -305,10 +329,11 @@ def main():
     parser.add_argument("--teacher-steps", type=int, default=640, help="teacher-forced tokens per prompt")
     parser.add_argument("--greedy-steps", type=int, default=256, help="greedy tokens per prompt (free generation)")
     parser.add_argument("--points", type=int, default=0, help="only the first N points (0: all)")
+    parser.add_argument("--sources", type=lambda s: s.split(","), default=[], help="only these sources, of pydoc,stdlib (default: both)")
     parser.add_argument("--backend", choices=("triton", "ref"), default="triton", help="MAC's step: mac_triton (a GPU) or mac_ref (a CPU)")
     parser.add_argument("--extra", action="store_true", help="the points of EXTRA_POINTS instead of POINTS (stricter mass thresholds)")
     parser.add_argument("--group-match", action="store_true", help="the points of GROUP_MATCH_POINTS (one matched row per KV group)")
-    parser.add_argument("--noise-floor", action="store_true", help="only the noise floor's rows (NOISE_POINTS): full attention under other numerics")
+    parser.add_argument("--noise-floor", action="store_true", help="the noise floor's rows (NOISE_POINTS: full attention under other numerics) first; alone, only those")
     args = parser.parse_args()
     if args.report:
         report(Path(args.out))
