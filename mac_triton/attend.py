@@ -289,15 +289,7 @@ def _attend_unit(
         v_offs = (page * stride_vb + slot * stride_vt)[:, None]
         k = tl.load(k_base + k_offs + cols[None, :], mask=key_mask[:, None] & col_mask[None, :], other=0.0)
         v = tl.load(v_base + v_offs + cols[None, :], mask=key_mask[:, None] & col_mask[None, :], other=0.0)
-        if UPCAST:
-            k = k.to(tl.float32)
-            v = v.to(tl.float32)
-            s = tl.dot(q, tl.trans(k), input_precision="ieee")
-        else:
-            s = tl.dot(q, tl.trans(k))
-        s = s * scale_log2  # [G_PAD, BLOCK_N] base-2 scores
-        if SOFTCAP:  # capped before the masks below, which must stay −inf
-            s = cap_log2 * tanh(s * (1.0 / cap_log2))
+        s, v = tile_scores(q, k, v, scale_log2, cap_log2, SOFTCAP, UPCAST)  # [G_PAD, BLOCK_N] base-2 scores
         valid = key_mask[None, :] & (keys[None, :] >= head_lo[:, None]) & (keys[None, :] < head_hi[:, None])
         m, den, acc = _online_tile(m, den, acc, tl.where(valid, s, float("-inf")), v, UPCAST)
         if BELOW:
@@ -307,6 +299,23 @@ def _attend_unit(
     _store_state(part_o_ptr, part_lse_ptr, part, m, den, acc, lane_mask, D, BLOCK_D)
     if BELOW:
         _store_state(below_o_ptr, below_lse_ptr, part, below_m, below_den, below_acc, lane_mask, D, BLOCK_D)
+
+
+@triton.jit
+def tile_scores(q, k, v, scale_log2, cap_log2, SOFTCAP: tl.constexpr, UPCAST: tl.constexpr):
+    """Base-2 scores ``[rows, BLOCK_N]`` of queries ``q [rows, D]`` against a key tile
+    ``k [BLOCK_N, D]`` (capped with ``SOFTCAP``, before any mask: a masked score must stay
+    −inf), and the tile's values in the dtype ``p·V`` takes (float32 with ``UPCAST``)."""
+    if UPCAST:
+        k = k.to(tl.float32)
+        v = v.to(tl.float32)
+        s = tl.dot(q, tl.trans(k), input_precision="ieee")
+    else:
+        s = tl.dot(q, tl.trans(k))
+    s = s * scale_log2
+    if SOFTCAP:
+        s = cap_log2 * tanh(s * (1.0 / cap_log2))
+    return s, v
 
 
 @triton.jit

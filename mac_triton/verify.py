@@ -36,9 +36,9 @@ from mac_core.config import MACConfig
 from mac_core.numerics import LOG2E, softmax_scale
 from mac_core.step import Completion
 
-from .attend import _online_tile, _store_state
+from .attend import _online_tile, _store_state, tile_scores
 from .launch import upcast_dots
-from .numerics import LIMITS, tanh
+from .numerics import LIMITS
 from .summary import merge, merge_all
 
 CHUNK = 512  # keys per program: fixed, so a row's split boundaries do not depend on the batch
@@ -89,15 +89,7 @@ def _verify_kernel(
         tile_mask = key_mask[:, None] & col_mask[None, :]
         k = tl.load(k_base + keys.to(tl.int64)[:, None] * stride_kt + cols[None, :], mask=tile_mask, other=0.0)
         v = tl.load(v_base + keys.to(tl.int64)[:, None] * stride_vt + cols[None, :], mask=tile_mask, other=0.0)
-        if UPCAST:
-            k = k.to(tl.float32)
-            v = v.to(tl.float32)
-            s = tl.dot(q, tl.trans(k), input_precision="ieee")
-        else:
-            s = tl.dot(q, tl.trans(k))
-        s = s * scale_log2  # [ROWS, BLOCK_N] base-2 scores
-        if SOFTCAP:  # capped before the masks, which must stay −inf
-            s = cap_log2 * tanh(s * (1.0 / cap_log2))
+        s, v = tile_scores(q, k, v, scale_log2, cap_log2, SOFTCAP, UPCAST)  # [ROWS, BLOCK_N] base-2 scores
         causal = key_mask[None, :] & (keys[None, :] <= t[:, None])
         in_row = (keys[None, :] >= row_start[:, None]) & (keys[None, :] < row_end[:, None])
         row_m, row_den, row_acc = _online_tile(row_m, row_den, row_acc, tl.where(causal & in_row, s, float("-inf")), v, UPCAST)
