@@ -75,8 +75,8 @@ def _verify_kernel(
         q = q.to(tl.float32)
     lo = split * CHUNK
     hi = tl.minimum(lo + CHUNK, first + L)  # the block's keys end at p_b + L
-    k_base = k_ptr + b * stride_kb + kvh * stride_kh
-    v_base = v_ptr + b * stride_vb + kvh * stride_vh
+    k_base = k_ptr + b.to(tl.int64) * stride_kb + kvh * stride_kh  # (int64: B·Hkv·T·D may pass 2³¹)
+    v_base = v_ptr + b.to(tl.int64) * stride_vb + kvh * stride_vh
     row_m = tl.full([ROWS], float("-inf"), tl.float32)  # the row range's running state, base 2
     row_den = tl.zeros([ROWS], tl.float32)
     row_acc = tl.zeros([ROWS, BLOCK_D], tl.float32)
