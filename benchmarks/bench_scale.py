@@ -17,8 +17,12 @@ the measured hit rate of the timed steps is reported beside the planted one. The
 queries are its own (random weights), so the output is a speed at a given hit rate, **not**
 a quality: nothing here measures what MAC would do to a trained 8B model's text.
 
-Providers: ``sdpa``, ``triton`` (the project's full decode), ``flashinfer`` (when it imports)
-and ``mac@h`` for each planted hit rate ``h``. Per point: the median step latency over
+Providers: ``sdpa``, ``triton`` (the project's full decode), ``flashinfer`` (when it imports),
+``mac@h`` for each planted hit rate ``h``, and ``verified``: one round of lossless MAC that
+drafts nothing (:class:`~mac_llm.lossless.LosslessDecoder`, a fixed block of ``--verify-block``
+positions, the verify pass one CUDA graph), what each round of lossless MAC pays besides its
+drafts (``benchmarks/bench_lossless.py --project`` combines it with the acceptance measured
+on the real model). Per point: the median step latency over
 ``--steps`` steps (CUDA events), tokens per second, the speed-up over the best full attention,
 the measured hit rate of the timed steps and the KV bytes a full step reads at the achieved
 rate (TB/s).
@@ -112,6 +116,29 @@ def measure(engine: DecodeEngine, steps: int, gen: torch.Generator) -> tuple[flo
     return statistics.median(times), (torch.stack(hits).mean().item() if hits else math.nan)
 
 
+def measure_verify(engine: DecodeEngine, block: int, steps: int) -> float:
+    """Median latency (ms) of a lossless round that drafts nothing (the verify pass over ``block``
+    positions, accepting full attention's token) over ``steps`` rounds, after the capture."""
+    from mac_llm.lossless import DraftLength, LosslessDecoder
+
+    decoder = LosslessDecoder(engine, DraftLength(k_max=0), block=block)
+    decoder.round(0)  # the capture and a first replay
+    times = []
+    for _ in range(steps):
+        if engine.device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            decoder.round(0)
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            decoder.round(0)
+            times.append(1e3 * (time.perf_counter() - t0))
+    return statistics.median(times)
+
+
 def run(args, header: str) -> list[dict]:
     device = torch.device(args.device)
     smoke = args.smoke
@@ -124,7 +151,7 @@ def run(args, header: str) -> list[dict]:
     rows = []
     for context in args.contexts:
         for batch in args.batches:
-            capacity = context + args.steps + 8
+            capacity = context + args.steps + args.verify_block + 8
             kv_gb = 2 * cfg.n_layers * batch * cfg.n_kv_heads * capacity * cfg.head_dim * (2 if dtype == torch.bfloat16 else 4) / 1e9
             if device.type == "cuda" and kv_gb + 20 > torch.cuda.get_device_properties(device).total_memory / 1e9:
                 print(f"  C={context} B={batch}: {kv_gb:.0f} GB of KV cache does not fit, skipped", flush=True)
@@ -135,7 +162,7 @@ def run(args, header: str) -> list[dict]:
             checkpoint = engine.checkpoint()
             point = dict(context=context, batch=batch, kv_gb=round(kv_gb, 2))
             results = {}
-            for provider in (*FULL, *(f"mac@{h:g}" for h in args.hit_rates)):
+            for provider in (*FULL, *(["verified"] if args.verify_block else []), *(f"mac@{h:g}" for h in args.hit_rates)):
                 if provider == "flashinfer":
                     try:
                         import flashinfer  # noqa: F401
@@ -146,8 +173,11 @@ def run(args, header: str) -> list[dict]:
                     engine.switch("mac", config)
                 else:
                     engine.rewind(checkpoint)
-                    engine.switch(provider)
-                ms, hit_rate = measure(engine, args.steps, gen)
+                    engine.switch("mac" if provider == "verified" else provider, config)
+                if provider == "verified":
+                    ms, hit_rate = measure_verify(engine, args.verify_block, args.steps), math.nan
+                else:
+                    ms, hit_rate = measure(engine, args.steps, gen)
                 results[provider] = ms
                 full_bytes = kv_gb * 1e9 * context / capacity  # the keys and values a full step reads
                 rows.append(point | dict(provider=provider, step_ms=round(ms, 4), tokens_per_s=round(batch / ms * 1e3, 1),
@@ -173,12 +203,15 @@ def write(rows: list[dict], out: Path, header: str) -> None:
         writer.writeheader()
         writer.writerows(rows)
     macs = sorted({r["provider"] for r in rows if r["provider"].startswith("mac@")}, key=lambda p: float(p[4:]))
-    lines = [header, "", "| context | batch | best full attention, tok/s | " + " | ".join(f"MAC at {100 * float(p[4:]):g} % hits" for p in macs) + " |",
-             "| --- | --- | --- | " + "--- | " * len(macs)]
+    verified = any(r["provider"] == "verified" for r in rows)
+    lines = [header, "", "| context | batch | best full attention, tok/s | " + ("full through the verify pass | " if verified else "")
+             + " | ".join(f"MAC at {100 * float(p[4:]):g} % hits" for p in macs) + " |", "| --- | --- | --- | " + "--- | " * (len(macs) + verified)]
     for context, batch in sorted({(r["context"], r["batch"]) for r in rows}):
         here = {r["provider"]: r for r in rows if (r["context"], r["batch"]) == (context, batch)}
         best = max((here[p] for p in FULL if p in here), key=lambda r: r["tokens_per_s"])
         cells = [f"{here[p]['speedup_vs_best_full']}× ({here[p]['hit_rate']:.0%})" if p in here and here[p]["hit_rate"] != "" else "–" for p in macs]
+        if verified:
+            cells.insert(0, f"{here['verified']['speedup_vs_best_full']}×" if "verified" in here else "–")
         lines.append(f"| {context // 1024}K | {batch} | {best['provider']}, {best['tokens_per_s']:,.0f} | " + " | ".join(cells) + " |")
     (out / "scale.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
@@ -216,6 +249,7 @@ def main(argv=None) -> int:
     parser.add_argument("--band", type=int, default=256, help="band r")
     parser.add_argument("--lag", type=int, default=64, help="the planted row's lag")
     parser.add_argument("--steps", type=int, default=16, help="timed decode steps per provider")
+    parser.add_argument("--verify-block", type=int, default=5, help="positions of the verified round (lossless MAC's k_max + 1; 0: not timed)")
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--smoke", action="store_true", help="a tiny model on the CPU (eager, interpreter): the script's logic only")
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")

@@ -9,7 +9,7 @@
 # 5. `mac-attention demo` on the GPU (its batched-engine timings), log in OUT_DIR/demo_cuda.log;
 # 6. transformers' generate with MAC against SDPA (python -m benchmarks.bench_hf);
 # 7. the model end to end (python -m benchmarks.bench_model --model $MAC_GGUF $MODEL_ARGS);
-# 8. the Llama-3.1-8B-shaped engine at planted hit rates (python -m benchmarks.bench_scale $SCALE_ARGS);
+# 8. the Llama-3.1-8B-shaped engine at planted hit rates, and a verified round (python -m benchmarks.bench_scale $SCALE_ARGS);
 # 9. the verify kernel against L decode steps (python -m benchmarks.bench_verify $VERIFY_ARGS), and
 #    lossless MAC end to end (python -m benchmarks.bench_lossless --model $MAC_GGUF $LOSSLESS_ARGS);
 # 10. the rules' frontier on the real model (python -m studies.rule_frontier --model $MAC_GGUF $STUDY_ARGS; not in "all").
@@ -71,6 +71,9 @@ fi
 if wants lossless; then
     # shellcheck disable=SC2086
     timeout "$step_timeout" python3 -m benchmarks.bench_lossless --model "${MAC_GGUF:?MAC_GGUF names the model}" --out "$out" ${LOSSLESS_ARGS:-} 2>&1 | tee "$out/lossless.log" || status=1
+    if [[ -f $out/scale.csv ]]; then  # the projection onto the 8B-shaped engine, when bench_scale ran into the same folder
+        python3 -m benchmarks.bench_lossless --project "$out/scale.csv" --out "$out" 2>&1 | tee -a "$out/lossless.log" || status=1
+    fi
 fi
 if wants study; then
     # shellcheck disable=SC2086

@@ -262,3 +262,15 @@ def test_errors_name_the_argument(model):
         accept_greedy(torch.zeros(1, 2, 5), torch.zeros(1, 1, dtype=torch.int32))
     with pytest.raises(ValueError, match=r"\[B, k\+1, V\]"):
         accept_greedy(torch.zeros(1, 3, 5), torch.zeros(1, 1, dtype=torch.int64))
+
+
+def test_the_projection_onto_the_8b_engine_is_its_formula():
+    """``bench_lossless --project``: n̄·t_full / (k̄·t_mac(h) + t_verify), the best full attention as t_full."""
+    bench = pytest.importorskip("benchmarks.bench_lossless")
+    scale = [dict(context="32768", batch="4", provider=p, step_ms=ms) for p, ms in
+             (("sdpa", "10"), ("triton", "12"), ("verified", "11"), ("mac@0.9", "6"), ("mac@1", "5"))]  # fmt: skip
+    lossless_rows = [dict(provider="full", context="8192", batch="64"),
+                     dict(provider="lossless:demo", context="8192", batch="64", tokens_per_round="3", mean_k="2.5")]  # fmt: skip
+    rows = bench.project(lossless_rows, scale)
+    assert [(r["draft"], r["hit_rate"], r["speedup"]) for r in rows] == [("demo", 0.9, round(30 / 26, 3)), ("demo", 1.0, round(30 / 23.5, 3))]
+    assert bench.project(lossless_rows, [r for r in scale if r["provider"] != "verified"]) == []  # no verified round timed: nothing
