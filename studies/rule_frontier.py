@@ -244,7 +244,8 @@ def report(out: Path) -> None:
                          f"{r.get('backend') or '–'} |")
         lines += ["", f"*{first['requests']} prompts of 4,096 tokens × {int(first['scored_tokens']) // int(first['requests'])} scored tokens each (teacher forcing), "
                   "window 256, band 256, 4 sinks, float32 (mac_triton on an H200, or mac_ref on a CPU: the last column); "
-                  "greedy: the share of the generated tokens equal to full attention's, and the mean position of the first that is not; "
+                  "greedy: the share of the generated tokens equal to full attention's (256 tokens in the rows with a generated-text cell, "
+                  "128 in the rows run before that column existed), and the mean position of the first that is not; "
                   "generated text: the greedy continuation's perplexity under full attention and its share of repeated 4-grams; "
                   "rows \"noise\": full attention under other numerics (the noise floor). Sorted by KV reads skipped per group.*", ""]
     (out / "summary.md").write_text("\n".join(lines), encoding="utf-8")
