@@ -29,7 +29,7 @@ first run) ran on a CPU with the reference backend: the same requests and measur
 
     python studies/rule_frontier.py --model PATH.gguf [--out studies/results/rule_frontier]   # on a GPU
     python studies/rule_frontier.py --device cpu --backend ref --extra                         # on a CPU: ~15-20 min a point
-    python studies/rule_frontier.py --noise-floor [--device cpu] [--group-match]              # the noise floor's rows (then the points)
+    python studies/rule_frontier.py --noise-floor [--device cpu] [--group-match]              # the noise floor's rows (after the points)
     python studies/rule_frontier.py --report                                                  # tables and plot from the CSV
 """
 
@@ -118,6 +118,7 @@ def run(args) -> None:
     sources = {name: text() for name, text in sources.items() if not args.sources or name.split()[0] in args.sources}
     chosen = EXTRA_POINTS if args.extra else GROUP_MATCH_POINTS if args.group_match else [] if args.noise_floor else POINTS
     chosen = chosen[: args.points] if args.points else chosen
+    chosen = [p for p in chosen if not args.only or args.only in p[0]]
     for source, text in sources.items():
         prompts, follow = segments(tokenizer, text, args.prompts, args.prompt_len, max(args.teacher_steps, args.greedy_steps) + 1)
         follow = follow.to(device)
@@ -131,27 +132,6 @@ def run(args) -> None:
         greedy_full = greedy_tokens(engine, checkpoint, args.greedy_steps)
         free_full = free_generation(engine, checkpoint, greedy_full)
         print(f"{source}: {args.prompts} prompts of {args.prompt_len} tokens, reference done", flush=True)
-        if args.noise_floor:
-            for label, attention, noise_dtype in NOISE_POINTS:
-                attention = attention if device.type == "cuda" else reference_attention
-                if (source, label, "") in done or (attention == reference_attention and noise_dtype == dtype):
-                    continue  # (on a CPU the SDPA point is the reference itself)
-                start = time.perf_counter()
-                other = DecodeEngine(model, args.prompts, capacity, attention, base, dtype=noise_dtype, device=device)
-                other.prefill(prompts)
-                other_checkpoint = other.checkpoint()
-                logits = torch.stack([other.step(targets[s]).clone() for s in range(args.teacher_steps)])
-                row = compare_logits(reference, logits, targets)
-                greedy = greedy_tokens(other, other_checkpoint, args.greedy_steps)
-                engine.rewind(checkpoint)
-                row.update(source=source, backend=f"{attention} {str(noise_dtype).removeprefix('torch.')} on {device.type}", label=label,
-                           rule="full", requests=args.prompts, skipped_head=0.0, skipped_group=0.0, hit_rate=0.0, candidate_rate=0.0,
-                           seconds=time.perf_counter() - start, **greedy_agreement(greedy, greedy_full, args.greedy_steps),
-                           **free_generation(engine, checkpoint, greedy, free_full))
-                write_row(path, row)
-                print(f"  {label:30s}: Δppl {100 * row['ppl_change']:+.2f} ± {100 * row['ppl_change_se']:.2f} %, KL {row['kl_mean']:.5f}, "
-                      f"top-1 {row['top1']:.1%}, greedy {row['greedy_identical']:.1%}, first difference {row['greedy_first_diff']:.0f}", flush=True)
-                del other, logits
         for label, rule, tau, chain in chosen:
             if (source, label, str(chain or "")) in done:
                 continue
@@ -175,6 +155,27 @@ def run(args) -> None:
             print(f"  {label:30s} K={chain or '–'}: skipped {row['skipped_head']:.1%} / {row['skipped_group']:.1%}, "
                   f"Δppl {100 * row['ppl_change']:+.2f} ± {100 * row['ppl_change_se']:.2f} %, KL {row['kl_mean']:.4f}, "
                   f"top-1 {row['top1']:.1%}, greedy {row['greedy_identical']:.1%}  [{row['seconds']:.0f}s]", flush=True)
+        if args.noise_floor:  # after the points: a run cut short keeps those first
+            for label, attention, noise_dtype in NOISE_POINTS:
+                attention = attention if device.type == "cuda" else reference_attention
+                if (source, label, "") in done or (attention == reference_attention and noise_dtype == dtype):
+                    continue  # (on a CPU the SDPA point is the reference itself)
+                start = time.perf_counter()
+                other = DecodeEngine(model, args.prompts, capacity, attention, base, dtype=noise_dtype, device=device)
+                other.prefill(prompts)
+                other_checkpoint = other.checkpoint()
+                logits = torch.stack([other.step(targets[s]).clone() for s in range(args.teacher_steps)])
+                row = compare_logits(reference, logits, targets)
+                greedy = greedy_tokens(other, other_checkpoint, args.greedy_steps)
+                engine.rewind(checkpoint)
+                row.update(source=source, backend=f"{attention} {str(noise_dtype).removeprefix('torch.')} on {device.type}", label=label,
+                           rule="full", requests=args.prompts, skipped_head=0.0, skipped_group=0.0, hit_rate=0.0, candidate_rate=0.0,
+                           seconds=time.perf_counter() - start, **greedy_agreement(greedy, greedy_full, args.greedy_steps),
+                           **free_generation(engine, checkpoint, greedy, free_full))
+                write_row(path, row)
+                print(f"  {label:30s}: Δppl {100 * row['ppl_change']:+.2f} ± {100 * row['ppl_change_se']:.2f} %, KL {row['kl_mean']:.5f}, "
+                      f"top-1 {row['top1']:.1%}, greedy {row['greedy_identical']:.1%}, first difference {row['greedy_first_diff']:.0f}", flush=True)
+                del other, logits
         del engine, reference
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -330,11 +331,12 @@ def main():
     parser.add_argument("--teacher-steps", type=int, default=640, help="teacher-forced tokens per prompt")
     parser.add_argument("--greedy-steps", type=int, default=256, help="greedy tokens per prompt (free generation)")
     parser.add_argument("--points", type=int, default=0, help="only the first N points (0: all)")
+    parser.add_argument("--only", default="", help="only the points whose label contains this text")
     parser.add_argument("--sources", type=lambda s: s.split(","), default=[], help="only these sources, of pydoc,stdlib (default: both)")
     parser.add_argument("--backend", choices=("triton", "ref"), default="triton", help="MAC's step: mac_triton (a GPU) or mac_ref (a CPU)")
     parser.add_argument("--extra", action="store_true", help="the points of EXTRA_POINTS instead of POINTS (stricter mass thresholds)")
     parser.add_argument("--group-match", action="store_true", help="the points of GROUP_MATCH_POINTS (one matched row per KV group)")
-    parser.add_argument("--noise-floor", action="store_true", help="the noise floor's rows (NOISE_POINTS: full attention under other numerics) first; alone, only those")
+    parser.add_argument("--noise-floor", action="store_true", help="the noise floor's rows too (NOISE_POINTS: full attention under other numerics, after the points); alone, only those")
     args = parser.parse_args()
     if args.report:
         report(Path(args.out))
