@@ -283,7 +283,7 @@ def plot(rows, path: Path) -> None:
     free = any(r.get("generated_ppl") for r in rows)
     panels = 3 if free else 1
     fig, axes = plt.subplots(panels, len(sources), figsize=(5.5 * len(sources), 3.6 * panels), squeeze=False, sharex="col")
-    styles = {("paper", False): ("o", "C0"), ("mass", False): ("s", "C3"), ("paper", True): ("^", "C2"), ("mass", True): ("D", "C1")}
+    styles = {("paper", False): ("o", "C0"), ("mass", False): ("s", "C3"), ("paper", True): ("^", "C2"), ("mass", True): ("D", "C1")}  # a star: group match
     measures = [("perplexity change (%), teacher forcing, ± SE", lambda r: 100 * r["ppl_change"], lambda r: 100 * r["ppl_change_se"])]
     if free:
         measures += [("generated text's perplexity\nunder full attention, vs full's own (%)",
@@ -295,15 +295,15 @@ def plot(rows, path: Path) -> None:
             ax = axes[line][column]
             usable = (lambda r: True) if line == 0 else (lambda r: bool(r.get("generated_ppl")))
             for (rule, group), (marker, color) in styles.items():
-                for match, hollow in ((False, False), (True, True)):
+                for match in (False, True):
                     for chain, fill in (("", "none"), ("1", color)):
                         pts = [r for r in here if usable(r) and r["rule"] == rule and (r["per_group"] == "True") == group
                                and r["max_chain"] == chain and (r.get("group_match") == "True") == match]  # fmt: skip
                         if not pts:
                             continue
                         ax.errorbar([100 * r["skipped_group"] for r in pts], [value(r) for r in pts],
-                                    yerr=[error(r) for r in pts] if error else None, fmt=marker, color=color,
-                                    mfc="white" if hollow else fill, mew=2 if hollow else 1, capsize=2,
+                                    yerr=[error(r) for r in pts] if error else None, fmt="*" if match else marker, color=color,
+                                    mfc=fill, ms=11 if match else 6, capsize=2,
                                     label=f"{rule}{' per group' if group else ''}{', group match' if match else ''}, K={chain or '–'}")
             for r in (r for r in here if r["rule"] == "full" and usable(r)):  # the noise floor
                 ax.axhline(value(r), color="k", ls="--", lw=0.8, label=r["label"])
@@ -314,7 +314,11 @@ def plot(rows, path: Path) -> None:
                 ax.set_ylabel(label)
             if line == panels - 1:
                 ax.set_xlabel("KV reads skipped per KV group (%)")
-    axes[0][-1].legend(fontsize=6)
+    legend = {}  # every series of the top row, once (a source may lack some)
+    for ax in axes[0]:
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            legend.setdefault(label, handle)
+    axes[0][-1].legend(legend.values(), legend.keys(), fontsize=6)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
