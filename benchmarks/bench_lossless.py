@@ -57,6 +57,7 @@ from mac_llm.lossless import DraftLength, LosslessDecoder
 from mac_core import MassRule, PaperRule
 
 from .bench_model import BEST_RULE, prose_prompts
+from .bench_scale import FULL
 from .harness import environment
 
 # the drafts' rules (changes to the demo preset): the demo's; the paper's rule at τ 0.45 with
@@ -191,11 +192,10 @@ def write(rows: list[dict], hist: list[dict], out: Path, env: dict) -> None:
 def project(lossless_rows: list[dict], scale_rows: list[dict]) -> list[dict]:
     """The projected speed-up (module docstring) per draft rule and SmolLM2 point (context, batch)
     of ``lossless_rows`` × 8B-shaped point (context, batch) and planted hit rate of ``scale_rows``."""
-    full = ("sdpa", "triton", "flashinfer")
     out = []
     for point in sorted({(int(r["context"]), int(r["batch"])) for r in scale_rows}):
         here = [r for r in scale_rows if (int(r["context"]), int(r["batch"])) == point]
-        t_full = min(float(r["step_ms"]) for r in here if r["provider"] in full)
+        t_full = min(float(r["step_ms"]) for r in here if r["provider"] in FULL)
         verified = [float(r["step_ms"]) for r in here if r["provider"] == "verified"]
         if not verified:
             continue

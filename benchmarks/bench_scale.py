@@ -91,6 +91,20 @@ def plant(engine: DecodeEngine, context: int, hit_rate: float, gen: torch.Genera
     return n_hit
 
 
+def elapsed_ms(run, device: torch.device) -> float:
+    """Milliseconds of one ``run()``: CUDA events on a GPU, a host clock on a CPU."""
+    if device.type != "cuda":
+        t0 = time.perf_counter()
+        run()
+        return 1e3 * (time.perf_counter() - t0)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    run()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end)
+
+
 def measure(engine: DecodeEngine, steps: int, gen: torch.Generator) -> tuple[float, float]:
     """Median step latency (ms) over ``steps`` steps fed random tokens, after the capture, and the
     hit rate of the timed MAC steps (``nan`` for full attention)."""
@@ -99,17 +113,7 @@ def measure(engine: DecodeEngine, steps: int, gen: torch.Generator) -> tuple[flo
     engine.step(tokens[0])  # the capture (warm-ups undone) and a first replay
     times, hits = [], []
     for s in range(1, steps + 1):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            engine.step(tokens[s])
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            engine.step(tokens[s])
-            times.append(1e3 * (time.perf_counter() - t0))
+        times.append(elapsed_ms(lambda: engine.step(tokens[s]), device))
         stats = engine.step_stats()
         if stats is not None:
             hits.append(stats.hit.float().mean())
@@ -123,20 +127,7 @@ def measure_verify(engine: DecodeEngine, block: int, steps: int) -> float:
 
     decoder = LosslessDecoder(engine, DraftLength(k_max=0), block=block)
     decoder.round(0)  # the capture and a first replay
-    times = []
-    for _ in range(steps):
-        if engine.device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            decoder.round(0)
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            decoder.round(0)
-            times.append(1e3 * (time.perf_counter() - t0))
-    return statistics.median(times)
+    return statistics.median(elapsed_ms(lambda: decoder.round(0), engine.device) for _ in range(steps))
 
 
 def run(args, header: str) -> list[dict]:

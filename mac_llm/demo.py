@@ -198,7 +198,7 @@ def lossless_run(model, prompt: list[int], config, device, backend: str, new_tok
 
     engine = DecodeEngine(model, 1, len(prompt) + new_tokens + k_max + 1, "mac", config, dtype=torch.float32, device=device, mac_backend=backend)
     engine.prefill([list(prompt)])
-    decoder = LosslessDecoder(engine, DraftLength(k_max=k_max))
+    decoder = LosslessDecoder(engine, DraftLength(k_max=k_max), block=k_max + 1)  # one verify shape: graphed on a GPU
     start = time.perf_counter()
     tokens = decoder.generate(new_tokens, progress=True)[0]
     return dict(tokens=tokens, seconds=time.perf_counter() - start, log=decoder.log)
@@ -213,7 +213,7 @@ def print_lossless(run: dict, full_list: list[int], k_max: int, device, backend:
     by_length = ", ".join(f"{n} in {c}" for n, c in log.histogram().items())
     print(f"  rounds {len(log.k)} for {N} tokens: {log.draft_share:.0%} drafted, {sum(accepted) / max(len(accepted), 1):.2f} drafts accepted "
           f"per round (drafts accepted in rounds: {by_length})")
-    print(f"  tokens per second                {N / run['seconds']:8.2f} ({device}, {backend}; the verify pass is eager: speed is a GPU matter)")
+    print(f"  tokens per second                {N / run['seconds']:8.2f} ({device}, {backend}, float32; speed is measured in bf16 on a GPU: benchmarks/bench_lossless.py)")
 
 
 def text(tokenizer, ids) -> str:
