@@ -76,20 +76,23 @@ class LayerState:
         return self.ring_depth.gather(2, torch.remainder(positions, self.window)[..., None]).squeeze(2)
 
     def write(self, positions: torch.Tensor, q_pre: torch.Tensor, row: Summary, depth: torch.Tensor) -> None:
-        """Write row ``(q̃_t, R_t)`` of token ``positions[b]`` into slot ``t mod W`` (in place).
+        """Write row ``(q̃_t, R_t)`` of token ``positions[b]`` into slot ``t mod W`` (in place);
+        or, with ``positions [B, L]``, the rows of ``L`` tokens per request (``L ≤ W`` consecutive
+        positions: distinct slots).
 
         Args:
-            positions: ``[B]`` token positions.
-            q_pre: ``[B, Hq, D]`` their pre-RoPE queries.
-            row: ``Summary([B, Hq, D], [B, Hq])``.
-            depth: ``[B, Hq]`` the rows' chain depths.
+            positions: ``[B]`` token positions (or ``[B, L]``).
+            q_pre: ``[B, Hq, D]`` their pre-RoPE queries (or ``[B, Hq, L, D]``).
+            row: ``Summary([B, Hq, D], [B, Hq])`` (or ``Summary([B, Hq, L, D], [B, Hq, L])``).
+            depth: ``[B, Hq]`` the rows' chain depths (or ``[B, Hq, L]``).
         """
         b = torch.arange(positions.shape[0], device=positions.device)
-        slots = torch.remainder(positions, self.window)  # [B]
-        self.ring_q[b, :, slots] = q_pre.to(self.ring_q.dtype)
-        self.ring_o[b, :, slots] = row.o.to(self.ring_o.dtype)
-        self.ring_lse[b, :, slots] = row.lse.to(self.ring_lse.dtype)
-        self.ring_depth[b, :, slots] = depth.to(self.ring_depth.dtype)
+        slots = torch.remainder(positions, self.window)  # [B] or [B, L]
+        values = (q_pre, row.o, row.lse, depth)
+        if positions.dim() == 2:  # t[b, :, slots] is [B, L, Hq, …] for b [B, 1] and slots [B, L]
+            b, values = b[:, None], tuple(x.movedim(2, 1) for x in values)
+        for ring, value in zip((self.ring_q, self.ring_o, self.ring_lse, self.ring_depth), values):
+            ring[b, :, slots] = value.to(ring.dtype)
 
     def retire_rows(self, max_chain: int) -> None:
         """Mark every row as no match candidate under ``max_chain`` (chain depth ``max_chain``),

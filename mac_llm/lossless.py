@@ -28,7 +28,7 @@ The verify pass (:func:`verify_block`) runs each layer's attention through the v
 stage of the engine's backend (``verify_step``: each KV group's keys streamed once for
 the block's ``k+1`` queries) and the rest of the layer through the engine's (compiled)
 functions. With a fixed block (``LosslessDecoder(block=...)``) every round's verify pass has
-the same shapes: one CUDA graph replays it (the Triton backend on a GPU), and a token's
+the same shapes: CUDA graphs replay the round's parts (the Triton backend on a GPU), and a token's
 numerics do not depend on its round.
 """
 
@@ -236,8 +236,11 @@ class LosslessDecoder:
             and keys): the tokens are then those of full attention decoded through the same
             pass, ``LosslessDecoder(engine, DraftLength(k_max=0), block=block)``, bit for bit
             in bf16 too. The padding's K/V lie past the position and are overwritten.
-        graph: with a fixed ``block``, the Triton backend and a CUDA engine, replay the verify
-            pass as a CUDA graph (captured at its first round); elsewhere it runs eagerly.
+        graph: with a fixed ``block``, the Triton backend and a CUDA engine, replay the
+            round's fixed-shape parts as CUDA graphs (captured at the first round): before the
+            drafts (the block's ring slots kept), the verify pass, and after the acceptance
+            (the repair, the positions, the next input); the drafts are the engine's graphed
+            steps, so a round is ``k + 3`` replays and a few small launches. Elsewhere it runs eagerly.
 
     Examples:
         >>> import torch
@@ -272,18 +275,20 @@ class LosslessDecoder:
             raise ValueError(f"draft.k_max must be below the window W={engine.config.window} (a round's rows need distinct slots), got {self.draft.k_max}")
         if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not (math.isfinite(temperature) and temperature >= 0):
             raise ValueError(f"temperature must be a finite number >= 0, got {temperature!r}")
-        if block is not None and (isinstance(block, bool) or not isinstance(block, int) or block < self.draft.k_max + 1):
-            raise ValueError(f"block must be None or an int >= draft.k_max + 1 = {self.draft.k_max + 1}, got {block!r}")
+        if block is not None and (isinstance(block, bool) or not isinstance(block, int) or not self.draft.k_max < block <= engine.config.window):
+            raise ValueError(f"block must be None or an int in [draft.k_max + 1 = {self.draft.k_max + 1}, W = {engine.config.window}] "
+                             f"(a round's rows need distinct slots), got {block!r}")
         self.engine, self.temperature, self.generator, self.block = engine, float(temperature), generator, block
         self.graphed = graph and block is not None and engine.device.type == "cuda" and engine.mac_backend == "triton"
-        self._verify_graph = None  # (CUDA graph, its input block [B, block], its outputs), at the first round
+        self._graphs: dict[str, tuple] = {}  # a round's part -> (CUDA graph, its outputs), at the first round
+        self._io = _RoundIO.new(engine, block) if self.graphed else None  # the graphs' inputs and outputs
         self.log = RoundLog()
         self.emitted: list[list[int]] = [[] for _ in range(engine.batch)]  # every token each request emitted, via generate
 
     def reset(self) -> None:
         """Start afresh after the engine was rewound (:meth:`~mac_llm.engine.DecodeEngine.rewind`):
-        no tokens emitted, no rounds logged, the draft length's history cleared; a captured
-        verify graph is kept (it reads the engine's tensors, which a rewind restores in place)."""
+        no tokens emitted, no rounds logged, the draft length's history cleared; captured
+        graphs are kept (they read the engine's tensors, which a rewind restores in place)."""
         self.log = RoundLog()
         self.emitted = [[] for _ in range(self.engine.batch)]
         self.draft = dataclasses.replace(self.draft, recent=math.inf, rounds=0)
@@ -324,67 +329,62 @@ class LosslessDecoder:
                              f"{max(e.host_positions) + width - 1}, past the capacity {e.capacity}")
         if active is not None and (not isinstance(active, torch.Tensor) or active.dtype != torch.bool or active.shape != (e.batch,)):
             raise ValueError(f"active must be a bool tensor [B={e.batch}], got {getattr(active, 'dtype', type(active).__name__)} {list(getattr(active, 'shape', []))}")
-        start, t0, logits_before = e.positions.clone(), e.tokens.clone(), e.logits.clone()  # [B], [B], [B, V]
-        saved = [[_slot_rows(state, start + j) for j in range(k + 1)] for state in e.states]  # the round's slots, as they were
-        drafts, draft_probs, token = [], [], t0
-        for _ in range(k):
-            logits = e.step(token)
+        io = self._io if self.graphed else _RoundIO.new(e, width)
+        host_start = list(e.host_positions)
+        saved = self._run("open", lambda: _open(e, io))  # the round's slots as they were, the block filled with t0
+        draft_probs = []
+        for j in range(k):
+            logits = e.step(io.block[:, j])
             if self.temperature:
                 draft_probs.append(self._probabilities(logits))
-                token = torch.multinomial(draft_probs[-1], 1, generator=self.generator)[:, 0]
+                io.block[:, j + 1] = torch.multinomial(draft_probs[-1], 1, generator=self.generator)[:, 0]
             else:
-                token = logits.argmax(-1)
-            drafts.append(token)
-        drafts = torch.stack(drafts, dim=1) if k else torch.zeros(e.batch, 0, dtype=torch.int64, device=e.device)  # [B, k]
-        e.positions.copy_(start)
-        padding = t0[:, None].expand(-1, width - k - 1)  # (any token: its results are not used)
-        logits, queries, rows = self._verify(torch.cat([t0[:, None], drafts, padding], dim=1))
-        logits = logits[:, : k + 1]
+                io.block[:, j + 1] = logits.argmax(-1)
+        logits, queries, rows = self._run("verify", lambda: _verify(e, io))
+        drafts = io.block[:, 1 : k + 1]  # [B, k]
         if self.temperature:
             q = torch.stack(draft_probs, dim=1) if k else logits.new_zeros(e.batch, 0, logits.shape[-1])
-            accepted, nxt = accept_sampled(self._probabilities(logits), q, drafts, self.generator)
+            accepted, nxt = accept_sampled(self._probabilities(logits[:, : k + 1]), q, drafts, self.generator)
         else:
-            accepted, nxt = accept_greedy(logits, drafts)
+            accepted, nxt = accept_greedy(logits[:, : k + 1], drafts)
         if active is not None:  # an idle request accepts "−1 tokens": it stays where it was
             active = active.to(e.device)
-            accepted, nxt = torch.where(active, accepted, -1), torch.where(active, nxt, t0)
-        for state, saved_rows, q_pre, row in zip(e.states, saved, queries, rows):
-            _repair(state, start, saved_rows, accepted, q_pre, row)
-            state.next_pos = start + accepted + 1
+            accepted, nxt = torch.where(active, accepted, -1), torch.where(active, nxt, io.block[:, 0])
+        io.accepted.copy_(accepted)
+        io.next_token.copy_(nxt)
+        self._run("close", lambda: _close(e, io, saved, logits, queries, rows))
+        emitted = torch.cat([drafts, torch.full_like(nxt[:, None], -1)], dim=1)  # [B, k+1]
         b = torch.arange(e.batch, device=e.device)
-        e.positions.copy_(start + accepted + 1)
-        e.host_positions = e.positions.tolist()
-        e.tokens.copy_(nxt)
-        e.logits.copy_(torch.where((accepted >= 0)[:, None], logits[b, accepted.clamp_min(0)], logits_before))
-        emitted = torch.cat([drafts, torch.full_like(t0[:, None], -1)], dim=1)  # [B, k+1]
         emitted[b, accepted.clamp_min(0)] = nxt
         emitted[torch.arange(k + 1, device=e.device)[None, :] > accepted[:, None]] = -1
-        counted = accepted[accepted >= 0]
-        if counted.numel():
-            self.draft.observe(k, counted.float().mean().item())
+        host_accepted = accepted.tolist()  # the round's one wait for the device
+        e.host_positions = [p + n + 1 for p, n in zip(host_start, host_accepted)]
+        counted = [n for n in host_accepted if n >= 0]
+        if counted:
+            self.draft.observe(k, sum(counted) / len(counted))
         self.log.k.append(k)
-        self.log.accepted.append(counted.tolist())
+        self.log.accepted.append(counted)
         return emitted, accepted + 1
 
-    def _verify(self, block: torch.Tensor):
-        """:func:`verify_block`, replayed from a CUDA graph where :attr:`graphed` (its outputs
-        are the graph's: overwritten by the next round)."""
+    def _run(self, name: str, part):
+        """``part()``, or where :attr:`graphed` its CUDA graph (captured at the first round,
+        after two warm-up runs off the capture, which are harmless: each part reads only
+        what the round set before it and writes the same results again); its outputs are
+        the graph's, overwritten by the next round."""
         if not self.graphed:
-            return verify_block(self.engine, block)
-        if self._verify_graph is None:
-            static = block.clone()
-            stream = torch.cuda.Stream()  # warm-up (compilation) off the capture; it writes only the block's K/V
+            return part()
+        if name not in self._graphs:
+            stream = torch.cuda.Stream()
             stream.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(stream):
                 for _ in range(2):
-                    verify_block(self.engine, static)
+                    part()
             torch.cuda.current_stream().wait_stream(stream)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph):
-                outputs = verify_block(self.engine, static)
-            self._verify_graph = (graph, static, outputs)
-        graph, static, outputs = self._verify_graph
-        static.copy_(block)
+                outputs = part()
+            self._graphs[name] = (graph, outputs)
+        graph, outputs = self._graphs[name]
         graph.replay()
         return outputs
 
@@ -423,19 +423,73 @@ def _progress(n: int, on: bool):
     return tqdm(total=n, desc="lossless MAC", unit="tok")
 
 
-def _slot_rows(state, positions: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """Each request's ring row of token ``positions[b]``: ``(q [B, Hq, D], o [B, Hq, D], lse [B, Hq], depth [B, Hq])`` (copies)."""
-    b, slots = torch.arange(positions.shape[0], device=positions.device), torch.remainder(positions, state.window)
-    return tuple(t[b, :, slots].clone() for t in (state.ring_q, state.ring_o, state.ring_lse, state.ring_depth))
+@dataclass
+class _RoundIO:
+    """What the parts of a round pass on (fixed tensors where the parts are CUDA graphs).
+
+    Attributes:
+        start: ``[B]`` int64 each request's position when the round began.
+        logits_before: ``[B, V]`` float32 the engine's logits then (kept by idle requests).
+        block: ``[B, width]`` int64 the verified tokens: ``t_0``, the drafts, ``t_0`` as padding.
+        accepted, next_token: ``[B]`` int64 the acceptance's result (``-1``, ``t_0`` for idle requests).
+    """
+
+    start: torch.Tensor
+    logits_before: torch.Tensor
+    block: torch.Tensor
+    accepted: torch.Tensor
+    next_token: torch.Tensor
+
+    @classmethod
+    def new(cls, e: DecodeEngine, width: int) -> "_RoundIO":
+        ints = lambda *shape: torch.zeros(*shape, dtype=torch.int64, device=e.device)  # noqa: E731
+        return cls(ints(e.batch), torch.zeros_like(e.logits), ints(e.batch, width), ints(e.batch), ints(e.batch))
+
+
+def _positions(io: _RoundIO) -> torch.Tensor:
+    """``[B, width]`` the positions of the round's block."""
+    return io.start[:, None] + torch.arange(io.block.shape[1], device=io.start.device)
+
+
+def _open(e: DecodeEngine, io: _RoundIO) -> list[tuple[torch.Tensor, ...]]:
+    """Before the drafts: note the start, fill the block with ``t_0`` and copy each layer's
+    rows of the block's slots, ``(q [B, Hq, width, D], o [B, Hq, width, D], lse [B, Hq, width],
+    depth [B, Hq, width])``, which the drafts overwrite and a refused position gets back."""
+    io.start.copy_(e.positions)
+    io.logits_before.copy_(e.logits)
+    io.block.copy_(e.tokens[:, None].expand_as(io.block))
+    b, slots = torch.arange(e.batch, device=e.device)[:, None], torch.remainder(_positions(io), e.config.window)  # [B, 1], [B, width]
+    return [tuple(t[b, :, slots].movedim(1, 2) for t in (s.ring_q, s.ring_o, s.ring_lse, s.ring_depth)) for s in e.states]
+
+
+def _verify(e: DecodeEngine, io: _RoundIO):
+    """The verify pass over the block, from the round's start (:func:`verify_block`)."""
+    e.positions.copy_(io.start)
+    return verify_block(e, io.block)
+
+
+def _close(e: DecodeEngine, io: _RoundIO, saved, logits: torch.Tensor, queries, rows) -> None:
+    """After the acceptance: repair every layer's rings, then advance each request past its
+    accepted tokens, with full attention's token as the next input and its logits."""
+    for state, old, q_pre, row in zip(e.states, saved, queries, rows):
+        _repair(state, io.start, old, io.accepted, q_pre, row)
+    nxt = io.start + io.accepted + 1
+    for state in e.states:
+        state.next_pos.copy_(nxt)
+    e.positions.copy_(nxt)
+    e.tokens.copy_(io.next_token)
+    b = torch.arange(e.batch, device=e.device)
+    e.logits.copy_(torch.where((io.accepted >= 0)[:, None], logits[b, io.accepted.clamp_min(0)], io.logits_before))
 
 
 def _repair(state, start, saved, accepted, q_pre, row) -> None:
-    """Row of position ``start + j``: full attention's exact row where ``j ≤ accepted`` (depth 0), else what it held before the round."""
-    for j, old in enumerate(saved):
-        exact = j <= accepted  # [B]
-        new = (q_pre[:, :, j], row.o[:, :, j], row.lse[:, :, j], torch.zeros_like(old[3]))
-        q, o, lse, depth = (torch.where(exact.view(-1, *([1] * (was.dim() - 1))), now.to(was.dtype), was) for now, was in zip(new, old))
-        state.write(start + j, q, Summary(o, lse), depth)
+    """Rows of positions ``start + j``: full attention's exact row where ``j ≤ accepted`` (depth 0),
+    else what they held before the round (``saved``; the block's ``q_pre`` and ``row`` ``[B, Hq, width, …]``)."""
+    width = saved[0].shape[2]
+    exact = (torch.arange(width, device=start.device)[None, :] <= accepted[:, None])[:, None]  # [B, 1, width]
+    new = (q_pre, row.o, row.lse, torch.zeros_like(saved[3]))
+    q, o, lse, depth = (torch.where(exact.view(*exact.shape, *([1] * (was.dim() - 3))), now.to(was.dtype), was) for now, was in zip(new, saved))
+    state.write(start[:, None] + torch.arange(width, device=start.device), q, Summary(o, lse), depth)
 
 
 __all__ = ["DraftLength", "LosslessDecoder", "RoundLog", "accept_greedy", "accept_sampled", "verify_block"]
