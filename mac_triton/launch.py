@@ -46,10 +46,11 @@ class Launch:
 # the best of benchmarks/tune_decode.py on an H200 (Hq 32, Hkv 8, D 128, bf16; full decodes
 # and all-hit MAC steps at batch 1 and 16, contexts 8K and 128K); see benchmarks/RESULTS.md
 # (a group's miss span is split into hundreds of units at batch 1, a handful at batch 16).
-# prefix_per_sm: not tuned yet. WIDE's 2 (up to 2 pieces a group at SmolLM2's batch 64) left
-# an H100 at ~1.6 TB/s in the prefix kernel end to end, with a quarter to half of the groups
-# rejected (benchmarks/results/h100_two_launch/model_kernels.csv): about one program per SM
-WIDE = Launch(block_n=128, min_chunk=128, unit_cost=512, programs_per_sm=1, warps=8, stages=3, reduce_units=16, prefix_per_sm=2)
+# prefix_per_sm (WIDE): an A/B end to end on an H100 (SmolLM2, 8K, compiled; results/h100_prefix_ab/model.csv):
+# the mass rule's step took 5.76 / 5.26 / 5.17 ms at batch 64 and 3.99 / 3.61 / 3.58 ms at batch 32 with
+# 2 / 8 / 16 programs per SM. With 2 (up to 2 pieces a group at batch 64) the quarter to half of the groups
+# that are rejected left about one program per SM streaming keys; only those groups' programs read.
+WIDE = Launch(block_n=128, min_chunk=128, unit_cost=512, programs_per_sm=1, warps=8, stages=3, reduce_units=16, prefix_per_sm=16)
 NARROW = Launch(block_n=64, min_chunk=64, unit_cost=256, programs_per_sm=2, warps=4, stages=3, reduce_units=64, prefix_per_sm=4)
 NARROW_MAX_GROUPS = 32  # GQA groups (B·Hkv) up to which NARROW is used (measured: 4 and 8 vs 64 and 128)
 
