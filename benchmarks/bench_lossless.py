@@ -13,7 +13,12 @@ greedy tokens per request:
   of the verify kernel checks each round. The draft's rule is one of :data:`DRAFTS`
   (``--drafts``): the output is full attention's whatever the rule, so a draft rule is
   chosen for speed and acceptance, not for its perplexity cost: the demo's rule beside
-  faster ones that skip more.
+  faster ones that skip more;
+- ``lossless:<draft>+policy`` (``--policy``): the same with the engine's
+  :class:`~mac_llm.engine.FallbackPolicy`: a round is one plain full-attention step where
+  the policy says MAC cannot win (SDPA at small batches or short contexts) and where the
+  drafts are refused too often (MAC's miss step); its tokens are then full attention's
+  through that step's kernel, not bit for bit the verify pass's.
 
 Per point: tokens per second (``B · tokens`` over the wall time, the device synchronised),
 the speed-up over ``full``, the share of each provider's tokens equal to ``full``'s (greedy
@@ -51,7 +56,7 @@ from pathlib import Path
 import torch
 
 from mac_core import preset
-from mac_llm.engine import DecodeEngine
+from mac_llm.engine import DecodeEngine, FallbackPolicy
 from mac_llm.lossless import DraftLength, LosslessDecoder
 
 from mac_core import MassRule, PaperRule
@@ -75,8 +80,8 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def providers(drafts: list[str]) -> list[str]:
-    return ["full", "mac", "verified"] + [f"lossless:{d}" for d in drafts]
+def providers(drafts: list[str], policy: bool = False) -> list[str]:
+    return ["full", "mac", "verified"] + [f"lossless:{d}" for d in drafts] + [f"lossless:{d}+policy" for d in drafts if policy]
 
 
 def decode(engine: DecodeEngine, decoder: LosslessDecoder | None, tokens: int) -> tuple[list[list[int]], float]:
@@ -100,8 +105,9 @@ def prepare(engine: DecodeEngine, provider: str, k_max: int) -> LosslessDecoder 
     compilations: a decoder runs one round of every ``k``); the caller rewinds. Returns the
     provider's decoder (``verified``: full attention through the verify pass, ``k_max = 0``;
     one fixed block of ``k_max + 1`` for both), ``None`` for plain steps."""
-    draft = provider.removeprefix("lossless:") if provider.startswith("lossless:") else "demo"
-    engine.switch("sdpa" if provider == "full" else "mac", preset("demo", **DRAFTS[draft]))
+    draft = provider.removeprefix("lossless:").removesuffix("+policy") if provider.startswith("lossless:") else "demo"
+    policy = FallbackPolicy() if provider.endswith("+policy") else None
+    engine.switch("sdpa" if provider == "full" else "mac", preset("demo", **DRAFTS[draft]), policy=policy)
     if provider in ("full", "mac"):
         for _ in range(3):
             engine.step()
@@ -119,7 +125,7 @@ def run_point(model, prompts, ctx: int, batch: int, args, device, dtype, env) ->
     engine.prefill(prompts[:batch])
     checkpoint = engine.checkpoint()
     results, rows, hist = {}, [], []
-    for provider in providers(args.drafts):
+    for provider in providers(args.drafts, args.policy):
         engine.rewind(checkpoint)
         decoder = prepare(engine, provider, args.k_max)
         engine.rewind(checkpoint)
@@ -132,7 +138,7 @@ def run_point(model, prompts, ctx: int, batch: int, args, device, dtype, env) ->
         if provider.startswith("lossless:"):
             drafted = [a for k, acc in zip(decoder.log.k, decoder.log.accepted) if k for a in acc]
             emitted = [n + 1 for acc in decoder.log.accepted for n in acc]  # per request and round, k = 0 rounds too
-            row.update(k_max=args.k_max, rounds=len(decoder.log.k), draft_share=round(decoder.log.draft_share, 3),
+            row.update(k_max=args.k_max, rounds=len(decoder.log.k), draft_share=round(decoder.log.draft_share, 3), plain_share=round(decoder.log.plain_share, 3),
                        mean_accepted=round(sum(drafted) / max(len(drafted), 1), 3), mean_k=round(sum(decoder.log.k) / len(decoder.log.k), 3),
                        tokens_per_round=round(sum(emitted) / len(emitted), 3))  # fmt: skip
             hist += [dict(context=ctx, batch=batch, draft=provider.removeprefix("lossless:"), accepted=n, count=c)
@@ -158,14 +164,14 @@ def write(rows: list[dict], hist: list[dict], out: Path, env: dict) -> None:
                 writer.writerows(data)
     lines = [f"SmolLM2-135M-Instruct, {env['gpu']}, " + ", ".join(f"{k} {v}" for k, v in env.items() if k != "gpu"), "",
              "| context | batch | full tok/s | MAC (demo's rule) ×, same tokens | full through the verify pass × | lossless, draft rule | × full | "
-             "same tokens as full (as verified) | accepted / round | rounds drafting |", "|---|---|---|---|---|---|---|---|---|---|"]
+             "same tokens as full (as verified) | accepted / round | rounds drafting / plain steps |", "|---|---|---|---|---|---|---|---|---|---|"]
     for ctx, batch in sorted({(r["context"], r["batch"]) for r in rows}):
         here = {r["provider"]: r for r in rows if (r["context"], r["batch"]) == (ctx, batch)}
         f, m, v = here["full"], here["mac"], here["verified"]
         for name, s in ((p.removeprefix("lossless:"), r) for p, r in here.items() if p.startswith("lossless:")):
             lines.append(f"| {ctx} | {batch} | {f['tokens_per_s']} | {m['speedup_vs_full']}×, {m['same_as_full']:.1%} | {v['speedup_vs_full']}× | "
                          f"{name} | {s['speedup_vs_full']}× | {s['same_as_full']:.1%} ({s['same_as_verified']:.1%}) | {s['mean_accepted']} of ≤ {s['k_max']} | "
-                         f"{s['draft_share']:.0%} |")
+                         f"{s['draft_share']:.0%} / {s['plain_share']:.0%} |")
     (out / "lossless.md").write_text("\n".join(lines) + "\n")
     if hist:
         import matplotlib
@@ -237,6 +243,7 @@ def main():
     parser.add_argument("--tokens", type=int, default=64, help="greedy tokens per request")
     parser.add_argument("--k-max", type=int, default=4, help="the most tokens a round drafts")
     parser.add_argument("--drafts", type=lambda s: s.split(","), default=list(DRAFTS), help=f"the drafts' rules, of {list(DRAFTS)}")
+    parser.add_argument("--policy", action="store_true", help="also each draft with the engine's FallbackPolicy (lossless:<draft>+policy)")
     parser.add_argument("--smoke", action="store_true", help="a tiny random model on the CPU (eager, interpreter): the script's logic only")
     parser.add_argument("--project", type=Path, help="bench_scale's scale.csv: project the mode onto the 8B-shaped engine from --out's lossless.csv (no decoding)")
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")

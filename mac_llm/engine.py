@@ -201,11 +201,15 @@ class DecodeEngine:
         if self.policy is None:
             return "mac"
         kind = self.policy.decide(self.batch, max(self.host_positions) + 1)
-        if kind == "full":
-            return self.policy.full if self.config.max_chain is not None else "miss"
-        return kind
+        return self.full_kind() if kind == "full" else kind
 
-    def _mark_stale_rows(self) -> None:
+    def full_kind(self) -> str:
+        """The policy's full-attention step: ``policy.full``, or ``"miss"`` (MAC's step without
+        matching, which keeps the rings current) where ``config.max_chain`` is ``None`` and
+        stale rows could not be marked afterwards."""
+        return self.policy.full if self.config.max_chain is not None else "miss"
+
+    def mark_stale_rows(self) -> None:
         """After full-attention steps: the rows they did not write are no candidates (depth ``max_chain``)."""
         if self.config is None or self.config.max_chain is None:
             raise ValueError("full-attention steps left the rings behind and config.max_chain is None, so their stale rows "
@@ -215,21 +219,27 @@ class DecodeEngine:
         self.rings_stale = False
 
     @torch.no_grad()
-    def step(self, tokens: torch.Tensor | None = None, graph: bool = True) -> torch.Tensor:
+    def step(self, tokens: torch.Tensor | None = None, graph: bool = True, kind: str | None = None) -> torch.Tensor:
         """One decode step for every request; returns :attr:`logits` ``[B, V]`` (overwritten by the next step).
 
         Args:
             tokens: ``[B]`` the step's input tokens (teacher forcing); ``None``: the argmax of
                 the last step (greedy, on the device).
             graph: replay a CUDA graph of the step (captured at its first use; on CUDA only).
+            kind: ``None``: the engine's attention (the policy's choice, with one); otherwise
+                this step's: ``"mac"``, ``"miss"`` or one of :data:`FULL_ATTENTIONS`, for a
+                MAC engine (the lossless decoder's plain rounds).
         """
         if max(self.host_positions) >= self.capacity:
             raise ValueError(f"the KV cache is full: positions {self.host_positions} reach the capacity {self.capacity}")
+        if kind is not None and (self.attention != "mac" or kind not in ("mac", "miss", *FULL_ATTENTIONS)):
+            raise ValueError(f"kind must be None, or for a MAC engine one of {('mac', 'miss', *FULL_ATTENTIONS)}; "
+                             f"got {kind!r} for attention={self.attention!r}")
         if tokens is not None:
             self.tokens.copy_(tokens)
-        kind = self._step_kind()
+        kind = kind or self._step_kind()
         if kind in ("mac", "miss") and self.rings_stale:
-            self._mark_stale_rows()
+            self.mark_stale_rows()
         if kind in FULL_ATTENTIONS:
             self.rings_stale, self.stats = True, [None] * self.model.config.n_layers
         self._attention(kind).plan()

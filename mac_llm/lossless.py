@@ -43,7 +43,7 @@ import torch
 from mac_core import Summary
 
 from .engine import DecodeEngine
-from .step_attention import backend_module
+from .step_attention import FULL_ATTENTIONS, backend_module
 
 
 # -- accepting a draft: pure functions ------------------------------------------------------------
@@ -200,10 +200,12 @@ class DraftLength:
 
 @dataclass
 class RoundLog:
-    """What the rounds of a run did: per round its ``k`` and each request's accepted drafts."""
+    """What the rounds of a run did: per round its ``k``, each request's accepted drafts, and
+    whether it was a plain step of the policy's full attention (``k = 0``, no verify pass)."""
 
     k: list[int] = field(default_factory=list)
     accepted: list[list[int]] = field(default_factory=list)
+    plain: list[bool] = field(default_factory=list)
 
     def histogram(self) -> dict[int, int]:
         """Requests·rounds per accepted length (rounds that drafted)."""
@@ -218,13 +220,24 @@ class RoundLog:
         """The share of rounds that drafted (``k > 0``)."""
         return sum(1 for k in self.k if k) / max(len(self.k), 1)
 
+    @property
+    def plain_share(self) -> float:
+        """The share of rounds that were plain full-attention steps."""
+        return sum(self.plain) / max(len(self.plain), 1)
+
 
 class LosslessDecoder:
     """Decodes a :class:`~mac_llm.engine.DecodeEngine` losslessly: MAC drafts, full attention verifies.
 
     Args:
-        engine: a prefilled engine with ``attention="mac"`` and no ``policy`` (the decoder
-            chooses between drafting and plain steps itself).
+        engine: a prefilled engine with ``attention="mac"``. With a
+            :class:`~mac_llm.engine.FallbackPolicy`, a round is one plain full-attention step
+            instead of a verify pass where the policy says MAC cannot win (its batch and
+            context thresholds: ``policy.full``'s step) or MAC is not hitting (its hit rate:
+            MAC's step without matching; the reference backend has none, so ``policy.full``'s),
+            and where the drafts were refused often (``k = 0``: the same). The tokens are then full attention's as computed by that
+            step's kernel, not bit for bit the verify pass's. Without a policy every round
+            goes through the verify pass (``k = 0`` too).
         draft: a :class:`DraftLength` (``DraftLength(k_max=4)`` by default); ``k_max < W``.
         temperature: ``0``: greedy (identical to full attention's greedy tokens); ``> 0``:
             sampling from ``softmax(logits / temperature)`` (distributed as full attention's).
@@ -261,9 +274,8 @@ class LosslessDecoder:
                  generator: torch.Generator | None = None, block: int | None = None, graph: bool = True):
         if not isinstance(engine, DecodeEngine):
             raise TypeError(f"engine must be a DecodeEngine, got {type(engine).__name__}")
-        if engine.attention != "mac" or engine.policy is not None:
-            raise ValueError("engine must decode with attention='mac' and policy=None: the lossless decoder drafts with MAC's "
-                             f"step and decides itself when not to draft (got attention={engine.attention!r}, policy={engine.policy!r})")
+        if engine.attention != "mac":
+            raise ValueError(f"engine must decode with attention='mac' (the lossless decoder drafts with MAC's step), got {engine.attention!r}")
         if not engine.states:
             raise ValueError("engine has no rings: prefill it first")
         if engine.rings_stale:
@@ -318,41 +330,56 @@ class LosslessDecoder:
             (its accepted drafts, then full attention's token); the rest is ``-1``.
         """
         e = self.engine
-        k = self.draft.next_k() if k is None else k
+        policy = e.policy
+        decision = "mac" if policy is None else policy.decide(e.batch, max(e.host_positions) + 1)
+        plain = decision != "mac"
+        k = 0 if plain else self.draft.next_k() if k is None else k
         if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k < e.config.window:
             raise ValueError(f"k must be an int in [0, W={e.config.window}), got {k!r}")
         if self.block is not None and k >= self.block:
             raise ValueError(f"k must be below the decoder's block={self.block}, got {k}")
+        plain = plain or (policy is not None and k == 0)  # nothing to verify: one plain full-attention step
         width = self.block or k + 1  # positions the verify pass writes
         if max(e.host_positions) + width > e.capacity:
             raise ValueError(f"a round of k={k} drafts (a verified block of {width}) reaches position "
                              f"{max(e.host_positions) + width - 1}, past the capacity {e.capacity}")
         if active is not None and (not isinstance(active, torch.Tensor) or active.dtype != torch.bool or active.shape != (e.batch,)):
             raise ValueError(f"active must be a bool tensor [B={e.batch}], got {getattr(active, 'dtype', type(active).__name__)} {list(getattr(active, 'shape', []))}")
+        # a plain step: the policy's full attention where MAC cannot win, else MAC's step without matching, which
+        # keeps the rings current (the reference backend has none: the policy's full attention there too)
+        step_kind = ("miss" if decision != "full" and e.mac_backend == "triton" else e.full_kind()) if plain else "mac"
+        if e.rings_stale and step_kind not in FULL_ATTENTIONS:  # MAC's kernels would retire the stale rows: before the slots are kept
+            e.mark_stale_rows()
         io = self._io if self.graphed else _RoundIO.new(e, width)
         host_start = list(e.host_positions)
         saved = self._run("open", lambda: _open(e, io))  # the round's slots as they were, the block filled with t0
-        draft_probs = []
-        for j in range(k):
-            logits = e.step(io.block[:, j])
-            if self.temperature:
-                draft_probs.append(self._probabilities(logits))
-                io.block[:, j + 1] = torch.multinomial(draft_probs[-1], 1, generator=self.generator)[:, 0]
-            else:
-                io.block[:, j + 1] = logits.argmax(-1)
-        logits, queries, rows = self._run("verify", lambda: _verify(e, io))
-        drafts = io.block[:, 1 : k + 1]  # [B, k]
-        if self.temperature:
-            q = torch.stack(draft_probs, dim=1) if k else logits.new_zeros(e.batch, 0, logits.shape[-1])
-            accepted, nxt = accept_sampled(self._probabilities(logits[:, : k + 1]), q, drafts, self.generator)
+        if plain:
+            logits = e.step(kind=step_kind)  # [B, V]
+            drafts, accepted = io.block[:, 1:1], torch.zeros_like(io.accepted)
+            nxt = self._draw(logits)
         else:
-            accepted, nxt = accept_greedy(logits[:, : k + 1], drafts)
+            draft_probs = []
+            for j in range(k):
+                logits = e.step(io.block[:, j], kind="mac")
+                if self.temperature:
+                    draft_probs.append(self._probabilities(logits))
+                io.block[:, j + 1] = self._draw(logits, draft_probs[-1] if self.temperature else None)
+            logits, queries, rows = self._run("verify", lambda: _verify(e, io))
+            drafts = io.block[:, 1 : k + 1]  # [B, k]
+            if self.temperature:
+                q = torch.stack(draft_probs, dim=1) if k else logits.new_zeros(e.batch, 0, logits.shape[-1])
+                accepted, nxt = accept_sampled(self._probabilities(logits[:, : k + 1]), q, drafts, self.generator)
+            else:
+                accepted, nxt = accept_greedy(logits[:, : k + 1], drafts)
         if active is not None:  # an idle request accepts "−1 tokens": it stays where it was
             active = active.to(e.device)
             accepted, nxt = torch.where(active, accepted, -1), torch.where(active, nxt, io.block[:, 0])
         io.accepted.copy_(accepted)
         io.next_token.copy_(nxt)
-        self._run("close", lambda: _close(e, io, saved, logits, queries, rows))
+        if plain:
+            self._run("close plain", lambda: _close(e, io, saved, logits))
+        else:
+            self._run("close", lambda: _close(e, io, saved, logits, queries, rows))
         emitted = torch.cat([drafts, torch.full_like(nxt[:, None], -1)], dim=1)  # [B, k+1]
         b = torch.arange(e.batch, device=e.device)
         emitted[b, accepted.clamp_min(0)] = nxt
@@ -364,7 +391,16 @@ class LosslessDecoder:
             self.draft.observe(k, sum(counted) / len(counted))
         self.log.k.append(k)
         self.log.accepted.append(counted)
+        self.log.plain.append(plain)
         return emitted, accepted + 1
+
+    def _draw(self, logits: torch.Tensor, probs: torch.Tensor | None = None) -> torch.Tensor:
+        """The token ``[B]`` after ``logits [B, V]``: the argmax, or a draw from ``probs`` (the
+        tempered distribution, made here when not given) when sampling."""
+        if not self.temperature:
+            return logits.argmax(-1)
+        probs = self._probabilities(logits) if probs is None else probs
+        return torch.multinomial(probs, 1, generator=self.generator)[:, 0]
 
     def _run(self, name: str, part):
         """``part()``, or where :attr:`graphed` its CUDA graph (captured at the first round,
@@ -458,8 +494,14 @@ def _open(e: DecodeEngine, io: _RoundIO) -> list[tuple[torch.Tensor, ...]]:
     io.start.copy_(e.positions)
     io.logits_before.copy_(e.logits)
     io.block.copy_(e.tokens[:, None].expand_as(io.block))
-    b, slots = torch.arange(e.batch, device=e.device)[:, None], torch.remainder(_positions(io), e.config.window)  # [B, 1], [B, width]
-    return [tuple(t[b, :, slots].movedim(1, 2) for t in (s.ring_q, s.ring_o, s.ring_lse, s.ring_depth)) for s in e.states]
+    return [_ring_rows(state, io) for state in e.states]
+
+
+def _ring_rows(state, io: _RoundIO) -> tuple[torch.Tensor, ...]:
+    """One layer's rows in the slots of the round's block, now: ``(q [B, Hq, width, D],
+    o [B, Hq, width, D], lse [B, Hq, width], depth [B, Hq, width])`` (copies)."""
+    b, slots = torch.arange(io.block.shape[0], device=io.start.device)[:, None], torch.remainder(_positions(io), state.window)
+    return tuple(t[b, :, slots].movedim(1, 2) for t in (state.ring_q, state.ring_o, state.ring_lse, state.ring_depth))
 
 
 def _verify(e: DecodeEngine, io: _RoundIO):
@@ -468,26 +510,33 @@ def _verify(e: DecodeEngine, io: _RoundIO):
     return verify_block(e, io.block)
 
 
-def _close(e: DecodeEngine, io: _RoundIO, saved, logits: torch.Tensor, queries, rows) -> None:
+def _close(e: DecodeEngine, io: _RoundIO, saved, logits: torch.Tensor, queries=None, rows=None) -> None:
     """After the acceptance: repair every layer's rings, then advance each request past its
-    accepted tokens, with full attention's token as the next input and its logits."""
-    for state, old, q_pre, row in zip(e.states, saved, queries, rows):
-        _repair(state, io.start, old, io.accepted, q_pre, row)
+    accepted tokens, with full attention's token as the next input and its logits.
+
+    After a verify pass (``logits [B, width, V]``, the block's ``queries`` and exact ``rows``
+    per layer) the accepted positions get full attention's exact rows. After a plain step
+    (``logits [B, V]``, no queries) each slot keeps what the step wrote (a miss step: the
+    exact row; another full attention: nothing, the rings are stale) and an idle request's
+    slot gets back what it held."""
+    for i, (state, old) in enumerate(zip(e.states, saved)):
+        new = _ring_rows(state, io) if queries is None else (queries[i], rows[i].o, rows[i].lse, torch.zeros_like(old[3]))
+        _repair(state, io.start, old, io.accepted, new)
     nxt = io.start + io.accepted + 1
     for state in e.states:
         state.next_pos.copy_(nxt)
     e.positions.copy_(nxt)
     e.tokens.copy_(io.next_token)
     b = torch.arange(e.batch, device=e.device)
-    e.logits.copy_(torch.where((io.accepted >= 0)[:, None], logits[b, io.accepted.clamp_min(0)], io.logits_before))
+    after = logits if logits.dim() == 2 else logits[b, io.accepted.clamp_min(0)]  # [B, V]
+    e.logits.copy_(torch.where((io.accepted >= 0)[:, None], after, io.logits_before))
 
 
-def _repair(state, start, saved, accepted, q_pre, row) -> None:
-    """Rows of positions ``start + j``: full attention's exact row where ``j ≤ accepted`` (depth 0),
-    else what they held before the round (``saved``; the block's ``q_pre`` and ``row`` ``[B, Hq, width, …]``)."""
+def _repair(state, start, saved, accepted, new) -> None:
+    """Rows of positions ``start + j``: ``new``'s where ``j ≤ accepted``, else what they held
+    before the round (``saved``); both ``(q, o, lse, depth)`` of shapes ``[B, Hq, width, …]``."""
     width = saved[0].shape[2]
     exact = (torch.arange(width, device=start.device)[None, :] <= accepted[:, None])[:, None]  # [B, 1, width]
-    new = (q_pre, row.o, row.lse, torch.zeros_like(saved[3]))
     q, o, lse, depth = (torch.where(exact.view(*exact.shape, *([1] * (was.dim() - 3))), now.to(was.dtype), was) for now, was in zip(new, saved))
     state.write(start[:, None] + torch.arange(width, device=start.device), q, Summary(o, lse), depth)
 

@@ -220,6 +220,8 @@ def test_bad_arguments_are_refused(model):
     with pytest.raises(ValueError, match=r"prompt lengths must lie in \[1, 8\]"):
         engine.prefill(prompts([3, 9]))
     engine.prefill(prompts([7, 7]))
+    with pytest.raises(ValueError, match=r"kind must be None, or for a MAC engine one of .*got 'miss' for attention='sdpa'"):
+        engine.step(kind="miss")
     engine.step()
     with pytest.raises(ValueError, match="the KV cache is full"):
         engine.step()

@@ -52,14 +52,15 @@ LENGTHS = [[11, 2, 17], [5], [2, 30]]  # ragged; 2 is shorter than the band
 DRAFTS = [dict(k_max=1, adaptive=False), dict(k_max=3, adaptive=False), dict(k_max=5)]
 
 
-def assert_greedy_is_full_attentions(model, lengths, draft, backend, n, device="cpu"):
+def assert_greedy_is_full_attentions(model, lengths, draft, backend, n, device="cpu", policy=None):
     batch = prompts(lengths, seed=len(lengths))
-    decoder = LosslessDecoder(engine_for(model, batch, backend=backend, device=device), DraftLength(**draft))
+    decoder = LosslessDecoder(engine_for(model, batch, backend=backend, device=device, policy=policy), DraftLength(**draft))
     assert decoder.generate(n) == full_greedy(model, batch, n, device)
     past = [p - length for p, length in zip(decoder.engine.host_positions, lengths)]
     assert max(past) <= n - 1 + draft["k_max"], "a request that had its tokens went on (idle requests must wait)"
     drafted = [a for k, row in zip(decoder.log.k, decoder.log.accepted) if k for a in row]
     assert max(drafted) > 0, "no draft was kept: the tokens came from the verify pass alone"
+    return decoder
 
 
 @pytest.mark.parametrize("lengths", LENGTHS, ids=["ragged", "one", "short"])
@@ -80,6 +81,34 @@ def test_greedy_tokens_with_the_triton_draft(model):
 def test_greedy_tokens_with_the_triton_draft_on_the_gpu(model, draft):
     """Compiled kernels, the draft steps replayed as a CUDA graph; float32 (SDPA's greedy tokens as the reference)."""
     assert_greedy_is_full_attentions(model, [11, 2, 17, 40, 33], draft, "triton", 40, device="cuda")
+
+
+def test_a_policy_steps_plainly_where_mac_cannot_win(model):
+    """Below the policy's context threshold a round is one step of its full attention (SDPA,
+    which leaves the rings stale); past it the rounds draft again (the stale rows retired
+    before the round keeps its slots). The tokens stay full attention's."""
+    policy = FallbackPolicy(min_batch=1, min_context=26, full="sdpa")
+    decoder = assert_greedy_is_full_attentions(model, [11, 2, 17], DRAFTS[1], "ref", 24, policy=policy)
+    plain = decoder.log.plain
+    assert plain[0] and not plain[-1] and plain == sorted(plain, reverse=True), plain
+
+
+@pytest.mark.parametrize("backend", ["ref", pytest.param("triton", marks=interpreter)])
+def test_refused_drafts_fall_back_to_plain_steps(model, backend):
+    """With a policy, a round that would draft nothing (``k = 0``: drafts refused too often) is
+    one plain step, MAC's miss step on the Triton backend (the rings stay exact: they equal
+    those of full attention that keeps its rings), the policy's SDPA on the reference's;
+    a probe drafts again now and then. The tokens stay full attention's."""
+    batch = prompts([13, 4, 21], seed=3)  # assert_greedy_is_full_attentions's prompts
+    policy = FallbackPolicy(min_batch=1, min_context=0, min_hit_rate=0.0)
+    draft = dict(k_max=3, min_accepted=4.0, probe_every=3)  # 4 > k_max: every round after the first is plain but the probes
+    decoder = assert_greedy_is_full_attentions(model, [13, 4, 21], draft, backend, 16, policy=policy)
+    plain = decoder.log.plain
+    assert any(plain) and not all(plain), plain
+    assert all(p == (k == 0) for p, k in zip(plain, decoder.log.k)), "a round that drafted nothing went through the verify pass"
+    if backend == "triton":
+        for b, prompt in enumerate(batch):
+            assert_request_matches(decoder.engine, b, miss_run(model, prompt, decoder.emitted[b][:-1]))
 
 
 def assert_bitwise_full_attention_through_the_verify_pass(model, device, dtype, n):
@@ -244,8 +273,6 @@ def test_errors_name_the_argument(model):
     batch = prompts([6, 7])
     with pytest.raises(ValueError, match="attention='mac'"):
         LosslessDecoder(engine_for(model, batch, "sdpa"))
-    with pytest.raises(ValueError, match="policy"):
-        LosslessDecoder(engine_for(model, batch, policy=FallbackPolicy()))
     with pytest.raises(ValueError, match="k_max"):
         LosslessDecoder(engine_for(model, batch), DraftLength(k_max=8))
     with pytest.raises(ValueError, match="temperature"):
