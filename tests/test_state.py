@@ -72,3 +72,21 @@ def test_advance_and_size():
     # bf16 queries, float32 rows and LSEs, int32 depths
     assert state.nbytes == B * Hq * W * (D * 2 + D * 4 + 4 + 4)
     assert math.isinf(state.ring_lse.min().item())
+
+
+@given(window=st.integers(1, 9), length=st.integers(1, 9), starts=st.lists(st.integers(0, 30), min_size=1, max_size=3), seed=st.integers(0, 2**31))
+def test_writing_a_block_of_positions_equals_writing_them_one_by_one(window, length, starts, seed):
+    """``write`` with positions ``[B, L]`` (lossless MAC's repair: ``L ≤ W`` consecutive rows
+    per request, wrapping around the ring) leaves the rings a loop of ``[B]`` writes leaves."""
+    length = min(length, window)
+    B, Hq, D = len(starts), 2, 4
+    g = torch.Generator().manual_seed(seed)
+    block, loop = (LayerState.empty(B, Hq, D, window, dtype=torch.float32) for _ in range(2))
+    positions = torch.tensor(starts)[:, None] + torch.arange(length)  # [B, L]
+    q, o = torch.randn(B, Hq, length, D, generator=g), torch.randn(B, Hq, length, D, generator=g)
+    lse, depth = torch.randn(B, Hq, length, generator=g), torch.randint(0, 5, (B, Hq, length), generator=g)
+    block.write(positions, q, Summary(o, lse), depth)
+    for j in range(length):
+        loop.write(positions[:, j], q[:, :, j], Summary(o[:, :, j], lse[:, :, j]), depth[:, :, j])
+    for name in ("ring_q", "ring_o", "ring_lse", "ring_depth"):
+        assert torch.equal(getattr(block, name), getattr(loop, name)), name
