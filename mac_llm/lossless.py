@@ -294,6 +294,7 @@ class LosslessDecoder:
         self.graphed = graph and block is not None and engine.device.type == "cuda" and engine.mac_backend == "triton"
         self._graphs: dict[str, tuple] = {}  # a round's part -> (CUDA graph, its outputs), at the first round
         self._io = _RoundIO.new(engine, block) if self.graphed else None  # the graphs' inputs and outputs
+        self._states = engine.states  # a new prefill replaces them: the graphs and the history would be another's
         self.log = RoundLog()
         self.emitted: list[list[int]] = [[] for _ in range(engine.batch)]  # every token each request emitted, via generate
 
@@ -330,6 +331,9 @@ class LosslessDecoder:
             (its accepted drafts, then full attention's token); the rest is ``-1``.
         """
         e = self.engine
+        if e.states is not self._states:
+            raise ValueError("the engine was prefilled again after this LosslessDecoder was made (its graphs and tokens "
+                             "belong to the old prompts): make a new LosslessDecoder")
         policy = e.policy
         decision = "mac" if policy is None else policy.decide(e.batch, max(e.host_positions) + 1)
         plain = decision != "mac"

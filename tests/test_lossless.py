@@ -282,7 +282,12 @@ def test_errors_name_the_argument(model):
             LosslessDecoder(engine_for(model, batch), DraftLength(k_max=4), block=block)
     with pytest.raises(ValueError, match="k must be below the decoder's block=4"):
         LosslessDecoder(engine_for(model, batch), DraftLength(k_max=3), block=4).round(4)
-    decoder = LosslessDecoder(engine_for(model, batch))
+    engine = engine_for(model, batch)
+    decoder = LosslessDecoder(engine)
+    engine.prefill(batch)
+    with pytest.raises(ValueError, match="the engine was prefilled again after this LosslessDecoder was made"):
+        decoder.round()
+    decoder = LosslessDecoder(engine)
     with pytest.raises(ValueError, match="k must be"):
         decoder.round(8)
     small = DecodeEngine(model, 2, 9, "mac", CONFIG, dtype=torch.float32, device="cpu", mac_backend="ref")
