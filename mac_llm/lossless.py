@@ -321,7 +321,8 @@ class LosslessDecoder:
         """One round (the module docstring): draft ``k`` (``None``: :class:`DraftLength`'s choice), verify, accept, repair.
 
         Args:
-            k: drafted tokens, ``0 … W−1``.
+            k: drafted tokens, ``0 … W−1`` (with a policy: a round its policy makes a plain
+                step drafts nothing, whatever ``k``; ``k = 0`` is a plain step there too).
             active: ``[B]`` bool, the requests that advance (``None``: all). The others are
                 stepped with the batch but keep their position, token and rings: what the
                 round wrote for them lies past their position.
@@ -334,12 +335,12 @@ class LosslessDecoder:
         if e.states is not self._states:
             raise ValueError("the engine was prefilled again after this LosslessDecoder was made (its graphs and tokens "
                              "belong to the old prompts): make a new LosslessDecoder")
+        if k is not None and (isinstance(k, bool) or not isinstance(k, int) or not 0 <= k < e.config.window):
+            raise ValueError(f"k must be an int in [0, W={e.config.window}), got {k!r}")
         policy = e.policy
         decision = "mac" if policy is None else policy.decide(e.batch, max(e.host_positions) + 1)
         plain = decision != "mac"
         k = 0 if plain else self.draft.next_k() if k is None else k
-        if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k < e.config.window:
-            raise ValueError(f"k must be an int in [0, W={e.config.window}), got {k!r}")
         if self.block is not None and k >= self.block:
             raise ValueError(f"k must be below the decoder's block={self.block}, got {k}")
         plain = plain or (policy is not None and k == 0)  # nothing to verify: one plain full-attention step
