@@ -75,6 +75,22 @@ class LayerState:
         """Chain depths ``[B, Hq]`` of the rows of token positions ``[B, Hq]`` (reduced mod ``W``)."""
         return self.ring_depth.gather(2, torch.remainder(positions, self.window)[..., None]).squeeze(2)
 
+    def _index(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(b, slots)`` that index the rings as ``ring[b, :, slots]`` for positions ``[B]``
+        (``b [B]``) or ``[B, L]`` (``b [B, 1]``); slot ``t mod W``."""
+        b = torch.arange(positions.shape[0], device=positions.device)
+        return (b if positions.dim() == 1 else b[:, None]), torch.remainder(positions, self.window)
+
+    def read(self, positions: torch.Tensor) -> tuple[torch.Tensor, Summary, torch.Tensor]:
+        """The rows in the slots of ``positions`` (copies), as :meth:`write` takes them:
+        ``(q_pre, Summary(o, lse), depth)`` of shapes ``[B, Hq, D]``, ``[B, Hq]`` for positions
+        ``[B]``, or ``[B, Hq, L, D]``, ``[B, Hq, L]`` for positions ``[B, L]``."""
+        b, slots = self._index(positions)
+        q, o, lse, depth = (ring[b, :, slots] for ring in (self.ring_q, self.ring_o, self.ring_lse, self.ring_depth))
+        if positions.dim() == 2:  # ring[b, :, slots] is [B, L, Hq, …]
+            q, o, lse, depth = (x.movedim(1, 2) for x in (q, o, lse, depth))
+        return q, Summary(o, lse), depth
+
     def write(self, positions: torch.Tensor, q_pre: torch.Tensor, row: Summary, depth: torch.Tensor) -> None:
         """Write row ``(q̃_t, R_t)`` of token ``positions[b]`` into slot ``t mod W`` (in place);
         or, with ``positions [B, L]``, the rows of ``L`` tokens per request (``L ≤ W`` consecutive
@@ -86,11 +102,10 @@ class LayerState:
             row: ``Summary([B, Hq, D], [B, Hq])`` (or ``Summary([B, Hq, L, D], [B, Hq, L])``).
             depth: ``[B, Hq]`` the rows' chain depths (or ``[B, Hq, L]``).
         """
-        b = torch.arange(positions.shape[0], device=positions.device)
-        slots = torch.remainder(positions, self.window)  # [B] or [B, L]
+        b, slots = self._index(positions)
         values = (q_pre, row.o, row.lse, depth)
-        if positions.dim() == 2:  # t[b, :, slots] is [B, L, Hq, …] for b [B, 1] and slots [B, L]
-            b, values = b[:, None], tuple(x.movedim(2, 1) for x in values)
+        if positions.dim() == 2:  # ring[b, :, slots] is [B, L, Hq, …]
+            values = tuple(x.movedim(2, 1) for x in values)
         for ring, value in zip((self.ring_q, self.ring_o, self.ring_lse, self.ring_depth), values):
             ring[b, :, slots] = value.to(ring.dtype)
 

@@ -492,21 +492,16 @@ def _positions(io: _RoundIO) -> torch.Tensor:
     return io.start[:, None] + torch.arange(io.block.shape[1], device=io.start.device)
 
 
-def _open(e: DecodeEngine, io: _RoundIO) -> list[tuple[torch.Tensor, ...]]:
+def _open(e: DecodeEngine, io: _RoundIO) -> list[tuple]:
     """Before the drafts: note the start, fill the block with ``t_0`` and copy each layer's
-    rows of the block's slots, ``(q [B, Hq, width, D], o [B, Hq, width, D], lse [B, Hq, width],
-    depth [B, Hq, width])``, which the drafts overwrite and a refused position gets back."""
+    rows of the block's slots, ``(q [B, Hq, width, D], Summary, depth [B, Hq, width])``
+    (:meth:`~mac_core.state.LayerState.read`), which the drafts overwrite and a refused
+    position gets back."""
     io.start.copy_(e.positions)
     io.logits_before.copy_(e.logits)
     io.block.copy_(e.tokens[:, None].expand_as(io.block))
-    return [_ring_rows(state, io) for state in e.states]
-
-
-def _ring_rows(state, io: _RoundIO) -> tuple[torch.Tensor, ...]:
-    """One layer's rows in the slots of the round's block, now: ``(q [B, Hq, width, D],
-    o [B, Hq, width, D], lse [B, Hq, width], depth [B, Hq, width])`` (copies)."""
-    b, slots = torch.arange(io.block.shape[0], device=io.start.device)[:, None], torch.remainder(_positions(io), state.window)
-    return tuple(t[b, :, slots].movedim(1, 2) for t in (state.ring_q, state.ring_o, state.ring_lse, state.ring_depth))
+    positions = _positions(io)
+    return [state.read(positions) for state in e.states]
 
 
 def _verify(e: DecodeEngine, io: _RoundIO):
@@ -524,11 +519,10 @@ def _close(e: DecodeEngine, io: _RoundIO, saved, logits: torch.Tensor, queries=N
     (``logits [B, V]``, no queries) each slot keeps what the step wrote (a miss step: the
     exact row; another full attention: nothing, the rings are stale) and an idle request's
     slot gets back what it held."""
+    positions, nxt = _positions(io), io.start + io.accepted + 1
     for i, (state, old) in enumerate(zip(e.states, saved)):
-        new = _ring_rows(state, io) if queries is None else (queries[i], rows[i].o, rows[i].lse, torch.zeros_like(old[3]))
-        _repair(state, io.start, old, io.accepted, new)
-    nxt = io.start + io.accepted + 1
-    for state in e.states:
+        new = state.read(positions) if queries is None else (queries[i], rows[i], torch.zeros_like(old[2]))
+        _repair(state, positions, old, io.accepted, new)
         state.next_pos.copy_(nxt)
     e.positions.copy_(nxt)
     e.tokens.copy_(io.next_token)
@@ -537,13 +531,16 @@ def _close(e: DecodeEngine, io: _RoundIO, saved, logits: torch.Tensor, queries=N
     e.logits.copy_(torch.where((io.accepted >= 0)[:, None], after, io.logits_before))
 
 
-def _repair(state, start, saved, accepted, new) -> None:
-    """Rows of positions ``start + j``: ``new``'s where ``j ≤ accepted``, else what they held
-    before the round (``saved``); both ``(q, o, lse, depth)`` of shapes ``[B, Hq, width, …]``."""
-    width = saved[0].shape[2]
-    exact = (torch.arange(width, device=start.device)[None, :] <= accepted[:, None])[:, None]  # [B, 1, width]
-    q, o, lse, depth = (torch.where(exact.view(*exact.shape, *([1] * (was.dim() - 3))), now.to(was.dtype), was) for now, was in zip(new, saved))
-    state.write(start[:, None] + torch.arange(width, device=start.device), q, Summary(o, lse), depth)
+def _repair(state, positions, saved, accepted, new) -> None:
+    """Rows of ``positions [B, width]`` (``start + j``): ``new``'s where ``j ≤ accepted``, else what
+    they held before the round (``saved``); both ``(q, Summary, depth)`` as :meth:`~mac_core.state.LayerState.read` gives them."""
+    exact = (torch.arange(positions.shape[1], device=positions.device)[None, :] <= accepted[:, None])[:, None]  # [B, 1, width]
+
+    def pick(now, was):
+        return torch.where(exact.view(*exact.shape, *([1] * (was.dim() - 3))), now.to(was.dtype), was)
+
+    (q, row, depth), (q_old, row_old, depth_old) = new, saved
+    state.write(positions, pick(q, q_old), Summary(pick(row.o, row_old.o), pick(row.lse, row_old.lse)), pick(depth, depth_old))
 
 
 __all__ = ["DraftLength", "LosslessDecoder", "RoundLog", "accept_greedy", "accept_sampled", "verify_block"]
