@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import gc
 import math
 import statistics
 import time
@@ -180,7 +181,8 @@ def run(args, header: str) -> list[dict]:
                 row["speedup_vs_best_full"] = round(best / row["step_ms"], 3)
             print(f"  C={context} B={batch}: " + ", ".join(f"{p} {ms:.2f} ms" for p, ms in results.items()), flush=True)
             write(rows, args.out, header)
-            del engine
+            del engine, checkpoint
+            gc.collect()  # the engine and its step attentions hold each other: freed by the collector, not by del
             if device.type == "cuda":
                 torch.cuda.empty_cache()
     return rows

@@ -353,6 +353,8 @@ class LosslessDecoder:
         # a plain step: the policy's full attention where MAC cannot win, else MAC's step without matching, which
         # keeps the rings current (the reference backend has none: the policy's full attention there too)
         step_kind = ("miss" if decision != "full" and e.mac_backend == "triton" else e.full_kind()) if plain else "mac"
+        if plain and (active is None or bool(active.all())):
+            return self._plain_round(step_kind)
         if e.rings_stale and step_kind not in FULL_ATTENTIONS:  # MAC's kernels would retire the stale rows: before the slots are kept
             e.mark_stale_rows()
         io = self._io if self.graphed else _RoundIO.new(e, width)
@@ -398,6 +400,21 @@ class LosslessDecoder:
         self.log.accepted.append(counted)
         self.log.plain.append(plain)
         return emitted, accepted + 1
+
+    def _plain_round(self, kind: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """A plain round in which every request advances: one engine step of ``kind``, nothing
+        kept or repaired (the step writes only its own position's KV entry and ring slot, as any
+        decode step does), no wait for the device; ``(emitted [B, 1], counts [B])``."""
+        e = self.engine
+        nxt = self._draw(e.step(kind=kind))  # [B]
+        e.tokens.copy_(nxt)  # the next input (a draw when sampling; greedy: the step's own argmax)
+        for state in e.states:  # (a full-attention step leaves the rings' positions behind)
+            state.next_pos.copy_(e.positions)
+        self.draft.observe(0, 0.0)
+        self.log.k.append(0)
+        self.log.accepted.append([0] * e.batch)
+        self.log.plain.append(True)
+        return nxt[:, None], torch.ones_like(nxt)
 
     def _draw(self, logits: torch.Tensor, probs: torch.Tensor | None = None) -> torch.Tensor:
         """The token ``[B]`` after ``logits [B, V]``: the argmax, or a draw from ``probs`` (the

@@ -13,7 +13,9 @@ The rule of ``config.rule`` (:mod:`mac_core.rules`) then decides per (request, q
 
 - :class:`~mac_core.rules.PaperRule`: every candidate is a hit;
 - :class:`~mac_core.rules.MassRule`: a candidate is a hit iff ``d · w² < 2D(1 − τ_m)² s_h²``;
-- ``per_group``: a KV group's heads hit only if all of them would.
+- ``per_group``: a KV group's heads hit only if all of them would. A group with a head that
+  has no candidate therefore misses whole, and nothing of it is measured (``w = 0``): a
+  kernel reads it as a miss, without keeping each candidate's prefix apart.
 
 A rejected candidate becomes a miss, whose ranges cover the whole prefix: it is exact.
 Spec: [acceptance rules][spec-acceptance].
@@ -82,18 +84,19 @@ def accept_candidates(config: MACConfig, result: MatchResult, state: LayerState,
     """
     rule = config.rule
     candidate = result.hit
+    B, Hq, D = q_post.shape
+    groups = (B, k_cache.shape[1], -1)  # [B, Hkv, G]
     share = mass_share(result, state, q_post, k_cache, v_cache, positions, config, scale, rest)
+    if rule.per_group:  # a group with a head that has no candidate cannot reuse: it is not measured
+        share = (share.view(groups) * candidate.view(groups).all(dim=-1, keepdim=True)).view_as(share)
     if rule.name == "paper":
         hit = candidate
     elif rule.name == "mass":
-        B, Hq, D = q_post.shape
         radius_sq = torch.tensor(config.radius_sq_per_head(Hq, D, tau=rule.tau_m), dtype=result.distance.dtype, device=q_post.device)
         w = share.to(result.distance.dtype)
         hit = candidate & (result.distance * w * w < radius_sq)  # sqrt(d / 2D) · w / s_h < 1 − τ_m, squared
     else:  # pragma: no cover - MACConfig admits only the rules of mac_core.rules.RULES
         raise ValueError(f"mac_ref.accept has no decision for the rule {rule.name!r}")
-    if rule.per_group:
-        Hkv = k_cache.shape[1]
-        group_hit = hit.view(hit.shape[0], Hkv, -1).all(dim=-1, keepdim=True)  # [B, Hkv, 1]
-        hit = (hit.view(hit.shape[0], Hkv, -1) & group_hit).view_as(hit)
+    if rule.per_group:  # a group reuses only if each of its heads would
+        hit = (hit.view(groups) & hit.view(groups).all(dim=-1, keepdim=True)).view_as(hit)
     return Decision(result._replace(hit=hit), candidate, share)

@@ -49,7 +49,7 @@ from .launch import Launch, num_sms, upcast_dots
 from .numerics import LN2, tanh
 from .plan import (
     _PLAN_FIELDS, BAND_FROM_SPANS, BAND_SOURCES, PLAN_BAND_START, PLAN_BAND_UNITS, PLAN_FIELDS, PLAN_FIRST, PLAN_PREFIX_FIRST,
-    PLAN_PREFIX_UNITS, PLAN_SINK_END, PLAN_SINK_UNITS, PLAN_TAIL_END, PLAN_UNITS, head_band_start, keys_at, pick, pieces,
+    PLAN_PREFIX_UNITS, PLAN_SINK_END, PLAN_SINK_UNITS, PLAN_TAIL_END, PLAN_UNITS, head_band_start, head_match, keys_at, pick, pieces,
     plan_field, plan_units, segment_cost,
 )
 
@@ -97,7 +97,7 @@ def _attend_kernel(
     stride_qb, stride_qh, stride_kb, stride_kh, stride_kt, stride_vb, stride_vh, stride_vt,
     indptr_ptr, indices_ptr, prefix_base, max_pieces,
     NG, Hkv, G, band, sinks, min_context, n_split, scale_log2, cap_log2,
-    BAND_SOURCE: tl.constexpr, VERIFY: tl.constexpr,
+    BAND_SOURCE: tl.constexpr, VERIFY: tl.constexpr, PER_GROUP: tl.constexpr,
     PAGED: tl.constexpr, PAGE_SIZE: tl.constexpr, NG_BLOCK: tl.constexpr, G_BLOCK: tl.constexpr, MIN_CHUNK: tl.constexpr,
     UNIT_COST: tl.constexpr, SOFTCAP: tl.constexpr,
     D: tl.constexpr, BLOCK_D: tl.constexpr, G_PAD: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr,
@@ -142,6 +142,10 @@ def _attend_kernel(
             b, heads, lane_mask, g_sink_end, g_tail_end, key_ptr, radius_ptr, band_start_ptr,
             stride_sb, stride_sh, Hq, band, min_context, BAND_SOURCE,
         )
+        if VERIFY and PER_GROUP:  # a group with a head that has no candidate cannot reuse: it reads as a miss, nothing kept apart
+            candidate, _, _ = head_match(b, heads, lane_mask, g_tail_end, key_ptr, radius_ptr, Hq, min_context)
+            whole = tl.min(tl.where(lane_mask, candidate.to(tl.int32), 1), axis=0) == 1
+            head_start = tl.where(whole, head_start, g_sink_end)
         seg_offset = grp_start
         units_before = g_first
         for seg in tl.static_range(3):  # sinks, band, tail
@@ -235,7 +239,9 @@ def _attend_unit(
     """Flash-decoding partial states of the group's heads over keys ``[lo, hi)`` (head ``i``
     only over ``[head_lo[i], head_hi[i])``), stored as unit ``unit``: K/V tiles loaded once
     for all heads. With ``BELOW``, a second state per head over ``[lo, below_hi[i])`` (the
-    keys below its band start) goes to ``below_o`` / ``below_lse``.
+    keys below its band start) goes to ``below_o`` / ``below_lse``; only the tiles up to the
+    highest ``below_hi`` keep it (a second online softmax per tile made the tile about twice
+    as slow on an H100: ``benchmarks/RESULTS.md``), the rest take the plain loop.
 
     Key ``t`` sits at ``page · stride_(k|v)b + slot · stride_(k|v)t``: a contiguous cache is
     one page per request (``page = b``, ``slot = t``); a paged one looks ``page`` up in the
@@ -246,7 +252,6 @@ def _attend_unit(
 
     ``SOFTCAP`` caps the base-2 scores ``s₂`` at ``cap_log2 = log2(e)·c``:
     ``s₂ ← C₂·tanh(s₂ / C₂)``, which is ``log2(e)·c·tanh(scale·q·k / c)``."""
-    lanes = tl.arange(0, G_PAD)
     cols = tl.arange(0, BLOCK_D)
     col_mask = cols < D
     q = tl.load(
@@ -270,35 +275,61 @@ def _attend_unit(
     below_m = tl.full([G_PAD], float("-inf"), tl.float32)
     below_den = tl.zeros([G_PAD], tl.float32)
     below_acc = tl.zeros([G_PAD, BLOCK_D], tl.float32)
-    for n0 in range(lo, hi, BLOCK_N):
-        keys = n0 + tl.arange(0, BLOCK_N)
-        key_mask = keys < hi
-        if PAGED:
-            if PAGE_SIZE == 1:  # a page per key: no look-ahead (on the H200 it cost more than it hid)
-                page = tl.load(indices_ptr + table_row + keys, mask=key_mask, other=0).to(tl.int64)
-                slot = tl.zeros([BLOCK_N], tl.int64)
-            else:
-                page = next_page
-                ahead = keys + BLOCK_N
-                next_page = tl.load(indices_ptr + table_row + ahead // PAGE_SIZE, mask=ahead < hi, other=0).to(tl.int64)
-                slot = (keys % PAGE_SIZE).to(tl.int64)
-        else:
-            page = b.to(tl.int64) + tl.zeros([BLOCK_N], tl.int64)
-            slot = keys.to(tl.int64)
-        k_offs = (page * stride_kb + slot * stride_kt)[:, None]
-        v_offs = (page * stride_vb + slot * stride_vt)[:, None]
-        k = tl.load(k_base + k_offs + cols[None, :], mask=key_mask[:, None] & col_mask[None, :], other=0.0)
-        v = tl.load(v_base + v_offs + cols[None, :], mask=key_mask[:, None] & col_mask[None, :], other=0.0)
-        s, v = tile_scores(q, k, v, scale_log2, cap_log2, SOFTCAP, UPCAST)  # [G_PAD, BLOCK_N] base-2 scores
-        valid = key_mask[None, :] & (keys[None, :] >= head_lo[:, None]) & (keys[None, :] < head_hi[:, None])
-        m, den, acc = _online_tile(m, den, acc, tl.where(valid, s, float("-inf")), v, UPCAST)
-        if BELOW:
+    # the tiles that hold keys below some head's start keep the second state; the loop splits there, so
+    # the tiles above (a miss's whole prefix, most of a band) cost what a tile without it costs
+    split = lo
+    if BELOW:
+        split = tl.minimum(lo + tl.cdiv(tl.max(tl.where(lane_mask, below_hi, lo), axis=0) - lo, BLOCK_N) * BLOCK_N, hi)
+        for n0 in range(lo, split, BLOCK_N):
+            keys, key_mask, k, v, next_page = _load_tile(
+                k_base, v_base, n0, hi, b, table_row, next_page, indices_ptr, cols, col_mask,
+                stride_kb, stride_kt, stride_vb, stride_vt, PAGED, PAGE_SIZE, BLOCK_N,
+            )
+            s, v = tile_scores(q, k, v, scale_log2, cap_log2, SOFTCAP, UPCAST)  # [G_PAD, BLOCK_N] base-2 scores
+            valid = key_mask[None, :] & (keys[None, :] >= head_lo[:, None]) & (keys[None, :] < head_hi[:, None])
+            m, den, acc = _online_tile(m, den, acc, tl.where(valid, s, float("-inf")), v, UPCAST)
             below = key_mask[None, :] & (keys[None, :] < below_hi[:, None])
             below_m, below_den, below_acc = _online_tile(below_m, below_den, below_acc, tl.where(below, s, float("-inf")), v, UPCAST)
-    part = (unit * G + lanes).to(tl.int64)
+    for n0 in range(split, hi, BLOCK_N):
+        keys, key_mask, k, v, next_page = _load_tile(
+            k_base, v_base, n0, hi, b, table_row, next_page, indices_ptr, cols, col_mask,
+            stride_kb, stride_kt, stride_vb, stride_vt, PAGED, PAGE_SIZE, BLOCK_N,
+        )
+        s, v = tile_scores(q, k, v, scale_log2, cap_log2, SOFTCAP, UPCAST)
+        valid = key_mask[None, :] & (keys[None, :] >= head_lo[:, None]) & (keys[None, :] < head_hi[:, None])
+        m, den, acc = _online_tile(m, den, acc, tl.where(valid, s, float("-inf")), v, UPCAST)
+    part = (unit * G + tl.arange(0, G_PAD)).to(tl.int64)
     _store_state(part_o_ptr, part_lse_ptr, part, m, den, acc, lane_mask, D, BLOCK_D)
     if BELOW:
         _store_state(below_o_ptr, below_lse_ptr, part, below_m, below_den, below_acc, lane_mask, D, BLOCK_D)
+
+
+@triton.jit
+def _load_tile(
+    k_base, v_base, n0, hi, b, table_row, next_page, indices_ptr, cols, col_mask, stride_kb, stride_kt, stride_vb, stride_vt,
+    PAGED: tl.constexpr, PAGE_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """The key tile at ``[n0, min(n0 + BLOCK_N, hi))``: ``(keys, key_mask, K, V, next_page)``,
+    with the next tile's page numbers loaded ahead (pages of several keys)."""
+    keys = n0 + tl.arange(0, BLOCK_N)
+    key_mask = keys < hi
+    if PAGED:
+        if PAGE_SIZE == 1:  # a page per key: no look-ahead (on the H200 it cost more than it hid)
+            page = tl.load(indices_ptr + table_row + keys, mask=key_mask, other=0).to(tl.int64)
+            slot = tl.zeros([BLOCK_N], tl.int64)
+        else:
+            page = next_page
+            ahead = keys + BLOCK_N
+            next_page = tl.load(indices_ptr + table_row + ahead // PAGE_SIZE, mask=ahead < hi, other=0).to(tl.int64)
+            slot = (keys % PAGE_SIZE).to(tl.int64)
+    else:
+        page = b.to(tl.int64) + tl.zeros([BLOCK_N], tl.int64)
+        slot = keys.to(tl.int64)
+    k_offs = (page * stride_kb + slot * stride_kt)[:, None]
+    v_offs = (page * stride_vb + slot * stride_vt)[:, None]
+    k = tl.load(k_base + k_offs + cols[None, :], mask=key_mask[:, None] & col_mask[None, :], other=0.0)
+    v = tl.load(v_base + v_offs + cols[None, :], mask=key_mask[:, None] & col_mask[None, :], other=0.0)
+    return keys, key_mask, k, v, next_page
 
 
 @triton.jit
@@ -413,7 +444,7 @@ def launch_attend(
         pos_ptr=positions, key_ptr=keys, radius_ptr=radius_sq, band_start_ptr=span_ptrs[0], sink_end_ptr=span_ptrs[1],
         band_end_ptr=span_ptrs[2], tail_end_ptr=span_ptrs[3], stride_sb=stride_sb, stride_sh=stride_sh,
         prefix_base=planned, max_pieces=max_pieces, NG=NG, band=band, sinks=sinks, n_split=n_split,
-        BAND_SOURCE=band_source, VERIFY=verify is not None, NG_BLOCK=triton.next_power_of_2(NG), G_BLOCK=triton.next_power_of_2(G),
+        BAND_SOURCE=band_source, VERIFY=verify is not None, PER_GROUP=verify is not None and verify.per_group, NG_BLOCK=triton.next_power_of_2(NG), G_BLOCK=triton.next_power_of_2(G),
         MIN_CHUNK=launch.min_chunk, UNIT_COST=launch.unit_cost,
     )
     if verify is not None:

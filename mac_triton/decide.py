@@ -5,7 +5,8 @@ sinks, band and tail with the current query. Each program of the prefix kernel t
 follows calls :func:`decide_group` for its GQA group, which takes, per head, the LSE of all
 the group's units (``ℓ_fresh``), the matched row's LSE, ``w = σ(ℓ_row − ℓ_fresh)`` and the
 rule's verdict (:func:`mac_triton.accept.accept_candidate`; with ``per_group`` a group keeps
-its hits only if all of its heads accept). A rejected candidate then needs its prefix
+its hits only if all of its heads accept, and a group with a head that has no candidate
+misses whole, its ``w`` unmeasured: 0). A rejected candidate then needs its prefix
 ``[S, P)``, ``P = max(E(j*), S)``: the part a miss reads that its band did not, which the
 same program reads.
 """
@@ -19,10 +20,7 @@ import triton
 import triton.language as tl
 
 from .accept import accept_candidate, mass_share
-from .match import NO_CANDIDATE, decode_key
-
-_NO_CANDIDATE: tl.constexpr = tl.constexpr(NO_CANDIDATE)
-
+from .plan import head_match
 
 class Verdicts(NamedTuple):
     """A verifying step's decisions, each ``[B·Hq]``, written by the prefix kernel.
@@ -66,13 +64,14 @@ def decide_group(
         m = m_new
     fresh_lse = tl.where(m == float("-inf"), 0.0, m) + tl.log(den)
 
-    key = tl.load(key_ptr + b * Hq + heads, mask=lane_mask, other=_NO_CANDIDATE)
-    radius_sq = tl.load(radius_ptr + heads, mask=lane_mask, other=0.0)
-    candidate, matched, dist = decode_key(key, t, min_context, radius_sq)
+    candidate, matched, dist = head_match(b, heads, lane_mask, t + 1, key_ptr, radius_ptr, Hq, min_context)
+    measured = candidate
+    if PER_GROUP:  # a group with a head that has no candidate misses whole: its w is not measured (the attend kernel kept nothing apart)
+        measured = candidate & (tl.min(tl.where(lane_mask, candidate.to(tl.int32), 1), axis=0) == 1)
     slot = ((matched % W) + W) % W
-    row_lse = tl.load(ring_lse_ptr + b * stride_rlb + heads * stride_rlh + slot, mask=lane_mask & candidate, other=float("-inf"))
-    w = mass_share(candidate, row_lse, fresh_lse)
-    hit = accept_candidate(candidate, dist, tl.load(rule_radius_ptr + heads, mask=lane_mask, other=0.0), w, RULE)
+    row_lse = tl.load(ring_lse_ptr + b * stride_rlb + heads * stride_rlh + slot, mask=lane_mask & measured, other=float("-inf"))
+    w = mass_share(measured, row_lse, fresh_lse)
+    hit = accept_candidate(measured, dist, tl.load(rule_radius_ptr + heads, mask=lane_mask, other=0.0), w, RULE)
     if PER_GROUP:  # a group reuses only if each of its heads would
         hit = hit & (tl.min(tl.where(lane_mask, hit.to(tl.int32), 1), axis=0) == 1)
     out = b * Hq + heads

@@ -85,6 +85,14 @@ def request_bounds(b, mask, pos_ptr, sink_end_ptr, band_end_ptr, tail_end_ptr, s
 
 
 @triton.jit
+def head_match(b, h, mask, tail_end, key_ptr, radius_ptr, Hq, min_context):
+    """Head ``(b, h)``'s match from its key: ``(candidate, j*, distance)`` (no candidate where masked)."""
+    key = tl.load(key_ptr + b * Hq + h, mask=mask, other=_NO_CANDIDATE)
+    radius_sq = tl.load(radius_ptr + h, mask=mask, other=0.0)
+    return decode_key(key, tail_end - 1, min_context, radius_sq)
+
+
+@triton.jit
 def head_band_start(
     b, h, mask, sink_end, tail_end, key_ptr, radius_ptr, band_start_ptr, stride_sb, stride_sh,
     Hq, band, min_context, BAND_SOURCE: tl.constexpr,
@@ -94,9 +102,7 @@ def head_band_start(
     if BAND_SOURCE == BAND_FROM_SPANS:
         start = tl.load(band_start_ptr + b * stride_sb + h * stride_sh, mask=mask, other=0).to(tl.int64)
     elif BAND_SOURCE == BAND_FROM_MATCH:
-        key = tl.load(key_ptr + b * Hq + h, mask=mask, other=_NO_CANDIDATE)
-        radius_sq = tl.load(radius_ptr + h, mask=mask, other=0.0)
-        hit, matched, dist = decode_key(key, tail_end - 1, min_context, radius_sq)
+        hit, matched, dist = head_match(b, h, mask, tail_end, key_ptr, radius_ptr, Hq, min_context)
         start = band_start(hit, matched, band, sink_end)
     else:
         start = sink_end + tl.zeros(h.shape, tl.int64)

@@ -131,11 +131,12 @@ def test_mass_share_is_the_rows_share_of_the_steps_mass():
 def test_per_group_decisions_cost_no_group_reads(rule):
     """Each step from the same state both ways: the group-aware variant hits in exactly the
     groups where every head hits per head, reads per group what the per-head variant reads,
-    and only turns hits into (exact) misses."""
+    and only turns hits into (exact) misses; it measures ``w`` only in the groups whose heads
+    are all candidates (the others miss whole: 0)."""
     q, k, v, _ = stream(4, noise=0.3)
     config = MACConfig(window=24, band=8, tau=0.2, rule=dataclasses.replace(rule, per_group=False))
     _, _, state = mac_ref.prefill(q[:, :, :100], k, v, torch.tensor([100, 100]), config)
-    partial_groups = 0
+    partial_groups = unmeasured = 0
     for t in range(100, 130):
         positions = torch.tensor([t, t])
         other = mac_ref.decode_step(q[:, :, t], k, v, state.clone(), positions, dataclasses.replace(config, rule=rule))[2]
@@ -144,4 +145,7 @@ def test_per_group_decisions_cost_no_group_reads(rule):
         assert torch.equal(other.hit, groups.all(-1, keepdim=True).expand(2, 2, 2).reshape(2, 4))
         assert torch.equal(other.keys_read.view(2, 2, 2).amax(-1), per_head.keys_read.view(2, 2, 2).amax(-1))
         partial_groups += int((groups.any(-1) & ~groups.all(-1)).sum())
-    assert partial_groups > 3  # the variant had groups to turn into misses
+        whole = per_head.candidate.view(2, 2, 2).all(-1, keepdim=True).expand(2, 2, 2).reshape(2, 4)
+        assert torch.equal(other.mass_share, torch.where(whole, per_head.mass_share, 0.0))
+        unmeasured += int((per_head.candidate & ~whole).sum())
+    assert partial_groups > 3 and unmeasured > 0  # the variant had groups to turn into misses, and candidates it did not measure

@@ -165,9 +165,12 @@ def literal_stream(q_pre, k, v, prompt_lengths, config: MACConfig):
                 found.append(dict(j=best_j, d=best_d, candidate=candidate, hit=hit, w=w))
             if config.rule.per_group:  # a group reuses only if each of its heads would
                 for g in range(Hq // group):
-                    together = all(found[h]["hit"] for h in range(g * group, (g + 1) * group))
-                    for h in range(g * group, (g + 1) * group):
+                    heads = range(g * group, (g + 1) * group)
+                    together = all(found[h]["hit"] for h in heads)
+                    measured = all(found[h]["candidate"] for h in heads)  # else the group misses whole, unmeasured
+                    for h in heads:
                         found[h]["hit"] = found[h]["hit"] and together
+                        found[h]["w"] = found[h]["w"] if measured else 0.0
             for h in range(Hq):
                 best_j, hit = found[h]["j"], found[h]["hit"]
                 # 3. amend + complete
