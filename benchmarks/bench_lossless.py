@@ -217,7 +217,8 @@ def project(lossless_rows: list[dict], scale_rows: list[dict]) -> list[dict]:
         verified = [float(r["step_ms"]) for r in here if r["provider"] == "verified"]
         if not verified:
             continue
-        for draft in (r for r in lossless_rows if r["provider"].startswith("lossless:")):
+        # (a policy's plain rounds were decided for SmolLM2's point, not for the 8B-shaped one: drafts without it only)
+        for draft in (r for r in lossless_rows if r["provider"].startswith("lossless:") and "+policy" not in r["provider"]):
             n, k = float(draft["tokens_per_round"]), float(draft["mean_k"])
             for mac in (r for r in here if r["provider"].startswith("mac@")):
                 out.append(dict(context=point[0], batch=point[1], draft=draft["provider"].removeprefix("lossless:"),

@@ -303,12 +303,14 @@ def test_errors_name_the_argument(model):
 
 
 def test_the_projection_onto_the_8b_engine_is_its_formula():
-    """``bench_lossless --project``: n̄·t_full / (k̄·t_mac(h) + t_verify), the best full attention as t_full."""
+    """``bench_lossless --project``: n̄·t_full / (k̄·t_mac(h) + t_verify), the best full attention as t_full;
+    a policy's rows are not projected (its plain rounds were decided for SmolLM2's point)."""
     bench = pytest.importorskip("benchmarks.bench_lossless")
     scale = [dict(context="32768", batch="4", provider=p, step_ms=ms) for p, ms in
              (("sdpa", "10"), ("triton", "12"), ("verified", "11"), ("mac@0.9", "6"), ("mac@1", "5"))]  # fmt: skip
     lossless_rows = [dict(provider="full", context="8192", batch="64"),
-                     dict(provider="lossless:demo", context="8192", batch="64", tokens_per_round="3", mean_k="2.5")]  # fmt: skip
+                     dict(provider="lossless:demo", context="8192", batch="64", tokens_per_round="3", mean_k="2.5"),
+                     dict(provider="lossless:demo+policy", context="8192", batch="1", tokens_per_round="1", mean_k="0")]  # fmt: skip
     rows = bench.project(lossless_rows, scale)
     assert [(r["draft"], r["hit_rate"], r["speedup"]) for r in rows] == [("demo", 0.9, round(30 / 26, 3)), ("demo", 1.0, round(30 / 23.5, 3))]
     assert bench.project(lossless_rows, [r for r in scale if r["provider"] != "verified"]) == []  # no verified round timed: nothing
