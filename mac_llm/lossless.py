@@ -460,17 +460,34 @@ class LosslessDecoder:
                 h.append(t)
         bar = _progress(n, progress)
         done = lambda: min(len(h) - b for h, b in zip(self.emitted, begin))  # noqa: E731
+        unread: list[tuple[torch.Tensor, list[int]]] = []  # plain rounds' tokens [B] still on the device, and where they go
         while done() < n:
             before = done()
             active = torch.tensor([len(h) - b < n for h, b in zip(self.emitted, begin)])
             emitted, counts = self.round(active=active)
-            for h, tokens, c in zip(self.emitted, emitted.tolist(), counts.tolist()):
-                h.extend(tokens[:c])
+            if self.log.plain[-1] and bool(active.all()):  # one token each, known without waiting for the device
+                unread.append((emitted[:, 0], [len(h) for h in self.emitted]))
+                for h in self.emitted:
+                    h.append(-1)  # (read back below)
+            else:
+                self._read_back(unread)
+                for h, tokens, c in zip(self.emitted, emitted.tolist(), counts.tolist()):
+                    h.extend(tokens[:c])
             if bar is not None:
                 bar.update(min(done(), n) - before)
+        self._read_back(unread)
         if bar is not None:
             bar.close()
         return [h[b : b + n] for h, b in zip(self.emitted, begin)]
+
+    def _read_back(self, unread: list[tuple[torch.Tensor, list[int]]]) -> None:
+        """Put plain rounds' tokens ``(tokens [B], index in each request's history)`` where they belong, in one wait."""
+        if unread:
+            tokens = torch.stack([t for t, _ in unread], dim=1).tolist()  # [B, rounds]
+            for r, (_, at) in enumerate(unread):
+                for b, i in enumerate(at):
+                    self.emitted[b][i] = tokens[b][r]
+            unread.clear()
 
 
 def _progress(n: int, on: bool):
