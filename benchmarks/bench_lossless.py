@@ -16,9 +16,11 @@ greedy tokens per request:
   faster ones that skip more;
 - ``lossless:<draft>+policy`` (``--policy``): the same with the engine's
   :class:`~mac_llm.engine.FallbackPolicy`: a round is one plain full-attention step where
-  the policy says MAC cannot win (SDPA at small batches or short contexts) and where the
-  drafts are refused too often (MAC's miss step); its tokens are then full attention's
-  through that step's kernel, not bit for bit the verify pass's.
+  the policy says MAC cannot win (SDPA at small batches or short contexts), where the
+  drafts are refused too often (MAC's miss step), and where drafting rounds emit tokens
+  more slowly than plain steps, as measured during the run (``DraftLength(by_speed=True)``;
+  a probe drafts now and then); its tokens are then full attention's through that step's
+  kernel, not bit for bit the verify pass's.
 
 Per point: tokens per second (``B · tokens`` over the wall time, the device synchronised),
 the speed-up over ``full``, the share of each provider's tokens equal to ``full``'s (greedy
@@ -115,7 +117,8 @@ def prepare(engine: DecodeEngine, provider: str, k_max: int) -> LosslessDecoder 
         for _ in range(3):
             engine.step()
         return None
-    decoder = LosslessDecoder(engine, DraftLength(k_max=0 if provider == "verified" else k_max), block=k_max + 1)
+    # with the policy, rounds also stop drafting where drafting emits tokens more slowly than plain steps (by_speed)
+    decoder = LosslessDecoder(engine, DraftLength(k_max=0 if provider == "verified" else k_max, by_speed=policy is not None), block=k_max + 1)
     for k in range(decoder.draft.k_max + 1):
         decoder.round(k)
     return decoder

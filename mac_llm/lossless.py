@@ -22,7 +22,10 @@ One *round* for a batch whose request ``b`` stands at position ``p_b`` with inpu
 
 ``k`` adapts to the recent acceptance (:class:`DraftLength`): when drafts are refused often,
 rounds draft nothing (``k = 0``: a plain full-attention step through the verify pass) and a
-probe drafts again now and then.
+probe drafts again now and then. With ``DraftLength(by_speed=True)`` it also adapts to the
+measured time per token: where drafting rounds emit tokens more slowly than rounds that
+draft nothing (a plain step with the engine's policy), rounds stop drafting, and a probe
+measures again now and then.
 
 The verify pass (:func:`verify_block`) runs each layer's attention through the verify
 stage of the engine's backend (``verify_step``: each KV group's keys streamed once for
@@ -36,6 +39,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -166,6 +170,12 @@ class DraftLength:
     ``min_accepted`` drafting does not pay: rounds draft nothing (``k = 0``, a plain verified
     full-attention step), and one round in ``probe_every`` drafts ``k_max`` to measure again.
     ``adaptive=False``: always ``k_max``.
+
+    ``by_speed=True``: drafting must also pay in time. The decoder reports each round's
+    milliseconds per emitted token (:meth:`observe_speed`: drafting rounds, and rounds that
+    draft nothing), averaged like the acceptance; once drafting has been measured, rounds
+    draft nothing until the other kind is measured too, and while drafting is the slower,
+    rounds draft nothing but the probes (one in ``probe_every``).
     """
 
     k_max: int = 4
@@ -173,8 +183,11 @@ class DraftLength:
     probe_every: int = 16
     smoothing: float = 0.5
     adaptive: bool = True
+    by_speed: bool = False
     recent: float = field(default=math.inf, repr=False)  # mean accepted drafts per round (exponential average)
     rounds: int = field(default=0, repr=False)
+    draft_ms: float = field(default=math.nan, repr=False)  # ms per emitted token of drafting rounds (exponential average)
+    plain_ms: float = field(default=math.nan, repr=False)  # the same for rounds that draft nothing
 
     def __post_init__(self):
         if isinstance(self.k_max, bool) or not isinstance(self.k_max, int) or self.k_max < 0:
@@ -186,13 +199,26 @@ class DraftLength:
         self.rounds += 1
         if not self.adaptive or self.recent == math.inf:
             return self.k_max
-        if self.recent < self.min_accepted:
+        if self.by_speed and math.isnan(self.plain_ms) and not math.isnan(self.draft_ms):
+            return 0  # measure the alternative once
+        if self.recent < self.min_accepted or self.draft_ms > self.plain_ms:  # (False while either is unmeasured)
             return self.k_max if self.rounds % self.probe_every == 0 else 0
         return min(self.k_max, max(1, round(self.recent) + 1))
 
     def observe(self, k: int, accepted_mean: float) -> None:
         if k:
-            self.recent = accepted_mean if self.recent == math.inf else self.smoothing * accepted_mean + (1 - self.smoothing) * self.recent
+            self.recent = self._average(self.recent, accepted_mean, math.inf)
+
+    def observe_speed(self, drafted: bool, ms_per_token: float) -> None:
+        """A round's milliseconds per emitted token (``by_speed``), ``drafted`` or not."""
+        if drafted:
+            self.draft_ms = self._average(self.draft_ms, ms_per_token, math.nan)
+        else:
+            self.plain_ms = self._average(self.plain_ms, ms_per_token, math.nan)
+
+    def _average(self, old: float, new: float, unset: float) -> float:
+        first = math.isnan(old) if math.isnan(unset) else old == unset
+        return new if first else self.smoothing * new + (1 - self.smoothing) * old
 
 
 # -- the decoder ------------------------------------------------------------------------------------
@@ -297,6 +323,9 @@ class LosslessDecoder:
         self._states = engine.states  # a new prefill replaces them: the graphs and the history would be another's
         self.log = RoundLog()
         self.emitted: list[list[int]] = [[] for _ in range(engine.batch)]  # every token each request emitted, via generate
+        # with DraftLength(by_speed=True): each round's time (CUDA events on a GPU: read once they are done, no wait)
+        self.clock = (_DeviceClock() if engine.device.type == "cuda" else _HostClock()) if self.draft.by_speed else None
+        self._timings: list[tuple] = []  # (start, end, drafted, tokens per request) not read yet
 
     def reset(self) -> None:
         """Start afresh after the engine was rewound (:meth:`~mac_llm.engine.DecodeEngine.rewind`):
@@ -304,7 +333,8 @@ class LosslessDecoder:
         graphs are kept (they read the engine's tensors, which a rewind restores in place)."""
         self.log = RoundLog()
         self.emitted = [[] for _ in range(self.engine.batch)]
-        self.draft = dataclasses.replace(self.draft, recent=math.inf, rounds=0)
+        self.draft = dataclasses.replace(self.draft, recent=math.inf, rounds=0, draft_ms=math.nan, plain_ms=math.nan)
+        self._timings.clear()
 
     def _probabilities(self, logits: torch.Tensor) -> torch.Tensor:
         return torch.softmax(logits.float() / self.temperature, dim=-1)
@@ -353,8 +383,11 @@ class LosslessDecoder:
         # a plain step: the policy's full attention where MAC cannot win, else MAC's step without matching, which
         # keeps the rings current (the reference backend has none: the policy's full attention there too)
         step_kind = ("miss" if decision != "full" and e.mac_backend == "triton" else e.full_kind()) if plain else "mac"
+        timing = self._start_timing()
         if plain and (active is None or bool(active.all())):
-            return self._plain_round(step_kind)
+            result = self._plain_round(step_kind)
+            self._stop_timing(timing, drafted=False, tokens=1.0)
+            return result
         if e.rings_stale and step_kind not in FULL_ATTENTIONS:  # MAC's kernels would retire the stale rows: before the slots are kept
             e.mark_stale_rows()
         io = self._io if self.graphed else _RoundIO.new(e, width)
@@ -399,7 +432,30 @@ class LosslessDecoder:
         self.log.k.append(k)
         self.log.accepted.append(counted)
         self.log.plain.append(plain)
+        if counted:
+            self._stop_timing(timing, drafted=k > 0 and not plain, tokens=1 + sum(counted) / len(counted))
         return emitted, accepted + 1
+
+    def _start_timing(self):
+        """``(start mark, graphs so far)`` of a round when it is timed (``draft.by_speed``), else ``None``."""
+        return None if self.clock is None else (self.clock.mark(), len(self._graphs) + len(self.engine.graphs))
+
+    def _stop_timing(self, timing, drafted: bool, tokens: float) -> None:
+        """Note the round's end; report every finished round's ms per token to the draft length (in order).
+        A round that captured a CUDA graph is not counted (its time is the capture's)."""
+        if timing is None:
+            return
+        start, graphs = timing
+        end = self.clock.mark()
+        if len(self._graphs) + len(self.engine.graphs) == graphs:
+            self._timings.append((start, end, drafted, tokens))
+        while self._timings:
+            start, end, drafted, tokens = self._timings[0]
+            ms = self.clock.ms(start, end)
+            if ms is None:  # not done on the device yet: later rounds are not either
+                break
+            self.draft.observe_speed(drafted, ms / tokens)
+            self._timings.pop(0)
 
     def _plain_round(self, kind: str) -> tuple[torch.Tensor, torch.Tensor]:
         """A plain round in which every request advances: one engine step of ``kind``, nothing
@@ -488,6 +544,28 @@ class LosslessDecoder:
                 for b, i in enumerate(at):
                     self.emitted[b][i] = tokens[b][r]
             unread.clear()
+
+
+class _HostClock:
+    """Rounds timed on the host: a CPU engine has finished a round when it returns."""
+
+    def mark(self) -> float:
+        return time.perf_counter()
+
+    def ms(self, start: float, end: float) -> float:
+        return 1e3 * (end - start)
+
+
+class _DeviceClock:
+    """Rounds timed by CUDA events, read once the device has passed them (no wait)."""
+
+    def mark(self) -> torch.cuda.Event:
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+
+    def ms(self, start: torch.cuda.Event, end: torch.cuda.Event) -> float | None:
+        return start.elapsed_time(end) if end.query() else None
 
 
 def _progress(n: int, on: bool):

@@ -111,6 +111,55 @@ def test_refused_drafts_fall_back_to_plain_steps(model, backend):
             assert_request_matches(decoder.engine, b, miss_run(model, prompt, decoder.emitted[b][:-1]))
 
 
+def test_drafting_stops_where_it_is_slower_and_probes_again():
+    """``by_speed``: once drafting is measured, a round measures the alternative; while drafting
+    emits tokens more slowly, rounds draft nothing but one probe in ``probe_every``; when it is
+    faster again, rounds draft."""
+    draft = DraftLength(k_max=4, probe_every=4, by_speed=True)
+    assert draft.next_k() == 4
+    draft.observe(4, 3.0)
+    draft.observe_speed(True, 2.0)
+    assert draft.next_k() == 0  # the alternative is not measured yet
+    draft.observe_speed(False, 1.0)
+    assert [draft.next_k() for _ in range(8)] == [4 if r % 4 == 0 else 0 for r in range(3, 11)]
+    draft.observe_speed(True, 0.2)  # averaged with 2.0: 1.1, still slower
+    assert draft.next_k() == 0
+    draft.observe_speed(True, 0.2)  # 0.65: faster
+    assert draft.next_k() == 4
+
+
+class RoundCosts:
+    """A stand-in clock for a decoder: a round costs ``drafting`` ms if it drafted, else ``plain``."""
+
+    def __init__(self, decoder, drafting, plain):
+        self.decoder, self.drafting, self.plain = decoder, drafting, plain
+
+    def mark(self):
+        return len(self.decoder.log.k)  # the round about to be logged (at its start), the next one (at its end)
+
+    def ms(self, start, end):
+        log = self.decoder.log
+        return self.drafting if log.k[start] and not log.plain[start] else self.plain
+
+
+@pytest.mark.parametrize("slower", [True, False], ids=["drafting-slower", "drafting-faster"])
+def test_a_decoder_timed_by_speed_keeps_full_attentions_tokens(model, slower):
+    """Where drafting rounds are slower per token (a stand-in clock), a decoder with a policy
+    decodes in plain steps but for the probes; where they are faster it drafts. The tokens
+    are full attention's either way."""
+    batch = prompts([11, 2, 17], seed=3)
+    policy = FallbackPolicy(min_batch=1, min_context=0, min_hit_rate=0.0, full="sdpa")
+    decoder = LosslessDecoder(engine_for(model, batch, policy=policy), DraftLength(k_max=3, probe_every=5, by_speed=True))
+    decoder.clock = RoundCosts(decoder, drafting=40.0 if slower else 1.0, plain=5.0)
+    assert decoder.generate(30) == full_greedy(model, batch, 30)
+    drafting = [k > 0 for k in decoder.log.k]
+    assert drafting[0] and not drafting[1], "the first round drafts, the second measures the plain step"
+    if slower:
+        assert 1 < sum(drafting) <= len(drafting) // 5 + 1, decoder.log.k  # the probes only
+    else:
+        assert sum(drafting) >= len(drafting) - 2, decoder.log.k
+
+
 def assert_bitwise_full_attention_through_the_verify_pass(model, device, dtype, n):
     """A fixed block: the cache (so every logit) is bit for bit that of full attention decoded
     through the same verify pass (``k_max = 0``), the tokens identical; drafts were kept. On a
