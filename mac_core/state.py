@@ -158,6 +158,36 @@ class LayerState:
         self.next_pos = n.clone()
         return self
 
+    @classmethod
+    def stacked(cls, states: list["LayerState"]) -> "LayerState":
+        """The rings of several layers as one state of batch ``L·B`` (request ``b`` of layer ``i``
+        at ``i·B + b``) whose ring tensors the layers' states view, so that one :meth:`read` or
+        :meth:`write` covers every layer.
+
+        The first call moves the layers' rings into one allocation per tensor (values kept; a
+        CUDA graph captured before it reads the old tensors); a call on states that already
+        share one returns a view of it. ``next_pos`` is the layers' concatenation (a copy).
+
+        Examples:
+            >>> layers = [LayerState.empty(2, 3, 4, 8) for _ in range(5)]
+            >>> rings = LayerState.stacked(layers)
+            >>> rings.ring_q.shape, layers[1].ring_q.data_ptr() == rings.ring_q[2].data_ptr()
+            (torch.Size([10, 3, 8, 4]), True)
+        """
+        names = ("ring_q", "ring_o", "ring_lse", "ring_depth")
+        whole = {}
+        for name in names:
+            base = getattr(states[0], name)._base
+            shared = base is not None and base.shape[0] == len(states) and all(
+                getattr(s, name).data_ptr() == base[i].data_ptr() and getattr(s, name).shape == base.shape[1:] for i, s in enumerate(states)
+            )
+            if not shared:
+                base = torch.stack([getattr(s, name) for s in states])  # [L, B, ...]
+                for i, s in enumerate(states):
+                    setattr(s, name, base[i])
+            whole[name] = base.flatten(0, 1)
+        return cls(**whole, next_pos=torch.cat([s.next_pos for s in states]))
+
     def clone(self) -> "LayerState":
         """An independent copy of the rings and positions."""
         return LayerState(*(getattr(self, f.name).clone() for f in fields(self)))

@@ -44,7 +44,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from mac_core import Summary
+from mac_core import LayerState, Summary
 
 from .engine import DecodeEngine
 from .step_attention import FULL_ATTENTIONS, backend_module
@@ -321,6 +321,11 @@ class LosslessDecoder:
         self._graphs: dict[str, tuple] = {}  # a round's part -> (CUDA graph, its outputs), at the first round
         self._io = _RoundIO.new(engine, block) if self.graphed else None  # the graphs' inputs and outputs
         self._states = engine.states  # a new prefill replaces them: the graphs and the history would be another's
+        # every layer's rings as one state, so that a round keeps and repairs its slots in a few launches, not a few per layer
+        before = [state.ring_q.data_ptr() for state in engine.states]
+        self._rings = LayerState.stacked(engine.states)
+        if [state.ring_q.data_ptr() for state in engine.states] != before:
+            engine.graphs.clear()  # the engine's captured steps read the rings where they were
         self.log = RoundLog()
         self.emitted: list[list[int]] = [[] for _ in range(engine.batch)]  # every token each request emitted, via generate
         # with DraftLength(by_speed=True): each round's time (CUDA events on a GPU: read once they are done, no wait)
@@ -392,7 +397,7 @@ class LosslessDecoder:
             e.mark_stale_rows()
         io = self._io if self.graphed else _RoundIO.new(e, width)
         host_start = list(e.host_positions)
-        saved = self._run("open", lambda: _open(e, io))  # the round's slots as they were, the block filled with t0
+        saved = self._run("open", lambda: _open(e, io, self._rings))  # the round's slots as they were, the block filled with t0
         if plain:
             logits = e.step(kind=step_kind)  # [B, V]
             drafts, accepted = io.block[:, 1:1], torch.zeros_like(io.accepted)
@@ -417,9 +422,9 @@ class LosslessDecoder:
         io.accepted.copy_(accepted)
         io.next_token.copy_(nxt)
         if plain:
-            self._run("close plain", lambda: _close(e, io, saved, logits))
+            self._run("close plain", lambda: _close(e, io, self._rings, saved, logits))
         else:
-            self._run("close", lambda: _close(e, io, saved, logits, queries, rows))
+            self._run("close", lambda: _close(e, io, self._rings, saved, logits, queries, rows))
         emitted = torch.cat([drafts, torch.full_like(nxt[:, None], -1)], dim=1)  # [B, k+1]
         b = torch.arange(e.batch, device=e.device)
         emitted[b, accepted.clamp_min(0)] = nxt
@@ -604,16 +609,15 @@ def _positions(io: _RoundIO) -> torch.Tensor:
     return io.start[:, None] + torch.arange(io.block.shape[1], device=io.start.device)
 
 
-def _open(e: DecodeEngine, io: _RoundIO) -> list[tuple]:
-    """Before the drafts: note the start, fill the block with ``t_0`` and copy each layer's
-    rows of the block's slots, ``(q [B, Hq, width, D], Summary, depth [B, Hq, width])``
-    (:meth:`~mac_core.state.LayerState.read`), which the drafts overwrite and a refused
-    position gets back."""
+def _open(e: DecodeEngine, io: _RoundIO, rings) -> tuple:
+    """Before the drafts: note the start, fill the block with ``t_0`` and copy every layer's
+    rows of the block's slots at once from the stacked ``rings`` (:meth:`~mac_core.state.LayerState.stacked`),
+    ``(q [L·B, Hq, width, D], Summary, depth [L·B, Hq, width])`` (:meth:`~mac_core.state.LayerState.read`),
+    which the drafts overwrite and a refused position gets back."""
     io.start.copy_(e.positions)
     io.logits_before.copy_(e.logits)
     io.block.copy_(e.tokens[:, None].expand_as(io.block))
-    positions = _positions(io)
-    return [state.read(positions) for state in e.states]
+    return rings.read(_positions(io).repeat(len(e.states), 1))
 
 
 def _verify(e: DecodeEngine, io: _RoundIO):
@@ -622,8 +626,8 @@ def _verify(e: DecodeEngine, io: _RoundIO):
     return verify_block(e, io.block)
 
 
-def _close(e: DecodeEngine, io: _RoundIO, saved, logits: torch.Tensor, queries=None, rows=None) -> None:
-    """After the acceptance: repair every layer's rings, then advance each request past its
+def _close(e: DecodeEngine, io: _RoundIO, rings, saved, logits: torch.Tensor, queries=None, rows=None) -> None:
+    """After the acceptance: repair every layer's rings (at once, through the stacked ``rings``), then advance each request past its
     accepted tokens, with full attention's token as the next input and its logits.
 
     After a verify pass (``logits [B, width, V]``, the block's ``queries`` and exact ``rows``
@@ -631,10 +635,14 @@ def _close(e: DecodeEngine, io: _RoundIO, saved, logits: torch.Tensor, queries=N
     (``logits [B, V]``, no queries) each slot keeps what the step wrote (a miss step: the
     exact row; another full attention: nothing, the rings are stale) and an idle request's
     slot gets back what it held."""
-    positions, nxt = _positions(io), io.start + io.accepted + 1
-    for i, (state, old) in enumerate(zip(e.states, saved)):
-        new = state.read(positions) if queries is None else (queries[i], rows[i], torch.zeros_like(old[2]))
-        _repair(state, positions, old, io.accepted, new)
+    layers, nxt = len(e.states), io.start + io.accepted + 1
+    positions = _positions(io).repeat(layers, 1)  # [L·B, width]: the stacked rings' requests
+    if queries is None:
+        new = rings.read(positions)
+    else:
+        new = (torch.cat(queries), Summary(torch.cat([r.o for r in rows]), torch.cat([r.lse for r in rows])), torch.zeros_like(saved[2]))
+    _repair(rings, positions, saved, io.accepted.repeat(layers), new)
+    for state in e.states:
         state.next_pos.copy_(nxt)
     e.positions.copy_(nxt)
     e.tokens.copy_(io.next_token)

@@ -90,3 +90,24 @@ def test_writing_a_block_of_positions_equals_writing_them_one_by_one(window, len
         loop.write(positions[:, j], q[:, :, j], Summary(o[:, :, j], lse[:, :, j]), depth[:, :, j])
     for name in ("ring_q", "ring_o", "ring_lse", "ring_depth"):
         assert torch.equal(getattr(block, name), getattr(loop, name)), name
+
+
+def test_stacked_layers_are_views_of_one_state():
+    """``LayerState.stacked``: the layers' values are kept, a write through the stacked state
+    (request ``i·B + b``) is layer ``i``'s request ``b``, and stacking again moves nothing."""
+    g = torch.Generator().manual_seed(0)
+    layers = [LayerState.empty(2, 3, 4, 5, dtype=torch.float32) for _ in range(3)]
+    for state in layers:
+        state.ring_q.normal_(generator=g)
+        state.ring_lse.normal_(generator=g)
+    before = [(s.ring_q.clone(), s.ring_lse.clone()) for s in layers]
+    rings = LayerState.stacked(layers)
+    assert all(torch.equal(s.ring_q, q) and torch.equal(s.ring_lse, lse) for s, (q, lse) in zip(layers, before))
+    positions = torch.tensor([[7, 8]] * 6)  # [L·B, 2]
+    q = torch.randn(6, 3, 2, 4, generator=g)
+    rings.write(positions, q, Summary(torch.randn(6, 3, 2, 4, generator=g), torch.randn(6, 3, 2, generator=g)), torch.ones(6, 3, 2, dtype=torch.int32))
+    for i, state in enumerate(layers):
+        got = state.read(positions[:2])
+        assert torch.equal(got[0], q[2 * i : 2 * i + 2]) and int(got[2].min()) == 1, i
+    again = LayerState.stacked(layers)
+    assert again.ring_q.data_ptr() == rings.ring_q.data_ptr() and layers[2].ring_q.data_ptr() == rings.ring_q[4].data_ptr()
