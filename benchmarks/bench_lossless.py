@@ -118,7 +118,8 @@ def prepare(engine: DecodeEngine, provider: str, k_max: int) -> LosslessDecoder 
             engine.step()
         return None
     # with the policy, rounds also stop drafting where drafting emits tokens more slowly than plain steps (by_speed)
-    decoder = LosslessDecoder(engine, DraftLength(k_max=0 if provider == "verified" else k_max, by_speed=policy is not None), block=k_max + 1)
+    decoder = LosslessDecoder(engine, DraftLength(k_max=0 if provider == "verified" else k_max, by_speed=policy is not None), block=k_max + 1,
+                              trace=True)
     for k in range(decoder.draft.k_max + 1):
         decoder.round(k)
     return decoder
@@ -141,6 +142,8 @@ def run_point(model, prompts, ctx: int, batch: int, args, device, dtype, env) ->
         results[provider] = (out, seconds)
         row = dict(gpu=env["gpu"], context=ctx, batch=batch, provider=provider, tokens=args.tokens, seconds=round(seconds, 4),
                    tokens_per_s=round(batch * args.tokens / seconds, 1))
+        if decoder is not None and decoder.traced_rounds:  # where a round's time goes (ms per round that waited)
+            row.update({f"round_ms_{part.replace(' ', '_')}": round(ms / decoder.traced_rounds, 3) for part, ms in decoder.trace_ms.items()})
         if provider.startswith("lossless:"):
             drafted = [a for k, acc in zip(decoder.log.k, decoder.log.accepted) if k for a in acc]
             emitted = [n + 1 for acc in decoder.log.accepted for n in acc]  # per request and round, k = 0 rounds too
@@ -181,6 +184,14 @@ def write(rows: list[dict], hist: list[dict], out: Path, env: dict) -> None:
             lines.append(f"| {ctx} | {batch} | {f['tokens_per_s']} | {m['speedup_vs_full']}×, {m['same_as_full']:.1%} | {v['speedup_vs_full']}× | "
                          f"{name} | {s['speedup_vs_full']}×{parts} | {s['same_as_full']:.1%} ({s['same_as_verified']:.1%}) | {s['mean_accepted']} of ≤ {s['k_max']} | "
                          f"{s['draft_share']:.0%} / {s['plain_share']:.0%} |")
+    parts = [k for k in dict.fromkeys(k for r in rows for k in r) if k.startswith("round_ms_")]
+    if parts:
+        lines += ["", "Where a round's time goes (ms per round that waited for the device; CUDA events):", "",
+                  "| context | batch | provider | " + " | ".join(p.removeprefix("round_ms_").replace("_", " ") for p in parts) + " |",
+                  "|---|---|---|" + "---|" * len(parts)]
+        for r in rows:
+            if any(p in r for p in parts):
+                lines.append(f"| {r['context']} | {r['batch']} | {r['provider']} | " + " | ".join(str(r.get(p, "–")) for p in parts) + " |")
     (out / "lossless.md").write_text("\n".join(lines) + "\n")
     if hist:
         import matplotlib

@@ -280,6 +280,11 @@ class LosslessDecoder:
             drafts (the block's ring slots kept), the verify pass, and after the acceptance
             (the repair, the positions, the next input); the drafts are the engine's graphed
             steps, so a round is ``k + 3`` replays and a few small launches. Elsewhere it runs eagerly.
+        trace: time the parts of every round that waits for the device (CUDA events on a GPU,
+            the host clock on a CPU) into :attr:`trace_ms`: milliseconds summed over the rounds
+            since the last :meth:`reset`, per part (``keep slots``, ``drafts``, ``verify``,
+            ``accept``, ``repair``, and ``between rounds``: from one round's repair to the next
+            round's start, where the host reads the acceptance back and prepares the next round).
 
     Examples:
         >>> import torch
@@ -297,7 +302,7 @@ class LosslessDecoder:
     """
 
     def __init__(self, engine: DecodeEngine, draft: DraftLength | None = None, temperature: float = 0.0,
-                 generator: torch.Generator | None = None, block: int | None = None, graph: bool = True):
+                 generator: torch.Generator | None = None, block: int | None = None, graph: bool = True, trace: bool = False):
         if not isinstance(engine, DecodeEngine):
             raise TypeError(f"engine must be a DecodeEngine, got {type(engine).__name__}")
         if engine.attention != "mac":
@@ -328,9 +333,13 @@ class LosslessDecoder:
             engine.graphs.clear()  # the engine's captured steps read the rings where they were
         self.log = RoundLog()
         self.emitted: list[list[int]] = [[] for _ in range(engine.batch)]  # every token each request emitted, via generate
-        # with DraftLength(by_speed=True): each round's time (CUDA events on a GPU: read once they are done, no wait)
-        self.clock = (_DeviceClock() if engine.device.type == "cuda" else _HostClock()) if self.draft.by_speed else None
+        # with DraftLength(by_speed=True) or trace: each round's time (CUDA events on a GPU: read once they are done, no wait)
+        self.clock = (_DeviceClock() if engine.device.type == "cuda" else _HostClock()) if self.draft.by_speed or trace else None
         self._timings: list[tuple] = []  # (start, end, drafted, tokens per request) not read yet
+        self.trace_ms: dict[str, float] | None = {} if trace else None
+        self.traced_rounds = 0
+        self._marks: list[tuple] = []  # this round's (part, mark) so far
+        self._last_mark = None  # the previous traced round's last mark
 
     def reset(self) -> None:
         """Start afresh after the engine was rewound (:meth:`~mac_llm.engine.DecodeEngine.rewind`):
@@ -340,6 +349,8 @@ class LosslessDecoder:
         self.emitted = [[] for _ in range(self.engine.batch)]
         self.draft = dataclasses.replace(self.draft, recent=math.inf, rounds=0, draft_ms=math.nan, plain_ms=math.nan)
         self._timings.clear()
+        if self.trace_ms is not None:
+            self.trace_ms, self.traced_rounds, self._marks, self._last_mark = {}, 0, [], None
 
     def _probabilities(self, logits: torch.Tensor) -> torch.Tensor:
         return torch.softmax(logits.float() / self.temperature, dim=-1)
@@ -397,7 +408,9 @@ class LosslessDecoder:
             e.mark_stale_rows()
         io = self._io if self.graphed else _RoundIO.new(e, width)
         host_start = list(e.host_positions)
+        self._mark("start")
         saved = self._run("open", lambda: _open(e, io, self._rings))  # the round's slots as they were, the block filled with t0
+        self._mark("keep slots")
         if plain:
             logits = e.step(kind=step_kind)  # [B, V]
             drafts, accepted = io.block[:, 1:1], torch.zeros_like(io.accepted)
@@ -409,7 +422,9 @@ class LosslessDecoder:
                 if self.temperature:
                     draft_probs.append(self._probabilities(logits))
                 io.block[:, j + 1] = self._draw(logits, draft_probs[-1] if self.temperature else None)
+            self._mark("drafts")
             logits, queries, rows = self._run("verify", lambda: _verify(e, io))
+            self._mark("verify")
             drafts = io.block[:, 1 : k + 1]  # [B, k]
             if self.temperature:
                 q = torch.stack(draft_probs, dim=1) if k else logits.new_zeros(e.batch, 0, logits.shape[-1])
@@ -421,15 +436,18 @@ class LosslessDecoder:
             accepted, nxt = torch.where(active, accepted, -1), torch.where(active, nxt, io.block[:, 0])
         io.accepted.copy_(accepted)
         io.next_token.copy_(nxt)
+        self._mark("accept")
         if plain:
             self._run("close plain", lambda: _close(e, io, self._rings, saved, logits))
         else:
             self._run("close", lambda: _close(e, io, self._rings, saved, logits, queries, rows))
+        self._mark("repair")
         emitted = torch.cat([drafts, torch.full_like(nxt[:, None], -1)], dim=1)  # [B, k+1]
         b = torch.arange(e.batch, device=e.device)
         emitted[b, accepted.clamp_min(0)] = nxt
         emitted[torch.arange(k + 1, device=e.device)[None, :] > accepted[:, None]] = -1
         host_accepted = accepted.tolist()  # the round's one wait for the device
+        self._add_trace()
         e.host_positions = [p + n + 1 for p, n in zip(host_start, host_accepted)]
         counted = [n for n in host_accepted if n >= 0]
         if counted:
@@ -440,6 +458,24 @@ class LosslessDecoder:
         if counted:
             self._stop_timing(timing, drafted=k > 0 and not plain, tokens=1 + sum(counted) / len(counted))
         return emitted, accepted + 1
+
+    def _mark(self, part: str) -> None:
+        """With ``trace``: the end of ``part`` of this round (``"start"``: its beginning)."""
+        if self.trace_ms is not None:
+            self._marks.append((part, self.clock.mark()))
+
+    def _add_trace(self) -> None:
+        """After the round's wait: add its parts (and the gap since the previous round) to :attr:`trace_ms`."""
+        if self.trace_ms is None or not self._marks:
+            return
+        marks, self._marks = self._marks, []
+        spans = list(zip(marks, marks[1:]))
+        if self._last_mark is not None:
+            spans.insert(0, (("", self._last_mark), ("between rounds", marks[0][1])))
+        for (_, start), (part, end) in spans:
+            self.trace_ms[part] = self.trace_ms.get(part, 0.0) + self.clock.ms(start, end)
+        self._last_mark = marks[-1][1]
+        self.traced_rounds += 1
 
     def _start_timing(self):
         """``(start mark, graphs so far)`` of a round when it is timed (``draft.by_speed``), else ``None``."""
@@ -467,6 +503,7 @@ class LosslessDecoder:
         kept or repaired (the step writes only its own position's KV entry and ring slot, as any
         decode step does), no wait for the device; ``(emitted [B, 1], counts [B])``."""
         e = self.engine
+        self._last_mark = None  # (a traced gap would hold this round)
         nxt = self._draw(e.step(kind=kind))  # [B]
         e.tokens.copy_(nxt)  # the next input (a draw when sampling; greedy: the step's own argmax)
         for state in e.states:  # (a full-attention step leaves the rings' positions behind)

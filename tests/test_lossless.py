@@ -128,6 +128,20 @@ def test_drafting_stops_where_it_is_slower_and_probes_again():
     assert draft.next_k() == 4
 
 
+def test_a_traced_decoder_times_every_part_of_its_rounds(model):
+    """``trace=True``: every round that waits for the device adds its parts' times, and the
+    gap between rounds from the second on; ``reset`` starts the sums afresh."""
+    batch = prompts([11, 2, 17], seed=3)
+    decoder = LosslessDecoder(engine_for(model, batch), DraftLength(k_max=3, adaptive=False), trace=True)
+    decoder.generate(12)
+    rounds = len(decoder.log.k)
+    assert decoder.traced_rounds == rounds > 1
+    assert set(decoder.trace_ms) == {"keep slots", "drafts", "verify", "accept", "repair", "between rounds"}
+    assert all(ms >= 0 for ms in decoder.trace_ms.values()) and decoder.trace_ms["verify"] > 0
+    decoder.reset()
+    assert decoder.trace_ms == {} and decoder.traced_rounds == 0
+
+
 class RoundCosts:
     """A stand-in clock for a decoder: a round costs ``drafting`` ms if it drafted, else ``plain``."""
 
