@@ -207,18 +207,18 @@ class DraftLength:
 
     def observe(self, k: int, accepted_mean: float) -> None:
         if k:
-            self.recent = self._average(self.recent, accepted_mean, math.inf)
+            self.recent = self._average(self.recent, accepted_mean)
 
     def observe_speed(self, drafted: bool, ms_per_token: float) -> None:
         """A round's milliseconds per emitted token (``by_speed``), ``drafted`` or not."""
         if drafted:
-            self.draft_ms = self._average(self.draft_ms, ms_per_token, math.nan)
+            self.draft_ms = self._average(self.draft_ms, ms_per_token)
         else:
-            self.plain_ms = self._average(self.plain_ms, ms_per_token, math.nan)
+            self.plain_ms = self._average(self.plain_ms, ms_per_token)
 
-    def _average(self, old: float, new: float, unset: float) -> float:
-        first = math.isnan(old) if math.isnan(unset) else old == unset
-        return new if first else self.smoothing * new + (1 - self.smoothing) * old
+    def _average(self, old: float, new: float) -> float:
+        """The exponential average; the first value (``old`` unset: inf or nan) as it is."""
+        return new if not math.isfinite(old) else self.smoothing * new + (1 - self.smoothing) * old
 
 
 # -- the decoder ------------------------------------------------------------------------------------
@@ -450,13 +450,13 @@ class LosslessDecoder:
         self._add_trace()
         e.host_positions = [p + n + 1 for p, n in zip(host_start, host_accepted)]
         counted = [n for n in host_accepted if n >= 0]
-        if counted:
-            self.draft.observe(k, sum(counted) / len(counted))
         self.log.k.append(k)
         self.log.accepted.append(counted)
         self.log.plain.append(plain)
         if counted:
-            self._stop_timing(timing, drafted=k > 0 and not plain, tokens=1 + sum(counted) / len(counted))
+            mean = sum(counted) / len(counted)
+            self.draft.observe(k, mean)
+            self._stop_timing(timing, drafted=k > 0 and not plain, tokens=1 + mean)
         return emitted, accepted + 1
 
     def _mark(self, part: str) -> None:
@@ -508,7 +508,6 @@ class LosslessDecoder:
         e.tokens.copy_(nxt)  # the next input (a draw when sampling; greedy: the step's own argmax)
         for state in e.states:  # (a full-attention step leaves the rings' positions behind)
             state.next_pos.copy_(e.positions)
-        self.draft.observe(0, 0.0)
         self.log.k.append(0)
         self.log.accepted.append([0] * e.batch)
         self.log.plain.append(True)

@@ -49,7 +49,7 @@ from .launch import Launch, num_sms, upcast_dots
 from .numerics import LN2, tanh
 from .plan import (
     _PLAN_FIELDS, BAND_FROM_SPANS, BAND_SOURCES, PLAN_BAND_START, PLAN_BAND_UNITS, PLAN_FIELDS, PLAN_FIRST, PLAN_PREFIX_FIRST,
-    PLAN_PREFIX_UNITS, PLAN_SINK_END, PLAN_SINK_UNITS, PLAN_TAIL_END, PLAN_UNITS, head_band_start, head_match, keys_at, pick, pieces,
+    PLAN_PREFIX_UNITS, PLAN_SINK_END, PLAN_SINK_UNITS, PLAN_TAIL_END, PLAN_UNITS, all_lanes, head_band_start, head_match, keys_at, pick, pieces,
     plan_field, plan_units, segment_cost,
 )
 
@@ -144,8 +144,7 @@ def _attend_kernel(
         )
         if VERIFY and PER_GROUP:  # a group with a head that has no candidate cannot reuse: it reads as a miss, nothing kept apart
             candidate, _, _ = head_match(b, heads, lane_mask, g_tail_end, key_ptr, radius_ptr, Hq, min_context)
-            whole = tl.min(tl.where(lane_mask, candidate.to(tl.int32), 1), axis=0) == 1
-            head_start = tl.where(whole, head_start, g_sink_end)
+            head_start = tl.where(all_lanes(candidate, lane_mask), head_start, g_sink_end)
         seg_offset = grp_start
         units_before = g_first
         for seg in tl.static_range(3):  # sinks, band, tail
@@ -281,27 +280,39 @@ def _attend_unit(
     if BELOW:
         split = tl.minimum(lo + tl.cdiv(tl.max(tl.where(lane_mask, below_hi, lo), axis=0) - lo, BLOCK_N) * BLOCK_N, hi)
         for n0 in range(lo, split, BLOCK_N):
-            keys, key_mask, k, v, next_page = _load_tile(
-                k_base, v_base, n0, hi, b, table_row, next_page, indices_ptr, cols, col_mask,
-                stride_kb, stride_kt, stride_vb, stride_vt, PAGED, PAGE_SIZE, BLOCK_N,
+            keys, key_mask, s, v, m, den, acc, next_page = _fold_tile(
+                q, k_base, v_base, n0, hi, b, table_row, next_page, indices_ptr, cols, col_mask, head_lo, head_hi, m, den, acc,
+                stride_kb, stride_kt, stride_vb, stride_vt, scale_log2, cap_log2, PAGED, PAGE_SIZE, SOFTCAP, BLOCK_N, UPCAST,
             )
-            s, v = tile_scores(q, k, v, scale_log2, cap_log2, SOFTCAP, UPCAST)  # [G_PAD, BLOCK_N] base-2 scores
-            valid = key_mask[None, :] & (keys[None, :] >= head_lo[:, None]) & (keys[None, :] < head_hi[:, None])
-            m, den, acc = _online_tile(m, den, acc, tl.where(valid, s, float("-inf")), v, UPCAST)
             below = key_mask[None, :] & (keys[None, :] < below_hi[:, None])
             below_m, below_den, below_acc = _online_tile(below_m, below_den, below_acc, tl.where(below, s, float("-inf")), v, UPCAST)
     for n0 in range(split, hi, BLOCK_N):
-        keys, key_mask, k, v, next_page = _load_tile(
-            k_base, v_base, n0, hi, b, table_row, next_page, indices_ptr, cols, col_mask,
-            stride_kb, stride_kt, stride_vb, stride_vt, PAGED, PAGE_SIZE, BLOCK_N,
+        _, _, _, _, m, den, acc, next_page = _fold_tile(
+            q, k_base, v_base, n0, hi, b, table_row, next_page, indices_ptr, cols, col_mask, head_lo, head_hi, m, den, acc,
+            stride_kb, stride_kt, stride_vb, stride_vt, scale_log2, cap_log2, PAGED, PAGE_SIZE, SOFTCAP, BLOCK_N, UPCAST,
         )
-        s, v = tile_scores(q, k, v, scale_log2, cap_log2, SOFTCAP, UPCAST)
-        valid = key_mask[None, :] & (keys[None, :] >= head_lo[:, None]) & (keys[None, :] < head_hi[:, None])
-        m, den, acc = _online_tile(m, den, acc, tl.where(valid, s, float("-inf")), v, UPCAST)
     part = (unit * G + tl.arange(0, G_PAD)).to(tl.int64)
     _store_state(part_o_ptr, part_lse_ptr, part, m, den, acc, lane_mask, D, BLOCK_D)
     if BELOW:
         _store_state(below_o_ptr, below_lse_ptr, part, below_m, below_den, below_acc, lane_mask, D, BLOCK_D)
+
+
+@triton.jit
+def _fold_tile(
+    q, k_base, v_base, n0, hi, b, table_row, next_page, indices_ptr, cols, col_mask, head_lo, head_hi, m, den, acc,
+    stride_kb, stride_kt, stride_vb, stride_vt, scale_log2, cap_log2,
+    PAGED: tl.constexpr, PAGE_SIZE: tl.constexpr, SOFTCAP: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr,
+):
+    """Load the tile at ``n0`` and fold it into each head's state over ``[head_lo, head_hi)``:
+    ``(keys, key_mask, scores [G_PAD, BLOCK_N], V, m, den, acc, next_page)``."""
+    keys, key_mask, k, v, next_page = _load_tile(
+        k_base, v_base, n0, hi, b, table_row, next_page, indices_ptr, cols, col_mask, stride_kb, stride_kt, stride_vb, stride_vt,
+        PAGED, PAGE_SIZE, BLOCK_N,
+    )
+    s, v = tile_scores(q, k, v, scale_log2, cap_log2, SOFTCAP, UPCAST)  # base-2 scores
+    valid = key_mask[None, :] & (keys[None, :] >= head_lo[:, None]) & (keys[None, :] < head_hi[:, None])
+    m, den, acc = _online_tile(m, den, acc, tl.where(valid, s, float("-inf")), v, UPCAST)
+    return keys, key_mask, s, v, m, den, acc, next_page
 
 
 @triton.jit

@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 
 from .accept import accept_candidate, mass_share
-from .plan import head_match
+from .plan import all_lanes, head_match
 
 class Verdicts(NamedTuple):
     """A verifying step's decisions, each ``[B·Hq]``, written by the prefix kernel.
@@ -67,13 +67,13 @@ def decide_group(
     candidate, matched, dist = head_match(b, heads, lane_mask, t + 1, key_ptr, radius_ptr, Hq, min_context)
     measured = candidate
     if PER_GROUP:  # a group with a head that has no candidate misses whole: its w is not measured (the attend kernel kept nothing apart)
-        measured = candidate & (tl.min(tl.where(lane_mask, candidate.to(tl.int32), 1), axis=0) == 1)
+        measured = candidate & all_lanes(candidate, lane_mask)
     slot = ((matched % W) + W) % W
     row_lse = tl.load(ring_lse_ptr + b * stride_rlb + heads * stride_rlh + slot, mask=lane_mask & measured, other=float("-inf"))
     w = mass_share(measured, row_lse, fresh_lse)
     hit = accept_candidate(measured, dist, tl.load(rule_radius_ptr + heads, mask=lane_mask, other=0.0), w, RULE)
     if PER_GROUP:  # a group reuses only if each of its heads would
-        hit = hit & (tl.min(tl.where(lane_mask, hit.to(tl.int32), 1), axis=0) == 1)
+        hit = hit & all_lanes(hit, lane_mask)
     out = b * Hq + heads
     written = lane_mask & ((lanes * 0 + write.to(tl.int32)) != 0)  # (the interpreter refuses `mask & scalar`)
     tl.store(hit_ptr + out, hit.to(tl.int8), mask=written)

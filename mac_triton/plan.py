@@ -85,6 +85,12 @@ def request_bounds(b, mask, pos_ptr, sink_end_ptr, band_end_ptr, tail_end_ptr, s
 
 
 @triton.jit
+def all_lanes(flags, lane_mask):
+    """Whether ``flags`` holds on every lane of ``lane_mask`` (a group's heads), as a scalar."""
+    return tl.min(tl.where(lane_mask, flags.to(tl.int32), 1), axis=0) == 1
+
+
+@triton.jit
 def head_match(b, h, mask, tail_end, key_ptr, radius_ptr, Hq, min_context):
     """Head ``(b, h)``'s match from its key: ``(candidate, j*, distance)`` (no candidate where masked)."""
     key = tl.load(key_ptr + b * Hq + h, mask=mask, other=_NO_CANDIDATE)
