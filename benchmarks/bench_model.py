@@ -13,7 +13,8 @@ embedding to logits) replayed as one CUDA graph:
   sinks and ``max_chain`` with the paper's rule (τ 0.5) and with the mass-aware rule the
   real-model study chose (τ cap 0.3, ``τ_m`` 0.85, decided per KV group; see :data:`MAC`);
 - ``mac_paper_policy``, ``mac_mass_policy``: the same with the fallback policy
-  (``FallbackPolicy``: SDPA below its batch and context thresholds).
+  (``FallbackPolicy``: the engine's full attention, the Triton full decode, below its batch
+  and context thresholds).
 
 Per point and provider: the median step latency over ``--steps`` steps (CUDA events), tokens
 per second (``B`` over it), the speed-up over the best full-attention baseline, a per-step
@@ -23,7 +24,7 @@ the first ``--fidelity-requests`` requests of each context (teacher forcing on t
 follows each prompt, ``--fidelity-steps`` tokens): KL(full ‖ MAC), top-1 agreement, Δppl
 with its standard error, hit rate, KV reads skipped per head and per group.
 
-    python -m benchmarks.bench_model --model PATH/SmolLM2-135M-Instruct.Q4_1.gguf [--contexts 2048,4096,8192] [--batches 1,8,32,64,128] [--diagnose] [--out DIR]
+    python -m benchmarks.bench_model --model PATH/SmolLM2-135M-Instruct.Q4_1.gguf [--contexts 2048,4096,8192] [--batches 1,8,32,64,128] [--diagnose] [--launch "warps=4;programs_per_sm=2"] [--out DIR]
 
 Writes ``model.csv``, ``model_fidelity.csv``, ``model_kernels.csv`` (µs per step per kernel), ``model.md`` and the two
 plots of ``benchmarks/plots.py`` (speed-up per rule, tokens per second per context) into ``--out``.
@@ -61,13 +62,29 @@ DIAGNOSTIC = {"mac_mass_per_head": dict(tau=0.3, rule=MassRule(tau_m=0.85)), "ma
 GROUP_MATCH = {"mac_mass_group_match": dict(BEST_RULE, group_match=True)}
 
 
-def prefix_launch(provider: str, groups: int):
-    """``mac_mass@prefixN``: the default launch with ``prefix_per_sm = N``; other providers: ``None`` (the default)."""
-    if "@prefix" not in provider:
+def launch_variant(provider: str, groups: int):
+    """``mac_mass@name=value,…`` (``--launch``): the default launch with those
+    :class:`~mac_triton.Launch` fields changed; other providers: ``None`` (the default)."""
+    if "@" not in provider:
         return None
     from mac_triton import launch_for
 
-    return dataclasses.replace(launch_for(groups), prefix_per_sm=int(provider.split("@prefix")[1]))
+    changes = dict(item.split("=") for item in provider.split("@")[1].split(","))
+    return dataclasses.replace(launch_for(groups), **{name: int(value) for name, value in changes.items()})
+
+
+def parse_launches(text: str) -> list[str]:
+    """``--launch``'s variants, ``;``-separated, each ``name=value,…`` of integer :class:`~mac_triton.Launch` fields."""
+    from mac_triton import Launch
+
+    fields = {f.name for f in dataclasses.fields(Launch)}
+    variants = [v for v in text.split(";") if v]
+    for variant in variants:
+        for item in variant.split(","):
+            name, _, value = item.partition("=")
+            if name not in fields or not value.isdigit():
+                raise argparse.ArgumentTypeError(f"--launch: {item!r} is not name=integer with name one of {sorted(fields)}")
+    return variants
 
 
 def prose_prompts(tokenizer, n: int, length: int, follow: int) -> tuple[list[list[int]], list[list[int]]]:
@@ -133,7 +150,7 @@ def run(args) -> None:
     print(", ".join(f"{k} {v}" for k, v in env.items()), flush=True)
     rows, fidelity_rows, kernel_rows = [], [], []
     mac = {**MAC, **(DIAGNOSTIC if args.diagnose else {}), **(GROUP_MATCH if args.group_match else {}),
-           **{f"mac_mass@prefix{n}": BEST_RULE for n in args.prefix_per_sm}}
+           **{f"mac_mass@{variant}": BEST_RULE for variant in args.launch}}
     for ctx in args.contexts:
         prompts, follow = prose_prompts(tokenizer, max(args.batches), ctx, args.steps + args.fidelity_steps + 8)
         for batch in args.batches:
@@ -150,7 +167,7 @@ def run(args) -> None:
                     except Exception as err:  # noqa: BLE001
                         print(f"  flashinfer not importable: {err}")
                         continue
-                engine.launch = prefix_launch(provider, batch * kv_heads)
+                engine.launch = launch_variant(provider, batch * kv_heads)
                 if provider in mac:
                     policy = FallbackPolicy() if provider.endswith("policy") else None
                     engine.switch("mac", dataclasses.replace(base, **mac[provider]), policy)
@@ -202,7 +219,7 @@ def fidelity_at(model, prompts, follow, ctx, args, base, dtype, device, kv_heads
     reference = torch.stack([engine.step(targets[s]).clone() for s in range(args.fidelity_steps)])  # [S, B, V]
     rows = []
     for provider, changes in mac.items():
-        if provider.endswith("policy") or "@prefix" in provider:
+        if provider.endswith("policy") or "@" in provider:
             continue  # the policy and the launch change speed, not the rows (a fallback step is exact): see the timing rows
         engine.switch("mac", dataclasses.replace(base, **changes))
         r = fidelity(engine, checkpoint, follow, reference, kv_heads)
@@ -251,8 +268,9 @@ def main():
     parser.add_argument("--fidelity-requests", type=int, default=32, help="requests the fidelity is measured on (the first ones; 0: none)")
     parser.add_argument("--fidelity-steps", type=int, default=256, help="teacher-forced tokens per request for the fidelity")
     parser.add_argument("--diagnose", action="store_true", help=f"also time {', '.join(DIAGNOSTIC)} (where the mass rule's cost comes from)")
-    parser.add_argument("--prefix-per-sm", type=lambda s: [int(x) for x in s.split(",")], default=[],
-                        help="also time mac_mass with these Launch.prefix_per_sm values (mac_mass@prefixN; an A/B of the prefix kernel's grid)")
+    parser.add_argument("--launch", type=parse_launches, default=[],
+                        help="also time mac_mass with these mac_triton.Launch changes, ';'-separated variants of name=value,… "
+                             "(mac_mass@prefix_per_sm=32;programs_per_sm=2,warps=4): an A/B of the kernels' launch end to end")
     parser.add_argument("--group-match", action="store_true", help=f"also time and score {', '.join(GROUP_MATCH)} (MACConfig.group_match)")
     parser.add_argument("--dtype", choices=("bf16", "fp16"), default="bf16", help="weights, activations and KV cache")
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,

@@ -19,8 +19,8 @@ The attention of a step is one of :data:`ATTENTIONS`:
   before each replay (it cannot run inside a graph), as serving engines do.
 
 With ``"mac"`` a :class:`FallbackPolicy` chooses, before each replay, one of three graphs:
-the MAC step; below its batch or context thresholds, the fastest full attention
-(``policy.full``), which leaves the rings behind; at a low recent hit rate, MAC's step
+the MAC step; below its batch or context thresholds, the engine's fastest full attention
+(``policy.full``; the Triton full decode by default), which leaves the rings behind; at a low recent hit rate, MAC's step
 without matching (``mac_step`` with ``match=False``: full attention that keeps the rings
 current, so that a probe can measure the hit rate again). When MAC resumes after
 full-attention steps, the rows they left stale are marked as no candidates (chain depth
@@ -204,10 +204,13 @@ class DecodeEngine:
         return self.full_kind() if kind == "full" else kind
 
     def full_kind(self) -> str:
-        """The policy's full-attention step: ``policy.full``, or ``"miss"`` (MAC's step without
-        matching, which keeps the rings current) where ``config.max_chain`` is ``None`` and
-        stale rows could not be marked afterwards."""
-        return self.policy.full if self.config.max_chain is not None else "miss"
+        """The policy's full-attention step: ``policy.full`` (``None``: ``"triton"`` with the
+        Triton MAC backend, else ``"sdpa"``), or ``"miss"`` (MAC's step without matching, which
+        keeps the rings current) where ``config.max_chain`` is ``None`` and stale rows could
+        not be marked afterwards."""
+        if self.config.max_chain is None:
+            return "miss"
+        return self.policy.full or ("triton" if self.mac_backend == "triton" else "sdpa")
 
     def mark_stale_rows(self) -> None:
         """After full-attention steps: the rows they did not write are no candidates (depth ``max_chain``)."""

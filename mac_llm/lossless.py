@@ -276,14 +276,15 @@ class LosslessDecoder:
             pass, ``LosslessDecoder(engine, DraftLength(k_max=0), block=block)``, bit for bit
             in bf16 too. The padding's K/V lie past the position and are overwritten.
         graph: with a fixed ``block``, the Triton backend and a CUDA engine, replay the
-            round's fixed-shape parts as CUDA graphs (captured at the first round): before the
-            drafts (the block's ring slots kept), the verify pass, and after the acceptance
-            (the repair, the positions, the next input); the drafts are the engine's graphed
-            steps, so a round is ``k + 3`` replays and a few small launches. Elsewhere it runs eagerly.
+            round's fixed-shape parts as CUDA graphs (captured at the first round of each ``k``):
+            before the drafts (the block's ring slots kept), the verify pass, and the
+            settlement (greedy: the acceptance; the repair, the positions, the next input, the
+            emitted tokens); the drafts are the engine's graphed steps, so a round is ``k + 3``
+            replays and two small copies (sampling: the acceptance eager). Elsewhere it runs eagerly.
         trace: time the parts of every round that waits for the device (CUDA events on a GPU,
             the host clock on a CPU) into :attr:`trace_ms`: milliseconds summed over the rounds
             since the last :meth:`reset`, per part (``keep slots``, ``drafts``, ``verify``,
-            ``accept``, ``repair``, and ``between rounds``: from one round's repair to the next
+            ``accept, repair``, and ``between rounds``: from one round's repair to the next
             round's start, where the host reads the acceptance back and prepares the next round).
 
     Examples:
@@ -407,14 +408,20 @@ class LosslessDecoder:
         if e.rings_stale and step_kind not in FULL_ATTENTIONS:  # MAC's kernels would retire the stale rows: before the slots are kept
             e.mark_stale_rows()
         io = self._io if self.graphed else _RoundIO.new(e, width)
+        if active is None:
+            io.active.fill_(True)
+        else:
+            io.active.copy_(active)
         host_start = list(e.host_positions)
         self._mark("start")
         saved = self._run("open", lambda: _open(e, io, self._rings))  # the round's slots as they were, the block filled with t0
         self._mark("keep slots")
+        rings = self._rings
         if plain:
             logits = e.step(kind=step_kind)  # [B, V]
-            drafts, accepted = io.block[:, 1:1], torch.zeros_like(io.accepted)
-            nxt = self._draw(logits)
+            io.accepted.zero_()
+            io.next_token.copy_(self._draw(logits))
+            settle, name = (lambda: _settle(e, io, rings, saved, logits, 0)), "settle plain"
         else:
             draft_probs = []
             for j in range(k):
@@ -425,27 +432,15 @@ class LosslessDecoder:
             self._mark("drafts")
             logits, queries, rows = self._run("verify", lambda: _verify(e, io))
             self._mark("verify")
-            drafts = io.block[:, 1 : k + 1]  # [B, k]
-            if self.temperature:
+            if self.temperature:  # the draws stay out of the graphs: the acceptance is eager, the rest graphed
                 q = torch.stack(draft_probs, dim=1) if k else logits.new_zeros(e.batch, 0, logits.shape[-1])
-                accepted, nxt = accept_sampled(self._probabilities(logits[:, : k + 1]), q, drafts, self.generator)
-            else:
-                accepted, nxt = accept_greedy(logits[:, : k + 1], drafts)
-        if active is not None:  # an idle request accepts "−1 tokens": it stays where it was
-            active = active.to(e.device)
-            accepted, nxt = torch.where(active, accepted, -1), torch.where(active, nxt, io.block[:, 0])
-        io.accepted.copy_(accepted)
-        io.next_token.copy_(nxt)
-        self._mark("accept")
-        if plain:
-            self._run("close plain", lambda: _close(e, io, self._rings, saved, logits))
-        else:
-            self._run("close", lambda: _close(e, io, self._rings, saved, logits, queries, rows))
-        self._mark("repair")
-        emitted = torch.cat([drafts, torch.full_like(nxt[:, None], -1)], dim=1)  # [B, k+1]
-        b = torch.arange(e.batch, device=e.device)
-        emitted[b, accepted.clamp_min(0)] = nxt
-        emitted[torch.arange(k + 1, device=e.device)[None, :] > accepted[:, None]] = -1
+                accepted, nxt = accept_sampled(self._probabilities(logits[:, : k + 1]), q, io.block[:, 1 : k + 1], self.generator)
+                io.accepted.copy_(accepted)
+                io.next_token.copy_(nxt)
+            greedy = not self.temperature
+            settle, name = (lambda: _settle(e, io, rings, saved, logits, k, queries, rows, greedy)), f"settle {k}"
+        emitted, accepted = (t.clone() for t in self._run(name, settle))  # (a graph's outputs: the next round overwrites them)
+        self._mark("accept, repair")
         host_accepted = accepted.tolist()  # the round's one wait for the device
         self._add_trace()
         e.host_positions = [p + n + 1 for p, n in zip(host_start, host_accepted)]
@@ -626,6 +621,7 @@ class _RoundIO:
         logits_before: ``[B, V]`` float32 the engine's logits then (kept by idle requests).
         block: ``[B, width]`` int64 the verified tokens: ``t_0``, the drafts, ``t_0`` as padding.
         accepted, next_token: ``[B]`` int64 the acceptance's result (``-1``, ``t_0`` for idle requests).
+        active: ``[B]`` bool the requests that advance this round.
     """
 
     start: torch.Tensor
@@ -633,11 +629,13 @@ class _RoundIO:
     block: torch.Tensor
     accepted: torch.Tensor
     next_token: torch.Tensor
+    active: torch.Tensor
 
     @classmethod
     def new(cls, e: DecodeEngine, width: int) -> "_RoundIO":
         ints = lambda *shape: torch.zeros(*shape, dtype=torch.int64, device=e.device)  # noqa: E731
-        return cls(ints(e.batch), torch.zeros_like(e.logits), ints(e.batch, width), ints(e.batch), ints(e.batch))
+        return cls(ints(e.batch), torch.zeros_like(e.logits), ints(e.batch, width), ints(e.batch), ints(e.batch),
+                   torch.ones(e.batch, dtype=torch.bool, device=e.device))
 
 
 def _positions(io: _RoundIO) -> torch.Tensor:
@@ -660,6 +658,27 @@ def _verify(e: DecodeEngine, io: _RoundIO):
     """The verify pass over the block, from the round's start (:func:`verify_block`)."""
     e.positions.copy_(io.start)
     return verify_block(e, io.block)
+
+
+def _settle(e: DecodeEngine, io: _RoundIO, rings, saved, logits: torch.Tensor, k: int, queries=None, rows=None,
+            greedy: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """After the verify pass (or a plain step): the acceptance (``greedy``: made here from
+    ``logits``; else already in ``io.accepted`` and ``io.next_token``), idle requests kept
+    where they were (``−1`` accepted, ``t_0`` next), then :func:`_close`; ``(emitted [B, k+1],
+    accepted [B])``: request ``b`` emitted ``emitted[b, :accepted[b] + 1]``, the rest ``−1``."""
+    drafts = io.block[:, 1 : k + 1]  # [B, k]
+    if greedy:
+        accepted, nxt = accept_greedy(logits[:, : k + 1], drafts)
+        io.accepted.copy_(accepted)
+        io.next_token.copy_(nxt)
+    io.accepted.masked_fill_(~io.active, -1)  # an idle request accepts "−1 tokens": it stays where it was
+    io.next_token.copy_(torch.where(io.active, io.next_token, io.block[:, 0]))
+    _close(e, io, rings, saved, logits, queries, rows)
+    emitted = torch.cat([drafts, torch.full_like(io.next_token[:, None], -1)], dim=1)  # [B, k+1]
+    b = torch.arange(e.batch, device=e.device)
+    emitted[b, io.accepted.clamp_min(0)] = io.next_token
+    emitted.masked_fill_(torch.arange(k + 1, device=e.device)[None, :] > io.accepted[:, None], -1)
+    return emitted, io.accepted.clone()
 
 
 def _close(e: DecodeEngine, io: _RoundIO, rings, saved, logits: torch.Tensor, queries=None, rows=None) -> None:

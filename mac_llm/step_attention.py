@@ -56,7 +56,8 @@ def mac_decode_step(backend: str):
 class FallbackPolicy:
     """What a MAC engine's next step runs, decided before each step from what it knows.
 
-    - ``"full"`` (the attention ``full``: ``"sdpa"``, ``"triton"`` or ``"flashinfer"``) while
+    - ``"full"`` (the attention ``full``: ``"sdpa"``, ``"triton"`` or ``"flashinfer"``; ``None``:
+      the engine's fastest, below) while
       the batch has fewer than ``min_batch`` requests or the longest context is shorter than
       ``min_context`` keys: there MAC cannot win, and nothing of its work is kept;
     - ``"miss"`` (MAC's step without matching) while the hit rate of the recent MAC steps is
@@ -66,22 +67,24 @@ class FallbackPolicy:
     - ``"mac"`` otherwise.
 
     The thresholds come from the end-to-end benchmark on an H200 (``benchmarks/bench_model.py``,
-    SmolLM2-135M: MAC won at 8K from batch 32 and lost at 4K at every batch), and ``full``
-    from its fastest full attention at large batches (SDPA). A config without ``max_chain``
-    cannot mark stale rows, so there ``"full"`` becomes ``"miss"``.
+    SmolLM2-135M: MAC won at 8K from batch 32 and lost at 4K at every batch). ``full=None``
+    is the engine's fastest full attention in the same benchmark on an H100 (compiled, graphed,
+    batch 1–64 × 2K–8K): the Triton full decode, first or within 1.3 % of SDPA at every
+    point, where the MAC backend is Triton; SDPA with the reference backend. A config without
+    ``max_chain`` cannot mark stale rows, so there ``"full"`` becomes ``"miss"``.
     """
 
     min_batch: int = 32
     min_context: int = 6144
     min_hit_rate: float = 0.5
     probe_every: int = 16
-    full: str = "sdpa"
+    full: str | None = None
     recent_hit_rate: float = 1.0
     steps: int = field(default=0, repr=False)
 
     def __post_init__(self):
-        if self.full not in FULL_ATTENTIONS:
-            raise ValueError(f"FallbackPolicy.full must be one of {FULL_ATTENTIONS}, got {self.full!r}")
+        if self.full is not None and self.full not in FULL_ATTENTIONS:
+            raise ValueError(f"FallbackPolicy.full must be None or one of {FULL_ATTENTIONS}, got {self.full!r}")
 
     def decide(self, batch: int, context: int) -> str:
         """``"mac"``, ``"miss"`` or ``"full"`` for a step of ``batch`` requests whose longest context is ``context``."""

@@ -160,7 +160,8 @@ def test_while_falling_back_for_the_hit_rate_a_probe_measures_it_again(model):
 
 
 def test_below_the_thresholds_steps_are_the_full_attention_and_mac_resumes_on_fresh_rows(model):
-    """Below ``min_context`` the steps are the policy's full attention (SDPA) and write no rows;
+    """Below ``min_context`` the steps are the policy's full attention (by default the engine's
+    fastest: the Triton full decode with the Triton backend) and write no rows;
     when MAC resumes, the rows they left stale are no candidates: the first MAC step is all
     misses (so exact) and every later hit reuses a row written after the resumption."""
     batch = prompts([15, 15], seed=4)
@@ -169,6 +170,7 @@ def test_below_the_thresholds_steps_are_the_full_attention_and_mac_resumes_on_fr
     engine = DecodeEngine(model, 2, CAPACITY, "mac", config, dtype=torch.float32, device="cpu", policy=policy)
     sdpa = DecodeEngine(model, 2, CAPACITY, "sdpa", dtype=torch.float32, device="cpu")
     engine.prefill(batch), sdpa.prefill(batch)
+    assert engine.full_kind() == "triton"
     for _ in range(3):
         assert_close(engine.step(), sdpa.step(), "model_logits", torch.float32)
         assert engine.step_stats() is None and engine.rings_stale
@@ -205,8 +207,17 @@ def test_switching_to_mac_after_full_steps_marks_the_stale_rows(model):
 
 
 def test_policy_refuses_an_unknown_full_attention():
-    with pytest.raises(ValueError, match="FallbackPolicy.full must be one of"):
+    with pytest.raises(ValueError, match="FallbackPolicy.full must be None or one of"):
         FallbackPolicy(full="mac")
+
+
+def test_policy_full_attention_is_the_engines_unless_named(model):
+    config = MACConfig(window=8, band=4, max_chain=1)
+    for backend, named, kind in (("triton", None, "triton"), ("ref", None, "sdpa"), ("triton", "sdpa", "sdpa"), ("ref", "triton", "triton")):
+        engine = DecodeEngine(model, 1, CAPACITY, "mac", config, dtype=torch.float32, device="cpu", policy=FallbackPolicy(full=named), mac_backend=backend)
+        assert engine.full_kind() == kind, (backend, named)
+    unbounded = DecodeEngine(model, 1, CAPACITY, "mac", MACConfig(window=8, band=4), device="cpu", dtype=torch.float32, policy=FallbackPolicy())
+    assert unbounded.full_kind() == "miss"  # stale rows could not be marked afterwards
 
 
 def test_bad_arguments_are_refused(model):
