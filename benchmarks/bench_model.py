@@ -160,7 +160,7 @@ def run(args) -> None:
             engine.prefill(prompts[:batch])
             checkpoint = engine.checkpoint()
             results = {}
-            for provider in (*FULL, *mac):
+            for provider in (p for p in (*FULL, *mac) if not args.providers or p in args.providers):
                 if provider == "flashinfer":
                     try:
                         import flashinfer  # noqa: F401
@@ -197,8 +197,8 @@ def run(args) -> None:
                 rows.append(row)
                 engine.graphs.clear()
             best_full = min((results[p] for p in FULL if p in results), default=float("nan"))
-            for row in rows[-len(results):]:
-                row["best_full"] = min((p for p in FULL if p in results), key=results.get)
+            for row in rows[len(rows) - len(results):]:
+                row["best_full"] = min((p for p in FULL if p in results), key=results.get, default="")
                 row["speedup_vs_best_full"] = round(best_full / row["step_ms"], 3)
             print(f"  ctx={ctx} B={batch}: " + ", ".join(f"{p} {ms:.3f} ms" for p, ms in results.items()) + f"  [{time.time() - t0:.0f}s]", flush=True)
             write(rows, fidelity_rows, kernel_rows, out, env, args, quiet=True)  # after every point: a cut-short run keeps what it measured
@@ -272,6 +272,8 @@ def main():
                         help="also time mac_mass with these mac_triton.Launch changes, ';'-separated variants of name=value,… "
                              "(mac_mass@prefix_per_sm=32;programs_per_sm=2,warps=4): an A/B of the kernels' launch end to end")
     parser.add_argument("--group-match", action="store_true", help=f"also time and score {', '.join(GROUP_MATCH)} (MACConfig.group_match)")
+    parser.add_argument("--providers", type=lambda s: s.split(","), default=[],
+                        help="time only these providers (all by default; a profiler run, e.g. ncu -k regex:_attend_kernel, wants one)")
     parser.add_argument("--dtype", choices=("bf16", "fp16"), default="bf16", help="weights, activations and KV cache")
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
                         help="compile everything but the attention (torch.compile) for every provider: the baseline a serving engine is")

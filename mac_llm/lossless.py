@@ -501,8 +501,9 @@ class LosslessDecoder:
         self._last_mark = None  # (a traced gap would hold this round)
         nxt = self._draw(e.step(kind=kind))  # [B]
         e.tokens.copy_(nxt)  # the next input (a draw when sampling; greedy: the step's own argmax)
-        for state in e.states:  # (a full-attention step leaves the rings' positions behind)
-            state.next_pos.copy_(e.positions)
+        if e.mac_backend == "ref":  # its steps check the rings' positions (a full-attention step leaves them behind); the Triton engine's do not read them
+            for state in e.states:
+                state.next_pos.copy_(e.positions)
         self.log.k.append(0)
         self.log.accepted.append([0] * e.batch)
         self.log.plain.append(True)
