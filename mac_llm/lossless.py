@@ -341,6 +341,8 @@ class LosslessDecoder:
         self.traced_rounds = 0
         self._marks: list[tuple] = []  # this round's (part, mark) so far
         self._last_mark = None  # the previous traced round's last mark
+        self._positions = list(engine.host_positions)  # each request's position after the last landed round
+        self._ahead = 0  # positions the rounds in flight (launched, not landed) may write past them
 
     def reset(self) -> None:
         """Start afresh after the engine was rewound (:meth:`~mac_llm.engine.DecodeEngine.rewind`):
@@ -350,6 +352,7 @@ class LosslessDecoder:
         self.emitted = [[] for _ in range(self.engine.batch)]
         self.draft = dataclasses.replace(self.draft, recent=math.inf, rounds=0, draft_ms=math.nan, plain_ms=math.nan)
         self._timings.clear()
+        self._positions, self._ahead = list(self.engine.host_positions), 0
         if self.trace_ms is not None:
             self.trace_ms, self.traced_rounds, self._marks, self._last_mark = {}, 0, [], None
 
@@ -378,41 +381,50 @@ class LosslessDecoder:
             ``(emitted [B, k+1], counts [B])``: request ``b`` emitted ``emitted[b, :counts[b]]``
             (its accepted drafts, then full attention's token); the rest is ``-1``.
         """
+        self._positions = list(self.engine.host_positions)
+        launched = self._launch(k, active)
+        self._land(launched)
+        return launched.emitted, launched.accepted + 1
+
+    def _launch(self, k: int | None, active: torch.Tensor | None) -> "_Launched":
+        """Queue a round on the device without waiting for it (:meth:`round`'s arguments); the
+        host learns its acceptance in :meth:`_land`. Host positions are those after the last
+        landed round (:attr:`_positions`), plus the round in flight where one is."""
         e = self.engine
         if e.states is not self._states:
             raise ValueError("the engine was prefilled again after this LosslessDecoder was made (its graphs and tokens "
                              "belong to the old prompts): make a new LosslessDecoder")
         if k is not None and (isinstance(k, bool) or not isinstance(k, int) or not 0 <= k < e.config.window):
             raise ValueError(f"k must be an int in [0, W={e.config.window}), got {k!r}")
+        if active is not None and (not isinstance(active, torch.Tensor) or active.dtype != torch.bool or active.shape != (e.batch,)):
+            raise ValueError(f"active must be a bool tensor [B={e.batch}], got {getattr(active, 'dtype', type(active).__name__)} {list(getattr(active, 'shape', []))}")
         policy = e.policy
-        decision = "mac" if policy is None else policy.decide(e.batch, max(e.host_positions) + 1)
+        decision = "mac" if policy is None else policy.decide(e.batch, max(self._positions) + 1)
         plain = decision != "mac"
         k = 0 if plain else self.draft.next_k() if k is None else k
         if self.block is not None and k >= self.block:
             raise ValueError(f"k must be below the decoder's block={self.block}, got {k}")
         plain = plain or (policy is not None and k == 0)  # nothing to verify: one plain full-attention step
         width = self.block or k + 1  # positions the verify pass writes
-        if max(e.host_positions) + width > e.capacity:
+        if max(self._positions) + self._ahead + width > e.capacity:
             raise ValueError(f"a round of k={k} drafts (a verified block of {width}) reaches position "
-                             f"{max(e.host_positions) + width - 1}, past the capacity {e.capacity}")
-        if active is not None and (not isinstance(active, torch.Tensor) or active.dtype != torch.bool or active.shape != (e.batch,)):
-            raise ValueError(f"active must be a bool tensor [B={e.batch}], got {getattr(active, 'dtype', type(active).__name__)} {list(getattr(active, 'shape', []))}")
+                             f"{max(self._positions) + self._ahead + width - 1}, past the capacity {e.capacity}")
+        all_active = active is None or bool(active.all())
         # a plain step: the policy's full attention where MAC cannot win, else MAC's step without matching, which
         # keeps the rings current (the reference backend has none: the policy's full attention there too)
         step_kind = ("miss" if decision != "full" and e.mac_backend == "triton" else e.full_kind()) if plain else "mac"
-        timing = self._start_timing()
-        if plain and (active is None or bool(active.all())):
-            result = self._plain_round(step_kind)
-            self._stop_timing(timing, drafted=False, tokens=1.0)
-            return result
+        start = self._start_timing()
+        if plain and all_active:
+            emitted = self._plain_round(step_kind)  # [B, 1]
+            return self._launched(emitted, torch.zeros_like(emitted[:, 0]), k, True, False, start, width)
         if e.rings_stale and step_kind not in FULL_ATTENTIONS:  # MAC's kernels would retire the stale rows: before the slots are kept
             e.mark_stale_rows()
         io = self._io if self.graphed else _RoundIO.new(e, width)
-        if active is None:
+        if all_active:
             io.active.fill_(True)
-        else:
-            io.active.copy_(active)
-        host_start = list(e.host_positions)
+        else:  # (from pinned memory, without waiting: a round in flight stays in flight)
+            active = active.pin_memory() if io.active.is_cuda else active
+            io.active.copy_(active, non_blocking=True)
         self._mark("start")
         saved = self._run("open", lambda: _open(e, io, self._rings))  # the round's slots as they were, the block filled with t0
         self._mark("keep slots")
@@ -441,29 +453,64 @@ class LosslessDecoder:
             settle, name = (lambda: _settle(e, io, rings, saved, logits, k, queries, rows, greedy)), f"settle {k}"
         emitted, accepted = (t.clone() for t in self._run(name, settle))  # (a graph's outputs: the next round overwrites them)
         self._mark("accept, repair")
-        host_accepted = accepted.tolist()  # the round's one wait for the device
-        self._add_trace()
-        e.host_positions = [p + n + 1 for p, n in zip(host_start, host_accepted)]
+        return self._launched(emitted, accepted, k, plain, True, start, width, active)
+
+    def _launched(self, emitted, accepted, k, plain, settled, start, width, keep=None) -> "_Launched":
+        """The record of a queued round: its results copied to the host behind it (no wait), its marks."""
+        host = torch.cat([accepted[:, None], emitted], dim=1)  # [B, 1 + k+1]
+        ready = None
+        if host.is_cuda:
+            host, ready = torch.empty(host.shape, dtype=host.dtype, pin_memory=True).copy_(host, non_blocking=True), torch.cuda.Event()
+            ready.record()
+        marks, self._marks = self._marks, []
+        captured = len(self._graphs) + len(self.engine.graphs) != (start[1] if start else 0)
+        end = None if start is None else self.clock.mark()
+        self._ahead += width if settled else 0
+        return _Launched(emitted, accepted, host, ready, k, plain, settled, width, marks, start and (start[0], end, captured), keep)
+
+    def _land(self, r: "_Launched") -> list[list[int]] | None:
+        """Wait for a launched round (alone: not for what was queued after it) and do its host
+        bookkeeping (positions, log, draft length, trace, timing); ``[B][1 + k+1]``: each
+        request's accepted count (``−1``: idle), then the emitted row. A plain step's round
+        is not waited for (``None``): each request emitted one token."""
+        e = self.engine
+        if not r.settled:  # a plain step: one token each, known without waiting (its tokens: r.host once r.ready)
+            self._positions = [p + 1 for p in self._positions]
+            self.log.k.append(0)
+            self.log.accepted.append([0] * e.batch)
+            self.log.plain.append(True)
+            self._stop_timing(r.timing, drafted=False, tokens=1.0)
+            e.host_positions = list(self._positions)
+            self._last_mark = None  # (a traced gap would hold this round)
+            return None
+        if r.ready is not None:
+            r.ready.synchronize()
+        rows = r.host.tolist()
+        self._ahead -= r.width
+        if r.marks:
+            self._add_trace(r.marks)
+        host_accepted = [row[0] for row in rows]
+        self._positions = [p + n + 1 for p, n in zip(self._positions, host_accepted)]
+        e.host_positions = list(self._positions)  # (with a round in flight: behind it, which only its own checks read)
         counted = [n for n in host_accepted if n >= 0]
-        self.log.k.append(k)
+        self.log.k.append(r.k)
         self.log.accepted.append(counted)
-        self.log.plain.append(plain)
+        self.log.plain.append(r.plain)
         if counted:
             mean = sum(counted) / len(counted)
-            self.draft.observe(k, mean)
-            self._stop_timing(timing, drafted=k > 0 and not plain, tokens=1 + mean)
-        return emitted, accepted + 1
+            self.draft.observe(r.k, mean)
+            self._stop_timing(r.timing, drafted=r.k > 0 and not r.plain, tokens=1 + mean)
+        return rows
 
     def _mark(self, part: str) -> None:
         """With ``trace``: the end of ``part`` of this round (``"start"``: its beginning)."""
         if self.trace_ms is not None:
             self._marks.append((part, self.clock.mark()))
 
-    def _add_trace(self) -> None:
-        """After the round's wait: add its parts (and the gap since the previous round) to :attr:`trace_ms`."""
-        if self.trace_ms is None or not self._marks:
+    def _add_trace(self, marks: list) -> None:
+        """After a round's wait: add its parts (and the gap since the previous round) to :attr:`trace_ms`."""
+        if self.trace_ms is None:
             return
-        marks, self._marks = self._marks, []
         spans = list(zip(marks, marks[1:]))
         if self._last_mark is not None:
             spans.insert(0, (("", self._last_mark), ("between rounds", marks[0][1])))
@@ -473,17 +520,17 @@ class LosslessDecoder:
         self.traced_rounds += 1
 
     def _start_timing(self):
-        """``(start mark, graphs so far)`` of a round when it is timed (``draft.by_speed``), else ``None``."""
+        """``(start mark, graphs so far)`` of a round when it is timed (``draft.by_speed``, ``trace``), else ``None``."""
         return None if self.clock is None else (self.clock.mark(), len(self._graphs) + len(self.engine.graphs))
 
     def _stop_timing(self, timing, drafted: bool, tokens: float) -> None:
-        """Note the round's end; report every finished round's ms per token to the draft length (in order).
-        A round that captured a CUDA graph is not counted (its time is the capture's)."""
+        """Report every finished round's ms per token to the draft length (in order); ``timing``:
+        this round's ``(start, end, captured)`` marks. A round that captured a CUDA graph is not
+        counted (its time is the capture's)."""
         if timing is None:
             return
-        start, graphs = timing
-        end = self.clock.mark()
-        if len(self._graphs) + len(self.engine.graphs) == graphs:
+        start, end, captured = timing
+        if not captured:
             self._timings.append((start, end, drafted, tokens))
         while self._timings:
             start, end, drafted, tokens = self._timings[0]
@@ -493,21 +540,17 @@ class LosslessDecoder:
             self.draft.observe_speed(drafted, ms / tokens)
             self._timings.pop(0)
 
-    def _plain_round(self, kind: str) -> tuple[torch.Tensor, torch.Tensor]:
+    def _plain_round(self, kind: str) -> torch.Tensor:
         """A plain round in which every request advances: one engine step of ``kind``, nothing
         kept or repaired (the step writes only its own position's KV entry and ring slot, as any
-        decode step does), no wait for the device; ``(emitted [B, 1], counts [B])``."""
+        decode step does), no wait for the device; the emitted tokens ``[B, 1]``."""
         e = self.engine
-        self._last_mark = None  # (a traced gap would hold this round)
         nxt = self._draw(e.step(kind=kind))  # [B]
         e.tokens.copy_(nxt)  # the next input (a draw when sampling; greedy: the step's own argmax)
         if e.mac_backend == "ref":  # its steps check the rings' positions (a full-attention step leaves them behind); the Triton engine's do not read them
             for state in e.states:
                 state.next_pos.copy_(e.positions)
-        self.log.k.append(0)
-        self.log.accepted.append([0] * e.batch)
-        self.log.plain.append(True)
-        return nxt[:, None], torch.ones_like(nxt)
+        return nxt[:, None]
 
     def _draw(self, logits: torch.Tensor, probs: torch.Tensor | None = None) -> torch.Tensor:
         """The token ``[B]`` after ``logits [B, V]``: the argmax, or a draw from ``probs`` (the
@@ -543,44 +586,95 @@ class LosslessDecoder:
         """The next ``n`` tokens of each request (a fresh decoder's first is the prompt's next token).
 
         Rounds run until every request has ``n``; a request that has them waits (``active``)
-        while the others go on, so no request runs more than ``k_max`` past its ``n``; its
-        extra tokens are kept for the next call (:attr:`emitted` holds them all)."""
+        while the others go on. The next round is queued before the host reads the last one
+        back, wherever some request needs more tokens whatever that round gives it, so the
+        device does not wait for the host between rounds; a request may then run up to two
+        rounds past its ``n``, and its extra tokens are kept for the next call
+        (:attr:`emitted` holds them all)."""
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:
             raise ValueError(f"n must be an int >= 1, got {n!r}")
+        e = self.engine
         begin = [len(h) for h in self.emitted]
         if not any(begin):
             for h, t in zip(self.emitted, self.first_token().tolist()):
                 h.append(t)
         bar = _progress(n, progress)
-        done = lambda: min(len(h) - b for h, b in zip(self.emitted, begin))  # noqa: E731
-        unread: list[tuple[torch.Tensor, list[int]]] = []  # plain rounds' tokens [B] still on the device, and where they go
-        while done() < n:
-            before = done()
-            active = torch.tensor([len(h) - b < n for h, b in zip(self.emitted, begin)])
-            emitted, counts = self.round(active=active)
-            if self.log.plain[-1] and bool(active.all()):  # one token each, known without waiting for the device
-                unread.append((emitted[:, 0], [len(h) for h in self.emitted]))
-                for h in self.emitted:
-                    h.append(-1)  # (read back below)
-            else:
-                self._read_back(unread)
-                for h, tokens, c in zip(self.emitted, emitted.tolist(), counts.tolist()):
-                    h.extend(tokens[:c])
+        have = lambda: [len(h) - b for h, b in zip(self.emitted, begin)]  # noqa: E731
+        unread: list[tuple[_Launched, list[int]]] = []  # plain rounds not read back yet, and where their tokens go
+        self._positions = list(e.host_positions)
+        in_flight = None  # a round whose acceptance is not read back yet
+        while True:
+            counts = have()
+            if in_flight is None and min(counts) >= n:
+                break
+            queue = in_flight is None or (
+                any(c + in_flight.k + 1 < n for c in counts)  # some request needs more, whatever the round in flight gives it
+                and max(self._positions) + self._ahead + (self.block or self.draft.k_max + 1) <= e.capacity
+            )
+            need = [c < n for c in counts]
+            queued = self._launch(None, None if all(need) else torch.tensor(need)) if queue else None
+            if in_flight is not None:
+                self._collect(in_flight, unread)
+            in_flight = None
+            if queued is not None and queued.settled:
+                in_flight = queued
+            elif queued is not None:
+                self._collect(queued, unread)
             if bar is not None:
-                bar.update(min(done(), n) - before)
+                bar.update(min(min(have()), n) - min(min(counts), n))
         self._read_back(unread)
         if bar is not None:
             bar.close()
         return [h[b : b + n] for h, b in zip(self.emitted, begin)]
 
-    def _read_back(self, unread: list[tuple[torch.Tensor, list[int]]]) -> None:
-        """Put plain rounds' tokens ``(tokens [B], index in each request's history)`` where they belong, in one wait."""
-        if unread:
-            tokens = torch.stack([t for t, _ in unread], dim=1).tolist()  # [B, rounds]
-            for r, (_, at) in enumerate(unread):
-                for b, i in enumerate(at):
-                    self.emitted[b][i] = tokens[b][r]
-            unread.clear()
+    def _collect(self, r: "_Launched", unread: list) -> None:
+        """Land ``r`` and append its tokens to :attr:`emitted` (a plain step's: placeholders, read back with the next wait)."""
+        rows = self._land(r)
+        if rows is None:
+            unread.append((r, [len(h) for h in self.emitted]))
+            for h in self.emitted:
+                h.append(-1)
+            return
+        self._read_back(unread)  # (queued before r: done)
+        for h, row in zip(self.emitted, rows):
+            h.extend(row[1 : row[0] + 2])  # the accepted drafts and full attention's token; an idle request (−1) none
+
+    def _read_back(self, unread: list) -> None:
+        """Put plain rounds' tokens where they belong (``(round, index in each request's history)``)."""
+        for r, at in unread:
+            if r.ready is not None:
+                r.ready.synchronize()
+            for b, (i, row) in enumerate(zip(at, r.host.tolist())):
+                self.emitted[b][i] = row[1]
+        unread.clear()
+
+
+@dataclass
+class _Launched:
+    """A round queued on the device (:meth:`LosslessDecoder._launch`).
+
+    Attributes:
+        emitted: ``[B, k+1]`` int64 on the device, the round's tokens (``−1`` past each request's).
+        accepted: ``[B]`` int64 on the device, accepted drafts (``−1``: idle).
+        host: ``[B, 1 + k+1]`` the two on the host (``accepted``, then ``emitted``), copied behind the round.
+        ready: the CUDA event after that copy (``None`` on a CPU: already there).
+        k, plain, width: the round's drafts, whether it was a plain step, the positions it may write.
+        settled: it went through the acceptance (``False``: a plain step of every request, one token each).
+        marks: its traced ``(part, mark)``; timing: ``(start, end, captured a graph)`` or ``None``.
+        keep: a pinned host tensor its copies read (kept alive until the round is done).
+    """
+
+    emitted: torch.Tensor
+    accepted: torch.Tensor
+    host: torch.Tensor
+    ready: object
+    k: int
+    plain: bool
+    settled: bool
+    width: int
+    marks: list
+    timing: tuple | None
+    keep: torch.Tensor | None = None
 
 
 class _HostClock:
