@@ -413,10 +413,12 @@ class LosslessDecoder:
         # a plain step: the policy's full attention where MAC cannot win, else MAC's step without matching, which
         # keeps the rings current (the reference backend has none: the policy's full attention there too)
         step_kind = ("miss" if decision != "full" and e.mac_backend == "triton" else e.full_kind()) if plain else "mac"
+        if plain and step_kind == "flashinfer" and self._ahead:
+            raise ValueError("a FlashInfer step plans from the host's positions, which a round in flight has not given yet: land it first")
         start = self._start_timing()
         if plain and all_active:
             emitted = self._plain_round(step_kind)  # [B, 1]
-            return self._launched(emitted, torch.zeros_like(emitted[:, 0]), k, True, False, start, width)
+            return self._launched(emitted, torch.zeros_like(emitted[:, 0]), k, plain=True, settled=False, start=start, width=width)
         if e.rings_stale and step_kind not in FULL_ATTENTIONS:  # MAC's kernels would retire the stale rows: before the slots are kept
             e.mark_stale_rows()
         io = self._io if self.graphed else _RoundIO.new(e, width)
@@ -453,20 +455,23 @@ class LosslessDecoder:
             settle, name = (lambda: _settle(e, io, rings, saved, logits, k, queries, rows, greedy)), f"settle {k}"
         emitted, accepted = (t.clone() for t in self._run(name, settle))  # (a graph's outputs: the next round overwrites them)
         self._mark("accept, repair")
-        return self._launched(emitted, accepted, k, plain, True, start, width, active)
+        return self._launched(emitted, accepted, k, plain=plain, settled=True, start=start, width=width, keep=active)
 
-    def _launched(self, emitted, accepted, k, plain, settled, start, width, keep=None) -> "_Launched":
-        """The record of a queued round: its results copied to the host behind it (no wait), its marks."""
+    def _launched(self, emitted, accepted, k, *, plain, settled, start, width, keep=None) -> "_Launched":
+        """The record of a queued round: its results copied to the host behind it (no wait), its
+        marks; ``start``: :meth:`_start_timing`'s."""
         host = torch.cat([accepted[:, None], emitted], dim=1)  # [B, 1 + k+1]
         ready = None
         if host.is_cuda:
             host, ready = torch.empty(host.shape, dtype=host.dtype, pin_memory=True).copy_(host, non_blocking=True), torch.cuda.Event()
             ready.record()
         marks, self._marks = self._marks, []
-        captured = len(self._graphs) + len(self.engine.graphs) != (start[1] if start else 0)
-        end = None if start is None else self.clock.mark()
+        timing = None
+        if start is not None:
+            mark, graphs = start
+            timing = (mark, self.clock.mark(), len(self._graphs) + len(self.engine.graphs) != graphs)
         self._ahead += width if settled else 0
-        return _Launched(emitted, accepted, host, ready, k, plain, settled, width, marks, start and (start[0], end, captured), keep)
+        return _Launched(emitted, accepted, host, ready, k, plain, settled, width, marks, timing, keep)
 
     def _land(self, r: "_Launched") -> list[list[int]] | None:
         """Wait for a launched round (alone: not for what was queued after it) and do its host
@@ -610,6 +615,7 @@ class LosslessDecoder:
             queue = in_flight is None or (
                 any(c + in_flight.k + 1 < n for c in counts)  # some request needs more, whatever the round in flight gives it
                 and max(self._positions) + self._ahead + (self.block or self.draft.k_max + 1) <= e.capacity
+                and not (e.policy is not None and e.full_kind() == "flashinfer")  # (its plain steps plan from exact host positions)
             )
             need = [c < n for c in counts]
             queued = self._launch(None, None if all(need) else torch.tensor(need)) if queue else None
