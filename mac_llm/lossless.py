@@ -32,7 +32,9 @@ stage of the engine's backend (``verify_step``: each KV group's keys streamed on
 the block's ``k+1`` queries) and the rest of the layer through the engine's (compiled)
 functions. With a fixed block (``LosslessDecoder(block=...)``) every round's verify pass has
 the same shapes: CUDA graphs replay the round's parts (the Triton backend on a GPU), and a token's
-numerics do not depend on its round.
+numerics do not depend on its round. :meth:`LosslessDecoder.generate` queues each round before
+it reads the previous one's acceptance back (a round is launched, then landed: its results
+reach pinned host memory behind it), so the device does not wait for the host between rounds.
 """
 
 from __future__ import annotations

@@ -130,6 +130,35 @@ def test_drafting_stops_where_it_is_slower_and_probes_again():
     assert draft.next_k() == 4
 
 
+def test_generate_queues_the_next_round_before_reading_the_last_back(model):
+    """The device need not wait for the host: each round but the first goes out before the
+    previous one is landed (read back), while some request surely needs more tokens; rounds
+    land in launch order, and the tokens are full attention's."""
+    batch = prompts([11, 2, 17], seed=3)
+    decoder = LosslessDecoder(engine_for(model, batch), DraftLength(k_max=3, adaptive=False))
+    events, launch, land = [], decoder._launch, decoder._land
+
+    def launched(*args):
+        r = launch(*args)
+        events.append(("launch", id(r)))
+        return r
+
+    def landed(r):
+        events.append(("land", id(r)))
+        return land(r)
+
+    decoder._launch, decoder._land = launched, landed
+    assert decoder.generate(16) == full_greedy(model, batch, 16)
+    launches = [i for kind, i in events if kind == "launch"]
+    assert [i for kind, i in events if kind == "land"] == launches, "rounds land in launch order, each once"
+    in_flight, behind = 0, 0  # rounds launched and not landed; launches made while one was
+    for kind, _ in events:
+        behind += kind == "launch" and in_flight > 0
+        in_flight += 1 if kind == "launch" else -1
+    # most: near the end a round waits for the one before where every request might have its tokens after it
+    assert behind > len(launches) // 2, events
+
+
 def test_a_traced_decoder_times_every_part_of_its_rounds(model):
     """``trace=True``: every round that waits for the device adds its parts' times, and the
     gap between rounds from the second on; ``reset`` starts the sums afresh."""
