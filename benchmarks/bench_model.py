@@ -62,7 +62,7 @@ DIAGNOSTIC = {"mac_mass_per_head": dict(tau=0.3, rule=MassRule(tau_m=0.85)), "ma
 GROUP_MATCH = {"mac_mass_group_match": dict(BEST_RULE, group_match=True)}
 
 
-def launch_variant(provider: str, groups: int):
+def launch_variant(provider: str, groups: int, head_dim: int):
     """``mac_mass@name=value,…`` (``--launch``): the default launch with those
     :class:`~mac_triton.Launch` fields changed; other providers: ``None`` (the default)."""
     if "@" not in provider:
@@ -70,7 +70,7 @@ def launch_variant(provider: str, groups: int):
     from mac_triton import launch_for
 
     changes = dict(item.split("=") for item in provider.split("@")[1].split(","))
-    return dataclasses.replace(launch_for(groups), **{name: int(value) for name, value in changes.items()})
+    return dataclasses.replace(launch_for(groups, head_dim), **{name: int(value) for name, value in changes.items()})
 
 
 def parse_launches(text: str) -> list[str]:
@@ -167,7 +167,7 @@ def run(args) -> None:
                     except Exception as err:  # noqa: BLE001
                         print(f"  flashinfer not importable: {err}")
                         continue
-                engine.launch = launch_variant(provider, batch * kv_heads)
+                engine.launch = launch_variant(provider, batch * kv_heads, model.config.head_dim)
                 if provider in mac:
                     policy = FallbackPolicy() if provider.endswith("policy") else None
                     engine.switch("mac", dataclasses.replace(base, **mac[provider]), policy)

@@ -83,7 +83,8 @@ def resources(cubin: bytes) -> str:
 def cases():
     """``(name, run)`` of each case: a callable that makes one decode step's launches."""
     from mac_core import LayerState, MACConfig, MassRule
-    from mac_triton import NARROW, WIDE, decode
+    from mac_triton import NARROW, decode, launch_for
+    from mac_triton.launch import NARROW_MAX_GROUPS
     from mac_triton.verify import verify_step
 
     for shape, (B, Hq, Hkv, D, W) in {"smollm2": (4, 9, 3, 64, 256), "paper": (2, 32, 8, 128, 1024)}.items():
@@ -96,7 +97,7 @@ def cases():
             "group match, subtract": MACConfig(window=W, band=256, tau=0.5, group_match=True, row_update="subtract"),
         }
         for label, config in configs.items():
-            for launch_name, launch in (("narrow", NARROW), ("wide", WIDE)):
+            for launch_name, launch in (("narrow", NARROW), ("wide", launch_for(NARROW_MAX_GROUPS + 1, D))):  # wide: the default past NARROW's groups
                 def step(config=config, launch=launch, B=B, Hq=Hq, D=D, W=W, q=q, k=k, pos=pos):
                     state = LayerState.empty(B, Hq, D, W, dtype=torch.bfloat16, device="cpu")
                     workspace = decode.DecodeWorkspace.new(config, B, Hq, D, "cpu")

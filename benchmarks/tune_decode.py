@@ -101,7 +101,7 @@ def main():
         candidates = [(dataclasses.replace(WIDE, **{field: int(v)}), dataclasses.replace(NARROW, **{field: int(v)})) for v in values.split(",")]
     for index, (wide, narrow) in enumerate(candidates):
         for (kernel, batch, ctx), make in cases.items():
-            launch = narrow if launch_for(batch * 8) is NARROW else wide  # the candidate for this batch size
+            launch = narrow if launch_for(batch * 8, 128) is NARROW else wide  # the candidate for this batch size
             try:
                 us = graph_us(make(launch))
             except Exception as err:  # noqa: BLE001 - e.g. out of shared memory

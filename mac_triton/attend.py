@@ -448,10 +448,10 @@ def launch_attend(
         Hkv=Hkv, G=G, min_context=min_context, scale_log2=scale * LOG2E, cap_log2=0.0 if softcap is None else softcap * LOG2E,
         PAGED=isinstance(k_cache, PagedKV), PAGE_SIZE=page_size, SOFTCAP=softcap is not None,
         D=D, BLOCK_D=max(16, triton.next_power_of_2(D)), G_PAD=max(16, triton.next_power_of_2(G)), BLOCK_N=block_n,  # tl.dot needs K >= 16
-        UPCAST=upcast_dots(k_cache.dtype), num_warps=launch.warps, num_stages=launch.stages,
+        UPCAST=upcast_dots(k_cache.dtype), num_stages=launch.stages,
     )  # what both kernels read the same way
     _attend_kernel[(n_split,)](
-        **cache, below_o_ptr=partials.below_o, below_lse_ptr=partials.below_lse,
+        **cache, num_warps=launch.warps, below_o_ptr=partials.below_o, below_lse_ptr=partials.below_lse,
         pos_ptr=positions, key_ptr=keys, radius_ptr=radius_sq, band_start_ptr=span_ptrs[0], sink_end_ptr=span_ptrs[1],
         band_end_ptr=span_ptrs[2], tail_end_ptr=span_ptrs[3], stride_sb=stride_sb, stride_sh=stride_sh,
         prefix_base=planned, max_pieces=max_pieces, NG=NG, band=band, sinks=sinks, n_split=n_split,
@@ -461,7 +461,7 @@ def launch_attend(
     if verify is not None:
         ring_lse = verify.state.ring_lse
         _prefix_kernel[(NG, max_pieces)](
-            **cache, key_ptr=keys, radius_ptr=radius_sq, rule_radius_ptr=verify.rule_radius_sq, ring_lse_ptr=ring_lse,
+            **cache, num_warps=launch.prefix_warps, key_ptr=keys, radius_ptr=radius_sq, rule_radius_ptr=verify.rule_radius_sq, ring_lse_ptr=ring_lse,
             stride_rlb=ring_lse.stride(0), stride_rlh=ring_lse.stride(1), W=verify.state.window,
             hit_ptr=partials.verdicts.hit, candidate_ptr=partials.verdicts.candidate, share_ptr=partials.verdicts.mass_share,
             min_piece=launch.min_chunk * 4, RULE=verify.rule, PER_GROUP=verify.per_group, BLOCK_U=launch.reduce_units,

@@ -48,7 +48,7 @@ def amend_complete(
         LIMITS.check_dtype(name, x.pages if isinstance(x, PagedKV) else x)
     B, Hq, D = q_post.shape
     Hkv = k_cache.shape[1]
-    launch = launch or launch_for(B * Hkv)
+    launch = launch or launch_for(B * Hkv, D)
     partials = launch_attend(q_post, k_cache, v_cache, None, launch, scale, band_source="spans", spans=spans, softcap=softcap)
     out, cached, rest = launch_spans_reduce(partials, launch, result=result, state=state, batch=B, q_heads=Hq, kv_heads=Hkv, head_dim=D)
     return Completion(Summary(*out), Summary(*cached), Summary(*rest))

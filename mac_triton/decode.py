@@ -111,7 +111,7 @@ def mac_step(
     """
     B, Hq, D = q_pre.shape
     Hkv = k_cache.shape[1]
-    launch = launch or launch_for(B * Hkv)
+    launch = launch or launch_for(B * Hkv, D)
     rule = config.rule
     keys = workspace.keys  # all NO_CANDIDATE without a scan: every head misses
     if match:
@@ -215,6 +215,6 @@ def full_step(
     B, Hq, D = q_post.shape
     Hkv = k_cache.shape[1]
     scale = softmax_scale(D, scale)
-    launch = launch or launch_for(B * Hkv)
+    launch = launch or launch_for(B * Hkv, D)
     partials = launch_attend(q_post, k_cache, v_cache, positions, launch, scale, band_source="full", band=FULL_BAND, softcap=softcap)
     return launch_full_reduce(partials, launch, out_dtype=q_post.dtype, batch=B, q_heads=Hq, kv_heads=Hkv, head_dim=D)

@@ -8,6 +8,7 @@ runs behind them).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 from dataclasses import dataclass
@@ -31,6 +32,7 @@ class Launch:
             groups (a verifying rule's rejected prefixes): each group's prefix is split into up
             to ``cdiv(prefix_per_sm · SMs, B·Hkv)`` pieces. Only the rejected groups' programs
             read keys, so it is sized for a fraction of the groups.
+        prefix_warps: warps per prefix-kernel program (one long piece of keys each).
     """
 
     block_n: int
@@ -41,6 +43,7 @@ class Launch:
     stages: int
     reduce_units: int
     prefix_per_sm: int
+    prefix_warps: int
 
 
 # the best of benchmarks/tune_decode.py on an H200 (Hq 32, Hkv 8, D 128, bf16; full decodes
@@ -50,14 +53,22 @@ class Launch:
 # the mass rule's step took 5.76 / 5.26 / 5.17 ms at batch 64 and 3.99 / 3.61 / 3.58 ms at batch 32 with
 # 2 / 8 / 16 programs per SM. With 2 (up to 2 pieces a group at batch 64) the quarter to half of the groups
 # that are rejected left about one program per SM streaming keys; only those groups' programs read.
-WIDE = Launch(block_n=128, min_chunk=128, unit_cost=512, programs_per_sm=1, warps=8, stages=3, reduce_units=16, prefix_per_sm=16)
-NARROW = Launch(block_n=64, min_chunk=64, unit_cost=256, programs_per_sm=2, warps=4, stages=3, reduce_units=64, prefix_per_sm=4)
+WIDE = Launch(block_n=128, min_chunk=128, unit_cost=512, programs_per_sm=1, warps=8, stages=3, reduce_units=16, prefix_per_sm=16, prefix_warps=8)
+NARROW = Launch(block_n=64, min_chunk=64, unit_cost=256, programs_per_sm=2, warps=4, stages=3, reduce_units=64, prefix_per_sm=4, prefix_warps=4)
 NARROW_MAX_GROUPS = 32  # GQA groups (B·Hkv) up to which NARROW is used (measured: 4 and 8 vs 64 and 128)
+# heads of at most 64 dims: WIDE with 4-warp prefix programs. The launch A/B on an H100 (SmolLM2, D 64;
+# results/h100_launch_ab/model_kernels.csv): the prefix kernel took 1330 / 1171 µs a step at batch 64 and
+# 843 / 754 µs at batch 32 with 8 / 4 warps (the attend kernel kept 8: with 4 it was slower). At D 128 a
+# 4-warp prefix program spills most of its state (benchmarks/compile_kernels.py: 5 KB of stack), so WIDE keeps 8.
+SMALL_HEAD_DIM = 64
+WIDE_SMALL_HEADS = dataclasses.replace(WIDE, prefix_warps=4)
 
 
-def launch_for(groups: int) -> Launch:
-    """The default launch parameters for a step of ``groups = B·Hkv`` GQA groups."""
-    return NARROW if groups <= NARROW_MAX_GROUPS else WIDE
+def launch_for(groups: int, head_dim: int) -> Launch:
+    """The default launch parameters for a step of ``groups = B·Hkv`` GQA groups of ``head_dim``-wide heads."""
+    if groups <= NARROW_MAX_GROUPS:
+        return NARROW
+    return WIDE_SMALL_HEADS if head_dim <= SMALL_HEAD_DIM else WIDE
 
 
 @dataclass(frozen=True)

@@ -71,6 +71,7 @@ STREAMS = [
 
 LAUNCHES = {
     "wide": mac_triton.WIDE,
+    "wide-small-heads": mac_triton.launch.WIDE_SMALL_HEADS,  # 4-warp prefix programs (heads of ≤ 64 dims)
     "narrow": mac_triton.NARROW,
     "split-by-keys": dataclasses.replace(mac_triton.NARROW, unit_cost=0),
     "costly-units": dataclasses.replace(mac_triton.NARROW, unit_cost=4096),  # ranges that hold no keys
