@@ -88,6 +88,18 @@ STREAM_CASES = [
 ]
 
 
+def test_default_launch_by_groups_and_head_width():
+    """Up to NARROW_MAX_GROUPS groups the narrow launch; past it the wide one, whose prefix
+    programs have 4 warps for heads of at most 64 dims (8 for wider heads, where 4 spill)."""
+    from mac_triton.launch import NARROW_MAX_GROUPS, WIDE_SMALL_HEADS
+
+    assert mac_triton.launch_for(NARROW_MAX_GROUPS, 64) is mac_triton.NARROW
+    assert mac_triton.launch_for(NARROW_MAX_GROUPS + 1, 64) is WIDE_SMALL_HEADS
+    assert mac_triton.launch_for(NARROW_MAX_GROUPS + 1, 128) is mac_triton.WIDE
+    assert (WIDE_SMALL_HEADS.prefix_warps, mac_triton.WIDE.prefix_warps) == (4, 8)
+    assert dataclasses.replace(WIDE_SMALL_HEADS, prefix_warps=8) == mac_triton.WIDE  # nothing else differs
+
+
 @pytest.mark.parametrize("dtype, q_heads, kv_heads, head_dim, config, launch", STREAM_CASES)
 def test_decode_stream_matches_reference(dtype, q_heads, kv_heads, head_dim, config, launch):
     """Prefill, then 10 decode steps of a ragged batch: same decisions, outputs, rows and rings,
