@@ -386,7 +386,7 @@ class LosslessDecoder:
         self._positions = list(self.engine.host_positions)
         launched = self._launch(k, active)
         self._land(launched)
-        return launched.emitted, launched.accepted + 1
+        return launched.packed[:, 1:], launched.packed[:, 0] + 1
 
     def _launch(self, k: int | None, active: torch.Tensor | None) -> "_Launched":
         """Queue a round on the device without waiting for it (:meth:`round`'s arguments); the
@@ -420,7 +420,7 @@ class LosslessDecoder:
         start = self._start_timing()
         if plain and all_active:
             emitted = self._plain_round(step_kind)  # [B, 1]
-            return self._launched(emitted, torch.zeros_like(emitted[:, 0]), k, plain=True, settled=False, start=start, width=width)
+            return self._launched(torch.cat([torch.zeros_like(emitted), emitted], dim=1), k, plain=True, settled=False, start=start, width=width)
         if e.rings_stale and step_kind not in FULL_ATTENTIONS:  # MAC's kernels would retire the stale rows: before the slots are kept
             e.mark_stale_rows()
         io = self._io if self.graphed else _RoundIO.new(e, width)
@@ -455,17 +455,16 @@ class LosslessDecoder:
                 io.next_token.copy_(nxt)
             greedy = not self.temperature
             settle, name = (lambda: _settle(e, io, rings, saved, logits, k, queries, rows, greedy)), f"settle {k}"
-        emitted, accepted = (t.clone() for t in self._run(name, settle))  # (a graph's outputs: the next round overwrites them)
+        packed = self._run(name, settle).clone()  # (a graph's output: the next round overwrites it)
         self._mark("accept, repair")
-        return self._launched(emitted, accepted, k, plain=plain, settled=True, start=start, width=width, keep=active)
+        return self._launched(packed, k, plain=plain, settled=True, start=start, width=width, keep=active)
 
-    def _launched(self, emitted, accepted, k, *, plain, settled, start, width, keep=None) -> "_Launched":
-        """The record of a queued round: its results copied to the host behind it (no wait), its
-        marks; ``start``: :meth:`_start_timing`'s."""
-        host = torch.cat([accepted[:, None], emitted], dim=1)  # [B, 1 + k+1]
-        ready = None
-        if host.is_cuda:
-            host, ready = torch.empty(host.shape, dtype=host.dtype, pin_memory=True).copy_(host, non_blocking=True), torch.cuda.Event()
+    def _launched(self, packed, k, *, plain, settled, start, width, keep=None) -> "_Launched":
+        """The record of a queued round (``packed [B, 1 + k+1]``: accepted, then emitted): its
+        results copied to the host behind it (no wait), its marks; ``start``: :meth:`_start_timing`'s."""
+        host, ready = packed, None
+        if packed.is_cuda:
+            host, ready = torch.empty(packed.shape, dtype=packed.dtype, pin_memory=True).copy_(packed, non_blocking=True), torch.cuda.Event()
             ready.record()
         marks, self._marks = self._marks, []
         timing = None
@@ -473,7 +472,7 @@ class LosslessDecoder:
             mark, graphs = start
             timing = (mark, self.clock.mark(), len(self._graphs) + len(self.engine.graphs) != graphs)
         self._ahead += width if settled else 0
-        return _Launched(emitted, accepted, host, ready, k, plain, settled, width, marks, timing, keep)
+        return _Launched(packed, host, ready, k, plain, settled, width, marks, timing, keep)
 
     def _land(self, r: "_Launched") -> list[list[int]] | None:
         """Wait for a launched round (alone: not for what was queued after it) and do its host
@@ -662,9 +661,9 @@ class _Launched:
     """A round queued on the device (:meth:`LosslessDecoder._launch`).
 
     Attributes:
-        emitted: ``[B, k+1]`` int64 on the device, the round's tokens (``−1`` past each request's).
-        accepted: ``[B]`` int64 on the device, accepted drafts (``−1``: idle).
-        host: ``[B, 1 + k+1]`` the two on the host (``accepted``, then ``emitted``), copied behind the round.
+        packed: ``[B, 1 + k+1]`` int64 on the device: each request's accepted drafts (``−1``:
+            idle), then the round's tokens (``−1`` past each request's).
+        host: the same on the host, copied behind the round.
         ready: the CUDA event after that copy (``None`` on a CPU: already there).
         k, plain, width: the round's drafts, whether it was a plain step, the positions it may write.
         settled: it went through the acceptance (``False``: a plain step of every request, one token each).
@@ -672,8 +671,7 @@ class _Launched:
         keep: a pinned host tensor its copies read (kept alive until the round is done).
     """
 
-    emitted: torch.Tensor
-    accepted: torch.Tensor
+    packed: torch.Tensor
     host: torch.Tensor
     ready: object
     k: int
@@ -764,11 +762,11 @@ def _verify(e: DecodeEngine, io: _RoundIO):
 
 
 def _settle(e: DecodeEngine, io: _RoundIO, rings, saved, logits: torch.Tensor, k: int, queries=None, rows=None,
-            greedy: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+            greedy: bool = False) -> torch.Tensor:
     """After the verify pass (or a plain step): the acceptance (``greedy``: made here from
     ``logits``; else already in ``io.accepted`` and ``io.next_token``), idle requests kept
-    where they were (``−1`` accepted, ``t_0`` next), then :func:`_close`; ``(emitted [B, k+1],
-    accepted [B])``: request ``b`` emitted ``emitted[b, :accepted[b] + 1]``, the rest ``−1``."""
+    where they were (``−1`` accepted, ``t_0`` next), then :func:`_close`; ``[B, 1 + k+1]``:
+    each request's accepted drafts ``n``, then the tokens it emitted (``n + 1``), the rest ``−1``."""
     drafts = io.block[:, 1 : k + 1]  # [B, k]
     if greedy:
         accepted, nxt = accept_greedy(logits[:, : k + 1], drafts)
@@ -777,11 +775,11 @@ def _settle(e: DecodeEngine, io: _RoundIO, rings, saved, logits: torch.Tensor, k
     io.accepted.masked_fill_(~io.active, -1)  # an idle request accepts "−1 tokens": it stays where it was
     io.next_token.copy_(torch.where(io.active, io.next_token, io.block[:, 0]))
     _close(e, io, rings, saved, logits, queries, rows)
-    emitted = torch.cat([drafts, torch.full_like(io.next_token[:, None], -1)], dim=1)  # [B, k+1]
+    packed = torch.cat([io.accepted[:, None], drafts, torch.full_like(io.next_token[:, None], -1)], dim=1)  # [B, 1 + k+1]
     b = torch.arange(e.batch, device=e.device)
-    emitted[b, io.accepted.clamp_min(0)] = io.next_token
-    emitted.masked_fill_(torch.arange(k + 1, device=e.device)[None, :] > io.accepted[:, None], -1)
-    return emitted, io.accepted.clone()
+    packed[b, 1 + io.accepted.clamp_min(0)] = io.next_token
+    packed[:, 1:].masked_fill_(torch.arange(k + 1, device=e.device)[None, :] > io.accepted[:, None], -1)
+    return packed
 
 
 def _close(e: DecodeEngine, io: _RoundIO, rings, saved, logits: torch.Tensor, queries=None, rows=None) -> None:

@@ -8,10 +8,9 @@ runs behind them).
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -61,7 +60,7 @@ NARROW_MAX_GROUPS = 32  # GQA groups (B·Hkv) up to which NARROW is used (measur
 # 843 / 754 µs at batch 32 with 8 / 4 warps (the attend kernel kept 8: with 4 it was slower). At D 128 a
 # 4-warp prefix program spills most of its state (benchmarks/compile_kernels.py: 5 KB of stack), so WIDE keeps 8.
 SMALL_HEAD_DIM = 64
-WIDE_SMALL_HEADS = dataclasses.replace(WIDE, prefix_warps=4)
+WIDE_SMALL_HEADS = replace(WIDE, prefix_warps=4)
 
 
 def launch_for(groups: int, head_dim: int) -> Launch:
