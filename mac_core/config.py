@@ -126,8 +126,27 @@ class MACConfig:
         """The softmax scale: :attr:`scale`, or ``1/sqrt(D)``."""
         return softmax_scale(head_dim, self.scale)
 
+    def for_layer(self, layer: int, n_layers: int) -> "MACConfig":
+        """Layer ``layer``'s configuration in a model of ``n_layers``: itself, or where the
+        rule has a threshold per layer (``MassRule.layer_tau_m``) the rule of that layer."""
+        per_layer = getattr(self.rule, "layer_tau_m", None)
+        if per_layer is None:
+            return self
+        if len(per_layer) != n_layers:
+            raise ValueError(f"config.rule.layer_tau_m must hold one threshold per layer ({n_layers}), got {len(per_layer)}")
+        if not 0 <= layer < n_layers:
+            raise ValueError(f"layer must lie in [0, {n_layers}), got {layer}")
+        return dataclasses.replace(self, rule=dataclasses.replace(self.rule, tau_m=per_layer[layer], layer_tau_m=None))
+
+    def check_layer(self) -> None:
+        """A step is one layer's: a rule with a threshold per layer is resolved by :meth:`for_layer` first."""
+        if getattr(self.rule, "layer_tau_m", None) is not None:
+            raise ValueError("config.rule.layer_tau_m holds a threshold per layer, and a step is one layer's: "
+                             "pass config.for_layer(layer, n_layers)")
+
     def check_heads(self, q_heads: int) -> None:
-        """What a step of ``Hq`` query heads needs of the configuration."""
+        """What a step of ``Hq`` query heads needs of the configuration (one layer's: :meth:`check_layer`)."""
+        self.check_layer()
         if self.radius_scale is not None and len(self.radius_scale) != q_heads:
             raise ValueError(f"config.radius_scale must have one factor per query head ({q_heads}), got {len(self.radius_scale)}")
         if self.calibration is not None and self.radius_scale is None:

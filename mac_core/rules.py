@@ -105,18 +105,31 @@ class MassRule(AcceptanceRule):
     Attributes:
         tau_m: the threshold ``τ_m`` on the mass-weighted distance (``≥ 1``: no hits).
         per_group: as for :class:`PaperRule`, on the accepted candidates.
+        layer_tau_m: ``None`` (``tau_m`` in every layer) or one ``τ_m`` per layer of the
+            model: layers differ in how much a reuse error costs downstream, so a loose
+            threshold where it is cheap and a strict one where it is not skip more at the
+            same quality. A step takes one layer's rule: ``MACConfig.for_layer``.
     """
 
     name: ClassVar[str] = "mass"
     verifies: ClassVar[bool] = True
     tau_m: float = 0.5
+    layer_tau_m: tuple[float, ...] | None = None
 
     def __post_init__(self):
         super().__post_init__()
         if isinstance(self.tau_m, bool) or not isinstance(self.tau_m, (int, float)) or not math.isfinite(self.tau_m):
             raise ValueError(f"MassRule.tau_m must be a finite number, got {self.tau_m!r}")
+        if self.layer_tau_m is not None and not (
+            isinstance(self.layer_tau_m, tuple) and self.layer_tau_m
+            and all(not isinstance(t, bool) and isinstance(t, (int, float)) and math.isfinite(t) for t in self.layer_tau_m)
+        ):
+            raise ValueError(f"MassRule.layer_tau_m must be None or a non-empty tuple of finite numbers (one per layer), got {self.layer_tau_m!r}")
 
     def describe(self) -> str:
+        if self.layer_tau_m is not None:
+            low, high = min(self.layer_tau_m), max(self.layer_tau_m)
+            return f"{self.name} (tau_m per layer, {low:g}–{high:g})" + (" per group" if self.per_group else "")
         return f"{self.name} (tau_m {self.tau_m:g})" + (" per group" if self.per_group else "")
 
 

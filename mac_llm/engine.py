@@ -56,7 +56,9 @@ class DecodeEngine:
         capacity: KV-cache positions per request (the longest prompt plus the steps to decode).
         attention: one of :data:`ATTENTIONS`.
         config: the MAC configuration (``attention="mac"``; with another attention, the
-            rings are seeded for it all the same, for a later :meth:`switch`).
+            rings are seeded for it all the same, for a later :meth:`switch`); a rule with
+            a threshold per layer (``MassRule.layer_tau_m``) gives each layer its own
+            (:attr:`layer_configs`, by ``MACConfig.for_layer``).
         dtype: ``torch.bfloat16`` or ``torch.float16`` (``torch.float32`` for CPU tests).
         device: where it runs.
         policy: a :class:`FallbackPolicy` for ``"mac"`` (``None``: always MAC).
@@ -94,6 +96,7 @@ class DecodeEngine:
         functions = (project, finish, output_logits)
         self._project, self._finish, self._logits = (torch.compile(f, dynamic=False) for f in functions) if compile else functions
         self.config = None if config is None else dataclasses.replace(config, rope_base=cfg.rope_base)
+        self.layer_configs = self._per_layer(self.config)
         self.policy = policy if attention == "mac" else None
         self.mac_backend = mac_backend
         self.launch = launch
@@ -327,6 +330,11 @@ class DecodeEngine:
         if self.policy is not None:
             self.policy.reset()
 
+    def _per_layer(self, config: MACConfig | None) -> list[MACConfig | None]:
+        """Each layer's configuration (``MACConfig.for_layer``: a rule's thresholds per layer)."""
+        n = self.model.config.n_layers
+        return [None if config is None else config.for_layer(i, n) for i in range(n)]
+
     def switch(self, attention: str, config: MACConfig | None = None, policy: FallbackPolicy | None = None) -> None:
         """Decode with another attention (or MAC rule) from now on; the rings seeded by the
         prefill serve any rule of the same window, band and sinks. Captured graphs are dropped."""
@@ -336,7 +344,7 @@ class DecodeEngine:
             config = dataclasses.replace(config or self.config, rope_base=self.model.config.rope_base)
             if not self.states or (config.window, config.band, config.sinks) != (self.config.window, self.config.band, self.config.sinks):
                 raise ValueError("switch to MAC: the rings were seeded for another window, band or sinks (or not at all)")
-            self.config = config
+            self.config, self.layer_configs = config, self._per_layer(config)
             if self.mac_backend == "triton":
                 self.workspaces = new_workspaces(config, self.batch, self.model.config, self.device)
         self.attention, self.policy = attention, policy if attention == "mac" else None

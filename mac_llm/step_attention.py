@@ -179,7 +179,7 @@ class Mac(_Attention):
 
         e = self.engine
         out, _, e.stats[i] = mac_triton.mac_step(
-            q_pre, q_post, e.k[i], e.v[i], e.states[i], e.positions, e.config, e.scale, e.workspaces[i], e.launch, match=self.match,
+            q_pre, q_post, e.k[i], e.v[i], e.states[i], e.positions, e.layer_configs[i], e.scale, e.workspaces[i], e.launch, match=self.match,
         )  # fmt: skip
         return out
 
@@ -189,7 +189,7 @@ class MacReference(_Attention):
 
     def __call__(self, i, q_pre, q_post):
         e = self.engine
-        out, _, e.stats[i] = mac_ref.decode_step(q_pre, e.k[i], e.v[i], e.states[i], e.positions, e.config, q_post=q_post)
+        out, _, e.stats[i] = mac_ref.decode_step(q_pre, e.k[i], e.v[i], e.states[i], e.positions, e.layer_configs[i], q_post=q_post)
         return out
 
 
@@ -208,10 +208,11 @@ def step_attention(kind: str, engine, mac_backend: str = "triton") -> _Attention
 
 
 def new_workspaces(config, batch: int, model_config, device) -> list:
-    """One ``mac_triton.DecodeWorkspace`` per layer (what a captured MAC step keeps between steps)."""
+    """One ``mac_triton.DecodeWorkspace`` per layer (what a captured MAC step keeps between steps), each for its layer's configuration."""
     from mac_triton import DecodeWorkspace
 
-    return [DecodeWorkspace.new(config, batch, model_config.n_heads, model_config.head_dim, device) for _ in range(model_config.n_layers)]
+    n = model_config.n_layers
+    return [DecodeWorkspace.new(config.for_layer(i, n), batch, model_config.n_heads, model_config.head_dim, device) for i in range(n)]
 
 
 __all__ = ["ATTENTIONS", "FULL_ATTENTIONS", "MAC_BACKENDS", "FallbackPolicy", "backend_module", "mac_decode_step", "step_attention", "new_workspaces"]

@@ -73,6 +73,7 @@ class DecodeWorkspace:
 
     @classmethod
     def new(cls, config: MACConfig, batch: int, q_heads: int, head_dim: int, device) -> "DecodeWorkspace":
+        config.check_layer()  # (the rule's radius is one layer's)
         tau = getattr(config.rule, "tau_m", config.tau)
         rule_radius = torch.tensor(config.radius_sq_per_head(q_heads, head_dim, tau=tau), dtype=torch.float32, device=device)
         return cls(new_keys(device, batch * q_heads), radius_sq_per_head(config, q_heads, head_dim, device), rule_radius, config)

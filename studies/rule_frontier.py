@@ -88,6 +88,22 @@ GROUP_MATCH_POINTS = [
 ]
 
 
+# thresholds per layer (issue 19): the demo's rule with one block of layers loosened at a time
+# (--layer-probe, on the pydoc topics only: the choice is made there and confirmed on the docstrings)
+# tells which layers reuse cheaply; LAYER_POINTS then loosens those and tightens the others
+PROBE_BLOCK, PROBE_BASE, PROBE_LOOSE = 5, 0.85, 0.7
+
+
+def layer_probes(n_layers: int) -> list[tuple[str, object, float, int | None]]:
+    """The demo's rule (τ_m = PROBE_BASE per group), then with layers ``[a, a + PROBE_BLOCK)`` at PROBE_LOOSE, for each block."""
+    out = [(f"mass τ=0.3 τm={PROBE_BASE} per group", MassRule(tau_m=PROBE_BASE, per_group=True), 0.3, 1)]
+    for a in range(0, n_layers, PROBE_BLOCK):
+        b = min(a + PROBE_BLOCK, n_layers)
+        layers = tuple(PROBE_LOOSE if a <= i < b else PROBE_BASE for i in range(n_layers))
+        out.append((f"mass τ=0.3 per group, layers {a}–{b - 1} τm={PROBE_LOOSE}", MassRule(tau_m=PROBE_BASE, per_group=True, layer_tau_m=layers), 0.3, 1))
+    return out
+
+
 # the noise floor: (label, the reference engine's attention on a GPU, dtype); full attention
 # against itself, so no MAC statistics. On a CPU the reference is SDPA and only bf16 runs.
 NOISE_POINTS = [("noise: bf16 full attention", "triton", torch.bfloat16), ("noise: SDPA full attention", "sdpa", torch.float32)]
@@ -118,7 +134,8 @@ def run(args) -> None:
     done = {(r["source"], r["label"], r["max_chain"]) for r in csv.DictReader(path.open())} if path.exists() else set()
     sources = {"pydoc topics": default_prose, "stdlib docstrings": module_docstrings}
     sources = {name: text() for name, text in sources.items() if not args.sources or name.split()[0] in args.sources}
-    chosen = EXTRA_POINTS if args.extra else GROUP_MATCH_POINTS if args.group_match else [] if args.noise_floor else POINTS
+    chosen = (layer_probes(model.config.n_layers) if args.layer_probe else EXTRA_POINTS if args.extra
+              else GROUP_MATCH_POINTS if args.group_match else [] if args.noise_floor else POINTS)
     chosen = chosen[: args.points] if args.points else chosen
     chosen = [p for p in chosen if not args.only or args.only in p[0]]
     for source, text in sources.items():
@@ -149,7 +166,8 @@ def run(args) -> None:
             greedy = greedy_tokens(engine, checkpoint, args.greedy_steps)
             engine.switch(reference_attention)
             row.update(
-                source=source, backend=f"mac_{args.backend} on {device.type}", label=label, rule=rule.name, tau=tau, tau_m=getattr(rule, "tau_m", ""), max_chain=chain or "",
+                source=source, backend=f"mac_{args.backend} on {device.type}", label=label, rule=rule.name, tau=tau, max_chain=chain or "",
+                tau_m=" ".join(f"{t:g}" for t in rule.layer_tau_m) if getattr(rule, "layer_tau_m", None) else getattr(rule, "tau_m", ""),
                 per_group=rule.per_group, group_match="group match" in label, requests=args.prompts, seconds=time.perf_counter() - start,
                 **greedy_agreement(greedy, greedy_full, args.greedy_steps), **free_generation(engine, checkpoint, greedy, free_full),
             )
@@ -342,6 +360,7 @@ def main():
     parser.add_argument("--backend", choices=("triton", "ref"), default="triton", help="MAC's step: mac_triton (a GPU) or mac_ref (a CPU)")
     parser.add_argument("--extra", action="store_true", help="the points of EXTRA_POINTS instead of POINTS (stricter mass thresholds)")
     parser.add_argument("--group-match", action="store_true", help="the points of GROUP_MATCH_POINTS (one matched row per KV group)")
+    parser.add_argument("--layer-probe", action="store_true", help="the demo's rule with one block of layers loosened at a time (layer_probes; give its own --out)")
     parser.add_argument("--noise-floor", action="store_true", help="the noise floor's rows too (NOISE_POINTS: full attention under other numerics, after the points); alone, only those")
     args = parser.parse_args()
     if args.report:

@@ -125,6 +125,42 @@ def test_rewind_replays_the_same_run(model, backend):
     assert bool(runs[0][1].any())
 
 
+@pytest.mark.parametrize("backend", ["ref", "triton"])
+def test_a_threshold_per_layer_is_each_layers_own(model, backend):
+    """``MassRule.layer_tau_m``: the same threshold in every layer is the scalar rule, step for
+    step; a layer at τ_m ≥ 1 never reuses while the other reuses as the scalar rule's first layer does."""
+    def run(rule, steps=4):
+        config = MACConfig(window=8, band=4, tau=-2.0, sinks=1, max_chain=1, rule=rule)
+        engine = DecodeEngine(model, 2, CAPACITY, "mac", config, dtype=torch.float32, device="cpu", mac_backend=backend)
+        engine.prefill(prompts([20, 26], seed=4))
+        logits, hits = [], []
+        for _ in range(steps):
+            logits.append(engine.step().clone())
+            hits.append(engine.step_stats().hit.clone())  # [layers, B, Hq]
+        return torch.stack(logits), torch.stack(hits)
+
+    scalar_logits, scalar_hits = run(MassRule(tau_m=0.2))
+    same_logits, same_hits = run(MassRule(tau_m=0.9, layer_tau_m=(0.2, 0.2)))  # (tau_m is then unused)
+    assert torch.equal(same_logits, scalar_logits) and torch.equal(same_hits, scalar_hits)
+    _, split_hits = run(MassRule(tau_m=0.2, layer_tau_m=(0.2, 1.0)))
+    assert bool(split_hits[:, 0].any()) and not bool(split_hits[:, 1].any())
+    assert torch.equal(split_hits[0, 0], scalar_hits[0, 0])  # layer 0's first step sees the same inputs
+    with pytest.raises(ValueError, match="layer_tau_m must hold one threshold per layer"):
+        run(MassRule(tau_m=0.2, layer_tau_m=(0.2, 0.2, 0.2)))
+
+
+def test_a_step_refuses_a_rule_with_thresholds_per_layer():
+    """A decode step is one layer's: a config whose rule holds a threshold per layer is
+    refused by name until ``MACConfig.for_layer`` resolves it."""
+    config = MACConfig(window=8, band=4, rule=MassRule(tau_m=0.5, layer_tau_m=(0.3, 0.7)))
+    with pytest.raises(ValueError, match="layer_tau_m"):
+        config.check_heads(4)
+    assert config.for_layer(1, 2).rule == MassRule(tau_m=0.7)
+    assert config.for_layer(0, 2).check_heads(4) is None
+    with pytest.raises(ValueError, match="layer_tau_m must be None or a non-empty tuple"):
+        MassRule(layer_tau_m=(0.5, float("nan")))
+
+
 def test_low_hit_rate_steps_are_misses_that_keep_the_rings(model):
     """Under the policy's hit-rate threshold every step is MAC's step without matching: full
     attention, writing the rows a step without hits writes (a later probe finds them current)."""
