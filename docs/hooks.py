@@ -249,7 +249,7 @@ def study_sections(prefix: str, body_only: bool = False) -> str:
     level down: the real-model study's, or ``STUDY/prefix`` for ``studies/results/STUDY/summary.md``."""
     summary = STUDY_SUMMARY
     if "/" in prefix:
-        study, prefix = prefix.split("/", 1)
+        study, prefix = prefix.rsplit("/", 1)  # (a study's folder may be nested: rule_frontier/layer_probe)
         summary = STUDIES / study / "summary.md"
     text = summary.read_text(encoding="utf-8") if summary.exists() else ""
     sections = re.split(r"(?m)^(?=### )", text)
