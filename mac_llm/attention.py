@@ -256,8 +256,9 @@ class MACAttention:
     :class:`~mac_llm.llama.LlamaModel` and one view of the statistics.
 
     Args:
-        configs: one :class:`~mac_core.config.MACConfig` for all layers, or a list with one
-            per layer (e.g. a per-layer ``τ``). A configuration with a ``calibration`` is
+        configs: one :class:`~mac_core.config.MACConfig` for all layers (a rule with a
+            threshold per layer resolved for each: ``MACConfig.for_layer``), or a list with
+            one per layer (e.g. a per-layer ``τ``). A configuration with a ``calibration`` is
             calibrated on each layer's prompt when the layer is seeded.
         n_layers: number of layers of the model.
         step_fn: ``mac_ref.decode_step``, ``mac_triton.decode_step`` or :func:`auto_step`.
@@ -269,8 +270,8 @@ class MACAttention:
     """
 
     def __init__(self, configs, n_layers: int, step_fn=mac_ref.decode_step, measure_error: bool = False):
-        if isinstance(configs, MACConfig):
-            configs = [configs] * n_layers
+        if isinstance(configs, MACConfig):  # (a rule with a threshold per layer gives each layer its own)
+            configs = [configs.for_layer(i, n_layers) for i in range(n_layers)]
         configs = list(configs)
         if len(configs) != n_layers or not all(isinstance(c, MACConfig) for c in configs):
             raise ValueError(f"configs must be a MACConfig or a list of {n_layers} MACConfigs")

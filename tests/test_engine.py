@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from mac_core import MACConfig, MassRule
-from mac_llm.attention import FullAttention
+from mac_llm.attention import FullAttention, MACAttention
 from mac_llm.decoding import forced_decode, greedy_decode, mac_continuation, prefill
 from mac_llm.engine import DecodeEngine, FallbackPolicy
 from mac_llm.llama import LAYER_WEIGHTS, LlamaModel, ModelConfig
@@ -157,6 +157,7 @@ def test_a_step_refuses_a_rule_with_thresholds_per_layer():
         config.check_heads(4)
     assert config.for_layer(1, 2).rule == MassRule(tau_m=0.7)
     assert config.for_layer(0, 2).check_heads(4) is None
+    assert MACAttention(config, 2).configs == [config.for_layer(0, 2), config.for_layer(1, 2)]  # (the transformers path's)
     with pytest.raises(ValueError, match="layer_tau_m must be None or a non-empty tuple"):
         MassRule(layer_tau_m=(0.5, float("nan")))
 
