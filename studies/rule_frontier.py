@@ -318,7 +318,7 @@ def report(out: Path) -> None:
                   "128 in the rows run before that column existed), and the mean position of the first that is not; "
                   "generated text: the greedy continuation's perplexity under full attention and its share of repeated 4-grams; "
                   "rows \"noise\": full attention under other numerics (the noise floor). Sorted by KV reads skipped per group.*", ""]
-    lines += probe_table(rows)
+    lines += probe_table(rows, frontier_rows(out))
     (out / "summary.md").write_text("\n".join(lines), encoding="utf-8")
     plot(rows, out / "frontier.png")
     if out.resolve() == RESULTS.resolve():  # the real-model page shows it
@@ -327,24 +327,40 @@ def report(out: Path) -> None:
         shutil.copy(out / "frontier.png", HERE.parent / "docs" / "assets" / "real_model" / "rule_frontier.png")
 
 
-def probe_table(rows: list[dict]) -> list[str]:
+UNIFORM_STEPS = (0.8, PROBE_LOOSE)  # the frontier's points with every layer looser: the probes' yardsticks
+
+
+def frontier_rows(out: Path) -> list[dict]:
+    """The frontier's rows beside a probes' folder (``OUT/layer_probe`` next to ``OUT/runs.csv``), else none."""
+    path = out.parent / "runs.csv"
+    return list(csv.DictReader(path.open())) if out.name == "layer_probe" and path.exists() else []
+
+
+def probe_table(rows: list[dict], frontier: list[dict]) -> list[str]:
     """The layer probes' section (``--layer-probe``'s rows): per block loosened, what it bought
-    against the demo's point, and at what KL cost per point of group reads; none without them."""
+    against the demo's point, and at what KL cost per point of group reads, beside the
+    frontier's points with every layer looser (:data:`UNIFORM_STEPS`, from ``frontier``); none without them."""
     base = next((r for r in rows if r["label"] == f"mass τ=0.3 τm={PROBE_BASE} per group"), None)
     probes = [r for r in rows if r["label"].startswith("mass τ=0.3 per group, layers ")]
     if base is None or not probes:
         return []
+    step = [dict(r, label=f"every layer at τm {u} ({r['backend']})") for u in UNIFORM_STEPS for r in frontier
+            if r["source"] == base["source"] and r["label"] == f"mass τ=0.3 τm={u} per group" and r["max_chain"] == "1"]
+    for r in step:
+        for k in ("skipped_group", "ppl_change", "ppl_change_se", "kl_mean"):
+            r[k] = float(r[k])
     lines = [f"### Probes: one block of layers at τm {PROBE_LOOSE}, the others at {PROBE_BASE} ({base['source']})", "",
              "| layers loosened | skipped per group (gained) | Δppl ± SE | KL mean (added) | added KL per point of reads skipped |",
              "|---|---|---|---|---|",
              f"| none (the demo's rule) | {base['skipped_group']:.1%} | {100 * base['ppl_change']:+.2f} ± {100 * base['ppl_change_se']:.2f} % | {base['kl_mean']:.4f} | – |"]
-    for r in probes:
+    for r in probes + step:
         gained, added = r["skipped_group"] - base["skipped_group"], r["kl_mean"] - base["kl_mean"]
         cost = f"{added / (100 * gained):.5f}" if gained > 0 else "–"
-        lines.append(f"| {r['label'].split(', layers ')[1].split(' ')[0]} | {r['skipped_group']:.1%} ({100 * gained:+.1f} points) | "
+        name = r["label"] if r in step else r["label"].split(", layers ")[1].split(" ")[0]
+        lines.append(f"| {name} | {r['skipped_group']:.1%} ({100 * gained:+.1f} points) | "
                      f"{100 * r['ppl_change']:+.2f} ± {100 * r['ppl_change_se']:.2f} % | {r['kl_mean']:.4f} ({added:+.4f}) | {cost} |")
     return lines + ["", "*The same prompts and measures as the frontier (teacher forcing only: the probes decode 2 greedy tokens, "
-                    "so their greedy columns above are not measures).*", ""]
+                    "so their greedy columns above are not measures); the rows \"every layer\" are the frontier's points with one threshold in every layer.*", ""]
 
 
 def generated(row: dict) -> str:
