@@ -354,16 +354,16 @@ def probe_table(rows: list[dict], frontier: list[dict]) -> list[str]:
              "|---|---|---|---|---|",
              f"| none (the demo's rule) | {base['skipped_group']:.1%} | {100 * base['ppl_change']:+.2f} ± {100 * base['ppl_change_se']:.2f} % | {base['kl_mean']:.4f} | – |"]
     if step:  # the issue's target: 60 % per group for no more KL than the point at +1 % (every layer at τm 0.8) spends
-        step.append(dict(step[0], label="the target: 60 % at that KL", skipped_group=0.60, target=True))
+        step.insert(1, dict(step[0], label=f"the target: 60 % at τm {UNIFORM_STEPS[0]}'s KL", skipped_group=0.60, target=True))
     for r in probes + step:
         gained, added = r["skipped_group"] - base["skipped_group"], r["kl_mean"] - base["kl_mean"]
         cost = f"{added / (100 * gained):.5f}" if gained > 0 else "–"
         name = r["label"] if r in step else r["label"].split(", layers ")[1].split(" ")[0]
-        ppl = "the same" if r.get("target") else f"{100 * r['ppl_change']:+.2f} ± {100 * r['ppl_change_se']:.2f} %"
+        ppl = f"{100 * r['ppl_change']:+.2f} % (τm {UNIFORM_STEPS[0]}'s)" if r.get("target") else f"{100 * r['ppl_change']:+.2f} ± {100 * r['ppl_change_se']:.2f} %"
         lines.append(f"| {name} | {r['skipped_group']:.1%} ({100 * gained:+.1f} points) | {ppl} | {r['kl_mean']:.4f} ({added:+.4f}) | {cost} |")
     return lines + ["", "*The same prompts and measures as the frontier (teacher forcing only: the probes decode 2 greedy tokens, "
                     "so their greedy columns above are not measures); the rows \"every layer\" are the frontier's points with one threshold in every layer, "
-                    "and the target's row 60 % per group at the KL of the first (at about the issue's bound of +1 %): the KL per point of reads a choice must average.*", ""]
+                    "and the target's row 60 % per group at the KL of the point at τm 0.8 (at the issue's bound of +1 %): the KL per point of reads a choice must average.*", ""]
 
 
 def generated(row: dict) -> str:
