@@ -123,7 +123,7 @@ def layer_choice(probes: Path, n_layers: int) -> list[tuple[str, object, float, 
     blocks loosened in the order of their KL cost per point of group reads gained, until the
     gains (added, as if independent) reach :data:`PROBE_TARGET`, each only where the KL
     (added the same way) stays within :data:`PROBE_KL_BUDGET`; the others, and blocks not
-    probed, keep the demo's threshold. Returns the point, to be measured on both texts (``--layer-choice``) against
+    probed, keep the demo's threshold. Exits when the budget cannot reach the target. Returns the point, to be measured on both texts (``--layer-choice``) against
     the frontier of one threshold in every layer."""
     rows = {r["label"]: r for r in csv.DictReader(probes.open())}
     base, *blocks = layer_probes(n_layers)
@@ -144,9 +144,10 @@ def layer_choice(probes: Path, n_layers: int) -> list[tuple[str, object, float, 
         skipped, kl = skipped + measure(label, "skipped_group"), kl + measure(label, "kl_mean")
         layers = [min(a, b) for a, b in zip(layers, probe)]
         print(f"  loosen {label.split(', ')[1]}: ΔKL / Δskipped {cost:.4f}, predicted {skipped:.1%} skipped at KL {kl:.4f}", flush=True)
+    if skipped < PROBE_TARGET:  # (a choice short of the target is no better than the frontier's own points)
+        raise SystemExit(f"within the KL budget {PROBE_KL_BUDGET} the probed blocks reach a predicted {skipped:.1%}, "
+                         f"short of {PROBE_TARGET:.0%}: no choice to measure")
     starts = sorted({i - i % PROBE_BLOCK for i, t in enumerate(layers) if t == PROBE_LOOSE})
-    if not starts:
-        raise SystemExit(f"no probed block fits the KL budget {PROBE_KL_BUDGET}: nothing to choose")
     spans = ", ".join(f"{a}–{min(a + PROBE_BLOCK, n_layers) - 1}" for a in starts)
     rule = MassRule(tau_m=PROBE_BASE, per_group=True, layer_tau_m=tuple(layers))
     return [(f"mass τ=0.3 per group, τm={PROBE_LOOSE} in layers {spans}, {PROBE_BASE} elsewhere", rule, 0.3, 1)]
