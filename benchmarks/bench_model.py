@@ -24,7 +24,7 @@ the first ``--fidelity-requests`` requests of each context (teacher forcing on t
 follows each prompt, ``--fidelity-steps`` tokens): KL(full ‖ MAC), top-1 agreement, Δppl
 with its standard error, hit rate, KV reads skipped per head and per group.
 
-    python -m benchmarks.bench_model --model PATH/SmolLM2-135M-Instruct.Q4_1.gguf [--contexts 2048,4096,8192] [--batches 1,8,32,64,128] [--diagnose] [--launch "warps=4;programs_per_sm=2"] [--out DIR]
+    python -m benchmarks.bench_model --model PATH/SmolLM2-135M-Instruct.Q4_1.gguf [--contexts 2048,4096,8192] [--batches 1,8,32,64,128] [--diagnose] [--launch "warps=4;programs_per_sm=2;match_block_w=64"] [--out DIR]
 
 Writes ``model.csv``, ``model_fidelity.csv``, ``model_kernels.csv`` (µs per step per kernel), ``model.md`` and the two
 plots of ``benchmarks/plots.py`` (speed-up per rule, tokens per second per context) into ``--out``.
@@ -62,22 +62,28 @@ DIAGNOSTIC = {"mac_mass_per_head": dict(tau=0.3, rule=MassRule(tau_m=0.85)), "ma
 GROUP_MATCH = {"mac_mass_group_match": dict(BEST_RULE, group_match=True)}
 
 
-def launch_variant(provider: str, groups: int, head_dim: int):
-    """``mac_mass@name=value,…`` (``--launch``): the default launch with those
-    :class:`~mac_triton.Launch` fields changed; other providers: ``None`` (the default)."""
-    if "@" not in provider:
-        return None
-    from mac_triton import launch_for
+MATCH_PREFIX = "match_"  # --launch's names for the match scan's MatchLaunch fields (match_block_w=64)
 
-    changes = dict(item.split("=") for item in provider.split("@")[1].split(","))
-    return dataclasses.replace(launch_for(groups, head_dim), **{name: int(value) for name, value in changes.items()})
+
+def launch_variant(provider: str, groups: int, head_dim: int):
+    """``mac_mass@name=value,…`` (``--launch``): ``(Launch, MatchLaunch)``, the defaults with
+    those fields changed (``match_*``: the match scan's); other providers: ``(None, None)``."""
+    if "@" not in provider:
+        return None, None
+    from mac_triton import MATCH, launch_for
+
+    changes = {name: int(value) for name, value in (item.split("=") for item in provider.split("@")[1].split(","))}
+    step = {k: v for k, v in changes.items() if not k.startswith(MATCH_PREFIX)}
+    match = {k.removeprefix(MATCH_PREFIX): v for k, v in changes.items() if k.startswith(MATCH_PREFIX)}
+    return dataclasses.replace(launch_for(groups, head_dim), **step), dataclasses.replace(MATCH, **match)
 
 
 def parse_launches(text: str) -> list[str]:
-    """``--launch``'s variants, ``;``-separated, each ``name=value,…`` of integer :class:`~mac_triton.Launch` fields."""
-    from mac_triton import Launch
+    """``--launch``'s variants, ``;``-separated, each ``name=value,…`` of integer :class:`~mac_triton.Launch`
+    fields or ``match_``-prefixed :class:`~mac_triton.MatchLaunch` fields."""
+    from mac_triton import Launch, MatchLaunch
 
-    fields = {f.name for f in dataclasses.fields(Launch)}
+    fields = {f.name for f in dataclasses.fields(Launch)} | {MATCH_PREFIX + f.name for f in dataclasses.fields(MatchLaunch)}
     variants = [v for v in text.split(";") if v]
     for variant in variants:
         for item in variant.split(","):
@@ -167,7 +173,7 @@ def run(args) -> None:
                     except Exception as err:  # noqa: BLE001
                         print(f"  flashinfer not importable: {err}")
                         continue
-                engine.launch = launch_variant(provider, batch * kv_heads, model.config.head_dim)
+                engine.launch, engine.match_launch = launch_variant(provider, batch * kv_heads, model.config.head_dim)
                 if provider in mac:
                     policy = FallbackPolicy() if provider.endswith("policy") else None
                     engine.switch("mac", dataclasses.replace(base, **mac[provider]), policy)

@@ -179,7 +179,8 @@ class Mac(_Attention):
 
         e = self.engine
         out, _, e.stats[i] = mac_triton.mac_step(
-            q_pre, q_post, e.k[i], e.v[i], e.states[i], e.positions, e.layer_configs[i], e.scale, e.workspaces[i], e.launch, match=self.match,
+            q_pre, q_post, e.k[i], e.v[i], e.states[i], e.positions, e.layer_configs[i], e.scale, e.workspaces[i], e.launch,
+            match_launch=e.match_launch or mac_triton.MATCH, match=self.match,
         )  # fmt: skip
         return out
 

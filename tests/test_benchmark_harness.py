@@ -32,3 +32,21 @@ def test_planted_hits_and_a_ring_restoring_step_repeat_exactly(hit_rate):
     assert (stats.matched_pos[stats.hit] == ctx - 1 - 4).all()  # the planted row, lag 4
     for a, b in zip(*runs):
         assert torch.equal(a, b)
+
+
+def test_a_launch_variant_changes_the_named_fields_of_the_step_and_of_the_match_scan():
+    """``bench_model --launch``: ``name=value`` sets a ``Launch`` field, ``match_name=value`` a
+    ``MatchLaunch`` field, the rest stay the defaults; an unknown name is refused by name."""
+    import argparse
+    import dataclasses
+
+    from mac_triton import MATCH, launch_for
+
+    bench_model = pytest.importorskip("benchmarks.bench_model")
+    variants = bench_model.parse_launches("match_block_w=64,warps=4;stages=2")
+    step, match = bench_model.launch_variant(f"mac_mass@{variants[0]}", 192, 64)
+    assert step == dataclasses.replace(launch_for(192, 64), warps=4) and match == dataclasses.replace(MATCH, block_w=64)
+    assert bench_model.launch_variant(f"mac_mass@{variants[1]}", 192, 64)[1] == MATCH
+    assert bench_model.launch_variant("sdpa", 192, 64) == (None, None)
+    with pytest.raises(argparse.ArgumentTypeError, match="match_foo"):
+        bench_model.parse_launches("match_foo=3")
