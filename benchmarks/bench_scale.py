@@ -84,7 +84,7 @@ def plant(engine: DecodeEngine, context: int, hit_rate: float, gen: torch.Genera
         rows = Summary(torch.randn(B, Hq, W, D, generator=gen, device=device), torch.randn(B, Hq, W, generator=gen, device=device) + 5.0)
         state = LayerState.empty(B, Hq, D, W, dtype=engine.dtype, device=device)
         engine.states.append(state.seed(ring_q.to(engine.dtype), rows, torch.full((B,), context, device=device), first_position=first))
-    engine.workspaces = new_workspaces(engine.config, B, cfg, device)
+    engine.workspaces = new_workspaces(engine.layer_configs, B, cfg, device)
     engine.positions.fill_(context)
     engine.host_positions = [context] * B
     engine.tokens.random_(0, cfg.vocab_size, generator=gen)

@@ -137,7 +137,7 @@ class DecodeEngine:
         if self.config is not None:  # rings for MAC, now or after a switch
             self.states = [self._seed(queries, lengths, i) for i, queries in enumerate(per_layer_queries)]
             if self.mac_backend == "triton":
-                self.workspaces = new_workspaces(self.config, self.batch, self.model.config, self.device)
+                self.workspaces = new_workspaces(self.layer_configs, self.batch, self.model.config, self.device)
         self.tokens.copy_(self.logits.argmax(-1))
         self.graphs.clear()
         self.rings_stale = False
@@ -347,7 +347,7 @@ class DecodeEngine:
                 raise ValueError("switch to MAC: the rings were seeded for another window, band or sinks (or not at all)")
             self.config, self.layer_configs = config, self._per_layer(config)
             if self.mac_backend == "triton":
-                self.workspaces = new_workspaces(config, self.batch, self.model.config, self.device)
+                self.workspaces = new_workspaces(self.layer_configs, self.batch, self.model.config, self.device)
         self.attention, self.policy = attention, policy if attention == "mac" else None
         self.graphs.clear()
         self.attentions.clear()

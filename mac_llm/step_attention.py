@@ -208,12 +208,11 @@ def step_attention(kind: str, engine, mac_backend: str = "triton") -> _Attention
     return kinds[kind](engine)
 
 
-def new_workspaces(config, batch: int, model_config, device) -> list:
-    """One ``mac_triton.DecodeWorkspace`` per layer (what a captured MAC step keeps between steps), each for its layer's configuration."""
+def new_workspaces(layer_configs: list, batch: int, model_config, device) -> list:
+    """One ``mac_triton.DecodeWorkspace`` per layer (what a captured MAC step keeps between steps), for its configuration of ``layer_configs``."""
     from mac_triton import DecodeWorkspace
 
-    n = model_config.n_layers
-    return [DecodeWorkspace.new(config.for_layer(i, n), batch, model_config.n_heads, model_config.head_dim, device) for i in range(n)]
+    return [DecodeWorkspace.new(config, batch, model_config.n_heads, model_config.head_dim, device) for config in layer_configs]
 
 
 __all__ = ["ATTENTIONS", "FULL_ATTENTIONS", "MAC_BACKENDS", "FallbackPolicy", "backend_module", "mac_decode_step", "step_attention", "new_workspaces"]

@@ -98,7 +98,7 @@ GROUP_MATCH_POINTS = [
 
 # thresholds per layer (issue 19): the demo's rule with one block of layers loosened at a time
 # (--layer-probe, on the pydoc topics only: the choice is made there and confirmed on the docstrings)
-# tells which layers reuse cheaply; LAYER_POINTS then loosens those and tightens the others
+# tells which layers reuse cheaply; --layer-choice loosens those (layer_choice)
 PROBE_BLOCK, PROBE_BASE, PROBE_LOOSE = 5, 0.85, 0.5
 
 
@@ -123,27 +123,27 @@ def layer_choice(probes: Path, n_layers: int) -> list[tuple[str, object, float, 
     blocks loosened in the order of their KL cost per point of group reads gained, until the
     gains (added, as if independent) reach :data:`PROBE_TARGET`, each only where the KL
     (added the same way) stays within :data:`PROBE_KL_BUDGET`; the others, and blocks not
-    probed, keep the demo's threshold. Exits when the budget cannot reach the target. Returns the point, to be measured on both texts (``--layer-choice``) against
-    the frontier of one threshold in every layer."""
+    probed, keep the demo's threshold. Returns the point, to be measured on both texts
+    (``--layer-choice``) against the frontier of one threshold in every layer; exits when
+    the budget cannot reach the target."""
     rows = {r["label"]: r for r in csv.DictReader(probes.open())}
-    base, *blocks = layer_probes(n_layers)
-    if base[0] not in rows:
-        raise SystemExit(f"{probes} lacks the demo's point {base[0]!r}: run --layer-probe first")
+    (base, *_), *blocks = layer_probes(n_layers)
+    if base not in rows:
+        raise SystemExit(f"{probes} lacks the demo's point {base!r}: run --layer-probe first")
     unprobed = [label for label, *_ in blocks if label not in rows]
     if unprobed:
         print(f"  not probed (they keep τm {PROBE_BASE}): {unprobed}", flush=True)
-    blocks = [b for b in blocks if b[0] in rows]
-    measure = lambda label, key: float(rows[label][key]) - float(rows[base[0]][key])  # noqa: E731
-    costs = sorted((measure(label, "kl_mean") / max(measure(label, "skipped_group"), 1e-9), rule.layer_tau_m) for label, rule, _, _ in blocks)
-    skipped, kl, layers = float(rows[base[0]]["skipped_group"]), float(rows[base[0]]["kl_mean"]), [PROBE_BASE] * n_layers
-    for cost, probe in costs:
-        label = next(label for label, rule, _, _ in blocks if rule.layer_tau_m == probe)
-        if skipped >= PROBE_TARGET or kl + measure(label, "kl_mean") > PROBE_KL_BUDGET:
-            print(f"  keep {label.split(', ')[1].split(' ')[1]}: ΔKL / Δskipped {cost:.4f}", flush=True)
+    gain = lambda label, key: float(rows[label][key]) - float(rows[base][key])  # noqa: E731
+    cost = lambda label: gain(label, "kl_mean") / max(gain(label, "skipped_group"), 1e-9)  # noqa: E731
+    skipped, kl, layers = float(rows[base]["skipped_group"]), float(rows[base]["kl_mean"]), [PROBE_BASE] * n_layers
+    for label, rule, _, _ in sorted((b for b in blocks if b[0] in rows), key=lambda b: cost(b[0])):
+        name = label.split(", layers ")[1].split(" ")[0]
+        if skipped >= PROBE_TARGET or kl + gain(label, "kl_mean") > PROBE_KL_BUDGET:
+            print(f"  keep {name}: ΔKL / Δskipped {cost(label):.4f}", flush=True)
             continue
-        skipped, kl = skipped + measure(label, "skipped_group"), kl + measure(label, "kl_mean")
-        layers = [min(a, b) for a, b in zip(layers, probe)]
-        print(f"  loosen {label.split(', ')[1]}: ΔKL / Δskipped {cost:.4f}, predicted {skipped:.1%} skipped at KL {kl:.4f}", flush=True)
+        skipped, kl = skipped + gain(label, "skipped_group"), kl + gain(label, "kl_mean")
+        layers = [min(a, b) for a, b in zip(layers, rule.layer_tau_m)]
+        print(f"  loosen layers {name} τm={PROBE_LOOSE}: ΔKL / Δskipped {cost(label):.4f}, predicted {skipped:.1%} skipped at KL {kl:.4f}", flush=True)
     if skipped < PROBE_TARGET:  # (a choice short of the target is no better than the frontier's own points)
         raise SystemExit(f"within the KL budget {PROBE_KL_BUDGET} the probed blocks reach a predicted {skipped:.1%}, "
                          f"short of {PROBE_TARGET:.0%}: no choice to measure")
