@@ -11,6 +11,12 @@ wheel) and prints each kernel's registers, stack (spilled bytes) and shared memo
 the wide launch, the full decode and the verify pass (a block of 5), at the real model's shape (Hq 9, Hkv 3, D 64) and the
 paper's (Hq 32, Hkv 8, D 128), bf16.
 
+Each launch is specialised as the JIT specialises it on a GPU (alignment and divisibility
+hints from the arguments), so the numbers are those of the code the GPU runs, for this
+Triton version: they differ between versions (a kernel that spills under one may not under
+another), so compare with the GPU machine's version (``pip install --no-deps --target DIR
+triton==VERSION`` and ``PYTHONPATH=DIR``).
+
     python -m benchmarks.compile_kernels [--arch 90]
 
 Exits 1 when a kernel fails to compile. Run it with ``TRITON_INTERPRET`` unset.
@@ -29,20 +35,15 @@ import torch
 import triton
 import triton.runtime.jit as jit
 from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
-
-POINTER = {torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.float32: "*fp32", torch.int64: "*i64",
-           torch.int32: "*i32", torch.int8: "*i8"}  # fmt: skip
+from triton.compiler import ASTSource, make_backend
 
 
 def record_launches(run) -> list[tuple]:
-    """``(kernel, arguments by name, options)`` of every launch ``run()`` makes; nothing runs."""
+    """``(kernel, positional arguments, keyword arguments)`` of every launch ``run()`` makes; nothing runs."""
     launches = []
 
     def recorder(self, *args, grid, warmup, **kwargs):
-        bound = dict(zip(self.arg_names, args)) | kwargs
-        options = {k: bound.pop(k) for k in ("num_warps", "num_stages") if k in bound}
-        launches.append((self, bound, options))
+        launches.append((self, args, kwargs))
 
     saved, jit.JITFunction.run = jit.JITFunction.run, recorder
     try:
@@ -52,22 +53,17 @@ def record_launches(run) -> list[tuple]:
     return launches
 
 
-def specialise(kernel, bound: dict) -> tuple[dict, dict]:
-    """The signature and constants ``ASTSource`` takes, from one launch's arguments."""
-    signature, constants = {}, {}
-    for name, param in zip(kernel.arg_names, kernel.params):
-        value = bound[name]
-        if param.is_constexpr or value is None:
-            signature[name], constants[name] = "constexpr", value
-        elif isinstance(value, torch.Tensor):
-            signature[name] = POINTER[value.dtype]
-        elif isinstance(value, bool):
-            signature[name] = "i1"
-        elif isinstance(value, int):
-            signature[name] = "i64" if abs(value) >= 2**31 else "i32"
-        else:
-            signature[name] = "fp32"
-    return signature, constants
+def specialise(kernel, args: tuple, kwargs: dict, target: GPUTarget) -> tuple[ASTSource, dict]:
+    """The source and options of one launch, specialised as the JIT specialises a launch
+    (Triton's own binder): a pointer aligned to 16 bytes and an integer divisible by 16 carry
+    ``tt.divisibility``, an integer equal to 1 is a constant. Without those hints the
+    compiler must assume unaligned data, and the code it emits is not what the GPU runs (no
+    vectorised loads, no pipelined copies into shared memory)."""
+    backend = make_backend(target)
+    binder = jit.create_function_from_signature(kernel.signature, kernel.params, backend)
+    bound_args, specialization, options = binder(*args, **kwargs)
+    options, signature, constexprs, attrs = kernel._pack_args(backend, kwargs, bound_args, specialization, options)
+    return ASTSource(kernel, signature, constexprs, attrs), options.__dict__
 
 
 def resources(cubin: bytes) -> str:
@@ -119,11 +115,11 @@ def main(argv=None) -> int:
     failed = 0
     for name, run in cases():
         print(name, flush=True)
-        for kernel, bound, options in record_launches(run):
-            signature, constants = specialise(kernel, bound)
+        for kernel, launch_args, launch_kwargs in record_launches(run):
             try:
-                compiled = triton.compile(ASTSource(kernel, signature, constants), target=target, options=options)
-                print(f"  {kernel.__name__:<22} {resources(compiled.asm['cubin'])}, {options.get('num_warps')} warps", flush=True)
+                source, options = specialise(kernel, launch_args, launch_kwargs, target)
+                compiled = triton.compile(source, target=target, options=options)
+                print(f"  {kernel.__name__:<22} {resources(compiled.asm['cubin'])}, {options['num_warps']} warps, {compiled.metadata.shared:>6} B shared in all", flush=True)
             except Exception as err:  # noqa: BLE001 - report every failure, then exit 1
                 failed += 1
                 print(f"  {kernel.__name__:<22} FAILED: {type(err).__name__}: {str(err)[:2000]}", flush=True)

@@ -76,8 +76,8 @@ class GGUFFile:
     """
 
     def __init__(self, path: str | os.PathLike | None = None):
+        self.path = path = Path(path) if path is not None else default_model_path()  # (the model first: the larger install)
         gguf = _require("gguf")
-        self.path = path = Path(path) if path is not None else default_model_path()
         if not path.is_file():
             raise ValueError(f"model path {path}: no such file (expected a Llama GGUF file)")
         try:

@@ -58,7 +58,8 @@ NARROW_MAX_GROUPS = 32  # GQA groups (B·Hkv) up to which NARROW is used (measur
 # heads of at most 64 dims: WIDE with 4-warp prefix programs. The launch A/B on an H100 (SmolLM2, D 64;
 # results/h100_launch_ab/model_kernels.csv): the prefix kernel took 1330 / 1171 µs a step at batch 64 and
 # 843 / 754 µs at batch 32 with 8 / 4 warps (the attend kernel kept 8: with 4 it was slower). At D 128 a
-# 4-warp prefix program spills most of its state (benchmarks/compile_kernels.py: 5 KB of stack), so WIDE keeps 8.
+# 4-warp prefix program compiles without spilling under the GPU machines' Triton 3.6 (140 registers) and spills
+# 4.6 KB under Triton 3.9 (benchmarks/compile_kernels.py); not timed at 128 dims, so WIDE keeps 8 there.
 SMALL_HEAD_DIM = 64
 WIDE_SMALL_HEADS = replace(WIDE, prefix_warps=4)
 

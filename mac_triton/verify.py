@@ -166,7 +166,7 @@ def verify_step(
     n_split = triton.cdiv(T if max_keys is None else max_keys, chunk)
     rows = rows or max(16, triton.next_power_of_2(G * L))
     block_d = max(16, triton.next_power_of_2(D))
-    warps = warps or (8 if rows * block_d >= 32 * 128 else 4)  # (32 rows × D 128 spilled with 4 warps, compiled for sm_90)
+    warps = warps or (8 if rows * block_d >= 32 * 128 else 4)  # (32 rows × D 128 with 4 warps: 255 registers, spilling under Triton 3.9; compiled for sm_90)
     f32 = torch.float32
     part_o = torch.empty(2, B, Hq, L, n_split, D, dtype=f32, device=q_post.device)
     part_lse = torch.empty(2, B, Hq, L, n_split, dtype=f32, device=q_post.device)

@@ -90,7 +90,7 @@ STREAM_CASES = [
 
 def test_default_launch_by_groups_and_head_width():
     """Up to NARROW_MAX_GROUPS groups the narrow launch; past it the wide one, whose prefix
-    programs have 4 warps for heads of at most 64 dims (8 for wider heads, where 4 spill)."""
+    programs have 4 warps for heads of at most 64 dims (8 for wider heads, not timed with 4)."""
     from mac_triton.launch import NARROW_MAX_GROUPS, WIDE_SMALL_HEADS
 
     assert mac_triton.launch_for(NARROW_MAX_GROUPS, 64) is mac_triton.NARROW
