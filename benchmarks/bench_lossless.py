@@ -51,6 +51,7 @@ and its drafting steps hit at the planted rate; neither is measured at that scal
 
     python -m benchmarks.bench_lossless --model PATH/SmolLM2-135M-Instruct.Q4_1.gguf [--contexts 2048,8192] [--batches 1,64]
     python -m benchmarks.bench_lossless --project benchmarks/results/scale.csv   # from --out's lossless.csv
+    python -m benchmarks.bench_lossless --merge RUN_DIR RUN_DIR ... --out DIR           # one table from several calls' runs
     TRITON_INTERPRET=1 python -m benchmarks.bench_lossless --smoke   # a tiny random model on the CPU: the script's logic only
 
 Writes ``lossless.csv``, ``lossless_hist.csv``, ``lossless.md`` and ``lossless_hist.png`` into
@@ -138,7 +139,8 @@ def prepare(engine: DecodeEngine, provider: str, k_max: int) -> LosslessDecoder 
 
 def run_point(model, prompts, ctx: int, batch: int, args, device, dtype, env) -> tuple[list[dict], list[dict]]:
     config = preset("demo", **BEST_RULE)
-    capacity = ctx + max(args.tokens, (args.k_max + 1) * (args.k_max + 2) // 2) + args.k_max + 8  # the warm-up's rounds too
+    # the warm-up's rounds too; a request runs up to two rounds past its tokens (the round in flight and the one queued behind it)
+    capacity = ctx + max(args.tokens, (args.k_max + 1) * (args.k_max + 2) // 2) + 2 * (args.k_max + 1) + 8
     engine = DecodeEngine(model, batch, capacity, "sdpa", config, dtype=dtype, device=device, compile=not args.smoke)
     engine.prefill(prompts[:batch])
     checkpoint = engine.checkpoint()
@@ -230,6 +232,32 @@ def write(rows: list[dict], hist: list[dict], out: Path, env: dict) -> None:
         plt.close(fig)
 
 
+def merge(runs: list[Path], out: Path) -> None:
+    """One table and plot from the points of several runs (``lossless.csv``, ``lossless_hist.csv`` and the
+    environment line that starts ``lossless.log``, in each folder of ``runs``): a grid measured over several
+    calls of one machine. Runs on different GPUs or versions are refused: their ratios do not compare."""
+    def cells(path: Path) -> list[dict]:
+        with open(path, newline="") as f:  # (an empty cell: a column the row lacks)
+            return [{k: _number(v) for k, v in r.items() if v != ""} for r in csv.DictReader(f)]
+
+    envs = [dict(part.split(" ", 1) for part in (run / "lossless.log").read_text().splitlines()[0].split(", ")) for run in runs]
+    if any(e != envs[0] for e in envs):
+        raise SystemExit(f"the runs were measured on different machines or versions: {envs}")
+    rows = [r for run in runs for r in cells(run / "lossless.csv")]
+    hist = [h for run in runs if (run / "lossless_hist.csv").exists() for h in cells(run / "lossless_hist.csv")]
+    write(rows, hist, out, envs[0])
+    print((out / "lossless.md").read_text())
+
+
+def _number(text: str):
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
 def from_parts(n: float, k: float, t_full: float, t_mac: float, t_verify: float) -> float:
     """The speed-up over full attention that a round's parts predict: ``n̄ · t_full / (k̄ · t_mac + t_verify)``
     (``n̄`` tokens a request emits per round, ``k̄`` drafts per round; the times per step or round)."""
@@ -288,11 +316,15 @@ def main():
     parser.add_argument("--policy", action="store_true", help="also each draft with the engine's FallbackPolicy (lossless:<draft>+policy)")
     parser.add_argument("--smoke", action="store_true", help="a tiny random model on the CPU (eager, interpreter): the script's logic only")
     parser.add_argument("--project", type=Path, help="bench_scale's scale.csv: project the mode onto the 8B-shaped engine from --out's lossless.csv (no decoding)")
+    parser.add_argument("--merge", type=Path, nargs="+", help="runs' folders (one machine, calls apart): write --out's tables and plot from all their points (no decoding)")
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
     args = parser.parse_args()
     if unknown := set(args.drafts) - set(DRAFTS):
         parser.error(f"--drafts: unknown {sorted(unknown)}, choose from {list(DRAFTS)}")
     args.out.mkdir(parents=True, exist_ok=True)
+    if args.merge:
+        merge(args.merge, args.out)
+        return
     if args.project:
         lossless_rows = list(csv.DictReader(open(args.out / "lossless.csv")))
         rows = project(lossless_rows, list(csv.DictReader(open(args.project))))

@@ -596,7 +596,9 @@ class LosslessDecoder:
         back, wherever some request needs more tokens whatever that round gives it, so the
         device does not wait for the host between rounds; a request may then run up to two
         rounds past its ``n``, and its extra tokens are kept for the next call
-        (:attr:`emitted` holds them all)."""
+        (:attr:`emitted` holds them all). The engine's ``capacity`` needs room for that: ``n``
+        positions past the longest request and ``2·(k_max + 1)`` more (a round that would pass
+        it is refused by name)."""
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:
             raise ValueError(f"n must be an int >= 1, got {n!r}")
         e = self.engine

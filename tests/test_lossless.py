@@ -7,6 +7,7 @@ differ when the repair is skipped, and speculative sampling's acceptance distrib
 full attention's by a chi-square test that fails when the rule is broken on purpose.
 """
 
+import csv
 import dataclasses
 import os
 
@@ -414,3 +415,33 @@ def test_the_projection_onto_the_8b_engine_is_its_formula():
     rows = bench.project(lossless_rows, scale)
     assert [(r["draft"], r["hit_rate"], r["speedup"]) for r in rows] == [("demo", 0.9, round(30 / 26, 3)), ("demo", 1.0, round(30 / 23.5, 3))]
     assert bench.project(lossless_rows, [r for r in scale if r["provider"] != "verified"]) == []  # no verified round timed: nothing
+
+
+def test_runs_of_several_calls_merge_into_one_table(tmp_path):
+    """``bench_lossless --merge``: the points of every run in one table and plot (numbers read back as
+    numbers, a row's empty cells left out); runs of other machines or versions are refused."""
+    bench = pytest.importorskip("benchmarks.bench_lossless")
+    env = "gpu H100, torch 2.11, triton 3.6"
+    common = dict(gpu="H100", tokens=8, best_full="sdpa", same_as_full=1.0, same_as_verified=1.0)
+    for name, ctx in (("a", 2048), ("b", 8192)):
+        run = tmp_path / name
+        run.mkdir()
+        rows = [dict(common, context=ctx, batch=1, provider="sdpa", speedup_vs_full=1.0, tokens_per_s=10.0),
+                dict(common, context=ctx, batch=1, provider="mac", speedup_vs_full=0.8),
+                dict(common, context=ctx, batch=1, provider="verified", speedup_vs_full=0.7),
+                dict(common, context=ctx, batch=1, provider="lossless:demo", speedup_vs_full=0.9, mean_accepted=3.5, k_max=4,
+                     tokens_per_round=4.5, batch_tokens_per_round=4.5, draft_share=1.0, plain_share=0.0, round_ms_verify=2.0)]  # fmt: skip
+        bench.write(rows, [dict(context=ctx, batch=1, draft="demo", accepted=a, count=1 + a) for a in range(5)], run,
+                    dict(part.split(" ", 1) for part in env.split(", ")))
+        (run / "lossless.log").write_text(env + "\n")
+    out = tmp_path / "merged"
+    out.mkdir()
+    bench.merge([tmp_path / "a", tmp_path / "b"], out)
+    table = (out / "lossless.md").read_text()
+    assert "| 2048 | 1 | sdpa, 10.0 | 0.8×, 100.0% | 0.7× | demo | 0.9× |" in table and "| 8192 | 1 | sdpa, 10.0 |" in table
+    assert table.count("| lossless:demo | – | 2.0 |") == 0 and table.count("lossless:demo | 2.0 |") == 2  # only rows with parts timed
+    with open(out / "lossless_hist.csv", newline="") as f:
+        assert (out / "lossless_hist.png").exists() and len(list(csv.DictReader(f))) == 10
+    (tmp_path / "b" / "lossless.log").write_text("gpu H200, torch 2.11, triton 3.6\n")
+    with pytest.raises(SystemExit, match="different machines"):
+        bench.merge([tmp_path / "a", tmp_path / "b"], out)
