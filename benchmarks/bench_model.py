@@ -70,12 +70,12 @@ def launch_variant(provider: str, groups: int, head_dim: int):
     those fields changed (``match_*``: the match scan's); other providers: ``(None, None)``."""
     if "@" not in provider:
         return None, None
-    from mac_triton import MATCH, launch_for
+    from mac_triton import launch_for, match_launch_for
 
     changes = {name: int(value) for name, value in (item.split("=") for item in provider.split("@")[1].split(","))}
     step = {k: v for k, v in changes.items() if not k.startswith(MATCH_PREFIX)}
     match = {k.removeprefix(MATCH_PREFIX): v for k, v in changes.items() if k.startswith(MATCH_PREFIX)}
-    return dataclasses.replace(launch_for(groups, head_dim), **step), dataclasses.replace(MATCH, **match)
+    return dataclasses.replace(launch_for(groups, head_dim), **step), dataclasses.replace(match_launch_for(head_dim), **match)
 
 
 def parse_launches(text: str) -> list[str]:

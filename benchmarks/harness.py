@@ -106,7 +106,7 @@ def ring_restoring_step(q_pre, q_post, k, v, state: LayerState, positions, confi
     return step
 
 
-def match_only(q_pre, ring_q, positions, launch=mac_triton.MATCH):
+def match_only(q_pre, ring_q, positions, launch=None):
     """A callable that runs the match scan alone: one launch, as in a step (its keys are not
     consumed: each scan folds into the last one's minima, which changes no load it makes)."""
     from mac_triton.match import match_keys, new_keys

@@ -119,7 +119,7 @@ def main():
         writer.writerows(rows)
     for batch, q_heads, head_dim, window in () if args.skip_match else MATCH_CASES:
         mine = [r for r in rows if r["kernel"] == "match" and (r["batch"], r["q_heads"], r["head_dim"], r["ctx"]) == (batch, q_heads, head_dim, window)]
-        now = next(r for r in mine if (r["block_n"], r["warps"], r["programs_per_sm"]) == dataclasses.astuple(mac_triton.MATCH))
+        now = next(r for r in mine if (r["block_n"], r["warps"], r["programs_per_sm"]) == dataclasses.astuple(mac_triton.match_launch_for(head_dim)))
         best = sorted(mine, key=lambda r: r["us"])[:3]
         print(f"match B {batch} Hq {q_heads} D {head_dim} W {window}: default {now['us']} µs ({now['tb_per_s']} TB/s); best",
               [(r["block_n"], r["warps"], r["programs_per_sm"], r["us"], r["tb_per_s"]) for r in best])

@@ -100,7 +100,7 @@ class DecodeEngine:
         self.policy = policy if attention == "mac" else None
         self.mac_backend = mac_backend
         self.launch = launch
-        self.match_launch = None  # the match scan's mac_triton.MatchLaunch (None: mac_triton.MATCH; benchmarks set it)
+        self.match_launch = None  # the match scan's mac_triton.MatchLaunch (None: mac_triton.match_launch_for; benchmarks set it)
         self.scale = softmax_scale(cfg.head_dim)
         self.cos, self.sin = self.model.rope_table(torch.arange(capacity, device=self.device))  # [capacity, 1, D]
         cache = self.model.new_cache(batch, capacity)

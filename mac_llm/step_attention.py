@@ -180,7 +180,7 @@ class Mac(_Attention):
         e = self.engine
         out, _, e.stats[i] = mac_triton.mac_step(
             q_pre, q_post, e.k[i], e.v[i], e.states[i], e.positions, e.layer_configs[i], e.scale, e.workspaces[i], e.launch,
-            match_launch=e.match_launch or mac_triton.MATCH, match=self.match,
+            match_launch=e.match_launch, match=self.match,
         )  # fmt: skip
         return out
 

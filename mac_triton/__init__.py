@@ -22,7 +22,7 @@ from mac_core import MACConfig, PagedKV, PageTable, to_paged
 
 from .complete import amend_complete
 from .decode import DecodeWorkspace, decode_step, full_decode, full_step, mac_step
-from .launch import MATCH, NARROW, WIDE, Launch, MatchLaunch, launch_for
+from .launch import MATCH, NARROW, WIDE, Launch, MatchLaunch, launch_for, match_launch_for
 from .match import find_match
 from . import ops
 from .summary import merge, merge_all, merge_state, remove
@@ -30,6 +30,6 @@ from .verify import verify_attention, verify_step
 
 __all__ = [
     "MACConfig", "PagedKV", "PageTable", "to_paged", "merge", "merge_state", "merge_all", "remove", "find_match", "amend_complete", "decode_step", "full_decode",
-    "mac_step", "full_step", "DecodeWorkspace", "Launch", "MatchLaunch", "WIDE", "NARROW", "MATCH", "launch_for",
+    "mac_step", "full_step", "DecodeWorkspace", "Launch", "MatchLaunch", "WIDE", "NARROW", "MATCH", "launch_for", "match_launch_for",
     "verify_attention", "verify_step",
 ]  # fmt: skip

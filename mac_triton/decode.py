@@ -44,7 +44,7 @@ from mac_core.step import StepStats
 from mac_core.numerics import softmax_scale
 
 from .attend import Verify, launch_attend
-from .launch import MATCH, Launch, MatchLaunch, launch_for
+from .launch import Launch, MatchLaunch, launch_for
 from .match import match_keys, new_keys, radius_sq_per_head
 from .numerics import LIMITS
 from .reduce import launch_full_reduce, launch_step_reduce
@@ -88,7 +88,7 @@ class DecodeWorkspace:
 
 def mac_step(
     q_pre, q_post, k_cache, v_cache, state: LayerState, positions, config: MACConfig, scale: float,
-    workspace: DecodeWorkspace, launch: Launch | None = None, match_launch: MatchLaunch = MATCH, match: bool = True,
+    workspace: DecodeWorkspace, launch: Launch | None = None, match_launch: MatchLaunch | None = None, match: bool = True,
 ):
     """The kernels of one decode step, without checks (graph-capturable); writes the rings.
 
@@ -102,7 +102,7 @@ def mac_step(
         scale: softmax scale.
         workspace: the step's :class:`DecodeWorkspace` (its keys are left clean).
         launch: attend and reduce launch settings (default: :func:`mac_triton.launch.launch_for`).
-        match_launch: the match scan's launch settings.
+        match_launch: the match scan's launch settings (default: :func:`mac_triton.launch.match_launch_for`).
         match: ``False`` skips the scan: every head is a miss, so the step is full attention
             that still writes the rings (a later matching step finds them current); what a
             fallback to full decoding runs.

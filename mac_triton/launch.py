@@ -91,6 +91,17 @@ class MatchLaunch:
 # Hq 9, D 64, ring 256 at batch 16 and 64); at the real model's batch 64 6.12 µs for its 18.9 MB of
 # rings (3.1 TB/s, 1.39× the copy-bandwidth floor) where the old 64-slot, 2-warp tiles took 8.37 µs
 MATCH = MatchLaunch(block_w=128, warps=4, programs_per_sm=4)
+# heads of at most 64 dims: 256-slot tiles of 8 warps. In the model, where the rings come from HBM (SmolLM2,
+# D 64, W 256, an H100, two runs: results/h100_match_ab/), the scan took 386 / 302 µs a step at batch 64 and
+# 237 / 217 µs at batch 32 with MATCH / these; alone, with the rings in L2 (the tuning above), these were
+# 10-19 % slower. At D 128 (W 1024) the tuning's HBM-sized case (134 MB of rings) keeps MATCH: 256 / 8 was 15 % slower.
+# (The group match takes the same tiles: not timed.)
+MATCH_SMALL_HEADS = MatchLaunch(block_w=256, warps=8, programs_per_sm=4)
+
+
+def match_launch_for(head_dim: int) -> MatchLaunch:
+    """The default launch parameters of the match scan for ``head_dim``-wide heads."""
+    return MATCH_SMALL_HEADS if head_dim <= SMALL_HEAD_DIM else MATCH
 
 
 def interpreting() -> bool:

@@ -40,7 +40,7 @@ from mac_core.config import MACConfig
 from mac_core.state import LayerState
 from mac_core.step import MatchResult
 
-from .launch import MATCH, MatchLaunch, num_sms
+from .launch import MatchLaunch, match_launch_for, num_sms
 from .numerics import LIMITS
 
 NO_CANDIDATE = 2**63 - 1  # the key of a head with no candidate yet (decodes to distance NaN)
@@ -174,16 +174,17 @@ def new_keys(device, n: int) -> torch.Tensor:
 
 def match_keys(
     q_pre: torch.Tensor, ring_q: torch.Tensor, positions: torch.Tensor, keys: torch.Tensor,
-    ring_depth: torch.Tensor | None = None, max_chain: int | None = None, launch: MatchLaunch = MATCH,
+    ring_depth: torch.Tensor | None = None, max_chain: int | None = None, launch: MatchLaunch | None = None,
     group: int | None = None,
 ) -> torch.Tensor:
     """Launch the scan (no validation, no host sync): fold ``bits(d_{j*}) << 32 | lag`` into
     the ``[B·Hq]`` int64 ``keys`` (all :data:`NO_CANDIDATE` on entry; see the module doc),
     which the caller must consume and reset. With ``max_chain``, rows whose
     ``ring_depth [B, Hq, W]`` is ``≥ max_chain`` are skipped; with ``group = Hq / Hkv``, the
-    group match. Returns ``keys``."""
+    group match; ``launch`` defaults to :func:`mac_triton.launch.match_launch_for`. Returns ``keys``."""
     B, Hq, D = q_pre.shape
     W = ring_q.shape[2]
+    launch = launch or match_launch_for(D)
     if B * Hq == 0:
         return keys
     bounded = max_chain is not None
@@ -215,7 +216,7 @@ def match_keys(
 
 def find_match(
     q_pre: torch.Tensor, state: LayerState, positions: torch.Tensor, config: MACConfig, kv_heads: int | None = None,
-    launch: MatchLaunch = MATCH,
+    launch: MatchLaunch | None = None,
 ) -> MatchResult:
     """Match each query head against its ring window (see :func:`mac_ref.match.find_match`).
 

@@ -40,13 +40,13 @@ def test_a_launch_variant_changes_the_named_fields_of_the_step_and_of_the_match_
     import argparse
     import dataclasses
 
-    from mac_triton import MATCH, launch_for
+    from mac_triton import launch_for, match_launch_for
 
     bench_model = pytest.importorskip("benchmarks.bench_model")
     variants = bench_model.parse_launches("match_block_w=64,warps=4;stages=2")
     step, match = bench_model.launch_variant(f"mac_mass@{variants[0]}", 192, 64)
-    assert step == dataclasses.replace(launch_for(192, 64), warps=4) and match == dataclasses.replace(MATCH, block_w=64)
-    assert bench_model.launch_variant(f"mac_mass@{variants[1]}", 192, 64)[1] == MATCH
+    assert step == dataclasses.replace(launch_for(192, 64), warps=4) and match == dataclasses.replace(match_launch_for(64), block_w=64)
+    assert bench_model.launch_variant(f"mac_mass@{variants[1]}", 192, 64)[1] == match_launch_for(64)
     assert bench_model.launch_variant("sdpa", 192, 64) == (None, None)
     with pytest.raises(argparse.ArgumentTypeError, match="match_foo"):
         bench_model.parse_launches("match_foo=3")

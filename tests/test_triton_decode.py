@@ -100,6 +100,15 @@ def test_default_launch_by_groups_and_head_width():
     assert dataclasses.replace(WIDE_SMALL_HEADS, prefix_warps=8) == mac_triton.WIDE  # nothing else differs
 
 
+def test_default_match_launch_by_head_width():
+    """The match scan takes 256-slot, 8-warp tiles for heads of at most 64 dims, MATCH for wider ones."""
+    from mac_triton.launch import MATCH_SMALL_HEADS
+
+    assert mac_triton.match_launch_for(64) is MATCH_SMALL_HEADS and mac_triton.match_launch_for(128) is mac_triton.MATCH
+    assert (MATCH_SMALL_HEADS.block_w, MATCH_SMALL_HEADS.warps) == (256, 8)
+    assert MATCH_SMALL_HEADS.programs_per_sm == mac_triton.MATCH.programs_per_sm  # nothing else differs
+
+
 @pytest.mark.parametrize("dtype, q_heads, kv_heads, head_dim, config, launch", STREAM_CASES)
 def test_decode_stream_matches_reference(dtype, q_heads, kv_heads, head_dim, config, launch):
     """Prefill, then 10 decode steps of a ragged batch: same decisions, outputs, rows and rings,
