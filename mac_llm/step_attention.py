@@ -21,6 +21,7 @@ optional on a CPU.
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass, field
 
 import torch
@@ -108,7 +109,13 @@ class _Attention:
     """A kind of step attention over the engine's cache (see the module docstring)."""
 
     def __init__(self, engine):
-        self.engine = engine
+        # the engine owns its attentions: a strong reference back would make a cycle, and `del engine`
+        # would leave the engine and its GPU memory to the garbage collector (a benchmark's next point ran out of memory)
+        self._engine = weakref.ref(engine)
+
+    @property
+    def engine(self):
+        return self._engine()
 
     def plan(self) -> None:
         pass

@@ -8,7 +8,9 @@ resumption on marked rows). The CUDA-graph replay against the eager step is test
 """
 
 import dataclasses
+import gc
 import math
+import weakref
 
 import pytest
 import torch
@@ -255,6 +257,27 @@ def test_policy_full_attention_is_the_engines_unless_named(model):
         assert engine.full_kind() == kind, (backend, named)
     unbounded = DecodeEngine(model, 1, CAPACITY, "mac", MACConfig(window=8, band=4), device="cpu", dtype=torch.float32, policy=FallbackPolicy())
     assert unbounded.full_kind() == "miss"  # stale rows could not be marked afterwards
+
+
+@pytest.mark.parametrize("backend", ["ref", "triton"])
+def test_a_deleted_engine_is_freed_at_once(model, backend):
+    """No reference cycle holds an engine (and its cache) once it is deleted: a benchmark's next point
+    needs the memory before the garbage collector runs (it ran out of GPU memory at batch 128)."""
+    config = MACConfig(window=8, band=4, max_chain=1)
+    collecting = gc.isenabled()
+    gc.disable()
+    try:
+        engine = DecodeEngine(model, 2, CAPACITY, "sdpa", config, device="cpu", dtype=torch.float32, mac_backend=backend, policy=FallbackPolicy())
+        engine.prefill(prompts([9, 12]))
+        for attention in ("mac", "sdpa", "triton"):
+            engine.switch(attention)
+            engine.step()
+        alive = weakref.ref(engine)
+        del engine
+        assert alive() is None
+    finally:
+        if collecting:
+            gc.enable()
 
 
 def test_bad_arguments_are_refused(model):
