@@ -102,13 +102,13 @@ GROUP_MATCH_POINTS = [
 PROBE_BLOCK, PROBE_BASE, PROBE_LOOSE = 5, 0.85, 0.5
 
 
-def layer_probes(n_layers: int) -> list[tuple[str, object, float, int | None]]:
-    """The demo's rule (τ_m = PROBE_BASE per group), then with layers ``[a, a + PROBE_BLOCK)`` at PROBE_LOOSE, for each block."""
+def layer_probes(n_layers: int, level: float = PROBE_LOOSE) -> list[tuple[str, object, float, int | None]]:
+    """The demo's rule (τ_m = PROBE_BASE per group), then with layers ``[a, a + PROBE_BLOCK)`` at ``level``, for each block."""
     out = [(f"mass τ=0.3 τm={PROBE_BASE} per group", MassRule(tau_m=PROBE_BASE, per_group=True), 0.3, 1)]
     for a in range(0, n_layers, PROBE_BLOCK):
         b = min(a + PROBE_BLOCK, n_layers)
-        layers = tuple(PROBE_LOOSE if a <= i < b else PROBE_BASE for i in range(n_layers))
-        out.append((f"mass τ=0.3 per group, layers {a}–{b - 1} τm={PROBE_LOOSE}", MassRule(tau_m=PROBE_BASE, per_group=True, layer_tau_m=layers), 0.3, 1))
+        layers = tuple(level if a <= i < b else PROBE_BASE for i in range(n_layers))
+        out.append((f"mass τ=0.3 per group, layers {a}–{b - 1} τm={level:g}", MassRule(tau_m=PROBE_BASE, per_group=True, layer_tau_m=layers), 0.3, 1))
     return out
 
 
@@ -183,7 +183,7 @@ def run(args) -> None:
     done = {(r["source"], r["label"], r["max_chain"]) for r in csv.DictReader(path.open())} if path.exists() else set()
     sources = {"pydoc topics": default_prose, "stdlib docstrings": module_docstrings}
     sources = {name: text() for name, text in sources.items() if not args.sources or name.split()[0] in args.sources}
-    chosen = (layer_probes(model.config.n_layers) if args.layer_probe else layer_choice(out / "layer_probe" / "runs.csv", model.config.n_layers)
+    chosen = (layer_probes(model.config.n_layers, args.probe_level) if args.layer_probe else layer_choice(out / "layer_probe" / "runs.csv", model.config.n_layers)
               if args.layer_choice else EXTRA_POINTS if args.extra
               else GROUP_MATCH_POINTS if args.group_match else [] if args.noise_floor else POINTS)
     chosen = chosen[: args.points] if args.points else chosen
@@ -350,7 +350,7 @@ def probe_table(rows: list[dict], frontier: list[dict]) -> list[str]:
     for r in step:
         for k in ("skipped_group", "ppl_change", "ppl_change_se", "kl_mean"):
             r[k] = float(r[k])
-    lines = [f"### Probes: one block of layers at τm {PROBE_LOOSE}, the others at {PROBE_BASE} ({base['source']})", "",
+    lines = [f"### Probes: one block of layers at τm {PROBE_LOOSE} (or the level named), the others at {PROBE_BASE} ({base['source']})", "",
              "| layers loosened | skipped per group (gained) | Δppl ± SE | KL mean (added) | added KL per point of reads skipped |",
              "|---|---|---|---|---|",
              f"| none (the demo's rule) | {base['skipped_group']:.1%} | {100 * base['ppl_change']:+.2f} ± {100 * base['ppl_change_se']:.2f} % | {base['kl_mean']:.4f} | – |"]
@@ -359,7 +359,8 @@ def probe_table(rows: list[dict], frontier: list[dict]) -> list[str]:
     for r in probes + step:
         gained, added = r["skipped_group"] - base["skipped_group"], r["kl_mean"] - base["kl_mean"]
         cost = f"{added / (100 * gained):.5f}" if gained > 0 else "–"
-        name = r["label"] if r in step else r["label"].split(", layers ")[1].split(" ")[0]
+        block, level = r["label"].split(", layers ")[1].split(" τm=") if r not in step else (r["label"], None)
+        name = block if level is None or float(level) == PROBE_LOOSE else f"{block} at τm {level}"
         ppl = f"{100 * r['ppl_change']:+.2f} % (τm {UNIFORM_STEPS[0]}'s)" if r.get("target") else f"{100 * r['ppl_change']:+.2f} ± {100 * r['ppl_change_se']:.2f} %"
         lines.append(f"| {name} | {r['skipped_group']:.1%} ({100 * gained:+.1f} points) | {ppl} | {r['kl_mean']:.4f} ({added:+.4f}) | {cost} |")
     return lines + ["", "*The same prompts and measures as the frontier (teacher forcing only: the probes decode 2 greedy tokens, "
@@ -451,6 +452,7 @@ def main():
     parser.add_argument("--extra", action="store_true", help="the points of EXTRA_POINTS instead of POINTS (stricter mass thresholds)")
     parser.add_argument("--group-match", action="store_true", help="the points of GROUP_MATCH_POINTS (one matched row per KV group)")
     parser.add_argument("--layer-probe", action="store_true", help="the demo's rule with one block of layers loosened at a time (layer_probes; give its own --out)")
+    parser.add_argument("--probe-level", type=float, default=PROBE_LOOSE, help="the τm --layer-probe loosens a block to (a step short of it: 0.7)")
     parser.add_argument("--layer-choice", action="store_true", help="the thresholds per layer chosen from OUT/layer_probe/runs.csv (layer_choice)")
     parser.add_argument("--noise-floor", action="store_true", help="the noise floor's rows too (NOISE_POINTS: full attention under other numerics, after the points); alone, only those")
     args = parser.parse_args()
