@@ -7,16 +7,24 @@ and keeps a partial state per head; band units mask the keys below each head's o
 start. Partial states go to a workspace that :mod:`mac_triton.reduce` merges.
 
 **A rule that verifies its candidates** (``verify``) decides from the LSE of the fresh
-part, sinks, band and tail, which the plan's units of the group compute; a rejected
-candidate then also needs its prefix ``[S, P)``. Each group's keys are streamed once, in
-two launches that share nothing but their outputs (no program waits for another):
+part, sinks, band and tail; a head that does not reuse (a rejected candidate, or a head
+without one) then also needs its prefix ``[S, P)``. Such a step does not take the plan
+above: its fresh parts are short (a band is at most the window's lag, the tail ``r`` keys)
+and its long spans are prefixes, so each group's keys are streamed once, in two launches
+that share nothing but their outputs (no program waits for another):
 
-- in the attend kernel, band units keep a second partial state per head over the keys of
-  the group's band that lie below the head's own start (``[lo, P)``: read anyway for the
-  group's other heads);
+- the fresh kernel runs one program per group, which reads the group's sinks, band and tail
+  as three units (a head without a candidate has an empty band: its start is ``N``; with
+  ``per_group``, every head of a group where one has none); its band unit keeps a second
+  partial state per head over the keys of the group's band below the head's own start
+  (``[lo, P)``: read anyway for the group's other heads). Its programs are many and short,
+  so they run side by side: in one program per SM walking the plan, a step whose groups
+  mostly reuse left each SM waiting on one short unit's loads after another (on an H100
+  at batch 64 its attend kernel streamed 17 % of the keys at about 1.3 TB/s,
+  ``benchmarks/RESULTS.md``);
 - the prefix kernel runs ``max_pieces`` programs per group; each decides the group from
   its stored units (:func:`mac_triton.decide.decide_group`: every program of a group
-  takes the same decision, the first writes it) and, when some candidate is rejected,
+  takes the same decision, the first writes it) and, when some head does not reuse,
   reads its piece of ``[S, lo)``, the group's prefix split into up to ``max_pieces``
   pieces of at least ``4 · Launch.min_chunk`` keys. The reduce kernel merges it all.
 
@@ -48,9 +56,9 @@ from .decide import Verdicts, decide_group
 from .launch import Launch, num_sms, upcast_dots
 from .numerics import LN2, tanh
 from .plan import (
-    _PLAN_FIELDS, BAND_FROM_SPANS, BAND_SOURCES, PLAN_BAND_START, PLAN_BAND_UNITS, PLAN_FIELDS, PLAN_FIRST, PLAN_PREFIX_FIRST,
-    PLAN_PREFIX_UNITS, PLAN_SINK_END, PLAN_SINK_UNITS, PLAN_TAIL_END, PLAN_UNITS, all_lanes, head_band_start, head_match, keys_at, pick, pieces,
-    plan_field, plan_units, segment_cost,
+    _PLAN_FIELDS, BAND_FROM_MATCH, BAND_FROM_SPANS, BAND_SOURCES, PLAN_BAND_START, PLAN_BAND_UNITS, PLAN_FIELDS, PLAN_FIRST,
+    PLAN_PREFIX_FIRST, PLAN_PREFIX_UNITS, PLAN_SINK_END, PLAN_SINK_UNITS, PLAN_TAIL_END, PLAN_UNITS, all_lanes, band_start,
+    head_band_start, head_match, keys_at, pick, pieces, plan_field, plan_units, request_bounds, segment_cost,
 )
 
 
@@ -62,8 +70,8 @@ class Partials(NamedTuple):
         lse: ``[units, G]`` float32 partial LSEs.
         plan: ``[B·Hkv, PLAN_FIELDS]`` int64 per group (:mod:`mac_triton.plan`'s ``PLAN_*`` fields).
         below_o, below_lse: a verifying step's partial states of each band unit over the
-            keys below each head's own band start (``None`` otherwise): what a rejected
-            candidate adds to its prefix units.
+            keys below each head's own band start (``None`` otherwise): what a head that does
+            not reuse adds to its prefix units.
         verdicts: a verifying step's :class:`~mac_triton.decide.Verdicts` (``None`` otherwise).
     """
 
@@ -92,12 +100,12 @@ class Verify(NamedTuple):
 
 @triton.jit
 def _attend_kernel(
-    q_ptr, k_ptr, v_ptr, part_o_ptr, part_lse_ptr, below_o_ptr, below_lse_ptr, plan_ptr,
+    q_ptr, k_ptr, v_ptr, part_o_ptr, part_lse_ptr, plan_ptr,
     pos_ptr, key_ptr, radius_ptr, band_start_ptr, sink_end_ptr, band_end_ptr, tail_end_ptr, stride_sb, stride_sh,
     stride_qb, stride_qh, stride_kb, stride_kh, stride_kt, stride_vb, stride_vh, stride_vt,
-    indptr_ptr, indices_ptr, prefix_base, max_pieces,
+    indptr_ptr, indices_ptr,
     NG, Hkv, G, band, sinks, min_context, n_split, scale_log2, cap_log2,
-    BAND_SOURCE: tl.constexpr, VERIFY: tl.constexpr, PER_GROUP: tl.constexpr,
+    BAND_SOURCE: tl.constexpr,
     PAGED: tl.constexpr, PAGE_SIZE: tl.constexpr, NG_BLOCK: tl.constexpr, G_BLOCK: tl.constexpr, MIN_CHUNK: tl.constexpr,
     UNIT_COST: tl.constexpr, SOFTCAP: tl.constexpr,
     D: tl.constexpr, BLOCK_D: tl.constexpr, G_PAD: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr,
@@ -112,7 +120,7 @@ def _attend_kernel(
     lane_mask = lanes < G
     Hq = Hkv * G
     pid = tl.program_id(0)
-    if pid == 0:  # the reduce kernel (and a verifying step's prefix kernel) read the plan
+    if pid == 0:  # the reduce kernel reads the plan
         row = plan_ptr + groups * _PLAN_FIELDS
         tl.store(row + PLAN_FIRST, first, mask=in_plan)
         tl.store(row + PLAN_SINK_UNITS, n_sink, mask=in_plan)
@@ -121,9 +129,7 @@ def _attend_kernel(
         tl.store(row + PLAN_SINK_END, sink_end, mask=in_plan)
         tl.store(row + PLAN_BAND_START, band_lo, mask=in_plan)
         tl.store(row + PLAN_TAIL_END, tail_end, mask=in_plan)
-        tl.store(row + PLAN_PREFIX_FIRST, prefix_base + groups.to(tl.int64) * max_pieces, mask=in_plan)
-        if not VERIFY:  # (a verifying step's prefix kernel writes it)
-            tl.store(row + PLAN_PREFIX_UNITS, tl.zeros([NG_BLOCK], tl.int64), mask=in_plan)
+        tl.store(row + PLAN_PREFIX_UNITS, tl.zeros([NG_BLOCK], tl.int64), mask=in_plan)
     range_lo = pid * chunk  # this program's share [range_lo, range_hi) of the concatenation
     range_hi = tl.minimum(range_lo + chunk, total)
     grp = tl.sum((offset <= range_lo).to(tl.int32), axis=0) - 1  # the group holding range_lo
@@ -142,9 +148,6 @@ def _attend_kernel(
             b, heads, lane_mask, g_sink_end, g_tail_end, key_ptr, radius_ptr, band_start_ptr,
             stride_sb, stride_sh, Hq, band, min_context, BAND_SOURCE,
         )
-        if VERIFY and PER_GROUP:  # a group with a head that has no candidate cannot reuse: it reads as a miss, nothing kept apart
-            candidate, _, _ = head_match(b, heads, lane_mask, g_tail_end, key_ptr, radius_ptr, Hq, min_context)
-            head_start = tl.where(all_lanes(candidate, lane_mask), head_start, g_sink_end)
         seg_offset = grp_start
         units_before = g_first
         for seg in tl.static_range(3):  # sinks, band, tail
@@ -162,22 +165,72 @@ def _attend_kernel(
                 unit = units_before + pid - seg_keys_at // chunk
                 lo = (seg_lo + piece_lo - seg_keys_at).to(tl.int32)
                 hi = (seg_lo + piece_hi - seg_keys_at).to(tl.int32)
-                if seg == 1:  # the band: each head from its own start; a verifying step keeps the keys below it apart
+                if seg == 1:  # the band: each head from its own start
                     head_lo = tl.maximum(head_start, lo).to(tl.int32)
-                    below_hi = tl.minimum(head_start, hi).to(tl.int32)
                 else:
                     head_lo = lo + tl.zeros([G_PAD], tl.int32)
-                    below_hi = head_lo
                 _attend_unit(
-                    q_ptr, k_ptr, v_ptr, part_o_ptr, part_lse_ptr, below_o_ptr, below_lse_ptr, b, kvh, heads, lane_mask,
-                    head_lo, hi + tl.zeros([G_PAD], tl.int32), below_hi, lo, hi, unit, G,
+                    q_ptr, k_ptr, v_ptr, part_o_ptr, part_lse_ptr, None, None, b, kvh, heads, lane_mask,
+                    head_lo, hi + tl.zeros([G_PAD], tl.int32), head_lo, lo, hi, unit, G,
                     stride_qb, stride_qh, stride_kb, stride_kh, stride_kt, stride_vb, stride_vh, stride_vt, scale_log2, cap_log2,
-                    indptr_ptr, indices_ptr, PAGED, PAGE_SIZE, SOFTCAP, VERIFY and seg == 1, D, BLOCK_D, G_PAD, BLOCK_N, UPCAST,
+                    indptr_ptr, indices_ptr, PAGED, PAGE_SIZE, SOFTCAP, False, D, BLOCK_D, G_PAD, BLOCK_N, UPCAST,
                 )
             units_before += pieces(seg_keys_at, seg_len, chunk)
             seg_offset += segment_cost(seg_len, UNIT_COST)
         grp += 1
         grp_start = seg_offset
+
+
+@triton.jit
+def _fresh_kernel(
+    q_ptr, k_ptr, v_ptr, part_o_ptr, part_lse_ptr, below_o_ptr, below_lse_ptr, plan_ptr, pos_ptr, key_ptr, radius_ptr,
+    stride_qb, stride_qh, stride_kb, stride_kh, stride_kt, stride_vb, stride_vh, stride_vt,
+    indptr_ptr, indices_ptr, prefix_base, max_pieces, Hkv, G, band, sinks, min_context, scale_log2, cap_log2,
+    PER_GROUP: tl.constexpr, PAGED: tl.constexpr, PAGE_SIZE: tl.constexpr, SOFTCAP: tl.constexpr,
+    D: tl.constexpr, BLOCK_D: tl.constexpr, G_PAD: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr,
+):
+    grp = tl.program_id(0)
+    b = grp // Hkv
+    kvh = grp % Hkv
+    Hq = Hkv * G
+    lanes = tl.arange(0, G_PAD)
+    lane_mask = lanes < G
+    heads = kvh * G + lanes
+    sink_end, band_end, tail_end = request_bounds(b, grp >= 0, pos_ptr, None, None, None, 0, band, sinks, BAND_FROM_MATCH)
+    candidate, matched, _ = head_match(b, heads, lane_mask, tail_end, key_ptr, radius_ptr, Hq, min_context)
+    if PER_GROUP:  # a group with a head that has no candidate cannot reuse: every head of it misses
+        candidate = candidate & all_lanes(candidate, lane_mask)
+    # a candidate's band starts at max(E(j*), S); a head without one reads nothing here: its prefix [S, N) is the prefix kernel's
+    start = tl.where(candidate, band_start(candidate, matched, band, sink_end), band_end)  # [G_PAD]
+    band_lo = tl.min(tl.where(lane_mask, start, band_end), axis=0)  # the union of the group's bands (N when none)
+    first = grp.to(tl.int64) * 3  # the group's units: sinks, band, tail
+    row = plan_ptr + grp * _PLAN_FIELDS
+    tl.store(row + PLAN_FIRST, first)
+    tl.store(row + PLAN_SINK_UNITS, 1)
+    tl.store(row + PLAN_BAND_UNITS, 1)
+    tl.store(row + PLAN_UNITS, 3)
+    tl.store(row + PLAN_SINK_END, sink_end)
+    tl.store(row + PLAN_BAND_START, band_lo)
+    tl.store(row + PLAN_TAIL_END, tail_end)
+    tl.store(row + PLAN_PREFIX_FIRST, prefix_base + grp.to(tl.int64) * max_pieces)
+    zeros = tl.zeros([G_PAD], tl.int32)
+    S = sink_end.to(tl.int32)
+    lo = band_lo.to(tl.int32)
+    N = band_end.to(tl.int32)
+    t1 = tail_end.to(tl.int32)
+    for seg in tl.static_range(3):  # sinks, band (each head from its own start, the keys below it kept apart), tail
+        if seg == 0:
+            seg_lo, seg_hi, head_lo = 0, S, zeros
+        elif seg == 1:
+            seg_lo, seg_hi, head_lo = lo, N, tl.maximum(start, lo).to(tl.int32)
+        else:
+            seg_lo, seg_hi, head_lo = N, t1, N + zeros
+        _attend_unit(
+            q_ptr, k_ptr, v_ptr, part_o_ptr, part_lse_ptr, below_o_ptr, below_lse_ptr, b, kvh, heads, lane_mask,
+            head_lo, seg_hi + zeros, tl.minimum(head_lo, seg_hi).to(tl.int32), seg_lo, seg_hi, first + seg, G,
+            stride_qb, stride_qh, stride_kb, stride_kh, stride_kt, stride_vb, stride_vh, stride_vt, scale_log2, cap_log2,
+            indptr_ptr, indices_ptr, PAGED, PAGE_SIZE, SOFTCAP, seg == 1, D, BLOCK_D, G_PAD, BLOCK_N, UPCAST,
+        )
 
 
 @triton.jit
@@ -404,9 +457,9 @@ def launch_attend(
             ``sinks`` and ``min_context``; ``"full"`` attends over ``[0, t+1)``.
         softcap: ``None`` or the soft-cap ``c`` of the scores (``MACConfig.softcap``).
         verify: for a rule that decides after the fresh part (band source ``"match"``), a
-            :class:`Verify`: the attend kernel keeps each band unit's keys below each head's
-            start apart, and the prefix kernel decides each group and reads its rejected
-            candidates' prefixes (two launches).
+            :class:`Verify`: the fresh kernel reads each group's sinks, band and tail, keeping
+            the band's keys below each head's start apart, and the prefix kernel decides each
+            group and reads the prefixes of the heads that do not reuse (two launches).
 
     Returns:
         :class:`Partials`.
@@ -419,8 +472,9 @@ def launch_attend(
     NG = B * Hkv
     device = q_post.device
     n_split = num_sms(device) * launch.programs_per_sm
-    planned = n_split + 3 * NG  # each segment adds at most one piece to the programs' ranges
-    max_pieces = triton.cdiv(launch.prefix_per_sm * num_sms(device), NG)  # pieces of a group's rejected prefix
+    # stream-K: each segment adds at most one piece to the programs' ranges; a verifying step: three units a group
+    planned = 3 * NG if verify is not None else n_split + 3 * NG
+    max_pieces = triton.cdiv(launch.prefix_per_sm * num_sms(device), NG)  # pieces of a group's prefix
     units = planned + (NG * max_pieces if verify is not None else 0)
     # tiles of at most 32 KB (float32 K/V or wide heads get fewer keys per tile)
     block_n = max(16, min(launch.block_n, 32768 // (triton.next_power_of_2(D) * k_cache.element_size())))
@@ -450,22 +504,25 @@ def launch_attend(
         D=D, BLOCK_D=max(16, triton.next_power_of_2(D)), G_PAD=max(16, triton.next_power_of_2(G)), BLOCK_N=block_n,  # tl.dot needs K >= 16
         UPCAST=upcast_dots(k_cache.dtype), num_stages=launch.stages,
     )  # what both kernels read the same way
-    _attend_kernel[(n_split,)](
-        **cache, num_warps=launch.warps, below_o_ptr=partials.below_o, below_lse_ptr=partials.below_lse,
-        pos_ptr=positions, key_ptr=keys, radius_ptr=radius_sq, band_start_ptr=span_ptrs[0], sink_end_ptr=span_ptrs[1],
-        band_end_ptr=span_ptrs[2], tail_end_ptr=span_ptrs[3], stride_sb=stride_sb, stride_sh=stride_sh,
-        prefix_base=planned, max_pieces=max_pieces, NG=NG, band=band, sinks=sinks, n_split=n_split,
-        BAND_SOURCE=band_source, VERIFY=verify is not None, PER_GROUP=verify is not None and verify.per_group, NG_BLOCK=triton.next_power_of_2(NG), G_BLOCK=triton.next_power_of_2(G),
-        MIN_CHUNK=launch.min_chunk, UNIT_COST=launch.unit_cost,
-    )
-    if verify is not None:
-        ring_lse = verify.state.ring_lse
-        _prefix_kernel[(NG, max_pieces)](
-            **cache, num_warps=launch.prefix_warps, key_ptr=keys, radius_ptr=radius_sq, rule_radius_ptr=verify.rule_radius_sq, ring_lse_ptr=ring_lse,
-            stride_rlb=ring_lse.stride(0), stride_rlh=ring_lse.stride(1), W=verify.state.window,
-            hit_ptr=partials.verdicts.hit, candidate_ptr=partials.verdicts.candidate, share_ptr=partials.verdicts.mass_share,
-            min_piece=launch.min_chunk * 4, RULE=verify.rule, PER_GROUP=verify.per_group, BLOCK_U=launch.reduce_units,
+    if verify is None:
+        _attend_kernel[(n_split,)](
+            **cache, num_warps=launch.warps, pos_ptr=positions, key_ptr=keys, radius_ptr=radius_sq, band_start_ptr=span_ptrs[0],
+            sink_end_ptr=span_ptrs[1], band_end_ptr=span_ptrs[2], tail_end_ptr=span_ptrs[3], stride_sb=stride_sb, stride_sh=stride_sh,
+            NG=NG, band=band, sinks=sinks, n_split=n_split, BAND_SOURCE=band_source, NG_BLOCK=triton.next_power_of_2(NG),
+            G_BLOCK=triton.next_power_of_2(G), MIN_CHUNK=launch.min_chunk, UNIT_COST=launch.unit_cost,
         )
+        return partials
+    _fresh_kernel[(NG,)](
+        **cache, num_warps=launch.prefix_warps, below_o_ptr=partials.below_o, below_lse_ptr=partials.below_lse, pos_ptr=positions,
+        key_ptr=keys, radius_ptr=radius_sq, prefix_base=planned, max_pieces=max_pieces, band=band, sinks=sinks, PER_GROUP=verify.per_group,
+    )
+    ring_lse = verify.state.ring_lse
+    _prefix_kernel[(NG, max_pieces)](
+        **cache, num_warps=launch.prefix_warps, key_ptr=keys, radius_ptr=radius_sq, rule_radius_ptr=verify.rule_radius_sq, ring_lse_ptr=ring_lse,
+        stride_rlb=ring_lse.stride(0), stride_rlh=ring_lse.stride(1), W=verify.state.window,
+        hit_ptr=partials.verdicts.hit, candidate_ptr=partials.verdicts.candidate, share_ptr=partials.verdicts.mass_share,
+        min_piece=launch.min_chunk * 4, RULE=verify.rule, PER_GROUP=verify.per_group, BLOCK_U=launch.reduce_units,
+    )
     return partials
 
 

@@ -1,14 +1,14 @@
 r"""The decision of a step whose rule verifies its candidates, taken by the prefix kernel.
 
-The attend kernel (:mod:`mac_triton.attend`, band source ``"match"``) reads every head's
-sinks, band and tail with the current query. Each program of the prefix kernel that
-follows calls :func:`decide_group` for its GQA group, which takes, per head, the LSE of all
-the group's units (``ℓ_fresh``), the matched row's LSE, ``w = σ(ℓ_row − ℓ_fresh)`` and the
-rule's verdict (:func:`mac_triton.accept.accept_candidate`; with ``per_group`` a group keeps
-its hits only if all of its heads accept, and a group with a head that has no candidate
-misses whole, its ``w`` unmeasured: 0). A rejected candidate then needs its prefix
-``[S, P)``, ``P = max(E(j*), S)``: the part a miss reads that its band did not, which the
-same program reads.
+The fresh kernel (:mod:`mac_triton.attend`) reads every head's sinks, band and tail with
+the current query. Each program of the prefix kernel that follows calls
+:func:`decide_group` for its GQA group, which takes, per head, the LSE of all the group's
+units (``ℓ_fresh``), the matched row's LSE, ``w = σ(ℓ_row − ℓ_fresh)`` and the rule's
+verdict (:func:`mac_triton.accept.accept_candidate`; with ``per_group`` a group keeps its
+hits only if all of its heads accept, and a group with a head that has no candidate misses
+whole, its ``w`` unmeasured: 0). A head that does not reuse then needs its prefix
+``[S, P)``: ``P = max(E(j*), S)`` for a rejected candidate, ``P = N`` for a head without one
+(its band is empty), which the same program reads.
 """
 
 from __future__ import annotations
@@ -50,8 +50,8 @@ def decide_group(
     RULE: tl.constexpr, PER_GROUP: tl.constexpr, BLOCK_U: tl.constexpr,
 ):
     """Decide the group's heads (``heads`` ``[G_PAD]``, request ``b``, ``t``) from its
-    ``g_units`` stored units; write the verdicts if ``write``; return the rejected
-    candidates ``[G_PAD]``."""
+    ``g_units`` stored units; write the verdicts if ``write``; return the heads that read
+    their prefix ``[G_PAD]``: every head that does not reuse (a rejected candidate, or none)."""
     m = tl.full(lanes.shape, float("-inf"), tl.float32)  # ℓ_fresh: log-sum-exp of the group's units, per head
     den = tl.zeros(lanes.shape, tl.float32)
     for u0 in range(0, g_units, BLOCK_U):
@@ -79,4 +79,4 @@ def decide_group(
     tl.store(hit_ptr + out, hit.to(tl.int8), mask=written)
     tl.store(candidate_ptr + out, candidate.to(tl.int8), mask=written)
     tl.store(share_ptr + out, w, mask=written)
-    return candidate & ~hit & lane_mask
+    return ~hit & lane_mask  # (a head without a candidate too: its band is empty, its prefix [S, N))

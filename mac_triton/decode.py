@@ -18,10 +18,11 @@ mac_ref                      mac_triton
 ===========================  ==============================================================
 
 A rule that verifies its candidates (:class:`~mac_core.rules.MassRule`), and the
-group-aware variants, add one launch: the prefix kernel decides each group from the
-attend kernel's stored units and reads the prefixes of the rejected candidates
+group-aware variants, take two launches instead of the attend kernel: the fresh kernel
+reads each group's sinks, band and tail (one program per group), and the prefix kernel
+decides each group from those units and reads the prefixes of the heads that do not reuse
 (:mod:`mac_triton.attend`, :mod:`mac_triton.decide`); each group's keys are streamed once.
-A rejected head reads what a miss reads.
+A head that does not reuse reads what a miss reads.
 
 Differences: float32 arithmetic only (float64 inputs are a ``TypeError``); the ring
 write happens inside the reduce kernel rather than through ``LayerState.write``. A step's

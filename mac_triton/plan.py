@@ -23,10 +23,12 @@ Where the heads' band starts come from (``BAND_SOURCE``):
 - :data:`BAND_FROM_MATCH`: the match keys and the distance test (the fused decode step);
 - :data:`NO_BAND`: no row, every key in the tail (full attention).
 
-A step whose rule verifies its candidates adds, per group, up to ``max_pieces`` units of
-the prefix ``[S, lo)`` that its rejected candidates still need, read by the prefix kernel
-once the group is decided (:mod:`mac_triton.attend`); their partial states sit after the
-planned units, at ``prefix_base + group · max_pieces``.
+A step whose rule verifies its candidates takes no plan: its fresh kernel reads three
+units per group (sinks, band, tail: units ``3·group`` to ``3·group + 2``) and its prefix
+kernel up to ``max_pieces`` units of the prefix ``[S, lo)`` that the heads which do not
+reuse still need, once the group is decided (:mod:`mac_triton.attend`); their partial
+states sit after the fresh units, at ``prefix_base + group · max_pieces``. It stores its
+per-group fields in the same layout.
 
 The plan is stored per group as :data:`PLAN_FIELDS` int64s, read by name (``plan_field``).
 """

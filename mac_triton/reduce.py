@@ -10,8 +10,8 @@ Per (request, query head): ⊕ of its band units into ``C`` (with the cached row
   ``C`` and ``rest`` returned beside ``out``;
 - :func:`_step_reduce_kernel` (the fused decode step): decodes the match (candidate,
   ``j*``, distance) and applies the rule (:mod:`mac_triton.accept`), or, for a rule that
-  verifies its candidates (``VERIFY``), reads the attend kernel's verdict and gives a
-  rejected candidate its prefix (``C = A(q_t, [S, P)) ⊕ band``: exact, from the band
+  verifies its candidates (``VERIFY``), reads the prefix kernel's verdict and gives a head
+  that does not reuse its prefix (``C = A(q_t, [S, P)) ⊕ band``: exact, from the band
   units' states below its start and the prefix units); it reports the decisions, ``w``
   and the keys read, writes ``(q̃_t, R_t)`` and the row's chain depth into the rings
   (``split``: ``R_t = C``; ``subtract``: ``R_t = out ⊖ rest``) and leaves the workspace
@@ -190,7 +190,7 @@ def _step_reduce_kernel(
     candidate, matched, dist = decode_key(tl.load(key_ptr + bh), t, min_context, tl.load(radius_ptr + h))
     matched_slot = ((matched % W) + W) % W
     row_o, row_lse = ring_row(ring_o_ptr, ring_lse_ptr, b, h, matched_slot, stride_rob, stride_roh, stride_row, stride_rlb, stride_rlh, D, BLOCK_D)
-    if VERIFY:  # the attend kernel decided; a rejected candidate reads its prefix [S, P) instead of the row
+    if VERIFY:  # the prefix kernel decided; a head that does not reuse has its prefix [S, P) instead of the row
         hit = tl.load(verdict_hit_ptr + bh) != 0
         w = tl.load(verdict_share_ptr + bh)
         below_o, below_lse, _, _ = fold_units(below_o_ptr, below_lse_ptr, first + n_sink, n_band, lane, G, 0, n_band, D, BLOCK_D, BLOCK_U)
@@ -199,9 +199,8 @@ def _step_reduce_kernel(
             part_o_ptr, part_lse_ptr, plan_field(plan_ptr, grp, PLAN_PREFIX_FIRST), n_prefix, lane, G, 0, n_prefix, D, BLOCK_D, BLOCK_U,
         )
         prefix_o, prefix_lse = merge(prefix_o, prefix_lse, below_o, below_lse)
-        rejected = candidate & ~hit
-        reused_o = tl.where(hit, row_o, prefix_o)
-        reused_lse = tl.where(hit, row_lse, tl.where(rejected, prefix_lse, float("-inf")))
+        reused_o = tl.where(hit, row_o, prefix_o)  # a head that does not reuse: its prefix, read by the prefix kernel
+        reused_lse = tl.where(hit, row_lse, prefix_lse)
     else:
         _, fresh_lse = merge(c_o, c_lse, rest_o, rest_lse)  # what the step read with the current query
         w = mass_share(candidate, row_lse, fresh_lse)
@@ -292,7 +291,7 @@ def launch_step_reduce(
     (no validation, no host sync).
 
     Args:
-        partials: the attend kernel's output for the same step (band source ``"match"``;
+        partials: :func:`mac_triton.attend.launch_attend`'s output for the same step (band source ``"match"``;
             with ``verdicts`` for a verifying rule).
         launch: the launch settings (``reduce_units``).
         q_pre: ``[B, Hq, D]`` pre-RoPE queries (the rings' new rows).

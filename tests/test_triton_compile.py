@@ -20,5 +20,6 @@ def test_every_kernel_compiles_for_hopper():
     )
     assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:]
     assert "every kernel compiled for sm_90" in run.stdout
-    assert run.stdout.count("_attend_kernel") == 14  # 2 shapes × (3 configurations × 2 launches + the full decode)
+    assert run.stdout.count("_attend_kernel") == 10  # 2 shapes × (2 configurations × 2 launches + the full decode)
+    assert run.stdout.count("_fresh_kernel") == run.stdout.count("_prefix_kernel") == 4  # the verifying step: 2 shapes × 2 launches
     assert run.stdout.count("_verify_kernel") == 2  # lossless MAC's verify pass, both shapes
