@@ -13,8 +13,8 @@ above: its fresh parts are short (a band is at most the window's lag, the tail `
 and its long spans are prefixes, so each group's keys are streamed once, in two launches
 that share nothing but their outputs (no program waits for another):
 
-- the fresh kernel runs one program per group, which reads the group's sinks, band and tail
-  as three units (a head without a candidate has an empty band: its start is ``N``; with
+- the fresh kernel runs three programs per group, which read the group's sinks, band and
+  tail, one unit each (a head without a candidate has an empty band: its start is ``N``; with
   ``per_group``, every head of a group where one has none); its band unit keeps a second
   partial state per head over the keys of the group's band below the head's own start
   (``[lo, P)``: read anyway for the group's other heads). Its programs are many and short,
@@ -204,32 +204,38 @@ def _fresh_kernel(
     start = tl.where(candidate, band_start(candidate, matched, band, sink_end), band_end)  # [G_PAD]
     band_lo = tl.min(tl.where(lane_mask, start, band_end), axis=0)  # the union of the group's bands (N when none)
     first = grp.to(tl.int64) * 3  # the group's units: sinks, band, tail
-    row = plan_ptr + grp * _PLAN_FIELDS
-    tl.store(row + PLAN_FIRST, first)
-    tl.store(row + PLAN_SINK_UNITS, 1)
-    tl.store(row + PLAN_BAND_UNITS, 1)
-    tl.store(row + PLAN_UNITS, 3)
-    tl.store(row + PLAN_SINK_END, sink_end)
-    tl.store(row + PLAN_BAND_START, band_lo)
-    tl.store(row + PLAN_TAIL_END, tail_end)
-    tl.store(row + PLAN_PREFIX_FIRST, prefix_base + grp.to(tl.int64) * max_pieces)
+    seg = tl.program_id(1)  # which of them this program reads: the three side by side
+    if seg == 0:
+        row = plan_ptr + grp * _PLAN_FIELDS
+        tl.store(row + PLAN_FIRST, first)
+        tl.store(row + PLAN_SINK_UNITS, 1)
+        tl.store(row + PLAN_BAND_UNITS, 1)
+        tl.store(row + PLAN_UNITS, 3)
+        tl.store(row + PLAN_SINK_END, sink_end)
+        tl.store(row + PLAN_BAND_START, band_lo)
+        tl.store(row + PLAN_TAIL_END, tail_end)
+        tl.store(row + PLAN_PREFIX_FIRST, prefix_base + grp.to(tl.int64) * max_pieces)
     zeros = tl.zeros([G_PAD], tl.int32)
     S = sink_end.to(tl.int32)
     lo = band_lo.to(tl.int32)
     N = band_end.to(tl.int32)
     t1 = tail_end.to(tl.int32)
-    for seg in tl.static_range(3):  # sinks, band (each head from its own start, the keys below it kept apart), tail
-        if seg == 0:
-            seg_lo, seg_hi, head_lo = 0, S, zeros
-        elif seg == 1:
-            seg_lo, seg_hi, head_lo = lo, N, tl.maximum(start, lo).to(tl.int32)
-        else:
-            seg_lo, seg_hi, head_lo = N, t1, N + zeros
+    if seg == 1:  # the band: each head from its own start, the keys below it kept apart
+        head_lo = tl.maximum(start, lo).to(tl.int32)
         _attend_unit(
             q_ptr, k_ptr, v_ptr, part_o_ptr, part_lse_ptr, below_o_ptr, below_lse_ptr, b, kvh, heads, lane_mask,
-            head_lo, seg_hi + zeros, tl.minimum(head_lo, seg_hi).to(tl.int32), seg_lo, seg_hi, first + seg, G,
+            head_lo, N + zeros, head_lo, lo, N, first + 1, G,
             stride_qb, stride_qh, stride_kb, stride_kh, stride_kt, stride_vb, stride_vh, stride_vt, scale_log2, cap_log2,
-            indptr_ptr, indices_ptr, PAGED, PAGE_SIZE, SOFTCAP, seg == 1, D, BLOCK_D, G_PAD, BLOCK_N, UPCAST,
+            indptr_ptr, indices_ptr, PAGED, PAGE_SIZE, SOFTCAP, True, D, BLOCK_D, G_PAD, BLOCK_N, UPCAST,
+        )
+    else:  # the sinks [0, S) or the tail [N, t + 1)
+        seg_lo = tl.where(seg == 0, 0, N)
+        seg_hi = tl.where(seg == 0, S, t1)
+        _attend_unit(
+            q_ptr, k_ptr, v_ptr, part_o_ptr, part_lse_ptr, None, None, b, kvh, heads, lane_mask,
+            seg_lo + zeros, seg_hi + zeros, seg_lo + zeros, seg_lo, seg_hi, first + seg, G,
+            stride_qb, stride_qh, stride_kb, stride_kh, stride_kt, stride_vb, stride_vh, stride_vt, scale_log2, cap_log2,
+            indptr_ptr, indices_ptr, PAGED, PAGE_SIZE, SOFTCAP, False, D, BLOCK_D, G_PAD, BLOCK_N, UPCAST,
         )
 
 
@@ -512,7 +518,7 @@ def launch_attend(
             G_BLOCK=triton.next_power_of_2(G), MIN_CHUNK=launch.min_chunk, UNIT_COST=launch.unit_cost,
         )
         return partials
-    _fresh_kernel[(NG,)](
+    _fresh_kernel[(NG, 3)](
         **cache, num_warps=launch.prefix_warps, below_o_ptr=partials.below_o, below_lse_ptr=partials.below_lse, pos_ptr=positions,
         key_ptr=keys, radius_ptr=radius_sq, prefix_base=planned, max_pieces=max_pieces, band=band, sinks=sinks, PER_GROUP=verify.per_group,
     )

@@ -19,7 +19,7 @@ mac_ref                      mac_triton
 
 A rule that verifies its candidates (:class:`~mac_core.rules.MassRule`), and the
 group-aware variants, take two launches instead of the attend kernel: the fresh kernel
-reads each group's sinks, band and tail (one program per group), and the prefix kernel
+reads each group's sinks, band and tail (three programs per group), and the prefix kernel
 decides each group from those units and reads the prefixes of the heads that do not reuse
 (:mod:`mac_triton.attend`, :mod:`mac_triton.decide`); each group's keys are streamed once.
 A head that does not reuse reads what a miss reads.

@@ -8,6 +8,9 @@ of a full step's reads, and the groups of each kind, on SmolLM2-135M decoding th
 ``benchmarks.bench_model`` (the same prompts at the same context), with the reference backend
 in float32 on a CPU: ``reads / (B·Hkv·(t+1))`` summed over steps and layers. Divided into the
 kernels' measured times it gives each kernel's bytes per second (``benchmarks/RESULTS.md``).
+It counts the split of the design it was written for, where a miss group's whole prefix was
+the attend kernel's; the fresh kernel that replaced it leaves a miss group's prefix to the
+prefix kernel too (``mac_triton.attend``), which moves the miss groups' share over.
 
     python studies/verify_reads.py [--batch 4] [--context 8192] [--steps 32]   # ~5 min on 2 cores
 """
