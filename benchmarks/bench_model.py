@@ -122,7 +122,7 @@ def breakdown(engine: DecodeEngine, steps: int = 2) -> tuple[dict[str, float], d
         name = event.name.lower()
         if "_match_kernel" in name:
             kind = "match"
-        elif any(key in name for key in ("_attend_kernel", "_prefix_kernel", "_reduce_kernel", "flash", "attention", "decode", "fmha", "mha")):
+        elif any(key in name for key in ("_attend_kernel", "_fresh_kernel", "_prefix_kernel", "_reduce_kernel", "flash", "attention", "decode", "fmha", "mha")):
             kind = "attention"
         else:
             kind = "other"

@@ -43,7 +43,7 @@ POINTS = [
     ("MAC 0% b16 8K", 8, 16, 8192, 0.0, PAPER),
 ]
 REPEATS = 20
-KERNELS = ("_match_kernel", "_attend_kernel", "_prefix_kernel", "_reduce_kernel")
+KERNELS = ("_match_kernel", "_attend_kernel", "_fresh_kernel", "_prefix_kernel", "_reduce_kernel")
 
 
 def kernel_times(fn) -> dict[str, float]:

@@ -188,15 +188,16 @@ def targets(*files, hkv="8") -> str:
 @region
 def profile(file=PROFILE) -> str:
     """Per-kernel device times of a step, per point (``profile_step.py``): µs, one decimal."""
-    kernels = {"match_kernel": "match", "attend_kernel": "attend", "decide_kernel": "decide", "prefix_kernel": "prefix", "reduce_kernel": "reduce",
-               "copy (ring restore)": "ring restore copy", "between kernels": "between"}  # fmt: skip
+    kernels = {"match_kernel": "match", "attend_kernel": "attend", "fresh_kernel": "attend", "decide_kernel": "decide", "prefix_kernel": "prefix",
+               "reduce_kernel": "reduce", "copy (ring restore)": "ring restore copy", "between kernels": "between"}  # fmt: skip  (a verifying step's fresh kernel is its attend)
     by_point: dict[str, dict] = {}
     for r in rows(file):
         by_point.setdefault(r["point"], {"replay": r["replay_us"]})[kernels[r["kernel"]]] = r["us"]
-    header = ["point", "replay µs", *kernels.values()]
+    columns = list(dict.fromkeys(kernels.values()))
+    header = ["point", "replay µs", *columns]
     lines = [plots._row(header), plots._row(["---"] * len(header))]
     for name, times in by_point.items():
-        cells = [name.replace("%", " %"), fixed(times["replay"], 1)] + [fixed(times[k], 1) if k in times else "–" for k in kernels.values()]
+        cells = [name.replace("%", " %"), fixed(times["replay"], 1)] + [fixed(times[k], 1) if k in times else "–" for k in columns]
         lines.append(plots._row(cells))
     return "\n".join(lines)
 
@@ -268,6 +269,8 @@ def fidelity(file=FIDELITY) -> str:
 
 def kernel_kind(name: str) -> str:
     """What a kernel of the end-to-end step does: one of MAC's stages, full attention, or the rest of the model."""
+    if "_fresh_kernel" in name:  # a verifying step's attend
+        return "attend"
     for stage in ("attend", "match", "decide", "prefix", "reduce"):
         if f"_{stage}_kernel" in name:
             return stage
