@@ -58,7 +58,7 @@ from .numerics import LN2, tanh
 from .plan import (
     _PLAN_FIELDS, BAND_FROM_MATCH, BAND_FROM_SPANS, BAND_SOURCES, PLAN_BAND_START, PLAN_BAND_UNITS, PLAN_FIELDS, PLAN_FIRST,
     PLAN_PREFIX_FIRST, PLAN_PREFIX_UNITS, PLAN_SINK_END, PLAN_SINK_UNITS, PLAN_TAIL_END, PLAN_UNITS, all_lanes, band_start,
-    head_band_start, head_match, keys_at, pick, pieces, plan_field, plan_units, request_bounds, segment_cost,
+    group_heads, head_band_start, head_match, keys_at, pick, pieces, plan_field, plan_units, request_bounds, segment_cost,
 )
 
 
@@ -190,12 +190,7 @@ def _fresh_kernel(
     D: tl.constexpr, BLOCK_D: tl.constexpr, G_PAD: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr,
 ):
     grp = tl.program_id(0)
-    b = grp // Hkv
-    kvh = grp % Hkv
-    Hq = Hkv * G
-    lanes = tl.arange(0, G_PAD)
-    lane_mask = lanes < G
-    heads = kvh * G + lanes
+    b, kvh, Hq, _, lane_mask, heads = group_heads(grp, Hkv, G, G_PAD)
     sink_end, band_end, tail_end = request_bounds(b, grp >= 0, pos_ptr, None, None, None, 0, band, sinks, BAND_FROM_MATCH)
     candidate, matched, _ = head_match(b, heads, lane_mask, tail_end, key_ptr, radius_ptr, Hq, min_context)
     if PER_GROUP:  # a group with a head that has no candidate cannot reuse: every head of it misses
@@ -251,12 +246,7 @@ def _prefix_kernel(
     grp = tl.program_id(0)
     piece = tl.program_id(1)
     max_pieces = tl.num_programs(1)
-    b = grp // Hkv
-    kvh = grp % Hkv
-    Hq = Hkv * G
-    lanes = tl.arange(0, G_PAD)
-    lane_mask = lanes < G
-    heads = kvh * G + lanes
+    b, kvh, Hq, lanes, lane_mask, heads = group_heads(grp, Hkv, G, G_PAD)
     g_first = plan_field(plan_ptr, grp, PLAN_FIRST)
     sink_end = plan_field(plan_ptr, grp, PLAN_SINK_END)
     band_lo = plan_field(plan_ptr, grp, PLAN_BAND_START)

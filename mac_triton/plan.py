@@ -87,6 +87,13 @@ def request_bounds(b, mask, pos_ptr, sink_end_ptr, band_end_ptr, tail_end_ptr, s
 
 
 @triton.jit
+def group_heads(grp, Hkv, G, G_PAD: tl.constexpr):
+    """GQA group ``grp``'s request, KV head, ``Hq``, and its query heads as lanes: ``(b, kvh, Hq, lanes, lane_mask, heads)``."""
+    lanes = tl.arange(0, G_PAD)
+    return grp // Hkv, grp % Hkv, Hkv * G, lanes, lanes < G, (grp % Hkv) * G + lanes
+
+
+@triton.jit
 def all_lanes(flags, lane_mask):
     """Whether ``flags`` holds on every lane of ``lane_mask`` (a group's heads), as a scalar."""
     return tl.min(tl.where(lane_mask, flags.to(tl.int32), 1), axis=0) == 1
