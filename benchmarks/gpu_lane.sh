@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU lane, in one call on a CUDA machine, from the repository root:
-#   bash benchmarks/gpu_lane.sh [OUT_DIR] [tests|bench|paged|profile|demo|hf|model|scale|verify|lossless|study|all, or several: model,study]
+#   bash benchmarks/gpu_lane.sh [OUT_DIR] [tests|bench|paged|profile|demo|hf|model|scale|verify|lossless|study|ab|all, or several: model,study]
 # 1. the Triton differential tests compiled (no interpreter) and the GPU-only ones,
 #    the harness test, the transformers tests, and the real model's tests when the model is there;
 # 2. the kernel benchmark (python -m benchmarks.bench_decode --check), tables and plots;
@@ -12,7 +12,9 @@
 # 8. the Llama-3.1-8B-shaped engine at planted hit rates, and a verified round (python -m benchmarks.bench_scale $SCALE_ARGS);
 # 9. the verify kernel against L decode steps (python -m benchmarks.bench_verify $VERIFY_ARGS), and
 #    lossless MAC end to end (python -m benchmarks.bench_lossless --model $MAC_GGUF $LOSSLESS_ARGS);
-# 10. the rules' frontier on the real model (python -m studies.rule_frontier --model $MAC_GGUF $STUDY_ARGS; not in "all").
+# 10. the rules' frontier on the real model (python -m studies.rule_frontier --model $MAC_GGUF $STUDY_ARGS; not in "all");
+# 11. ab: the model end to end from another checkout, AB_TREE (`git worktree add .gpu/old COMMIT`, carried), then from
+#     this one, with the same $MODEL_ARGS on the same machine, packed into OUT_DIR/ab.tgz (old/ and new/; not in "all").
 # STEP_TIMEOUT=SECONDS stops each step's python after that long (a call's limit then leaves time for the next
 # steps and for the results to come back; the benchmarks write their files after every point).
 # Wheels placed in $WHEELS (default .whl/: FlashInfer, gguf) are installed into /tmp/site first (no network there).
@@ -22,7 +24,7 @@ set -uo pipefail
 out=${1:-benchmarks/results}
 what=${2:-all}
 step_timeout=${STEP_TIMEOUT:-0}  # 0: none
-wants() { [[ ,$what, == *",$1,"* || ($what == all && $1 != study) ]]; }
+wants() { [[ ,$what, == *",$1,"* || ($what == all && $1 != study && $1 != ab) ]]; }
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 wheels=${WHEELS:-.whl}
@@ -78,5 +80,16 @@ fi
 if wants study; then
     # shellcheck disable=SC2086
     timeout "$step_timeout" python3 -m studies.rule_frontier --model "${MAC_GGUF:?MAC_GGUF names the model}" --out "$out/rule_frontier" ${STUDY_ARGS:-} 2>&1 | tee "$out/study.log" || status=1
+fi
+if wants ab; then
+    here=$PWD
+    for side in old new; do
+        tree=$([[ $side == old ]] && realpath "${AB_TREE:?AB_TREE names the other checkout}" || echo "$here")
+        # shellcheck disable=SC2086
+        (cd "$tree" && PYTHONPATH="$tree:${PYTHONPATH#"$here":}" timeout "$step_timeout" python3 -m benchmarks.bench_model \
+            --model "$(realpath "${MAC_GGUF:?MAC_GGUF names the model}")" --out "$out/ab/$side" ${MODEL_ARGS:-}) 2>&1 | tee "$out/ab_$side.log" || status=1
+        mv "$out/ab_$side.log" "$out/ab/$side/model.log" 2>/dev/null
+    done
+    tar czf "$out/ab.tgz" -C "$out" ab && rm -rf "$out/ab"  # (a call returns at most 8 files)
 fi
 exit $status
