@@ -62,7 +62,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import gc
 import time
 from pathlib import Path
 
@@ -358,7 +357,6 @@ def main():
             rows += r
             hist += h
             write(rows, hist, args.out, env)  # after every point: a cut-short run keeps what it measured
-            gc.collect()  # (whatever a point's decoders and graphs hold in cycles) before the next point's prefill
             if device.type == "cuda":
                 torch.cuda.empty_cache()
     print((args.out / "lossless.md").read_text())

@@ -35,7 +35,6 @@ from __future__ import annotations
 import argparse
 import csv
 import dataclasses
-import gc
 import math
 import statistics
 import sys
@@ -210,7 +209,6 @@ def run(args) -> None:
             print(f"  ctx={ctx} B={batch}: " + ", ".join(f"{p} {ms:.3f} ms" for p, ms in results.items()) + f"  [{time.time() - t0:.0f}s]", flush=True)
             write(rows, fidelity_rows, kernel_rows, out, env, args, quiet=True)  # after every point: a cut-short run keeps what it measured
             del engine
-            gc.collect()  # (whatever else a point's graphs and wrappers hold in cycles) before the next point's prefill
             if device.type == "cuda":
                 torch.cuda.empty_cache()
         n = min(args.fidelity_requests, max(args.batches))  # the fidelity of the MAC rows, on the first n requests

@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import gc
 import math
 import statistics
 import time
@@ -182,7 +181,6 @@ def run(args, header: str) -> list[dict]:
             print(f"  C={context} B={batch}: " + ", ".join(f"{p} {ms:.2f} ms" for p, ms in results.items()), flush=True)
             write(rows, args.out, header)
             del engine, checkpoint
-            gc.collect()  # the engine and its step attentions hold each other: freed by the collector, not by del
             if device.type == "cuda":
                 torch.cuda.empty_cache()
     return rows
