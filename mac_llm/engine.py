@@ -156,8 +156,8 @@ class DecodeEngine:
                 q_post.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None], is_causal=True, scale=self.scale,
                 enable_gqa=True,
             )[0]  # [Hq, n, D]
-            if keep:
-                per_layer_queries[i].append((q_pre[-keep:].transpose(0, 1)[None], q_post[-keep:].transpose(0, 1)[None]))
+            if keep:  # copies: a view of the last rows would hold the whole prompt's queries until the rings are seeded
+                per_layer_queries[i].append((q_pre[-keep:].transpose(0, 1)[None].clone(), q_post[-keep:].transpose(0, 1)[None].clone()))
             h = model.finish(i, h, o.transpose(0, 1))
         return model.logits(h[-1]).float()
 

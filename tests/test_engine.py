@@ -262,7 +262,7 @@ def test_policy_full_attention_is_the_engines_unless_named(model):
 @pytest.mark.parametrize("backend", ["ref", "triton"])
 def test_a_deleted_engine_is_freed_at_once(model, backend):
     """No reference cycle holds an engine (and its cache) once it is deleted: a benchmark's next point
-    needs the memory before the garbage collector runs (it ran out of GPU memory at batch 128)."""
+    needs the memory before the garbage collector runs."""
     config = MACConfig(window=8, band=4, max_chain=1)
     collecting = gc.isenabled()
     gc.disable()
@@ -278,6 +278,18 @@ def test_a_deleted_engine_is_freed_at_once(model, backend):
     finally:
         if collecting:
             gc.enable()
+
+
+def test_the_prefill_keeps_only_the_queries_the_rings_take(model, monkeypatch):
+    """The prompt's last ``window`` queries of each layer wait for the rings' seeding while the other
+    requests run; kept as views, each would hold its whole prompt's queries (at batch 128, 8K: 72 GB)."""
+    config = MACConfig(window=8, band=4, max_chain=1)
+    engine = DecodeEngine(model, 2, CAPACITY, "sdpa", config, device="cpu", dtype=torch.float32)
+    kept, seed = [], engine._seed
+    monkeypatch.setattr(engine, "_seed", lambda queries, lengths, layer: kept.extend(t for pair in queries for t in pair) or seed(queries, lengths, layer))
+    engine.prefill(prompts([40, 12]))
+    assert len(kept) == 2 * 2 * model.config.n_layers
+    assert all(t.untyped_storage().nbytes() == t.numel() * t.element_size() for t in kept)
 
 
 def test_bad_arguments_are_refused(model):
