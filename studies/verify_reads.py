@@ -8,11 +8,13 @@ of a full step's reads, and the groups of each kind, on SmolLM2-135M decoding th
 ``benchmarks.bench_model`` (the same prompts at the same context), with the reference backend
 in float32 on a CPU: ``reads / (B·Hkv·(t+1))`` summed over steps and layers. Divided into the
 kernels' measured times it gives each kernel's bytes per second (``benchmarks/RESULTS.md``).
-It counts the split of the design it was written for, where a miss group's whole prefix was
-the attend kernel's; the fresh kernel that replaced it leaves a miss group's prefix to the
-prefix kernel too (``mac_triton.attend``), which moves the miss groups' share over.
+It counts two splits of the same reads: that of the stream-K attend kernel (``attend``,
+``prefix``), where a miss group's whole prefix was the attend kernel's, and that of the fresh
+kernel that replaced it (``fresh``, ``fresh_prefix``), which reads only sinks, band and tail
+and leaves every prefix of a head that does not reuse, a miss group's included, to the prefix
+kernel (``mac_triton.attend``).
 
-    python studies/verify_reads.py [--batch 4] [--context 8192] [--steps 32]   # ~5 min on 2 cores
+    python -m studies.verify_reads [--batch 4] [--context 8192] [--steps 32]   # ~5 min on 2 cores
 """
 
 from __future__ import annotations
@@ -34,7 +36,8 @@ OUT = Path(__file__).resolve().parent / "results" / "verify_reads.json"
 
 def group_reads(stats, config, kv_heads: int) -> dict[str, torch.Tensor]:
     """One layer's step: per KV group ``[B, Hkv]`` the keys a full step reads, the attend
-    kernel's and the prefix kernel's, and the group's kind (miss / rejected / accepted)."""
+    kernel's and the prefix kernel's (stream-K plan; then the fresh kernel's and the prefix
+    kernel's beside it), and the group's kind (miss / rejected / accepted)."""
     B = stats.context.shape[0]
     view = lambda x: x.view(B, kv_heads, -1)  # noqa: E731  [B, Hkv, G]
     context = stats.context  # [B] t + 1
@@ -48,7 +51,12 @@ def group_reads(stats, config, kv_heads: int) -> dict[str, torch.Tensor]:
     full = context[:, None].expand_as(lo).double()
     attend = sink_end[..., 0].double() + (full - lo.double())
     prefix = torch.where(rejected, (lo - sink_end[..., 0]).double(), torch.zeros_like(full))
-    return dict(full=full, attend=attend, prefix=prefix, miss=miss, rejected=rejected, accepted=accepted)
+    # the fresh kernel: a miss group reads no band (its start is N) and its prefix [S, N) in the prefix kernel
+    fresh_lo = torch.where(miss, band_end[:, None], lo).double()
+    fresh = sink_end[..., 0].double() + (full - fresh_lo)
+    fresh_prefix = torch.where(accepted, torch.zeros_like(full), fresh_lo - sink_end[..., 0].double())
+    return dict(full=full, attend=attend, prefix=prefix, fresh=fresh, fresh_prefix=fresh_prefix, miss=miss, rejected=rejected,
+                accepted=accepted)
 
 
 def main() -> None:
@@ -75,7 +83,7 @@ def main() -> None:
     groups = totals["miss"] + totals["rejected"] + totals["accepted"]
     result = dict(model="SmolLM2-135M-Instruct", rule=str(config.rule), tau=config.tau, backend="ref float32 cpu", batch=args.batch,
                   context=args.context, steps=args.steps, seconds=round(time.time() - t0),
-                  attend_share=round(totals["attend"] / totals["full"], 4), prefix_share=round(totals["prefix"] / totals["full"], 4),
+                  **{f"{k}_share": round(totals[k] / totals["full"], 4) for k in ("attend", "prefix", "fresh", "fresh_prefix")},
                   **{f"{k}_groups": round(totals[k] / groups, 4) for k in ("miss", "rejected", "accepted")})  # fmt: skip
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1) + "\n")
