@@ -647,8 +647,8 @@ def find(pattern, file, which="first", fmt=None) -> str:
 @region
 def csv_range(file, column, per=None, nd=2, pct=None, **where) -> str:
     """Lowest–highest of a CSV column (divided by the column ``per``, if given; ``pct``: as a percentage)
-    over the rows that match ``where`` (``column=value`` options)."""
-    values = [float(r[column]) / (float(r[per]) if per else 1) for r in rows(file) if all(r[k] == v for k, v in where.items())]
+    over the rows that match ``where`` (``column=value`` options; ``batch=32|64``: either value)."""
+    values = [float(r[column]) / (float(r[per]) if per else 1) for r in rows(file) if all(r[k] in v.split("|") for k, v in where.items())]
     if not values:
         raise KeyError(f"no row of {file} has {where}")
     return span([100 * v for v in values] if pct else values, lambda v: fixed(v, nd)) + (" %" if pct else "")

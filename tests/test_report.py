@@ -67,3 +67,11 @@ def test_a_region_that_cannot_render_names_itself():
         report.refreshed("<!-- report: no_such_region 1 2 -->?<!-- /report -->")
     with pytest.raises(ValueError, match=r"cell profile \"no such point\""):
         report.refreshed('<!-- report: cell profile "no such point" attend -->?<!-- /report -->')
+
+
+def test_a_range_over_several_values_of_a_column():
+    """``batch=32|64`` takes the rows of either batch: the range spans both, and each alone lies inside it."""
+    file = "benchmarks/results/h100_fresh_ab/new/model.csv"
+    low, high = (float(x) for x in report.csv_range(file, "speedup_vs_best_full", nd=3, provider="mac_mass", batch="32|64").split("–"))
+    alone = [float(report.csv_range(file, "speedup_vs_best_full", nd=3, provider="mac_mass", batch=b)) for b in ("32", "64")]
+    assert low == min(alone) and high == max(alone) and low < high
