@@ -47,6 +47,19 @@ from .llama import LlamaModel, finish, output_logits, project
 from .step_attention import ATTENTIONS, FULL_ATTENTIONS, MAC_BACKENDS, FallbackPolicy, new_workspaces, step_attention
 
 
+def project_into_cache(cfg, w: dict[str, torch.Tensor], h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                       k_cache: torch.Tensor, v_cache: torch.Tensor, rows: torch.Tensor, pos: torch.Tensor):
+    """A layer's :func:`~mac_llm.llama.project` with its keys and values written into the cache:
+    ``k_cache[rows, :, pos] = k`` (``[B, Hkv, T, D]`` caches, in place; ``rows``, ``pos``
+    broadcast to the leading dims of ``k``). Returns ``q_pre, q_post``. Compiled, the write is a
+    store of the projection's kernel instead of two indexing kernels of its own (4 µs each on an
+    H100, 60 a step)."""
+    q_pre, q_post, k, v = project(cfg, w, h, cos, sin)
+    k_cache[rows, :, pos] = k
+    v_cache[rows, :, pos] = v
+    return q_pre, q_post
+
+
 class DecodeEngine:
     """``B`` requests of a Llama model decoding together on one device (see the module docstring).
 
@@ -93,7 +106,7 @@ class DecodeEngine:
         # everything but the attention, compiled (Inductor): the norms, RoPE, residuals and small
         # matrix products of a step fuse into a few kernels instead of one each (as a serving engine does)
         self.compiled = compile
-        functions = (project, finish, output_logits)
+        functions = (project_into_cache, finish, output_logits)
         self._project, self._finish, self._logits = (torch.compile(f, dynamic=False) for f in functions) if compile else functions
         self.config = None if config is None else dataclasses.replace(config, rope_base=cfg.rope_base)
         self.layer_configs = self._per_layer(self.config)
@@ -190,9 +203,7 @@ class DecodeEngine:
         h = model.embed[self.tokens]  # [B, dim]
         cos, sin = self.cos[pos], self.sin[pos]  # [B, 1, D]
         for i, w in enumerate(self.weights):
-            q_pre, q_post, k, v = self._project(cfg, w, h, cos, sin)  # [B, H, D] each
-            self.k[i][rows, :, pos] = k
-            self.v[i][rows, :, pos] = v
+            q_pre, q_post = self._project(cfg, w, h, cos, sin, self.k[i], self.v[i], rows, pos)  # [B, Hq, D] each
             h = self._finish(cfg, w, h, attention(i, q_pre, q_post))
         self.logits.copy_(self._logits(cfg, model.out_norm.detach(), model.output_head.detach(), h))
         self.tokens.copy_(self.logits.argmax(-1))  # greedy: the next step's input, on the device
