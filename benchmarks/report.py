@@ -216,8 +216,9 @@ def yardsticks(file="benchmarks/results/h100_final/decode.csv") -> str:
 MODEL_PROVIDERS = ("mac_paper", "mac_paper_policy", "mac_mass", "mac_mass_policy")
 
 
-def model_point(ctx, batch, provider, file=MODEL) -> dict:
-    return next(r for r in rows(file) if int(r["context"]) == keys(ctx) and int(r["batch"]) == int(batch) and r["provider"] == provider)
+def model_point(ctx, batch, provider, file=MODEL) -> dict | None:
+    """The row of one provider at one point, ``None`` where the run did not time it (``--providers``)."""
+    return next((r for r in rows(file) if int(r["context"]) == keys(ctx) and int(r["batch"]) == int(batch) and r["provider"] == provider), None)
 
 
 @region
@@ -228,10 +229,13 @@ def model(file=MODEL) -> str:
     keys = sorted({(int(r["context"]), int(r["batch"])) for r in rows(file)}, key=lambda k: (-k[0], -k[1]))
     for ctx, batch in keys:
         mac = [model_point(ctx, batch, p, file) for p in MODEL_PROVIDERS]
-        best = model_point(ctx, batch, mac[0]["best_full"], file)
+        best = model_point(ctx, batch, next(r for r in mac if r)["best_full"], file)
         name = {"sdpa": "SDPA", "triton": "Triton", "flashinfer": "FlashInfer"}[best["provider"]]
         cells = [plots._ctx(ctx), str(batch), f"{name}, {float(best['tokens_per_s']):,.0f}"]
         for i, r in enumerate(mac):
+            if r is None:
+                cells.append("–")
+                continue
             x = float(r["speedup_vs_best_full"])
             cell = f"{x:.2f}×" + (f", {float(r['tokens_per_s']):,.0f}" if i == 0 else "")
             cells.append(f"**{cell}**" if x >= 1.05 else cell)
