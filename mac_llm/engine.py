@@ -107,7 +107,7 @@ class DecodeEngine:
         # matrix products of a step fuse into a few kernels instead of one each (as a serving engine does)
         self.compiled = compile
         functions = (project_into_cache, finish, output_logits)
-        self._project, self._finish, self._logits = (torch.compile(f, dynamic=False) for f in functions) if compile else functions
+        self._project_into_cache, self._finish, self._logits = (torch.compile(f, dynamic=False) for f in functions) if compile else functions
         self.config = None if config is None else dataclasses.replace(config, rope_base=cfg.rope_base)
         self.layer_configs = self._per_layer(self.config)
         self.policy = policy if attention == "mac" else None
@@ -203,7 +203,7 @@ class DecodeEngine:
         h = model.embed[self.tokens]  # [B, dim]
         cos, sin = self.cos[pos], self.sin[pos]  # [B, 1, D]
         for i, w in enumerate(self.weights):
-            q_pre, q_post = self._project(cfg, w, h, cos, sin, self.k[i], self.v[i], rows, pos)  # [B, Hq, D] each
+            q_pre, q_post = self._project_into_cache(cfg, w, h, cos, sin, self.k[i], self.v[i], rows, pos)  # [B, Hq, D] each
             h = self._finish(cfg, w, h, attention(i, q_pre, q_post))
         self.logits.copy_(self._logits(cfg, model.out_norm.detach(), model.output_head.detach(), h))
         self.tokens.copy_(self.logits.argmax(-1))  # greedy: the next step's input, on the device

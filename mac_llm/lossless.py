@@ -150,7 +150,7 @@ def verify_block(engine: DecodeEngine, block: torch.Tensor):
     h = model.embed[block]  # [B, L, dim]
     queries, rows = [], []
     for i, w in enumerate(e.weights):
-        q_pre, q_post = e._project(cfg, w, h, cos, sin, e.k[i], e.v[i], rows_b, pos)  # [B, L, Hq, D]
+        q_pre, q_post = e._project_into_cache(cfg, w, h, cos, sin, e.k[i], e.v[i], rows_b, pos)  # [B, L, Hq, D]
         res = verify_step(q_post.transpose(1, 2), e.k[i], e.v[i], e.positions, config, e.scale)  # [B, Hq, L, D]
         h = e._finish(cfg, w, h, res.out.o.transpose(1, 2).to(h.dtype))
         queries.append(q_pre.transpose(1, 2))  # [B, Hq, L, D]
